@@ -1,0 +1,68 @@
+"""Held-out perplexity of a causal LM, batched, in inference mode.
+
+Evaluation text is cut into fixed-length token blocks once (per data version); scoring a
+candidate is then a few batched forward passes over those blocks.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """Token blocks of one evaluation domain: ``blocks`` is an int64 tensor [n, seq_len]."""
+
+    name: str
+    blocks: torch.Tensor
+
+    @property
+    def tokens(self) -> int:
+        return int(self.blocks.numel())
+
+
+def token_blocks(texts: Iterable[str], tokenizer, seq_len: int, max_blocks: int | None = None) -> torch.Tensor:
+    """Concatenate documents (separated by EOS when the tokenizer has one) and cut into
+    non-overlapping blocks of ``seq_len`` tokens; the ragged tail is dropped."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    ids: list[int] = []
+    need = None if max_blocks is None else max_blocks * seq_len
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            ids.append(eos)
+        if need is not None and len(ids) >= need:
+            break
+    n = len(ids) // seq_len
+    if max_blocks is not None:
+        n = min(n, max_blocks)
+    if n == 0:
+        raise ValueError(f"evaluation text gives fewer than {seq_len} tokens")
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+@torch.inference_mode()
+def mean_nll(model, blocks: torch.Tensor, batch_size: int = 8, device: str | torch.device = "cpu") -> float:
+    """Mean next-token negative log-likelihood (nats/token) of ``model`` over ``blocks``.
+
+    exp(mean_nll) is the perplexity; log-perplexity is mean_nll itself. Returns ``nan`` if the
+    model produces non-finite logits, so callers can record the candidate as failed.
+    """
+    total, count = 0.0, 0
+    for start in range(0, blocks.shape[0], batch_size):
+        batch = blocks[start : start + batch_size].to(device)
+        logits = model(input_ids=batch).logits[:, :-1].float()
+        target = batch[:, 1:]
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
+        total += float(nll)
+        count += target.numel()
+    return total / count if count else math.nan
+
+
+def log_perplexities(model, eval_sets: Sequence[EvalSet], batch_size: int = 8, device="cpu") -> dict[str, float]:
+    """Log-perplexity (mean NLL) of ``model`` on every evaluation set, keyed by set name."""
+    return {s.name: mean_nll(model, s.blocks, batch_size=batch_size, device=device) for s in eval_sets}
