@@ -1,0 +1,171 @@
+"""Generational GA with elitism over the unit-vector genome, built from DEAP's operators.
+
+One generation: tournament selection from the population, simulated binary crossover and
+polynomial mutation bounded to [0, 1] (``deap.tools``), evaluation of the offspring, then the
+``elites`` best parents carry over unevaluated (their fitness is known) and the offspring fill
+the rest. Several objectives are scalarised by their declared weights (use ``nsga2`` to keep
+the Pareto front instead).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+from deap import base, tools
+
+from evo.optim.base import (
+    Evaluated,
+    RandomState,
+    deap_random,
+    numpy_rng_from_json,
+    numpy_state_to_json,
+    register,
+    scalar_score,
+)
+
+
+@register("ga")
+class GeneticAlgorithm:
+    def __init__(
+        self,
+        dim: int,
+        *,
+        directions: Sequence[str] = ("minimize",),
+        seed: int = 0,
+        population: int = 16,
+        elites: int = 2,
+        tournament: int = 3,
+        cxpb: float = 0.9,
+        mutpb: float = 1.0,
+        eta_crossover: float = 15.0,
+        eta_mutation: float = 20.0,
+        indpb: float | None = None,
+        weights: Sequence[float] | None = None,
+        hall_of_fame: int = 5,
+        initial: Sequence[Sequence[float]] = (),
+    ):
+        if population < 2:
+            raise TypeError(f"population must be >= 2, got {population}")
+        if not 0 <= elites < population:
+            raise TypeError(f"elites must be in [0, population), got {elites}")
+        self.dim = dim
+        self.directions = tuple(directions)
+        self.seed = seed
+        self.population_size = population
+        self.elites = elites
+        self.tournament = tournament
+        self.cxpb, self.mutpb = cxpb, mutpb
+        self.eta_crossover, self.eta_mutation = eta_crossover, eta_mutation
+        self.indpb = indpb if indpb is not None else 1.0 / max(dim, 1)
+        self.weights = list(weights) if weights else [1.0] * len(self.directions)
+        self.hof_size = hall_of_fame
+        self.initial = [list(map(float, g)) for g in initial]
+        self.generation = 0
+        self.population: list[Evaluated] = []
+        self.hall_of_fame: list[Evaluated] = []
+        self.pending: list[list[float]] = []
+        self.random = RandomState.seeded(seed)
+        self.np_rng = np.random.default_rng(seed)
+
+    # ------------------------------------------------------------------ ask / tell
+    def ask(self) -> list[np.ndarray]:
+        if self.pending:
+            return [np.asarray(g) for g in self.pending]
+        if not self.population:
+            n_random = self.population_size - len(self.initial[: self.population_size])
+            genomes = self.initial[: self.population_size] + self.np_rng.random((n_random, self.dim)).tolist()
+        else:
+            genomes = self._breed(self.population_size - self.elites)
+        self.pending = [list(map(float, g)) for g in genomes]
+        return [np.asarray(g) for g in self.pending]
+
+    def tell(self, genomes: Sequence[Sequence[float]], values: Sequence[Sequence[float] | None]) -> None:
+        evaluated = [Evaluated(list(map(float, g)), None if v is None else list(map(float, v))) for g, v in zip(genomes, values)]
+        if self.population:
+            evaluated = self._ranked(self.population)[: self.elites] + evaluated
+        self.population = self._ranked(evaluated)[: self.population_size]
+        self._update_hall_of_fame(evaluated)
+        self.pending = []
+        self.generation += 1
+
+    # ------------------------------------------------------------------ helpers
+    def score(self, e: Evaluated) -> float:
+        return scalar_score(e.values, self.directions, self.weights)
+
+    def _ranked(self, items: list[Evaluated]) -> list[Evaluated]:
+        return sorted(items, key=self.score, reverse=True)
+
+    def best(self) -> Evaluated | None:
+        return self.hall_of_fame[0] if self.hall_of_fame else None
+
+    def _update_hall_of_fame(self, items: list[Evaluated]) -> None:
+        # DEAP's HallOfFame needs creator classes and a similarity callback; a sorted, de-duplicated
+        # list of plain records is all we need and serialises as-is.
+        seen = {tuple(e.genome) for e in self.hall_of_fame}
+        merged = list(self.hall_of_fame) + [e for e in items if tuple(e.genome) not in seen and e.values is not None]
+        self.hall_of_fame = self._ranked(merged)[: self.hof_size]
+
+    def _breed(self, n: int) -> list[list[float]]:
+        fitness_cls = type("Fitness", (base.Fitness,), {"weights": (1.0,)})
+
+        def individual(e: Evaluated):
+            ind = list(e.genome)
+            ind = _Individual(ind)
+            ind.fitness = fitness_cls()
+            score = self.score(e)
+            ind.fitness.values = (score if math.isfinite(score) else -1e300,)
+            return ind
+
+        parents = [individual(e) for e in self.population]
+        with deap_random(self.random):
+            chosen = [_Individual(list(p)) for p in tools.selTournament(parents, n + (n % 2), self.tournament)]
+            for a, b in zip(chosen[::2], chosen[1::2]):
+                if _rand() < self.cxpb:
+                    tools.cxSimulatedBinaryBounded(a, b, self.eta_crossover, 0.0, 1.0)
+            for ind in chosen:
+                if _rand() < self.mutpb:
+                    tools.mutPolynomialBounded(ind, self.eta_mutation, 0.0, 1.0, self.indpb)
+        return [list(map(float, ind)) for ind in chosen[:n]]
+
+    # ------------------------------------------------------------------ checkpoint
+    def state(self) -> dict:
+        return {
+            "name": self.name,
+            "dim": self.dim,
+            "directions": list(self.directions),
+            "seed": self.seed,
+            "options": {
+                "population": self.population_size, "elites": self.elites, "tournament": self.tournament,
+                "cxpb": self.cxpb, "mutpb": self.mutpb, "eta_crossover": self.eta_crossover,
+                "eta_mutation": self.eta_mutation, "indpb": self.indpb, "weights": self.weights,
+                "hall_of_fame": self.hof_size, "initial": self.initial,
+            },
+            "generation": self.generation,
+            "population": [e.to_dict() for e in self.population],
+            "hall_of_fame": [e.to_dict() for e in self.hall_of_fame],
+            "pending": self.pending,
+            "random": self.random.to_json(),
+            "numpy": numpy_state_to_json(self.np_rng),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict) -> "GeneticAlgorithm":
+        opt = cls(state["dim"], directions=state["directions"], seed=state["seed"], **state["options"])
+        opt.generation = state["generation"]
+        opt.population = [Evaluated.from_dict(d) for d in state["population"]]
+        opt.hall_of_fame = [Evaluated.from_dict(d) for d in state["hall_of_fame"]]
+        opt.pending = state["pending"]
+        opt.random = RandomState.from_json(state["random"])
+        opt.np_rng = numpy_rng_from_json(state["numpy"])
+        return opt
+
+
+class _Individual(list):
+    """A plain list with a ``fitness`` slot, local to this module (no ``deap.creator`` globals)."""
+
+
+def _rand() -> float:
+    import random
+
+    return random.random()
