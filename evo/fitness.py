@@ -66,3 +66,17 @@ def mean_nll(model, blocks: torch.Tensor, batch_size: int = 8, device: str | tor
 def log_perplexities(model, eval_sets: Sequence[EvalSet], batch_size: int = 8, device="cpu") -> dict[str, float]:
     """Log-perplexity (mean NLL) of ``model`` on every evaluation set, keyed by set name."""
     return {s.name: mean_nll(model, s.blocks, batch_size=batch_size, device=device) for s in eval_sets}
+
+
+def objective_values(metrics: dict[str, float], objectives, set_names: Sequence[str]) -> list[float]:
+    """Reduce per-set metrics (``logppl/<set>``) to the declared objective vector."""
+    out = []
+    for obj in objectives:
+        values = [metrics[f"{obj.metric}/{s}"] for s in (obj.sets or set_names)]
+        if obj.reduce == "mean":
+            out.append(sum(values) / len(values))
+        elif obj.reduce == "max":
+            out.append(max(values))
+        else:
+            out.append(sum(values))
+    return out

@@ -1,0 +1,232 @@
+"""Experiment configuration: validated data classes, loaded from YAML or a dict.
+
+Every mistake fails at load time, before Ray starts or a model is read, with one line that
+names the file and the field (``quickstart.yaml: optimizer.population: expected int``).
+Relative paths are resolved against the config file's folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from evo.errors import EvoError
+
+
+@dataclass
+class Objective:
+    """One declared objective. ``metric`` is ``logppl`` (per evaluation set, reduced over ``sets``)."""
+
+    name: str
+    metric: str = "logppl"
+    sets: list[str] | None = None  # None: every evaluation set
+    reduce: str = "mean"
+    goal: str = "minimize"
+    weight: float = 1.0
+
+
+@dataclass
+class ModelsConfig:
+    base: str = ""
+    sources: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class EvalConfig:
+    sets: dict[str, str] = field(default_factory=dict)  # name -> JSONL ({"text": ...}) or .txt
+    tokenizer: str | None = None  # default: the base model directory
+    seq_len: int = 128
+    max_blocks: int = 16
+    batch_size: int = 8
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "ga"
+    generations: int = 8
+    population: int = 16
+    options: dict[str, Any] = field(default_factory=dict)
+    seed_baselines: bool = True  # start the population with the uniform merge among random genomes
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None: an embedded local Ray; "auto" or ray://...: a cluster
+    evaluators: int = 2
+    cpus_per_evaluator: float = 1.0
+    gpus_per_evaluator: float = 0.0
+    threads_per_evaluator: int = 1
+    dashboard: bool = True
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = 8265
+    object_store_mb: int | None = None
+    candidate_timeout_s: float = 600.0
+    retries: int = 2
+    temp_dir: str | None = None
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    search_space: str = ""
+    zoo: str | None = None  # a zoo built by experiments/make_zoo.py: fills models and eval sets
+    zoo_split: str = "valid"
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    objectives: list[Objective] = field(default_factory=lambda: [Objective("mean_logppl")])
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    seed: int = 0
+    dtype: str = "float32"
+    source: str = field(default="<config>", repr=False)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "ExperimentConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise EvoError(f"{path}: experiment config not found")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise EvoError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+        return cls.from_dict(data or {}, source=str(path), base_dir=path.parent)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "<config>", base_dir: str | Path | None = None) -> "ExperimentConfig":
+        cfg = _build(cls, data, source, "")
+        cfg.source = source
+        cfg._resolve_paths(Path(base_dir) if base_dir is not None else Path.cwd())
+        cfg._fill_from_zoo()
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.pop("source")
+        return out
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        where = self.source
+        if not self.search_space:
+            raise EvoError(f"{where}: search_space: missing field")
+        if not Path(self.search_space).is_file():
+            raise EvoError(f"{where}: search_space: file not found: {self.search_space}")
+        if not self.models.base:
+            raise EvoError(f"{where}: models.base: missing field (or give 'zoo')")
+        if not self.models.sources:
+            raise EvoError(f"{where}: models.sources: no source models to merge")
+        if not self.eval.sets:
+            raise EvoError(f"{where}: eval.sets: no evaluation sets")
+        for name, path in {"base": self.models.base, **self.models.sources}.items():
+            if not Path(path).is_dir():
+                raise EvoError(f"{where}: models.{'sources.' + name if name != 'base' else 'base'}: model directory not found: {path}")
+        for name, path in self.eval.sets.items():
+            if not Path(path).is_file():
+                raise EvoError(f"{where}: eval.sets.{name}: file not found: {path}")
+        if not self.objectives:
+            raise EvoError(f"{where}: objectives: at least one objective is needed")
+        names = set()
+        for i, obj in enumerate(self.objectives):
+            at = f"{where}: objectives[{i}]"
+            if obj.name in names:
+                raise EvoError(f"{at}.name: duplicate objective {obj.name!r}")
+            names.add(obj.name)
+            if obj.metric != "logppl":
+                raise EvoError(f"{at}.metric: unknown metric {obj.metric!r} (known: logppl)")
+            if obj.goal not in ("minimize", "maximize"):
+                raise EvoError(f"{at}.goal: must be 'minimize' or 'maximize', got {obj.goal!r}")
+            if obj.reduce not in ("mean", "max", "sum"):
+                raise EvoError(f"{at}.reduce: must be mean, max or sum, got {obj.reduce!r}")
+            for s in obj.sets or []:
+                if s not in self.eval.sets:
+                    raise EvoError(f"{at}.sets: unknown evaluation set {s!r} (known: {', '.join(self.eval.sets)})")
+        for key in ("generations", "population"):
+            if getattr(self.optimizer, key) < 1:
+                raise EvoError(f"{where}: optimizer.{key}: must be >= 1")
+        if self.ray.evaluators < 1:
+            raise EvoError(f"{where}: ray.evaluators: must be >= 1")
+        if self.ray.threads_per_evaluator < 1:
+            raise EvoError(f"{where}: ray.threads_per_evaluator: must be >= 1")
+        if self.eval.seq_len < 2 or self.eval.max_blocks < 1 or self.eval.batch_size < 1:
+            raise EvoError(f"{where}: eval: seq_len >= 2, max_blocks >= 1 and batch_size >= 1 are required")
+
+    def _resolve_paths(self, base: Path) -> None:
+        def fix(p):
+            return p if p is None or Path(p).is_absolute() else str((base / p).resolve())
+
+        self.search_space = fix(self.search_space) if self.search_space else ""
+        self.zoo = fix(self.zoo)
+        self.models.base = fix(self.models.base) if self.models.base else ""
+        self.models.sources = {k: fix(v) for k, v in self.models.sources.items()}
+        self.eval.sets = {k: fix(v) for k, v in self.eval.sets.items()}
+        self.eval.tokenizer = fix(self.eval.tokenizer)
+
+    def _fill_from_zoo(self) -> None:
+        if not self.zoo:
+            return
+        from evo.zoo import Zoo
+
+        try:
+            zoo = Zoo.load(self.zoo)
+        except EvoError as exc:
+            raise EvoError(f"{self.source}: zoo: {exc}") from None
+        self.models.base = self.models.base or str(zoo.base_dir)
+        self.models.sources = self.models.sources or {d: str(p) for d, p in zoo.specialist_dirs.items()}
+        self.eval.sets = self.eval.sets or {d: str(zoo.data_dir(d, self.zoo_split)) for d in zoo.domains}
+
+
+# ---------------------------------------------------------------------- generic validation
+def _build(cls, data: Any, source: str, prefix: str):
+    """Build dataclass ``cls`` from a mapping, checking keys and scalar types as it goes."""
+    if not isinstance(data, dict):
+        raise EvoError(f"{source}: {prefix.rstrip('.') or 'top level'}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise EvoError(f"{source}: {prefix}{sorted(unknown)[0]}: unknown field (known: {', '.join(fields)})")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, source, f"{prefix}{name}")
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required field without default
+        raise EvoError(f"{source}: {prefix.rstrip('.')}: {exc}") from None
+
+
+def _coerce(hint, value, source, where):
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, source, where)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, source, where + ".")
+    if origin is list:
+        if not isinstance(value, list):
+            raise EvoError(f"{source}: {where}: expected a list, got {type(value).__name__}")
+        return [_coerce(args[0], v, source, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise EvoError(f"{source}: {where}: expected a mapping, got {type(value).__name__}")
+        return {str(k): _coerce(args[1], v, source, f"{where}.{k}") for k, v in value.items()}
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is str and isinstance(value, (str, Path)):
+        return str(value)
+    raise EvoError(f"{source}: {where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")

@@ -1,0 +1,123 @@
+"""An evaluator holds one model resident and scores recipes against it.
+
+Base weights and task vectors arrive once (from Ray's object store as read-only numpy arrays,
+zero-copy on one node); each candidate is merged straight into the parameters of a live model,
+so there is no per-candidate load, allocation or copy of a whole model. The class is plain
+Python: the runner wraps it with ``ray.remote``; tests and ``evo export`` use it directly.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+import traceback
+from typing import Mapping
+
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from evo.fitness import mean_nll
+from evo.merge import Merger
+from evo.space import Recipe
+
+
+def to_numpy(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Tensors -> numpy arrays for the object store (Ray shares numpy zero-copy, not torch)."""
+    return {k: v.detach().cpu().contiguous().numpy() for k, v in state.items()}
+
+
+def from_numpy(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    # Object-store arrays are read-only; torch warns about that but we never write into them.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return {k: torch.from_numpy(v) for k, v in arrays.items()}
+
+
+def build_model(model_config: dict, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """An empty model of the sources' architecture; the merge writes its weights."""
+    config = AutoConfig.for_model(**model_config)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+class Evaluator:
+    """Merges recipes into a resident model and measures them on fixed token blocks.
+
+    Args:
+        base: base-model tensors by name.
+        deltas: task vectors, ``deltas[model][tensor]``.
+        model_config: ``config.to_dict()`` of the base model.
+        eval_sets: ``{collection: {set name: int64 blocks [n, seq_len]}}``, e.g. ``valid`` (search
+            fitness) and ``test`` (final report).
+    """
+
+    def __init__(
+        self,
+        base: Mapping[str, np.ndarray],
+        deltas: Mapping[str, Mapping[str, np.ndarray]],
+        model_config: dict,
+        eval_sets: Mapping[str, Mapping[str, np.ndarray]],
+        *,
+        threads: int = 1,
+        device: str = "cpu",
+        batch_size: int = 8,
+        name: str = "evaluator",
+    ):
+        torch.set_num_threads(threads)
+        self.name = name
+        self.device = device
+        self.batch_size = batch_size
+        self.model = build_model(model_config, device=device)
+        num_layers = int(model_config.get("num_hidden_layers", 1))
+        self.merger = Merger(
+            from_numpy(base),
+            {m: from_numpy(d) for m, d in deltas.items()},
+            num_layers=num_layers,
+            out=self.model.state_dict(),
+            device=device,
+        )
+        self.eval_sets = {
+            coll: {name: torch.from_numpy(np.array(blocks, dtype=np.int64)) for name, blocks in sets.items()}
+            for coll, sets in eval_sets.items()
+        }
+
+    def __repr__(self) -> str:  # the dashboard's Repr column
+        return f"Evaluator({self.name}, device={self.device}, pid={os.getpid()})"
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def evaluate(self, recipe: dict, collection: str = "valid") -> dict:
+        """Score one recipe. Never raises for a bad candidate: returns ``status: failed``."""
+        t0 = time.perf_counter()
+        try:
+            rec = Recipe.from_dict(recipe)
+            self.merger.merge(rec.merge, seed=rec.seed)
+            if rec.lora:
+                raise NotImplementedError("LoRA genes need evo.lora (not available in this build)")
+            t1 = time.perf_counter()
+            metrics = {}
+            for name, blocks in self.eval_sets[collection].items():
+                value = mean_nll(self.model, blocks, batch_size=self.batch_size, device=self.device)
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"non-finite loss on evaluation set {name!r}")
+                metrics[f"logppl/{name}"] = value
+            t2 = time.perf_counter()
+            return {
+                "status": "ok",
+                "metrics": metrics,
+                "timings": {"merge_s": t1 - t0, "eval_s": t2 - t1},
+                "worker": {"pid": os.getpid(), "name": self.name},
+            }
+        except Exception as exc:  # a candidate's own failure is data, not a crash
+            return {
+                "status": "failed",
+                "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc(limit=5),
+                "timings": {"total_s": time.perf_counter() - t0},
+                "worker": {"pid": os.getpid(), "name": self.name},
+            }

@@ -1,0 +1,139 @@
+"""The run directory: config, per-generation checkpoints, fitness cache and event log.
+
+Layout::
+
+    RUN_DIR/config.yaml        the resolved experiment config (what `evo resume` reruns)
+    RUN_DIR/checkpoint.json    optimizer + RNG state, logbook, hall of fame, after the last
+                               complete generation (written to a temp file, then renamed)
+    RUN_DIR/candidates.jsonl   one line per evaluated candidate (recipe, values, status, timings)
+    RUN_DIR/cache.jsonl        fitness by (recipe key, data version, objective set): a recipe is
+                               never evaluated twice on the same data, also across a resume
+    RUN_DIR/events.jsonl       run started/resumed, generation done, failures, export
+    RUN_DIR/releases/vNNNN/    exported releases
+
+Appends are line-buffered JSON with a flush per record, so a killed driver loses at most the
+line it was writing; a torn last line is ignored on reading.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from evo.errors import EvoError
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file in the same folder and ``os.replace``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_jsonl(path: Path) -> Iterator[dict]:
+    """Records of a JSONL file; a torn final line (driver killed mid-write) is skipped."""
+    if not Path(path).exists():
+        return
+    with open(path) as fh:
+        for line in fh:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                continue
+
+
+class RunStore:
+    """Reads and writes one run directory. All writes are atomic or append-only."""
+
+    CONFIG = "config.yaml"
+    CHECKPOINT = "checkpoint.json"
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    # ------------------------------------------------------------------ lifecycle
+    @classmethod
+    def create(cls, root: str | Path, config: dict) -> "RunStore":
+        root = Path(root)
+        if root.exists() and any(root.iterdir()):
+            raise EvoError(f"{root}: run directory exists and is not empty (use `evo resume {root}`)")
+        root.mkdir(parents=True, exist_ok=True)
+        store = cls(root)
+        atomic_write_text(root / cls.CONFIG, yaml.safe_dump(config, sort_keys=False))
+        return store
+
+    @classmethod
+    def open(cls, root: str | Path) -> "RunStore":
+        root = Path(root)
+        if not (root / cls.CONFIG).is_file():
+            raise EvoError(f"{root}: not a run directory (no {cls.CONFIG})")
+        return cls(root)
+
+    def config(self) -> dict:
+        return yaml.safe_load((self.root / self.CONFIG).read_text())
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, state: dict) -> None:
+        atomic_write_text(self.root / self.CHECKPOINT, json.dumps(state))
+
+    def load_checkpoint(self) -> dict | None:
+        path = self.root / self.CHECKPOINT
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise EvoError(f"{path}: checkpoint is not valid JSON ({exc})") from None
+
+    # ------------------------------------------------------------------ logs
+    def _append(self, name: str, record: dict) -> None:
+        with open(self.root / name, "a") as fh:
+            fh.write(json.dumps(record, default=_default) + "\n")
+            fh.flush()
+
+    def event(self, kind: str, **data: Any) -> None:
+        self._append("events.jsonl", {"time": time.time(), "event": kind, **data})
+
+    def events(self) -> list[dict]:
+        return list(read_jsonl(self.root / "events.jsonl"))
+
+    def record_candidate(self, record: dict) -> None:
+        self._append("candidates.jsonl", record)
+
+    def candidates(self) -> list[dict]:
+        return list(read_jsonl(self.root / "candidates.jsonl"))
+
+    # ------------------------------------------------------------------ fitness cache
+    def cache_put(self, key: str, result: dict) -> None:
+        self._append("cache.jsonl", {"key": key, "result": result})
+
+    def cache_load(self) -> dict[str, dict]:
+        return {r["key"]: r["result"] for r in read_jsonl(self.root / "cache.jsonl")}
+
+    @property
+    def releases_dir(self) -> Path:
+        return self.root / "releases"
+
+
+def _default(obj):
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
