@@ -1,3 +1,29 @@
-"""evo: evolutionary model merging and continual adaptation of language models on Ray."""
+"""evo: evolutionary model merging and continual adaptation of language models on Ray.
+
+Python API (the CLI is a thin shell over it)::
+
+    import evo
+    result = evo.run("experiment.yaml", "runs/r1")   # or an ExperimentConfig / dict
+    evo.resume("runs/r1")
+    release = evo.export("runs/r1")                   # runs/r1/releases/v0001
+"""
 
 __version__ = "0.1.0"
+
+
+def run(config, run_dir, **kw):
+    from evo.runner import run as _run
+
+    return _run(config, run_dir, **kw)
+
+
+def resume(run_dir, **kw):
+    from evo.runner import resume as _resume
+
+    return _resume(run_dir, **kw)
+
+
+def export(run_dir, out=None):
+    from evo.release import export as _export
+
+    return _export(run_dir, out)

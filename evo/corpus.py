@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 import sqlite3
 import sys
 import sysconfig
@@ -91,9 +92,20 @@ def _hash_order(paths: Iterable[Path], root: Path) -> list[Path]:
     return sorted(paths, key=lambda p: hashlib.sha1(p.relative_to(root).as_posix().encode()).hexdigest())
 
 
-def _read_text_files(root: Path, pattern: str, exclude: Callable[[Path], bool]) -> Iterator[str]:
-    for path in _hash_order((p for p in root.rglob(pattern) if p.is_file() and not exclude(p)), root):
-        if path.stat().st_size > MAX_FILE_BYTES:
+def _walk(root: Path, suffix: str, skip_dir: Callable[[tuple[str, ...]], bool]) -> Iterator[Path]:
+    """Files under ``root`` ending in ``suffix``; directories for which ``skip_dir(parts)`` is
+    true are pruned before descending (site-packages can hold gigabytes)."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = Path(dirpath).relative_to(root).parts
+        dirnames[:] = [d for d in dirnames if not skip_dir(rel + (d,))]
+        for name in filenames:
+            if name.endswith(suffix):
+                yield Path(dirpath) / name
+
+
+def _read_text_files(root: Path, suffix: str, skip_dir: Callable[[tuple[str, ...]], bool]) -> Iterator[str]:
+    for path in _hash_order(_walk(root, suffix, skip_dir), root):
+        if not path.is_file() or path.stat().st_size > MAX_FILE_BYTES:
             continue
         data = path.read_bytes()
         if b"\x00" in data:
@@ -114,22 +126,19 @@ def _stdlib() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
+_SKIP_STDLIB = {"test", "tests", "site-packages", "dist-packages", "idlelib", "lib2to3", "__pycache__"}
+
+
 def _load_code() -> Iterator[str]:
-    root = _stdlib()
-
-    def exclude(path: Path) -> bool:
-        parts = path.relative_to(root).parts
-        return parts[0] in {"test", "site-packages", "idlelib", "lib2to3"} or "tests" in parts \
-            or parts[0].startswith("config-")
-
-    return _read_text_files(root, "*.py", exclude)
+    return _read_text_files(_stdlib(), ".py",
+                            lambda parts: parts[-1] in _SKIP_STDLIB or parts[0].startswith("config-"))
 
 
 def _load_c() -> Iterator[str]:
     root = Path(sysconfig.get_paths()["include"])
     if not root.is_dir():
         raise EvoError(f"domain 'c': Python's include directory {root} is missing; install the python3-dev package")
-    return _read_text_files(root, "*.h", lambda p: False)
+    return _read_text_files(root, ".h", lambda parts: False)
 
 
 def _load_doc() -> Iterator[str]:

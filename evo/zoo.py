@@ -193,14 +193,12 @@ def build_zoo(out_dir: str | os.PathLike, *, domains: Sequence[str] = ("en", "de
 def _complete(zoo: Zoo) -> bool:
     dirs = [zoo.tokenizer_dir, zoo.base_dir, *zoo.specialist_dirs.values()]
     data = [zoo.data_dir(d, s) for d in zoo.domains for s in SPLITS]
-    return all((d / "config.json").is_file() or d == zoo.tokenizer_dir for d in dirs) \
-        and all((d / "tokenizer.json").is_file() for d in dirs) and all(p.is_file() for p in data) \
-        and set(zoo.specialist_dirs) == set(zoo.domains)
+    return set(zoo.specialist_dirs) == set(zoo.domains) \
+        and all((d / "model.safetensors").is_file() for d in dirs[1:]) \
+        and all((d / "tokenizer.json").is_file() for d in dirs) and all(p.is_file() for p in data)
 
 
 def _build_into(root: Path, settings: dict, progress: bool) -> None:
-    from evo.zoo_train import evaluate, make_model, train, train_tokenizer, token_stream
-
     started = time.time()
     preset = ZooPreset(**settings["preset"])
     seed = settings["seed"]
@@ -254,6 +252,110 @@ def _build_into(root: Path, settings: dict, progress: bool) -> None:
     }
     # Written last: a directory with a manifest is a complete zoo.
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+def train_tokenizer(domain_texts: Sequence[list[str]], vocab_size: int):
+    """A byte-level BPE tokenizer (no unknown tokens, exact round trip) trained on equal
+    shares of every domain, so no domain's words dominate the vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    share = min(sum(map(len, texts)) for texts in domain_texts)
+
+    def mixed():
+        for texts in domain_texts:
+            taken = 0
+            for text in texts:
+                if taken >= share:
+                    break
+                taken += len(text)
+                yield text
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                  special_tokens=list(SPECIAL_TOKENS.values()),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(mixed(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+
+
+def token_stream(texts: list[str], tokenizer) -> torch.Tensor:
+    """All documents as one int64 token stream, each followed by EOS (as in ``token_blocks``)."""
+    ids: list[int] = []
+    for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        ids.extend(enc)
+        ids.append(tokenizer.eos_token_id)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def make_model(preset: ZooPreset, tokenizer, seed: int):
+    """A freshly initialised Llama from ``preset``; the seed fixes the init without touching
+    the caller's global RNG state."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=preset.hidden_size, intermediate_size=preset.intermediate_size,
+        num_hidden_layers=preset.num_layers, num_attention_heads=preset.num_heads,
+        num_key_value_heads=preset.num_heads, max_position_embeddings=preset.seq_len,
+        tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
+
+
+def _lr_factor(step: int, steps: int) -> float:
+    """Linear warm-up over 5% of the steps, then cosine decay to 10% of the peak."""
+    warmup = max(1, steps // 20)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train(model, streams: Sequence[torch.Tensor], steps: int, lr: float, preset: ZooPreset, seed: int,
+          desc: str = "train", progress: bool = True) -> list[float]:
+    """AdamW on random windows of the token streams; batch rows cycle through the streams, so
+    every domain gets an equal share whatever its size. Returns the loss per step."""
+    gen = torch.Generator().manual_seed(seed)
+    n = preset.seq_len
+    for s in streams:
+        if len(s) <= n + 1:
+            raise EvoError(f"training text of {len(s)} tokens is shorter than one {n}-token window")
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": preset.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: _lr_factor(step, steps))
+    model.train()
+    losses: list[float] = []
+    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    for step in bar:
+        rows = []
+        for r in range(preset.batch_size):
+            s = streams[(step * preset.batch_size + r) % len(streams)]
+            start = int(torch.randint(0, len(s) - n, (1,), generator=gen))
+            rows.append(s[start : start + n])
+        batch = torch.stack(rows)
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.eval()
+    return losses
+
+
+def evaluate(model, blocks: dict[str, torch.Tensor], batch_size: int = 16) -> dict[str, float]:
+    """Log-perplexity (mean NLL, nats/token) of ``model`` on each domain's token blocks."""
+    model.eval()
+    return {d: mean_nll(model, b, batch_size=batch_size) for d, b in blocks.items()}
 
 
 def _save(model, tokenizer, path: Path) -> None:

@@ -1,0 +1,165 @@
+"""Evaluator actors on Ray: started once per run, fed candidates as named tasks.
+
+Each actor receives the resident sources once (object refs resolved zero-copy on the node).
+Candidates run as actor tasks named ``gXXXX-cYYY`` so the dashboard shows the population. A
+candidate whose worker dies is re-run (the actor is restarted by Ray) up to ``ray.retries``
+times; one that times out has its actor killed and restarted; a candidate that raises is
+returned as failed by the evaluator itself.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
+from tqdm import tqdm
+
+from evo.config import ExperimentConfig
+from evo.evaluator import Evaluator
+from evo.sources import Sources
+
+
+def start_ray(cfg: ExperimentConfig) -> tuple[bool, str | None]:
+    """Connect to a cluster (``ray.address`` / ``RAY_ADDRESS``) or start an embedded local Ray.
+
+    Returns (whether we started it, dashboard URL). A Ray already initialised in this process
+    (a notebook, a test session) is reused as is.
+    """
+    if ray.is_initialized():
+        return False, _dashboard_url()
+    rc = cfg.ray
+    address = rc.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        kwargs = dict(
+            address="local",
+            include_dashboard=rc.dashboard,
+            dashboard_host=rc.dashboard_host,  # loopback by default: never exposed
+            dashboard_port=rc.dashboard_port,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+        if rc.object_store_mb:
+            kwargs["object_store_memory"] = rc.object_store_mb * 1024**2
+        if rc.temp_dir:
+            kwargs["_temp_dir"] = rc.temp_dir
+        ray.init(**kwargs)
+    return True, _dashboard_url()
+
+
+def _dashboard_url() -> str | None:
+    try:
+        url = ray.get_runtime_context().dashboard_url if hasattr(ray.get_runtime_context(), "dashboard_url") else None
+        url = url or ray._private.worker.global_worker.node.dashboard_url  # noqa: SLF001
+    except Exception:
+        return None
+    if url and not url.startswith("http"):
+        url = "http://" + url
+    return url or None
+
+
+class EvaluatorPool:
+    """A fixed set of evaluator actors and a dispatch loop that keeps each one busy."""
+
+    def __init__(self, cfg: ExperimentConfig, sources: Sources, *, run_name: str = "run", quiet: bool = False):
+        self.cfg = cfg
+        self.sources = sources
+        self.run_name = run_name
+        self.quiet = quiet
+        self.started_ray = False
+        self.dashboard_url = None
+        self.actors = []
+
+    # ------------------------------------------------------------------ lifecycle
+    def __enter__(self) -> "EvaluatorPool":
+        self.started_ray, self.dashboard_url = start_ray(self.cfg)
+        rc = self.cfg.ray
+        base_ref = ray.put(self.sources.base)
+        deltas_ref = ray.put(self.sources.deltas)
+        eval_ref = ray.put(self.sources.eval_sets)
+        device = "cuda" if rc.gpus_per_evaluator > 0 else "cpu"
+        actor_cls = ray.remote(Evaluator)
+        for i in range(rc.evaluators):
+            name = f"evo-{self.run_name}-evaluator-{i}"
+            self.actors.append(
+                actor_cls.options(
+                    name=name,
+                    num_cpus=rc.cpus_per_evaluator,
+                    num_gpus=rc.gpus_per_evaluator,
+                    max_restarts=max(rc.retries, 0) + 1,
+                    max_task_retries=0,  # we retry ourselves, to count and bound retries per candidate
+                ).remote(
+                    base_ref, deltas_ref, self.sources.model_config, eval_ref,
+                    threads=rc.threads_per_evaluator, device=device, batch_size=self.cfg.eval.batch_size, name=name,
+                )
+            )
+        self._refs = (base_ref, deltas_ref, eval_ref)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for actor in self.actors:
+            try:
+                ray.kill(actor)
+            except Exception:
+                pass
+        self.actors = []
+        if self.started_ray:
+            ray.shutdown()
+
+    @property
+    def size(self) -> int:
+        return len(self.actors)
+
+    def pids(self) -> list[int]:
+        return ray.get([a.pid.remote() for a in self.actors])
+
+    # ------------------------------------------------------------------ dispatch
+    def evaluate(self, todo: dict, on_result: Callable[[str, dict], None], *, desc: str = "", collection: str = "valid") -> None:
+        """Evaluate ``todo = {key: (task name, Recipe)}``, calling ``on_result(key, result)`` as each ends."""
+        queue = [(key, name, recipe.to_dict(), 0) for key, (name, recipe) in todo.items()]
+        idle = list(range(len(self.actors)))
+        inflight: dict = {}  # ref -> (key, name, recipe, attempt, actor index, start time)
+        timeout = self.cfg.ray.candidate_timeout_s
+        failed = 0
+        bar = tqdm(total=len(queue), desc=desc, disable=self.quiet or not queue, leave=False, unit="cand")
+        try:
+            while queue or inflight:
+                while queue and idle:
+                    key, name, recipe, attempt = queue.pop(0)
+                    a = idle.pop(0)
+                    ref = self.actors[a].evaluate.options(name=name).remote(recipe, collection)
+                    inflight[ref] = (key, name, recipe, attempt, a, time.time())
+                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+                now = time.time()
+                for ref in ready:
+                    key, name, recipe, attempt, a, _ = inflight.pop(ref)
+                    idle.append(a)
+                    try:
+                        result = ray.get(ref)
+                    except (RayActorError, WorkerCrashedError, RayTaskError) as exc:
+                        if attempt < self.cfg.ray.retries:
+                            queue.append((key, name, recipe, attempt + 1))
+                            continue
+                        result = {"status": "failed", "error": f"worker lost after {attempt + 1} attempts: {type(exc).__name__}"}
+                    result["attempts"] = attempt + 1
+                    failed += result["status"] != "ok"
+                    on_result(key, result)
+                    bar.update(1)
+                    bar.set_postfix(failed=failed, running=len(inflight))
+                for ref, (key, name, recipe, attempt, a, start) in list(inflight.items()):
+                    if now - start > timeout:
+                        # a hung candidate: restart its actor (Ray re-creates it) and count an attempt
+                        inflight.pop(ref)
+                        ray.kill(self.actors[a], no_restart=False)
+                        idle.append(a)
+                        if attempt < self.cfg.ray.retries:
+                            queue.append((key, name, recipe, attempt + 1))
+                        else:
+                            failed += 1
+                            on_result(key, {"status": "failed", "error": f"timed out after {timeout:.0f}s", "attempts": attempt + 1})
+                            bar.update(1)
+        finally:
+            bar.close()

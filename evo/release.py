@@ -1,0 +1,172 @@
+"""Export the fittest recipe of a run as a release: a Hugging Face directory plain
+``transformers`` loads, with the recipe (evo and mergekit YAML), its fitness, a model card and a
+sha256 manifest. Built in a hidden temp directory and renamed into place; never overwritten.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import yaml
+
+from evo.config import ExperimentConfig
+from evo.errors import EvoError
+from evo.space import Recipe
+from evo.store import RunStore, atomic_write_text
+
+MANIFEST = "MANIFEST.sha256"
+
+
+def next_release_dir(store: RunStore) -> Path:
+    existing = [int(m.group(1)) for p in store.releases_dir.glob("v*") if (m := re.fullmatch(r"v(\d{4})", p.name))]
+    return store.releases_dir / f"v{max(existing, default=0) + 1:04d}"
+
+
+def export(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Materialise the best recipe of ``run_dir`` into ``out`` (default ``RUN_DIR/releases/vNNNN``)."""
+    store = RunStore.open(run_dir)
+    ckpt = store.load_checkpoint()
+    if not ckpt or not ckpt.get("best"):
+        raise EvoError(f"{store.root}: no complete generation to export yet")
+    cfg = ExperimentConfig.from_dict(store.config(), source=str(store.root / RunStore.CONFIG))
+    out = Path(out) if out is not None else next_release_dir(store)
+    if out.exists():
+        raise EvoError(f"{out}: release already exists (releases are never overwritten)")
+    if not out.parent.exists():
+        out.parent.mkdir(parents=True)
+    if not os.access(out.parent, os.W_OK):
+        raise EvoError(f"{out.parent}: target folder is not writable")
+    recipe = Recipe.from_dict(ckpt["best"]["recipe"], source=str(store.root / RunStore.CHECKPOINT))
+    paths = {"base": cfg.models.base, **cfg.models.sources}
+    staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        _materialise(recipe, paths, staging)
+        _write_release_files(staging, recipe, paths, cfg, ckpt, store)
+        os.rename(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    store.event("exported", release=str(out), recipe_key=recipe.key(), values=ckpt["best"]["values"])
+    return out
+
+
+def _materialise(recipe: Recipe, paths: dict[str, str], target: Path) -> None:
+    from evo.merge import merge_to_dir
+
+    def resolve(name: str) -> Path:
+        if name not in paths:
+            raise EvoError(f"recipe names model {name!r}, which the run's config does not define")
+        return Path(paths[name])
+
+    merge_to_dir(recipe.merge, target, resolve=resolve, seed=recipe.seed)
+    if recipe.lora:
+        raise EvoError("exporting LoRA recipes needs evo.lora (not available in this build)")
+
+
+def _write_release_files(root: Path, recipe: Recipe, paths: dict, cfg: ExperimentConfig, ckpt: dict, store: RunStore) -> None:
+    best = ckpt["best"]
+    objectives = ckpt["objectives"]
+    fitness = {
+        "objectives": {o["name"]: {"value": v, "goal": o["goal"]} for o, v in zip(objectives, best["values"])},
+        "data_version": ckpt["data_version"],
+        "generation": ckpt["generation"],
+        "run": str(store.root.resolve()),
+    }
+    if "comparison" in ckpt:
+        fitness["comparison"] = ckpt["comparison"]
+    atomic_write_text(root / "fitness.json", json.dumps(fitness, indent=2))
+    atomic_write_text(root / "recipe.yaml", yaml.safe_dump({**recipe.to_dict(), "key": recipe.key()}, sort_keys=False))
+    # mergekit form: the same merge with model names replaced by their directories
+    mk = recipe.merge.to_dict()
+    mk["base_model"] = str(Path(paths["base"]).resolve())
+    for entry in mk["models"]:
+        entry["model"] = str(Path(paths[entry["model"]]).resolve())
+    atomic_write_text(root / "mergekit.yaml", yaml.safe_dump(mk, sort_keys=False))
+    atomic_write_text(root / "README.md", _card(recipe, paths, fitness, cfg))
+    write_manifest(root)
+
+
+def _card(recipe: Recipe, paths: dict, fitness: dict, cfg: ExperimentConfig) -> str:
+    lines = [
+        f"# {cfg.name}: evolved merge",
+        "",
+        f"A `{recipe.merge.merge_method}` merge of {len(recipe.merge.models)} models over a common base, "
+        "found by evo's evolutionary search.",
+        "",
+        "## Parent models",
+        "",
+        f"- base: `{paths['base']}`",
+        *[f"- {e.model}: `{paths[e.model]}`" for e in recipe.merge.models],
+        "",
+        f"## Fitness (data version `{fitness['data_version']}`, generation {fitness['generation']})",
+        "",
+        "| objective | goal | value |",
+        "|---|---|---|",
+        *[f"| {n} | {o['goal']} | {o['value']:.4f} |" for n, o in fitness["objectives"].items()],
+    ]
+    comp = fitness.get("comparison")
+    if comp:
+        coll = "test" if any("test" in v for v in comp.values()) else "valid"
+        sets = list(cfg.eval.sets)
+        lines += ["", f"## Comparison (log-perplexity, {coll} split)", "",
+                  "| model | " + " | ".join(sets) + " | mean |", "|---" * (len(sets) + 2) + "|"]
+        for label, colls in comp.items():
+            m = colls.get(coll, {})
+            if "error" not in m and m:
+                lines.append(f"| {label} | " + " | ".join(f"{m[f'logppl/{s}']:.4f}" for s in sets) + f" | {m['mean']:.4f} |")
+    lines += [
+        "",
+        "## Recipe",
+        "",
+        "```yaml",
+        yaml.safe_dump(recipe.to_dict(), sort_keys=False).rstrip(),
+        "```",
+        "",
+        "`mergekit.yaml` holds the same merge for `mergekit-yaml`; `evo merge mergekit.yaml OUT` rebuilds it.",
+        "",
+        "## Load",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        'model = AutoModelForCausalLM.from_pretrained("PATH/TO/THIS/DIR")',
+        'tokenizer = AutoTokenizer.from_pretrained("PATH/TO/THIS/DIR")',
+        "```",
+        "",
+        f"Check it with `evo verify PATH/TO/THIS/DIR` (sha256 of every file in `{MANIFEST}`).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_manifest(root: Path) -> None:
+    entries = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST):
+        entries.append(f"{_sha256(path)}  {path.relative_to(root).as_posix()}")
+    atomic_write_text(root / MANIFEST, "\n".join(entries) + "\n")
+
+
+def verify_manifest(root: str | Path) -> None:
+    """Raise EvoError naming the first missing or altered file."""
+    root = Path(root)
+    manifest = root / MANIFEST
+    if not manifest.is_file():
+        raise EvoError(f"{root}: no {MANIFEST}")
+    for line in manifest.read_text().splitlines():
+        digest, _, rel = line.partition("  ")
+        path = root / rel
+        if not path.is_file():
+            raise EvoError(f"{path}: listed in {MANIFEST} but missing")
+        if _sha256(path) != digest:
+            raise EvoError(f"{path}: sha256 does not match {MANIFEST}")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

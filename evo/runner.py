@@ -1,0 +1,281 @@
+"""The generation loop: ask the optimizer, evaluate candidates on Ray actors, tell, checkpoint.
+
+One generation::
+
+    genomes = optimizer.ask()
+    recipes = [space.decode(g) for g in genomes]
+    results = cache hits + pool.evaluate(the rest)       # named Ray tasks gXXXX-cYYY
+    optimizer.tell(genomes, objective vectors)
+    store.save_checkpoint(...)                            # resume restarts from here
+
+Resume replays exactly: the optimizer state (with its RNG states) is checkpointed after each
+complete generation, and every result of a half-finished generation is already in the fitness
+cache, so it is not evaluated again.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from deap import tools
+
+from evo.config import ExperimentConfig
+from evo.errors import EvoError
+from evo.fitness import objective_values
+from evo.optim import make_optimizer, restore_optimizer
+from evo.pool import EvaluatorPool, Sources
+from evo.space import Recipe, SearchSpace
+from evo.store import RunStore
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    best_recipe: Recipe | None
+    best_values: list[float] | None
+    objectives: list[str]
+    logbook: list[dict]
+    comparison: dict[str, dict] = field(default_factory=dict)
+    dashboard_url: str | None = None
+
+
+def _as_config(config) -> ExperimentConfig:
+    if isinstance(config, ExperimentConfig):
+        return config
+    if isinstance(config, dict):
+        return ExperimentConfig.from_dict(config)
+    return ExperimentConfig.from_yaml(config)
+
+
+def run(config, run_dir: str | Path, *, quiet: bool = False, stop_after: int | None = None) -> RunResult:
+    """Start a new run in ``run_dir`` (which must not exist or be empty).
+
+    ``stop_after``: stop (cleanly, checkpointed) after this many generations of this call,
+    as if the driver had been stopped; ``resume`` continues it.
+    """
+    cfg = _as_config(config)
+    store = RunStore.create(run_dir, cfg.to_dict())
+    store.event("run_started", name=cfg.name, pid=os.getpid())
+    return _loop(cfg, store, quiet=quiet, stop_after=stop_after)
+
+
+def resume(run_dir: str | Path, *, quiet: bool = False, stop_after: int | None = None) -> RunResult:
+    """Continue a stopped or killed run from its last complete generation."""
+    store = RunStore.open(run_dir)
+    cfg = ExperimentConfig.from_dict(store.config(), source=str(store.root / RunStore.CONFIG))
+    store.event("run_resumed", pid=os.getpid())
+    return _loop(cfg, store, quiet=quiet, stop_after=stop_after)
+
+
+def objective_directions(cfg: ExperimentConfig) -> list[str]:
+    return [o.goal for o in cfg.objectives]
+
+
+def make_space(cfg: ExperimentConfig) -> SearchSpace:
+    return SearchSpace.load(cfg.search_space, list(cfg.models.sources), "base", seed=cfg.seed, dtype=cfg.dtype)
+
+
+def _initial_genomes(cfg: ExperimentConfig, space: SearchSpace) -> list[np.ndarray]:
+    """Known-good starting points: the uniform average and plain task arithmetic."""
+    if not cfg.optimizer.seed_baselines or "weight" not in space.spec.genes:
+        return []
+    n = len(space.models)
+    return [space.uniform_genome(weight=1.0 / n, density=1.0), space.uniform_genome(weight=1.0, density=1.0)]
+
+
+def baseline_recipes(cfg: ExperimentConfig) -> dict[str, Recipe]:
+    """Fixed comparison points: the base, each source alone, the uniform average, default TIES."""
+    from evo.merge import MergeConfig
+
+    names = list(cfg.models.sources)
+
+    def ta(weights, method="task_arithmetic", extra=None):
+        return Recipe(
+            MergeConfig.from_dict(
+                {
+                    "merge_method": method,
+                    "base_model": "base",
+                    "models": [{"model": m, "parameters": {"weight": w, **(extra or {})}} for m, w in zip(names, weights)],
+                    "parameters": {},
+                    "dtype": cfg.dtype,
+                }
+            ),
+            None,
+            cfg.seed,
+        )
+
+    out = {"base": ta([0.0] * len(names))}
+    for i, m in enumerate(names):
+        out[f"specialist:{m}"] = ta([1.0 if j == i else 0.0 for j in range(len(names))])
+    out["uniform average"] = ta([1.0 / len(names)] * len(names))
+    out["ties (w=1, density=0.5)"] = ta([1.0] * len(names), "ties", {"density": 0.5})
+    return out
+
+
+def _loop(cfg: ExperimentConfig, store: RunStore, *, quiet: bool, stop_after: int | None) -> RunResult:
+    space = make_space(cfg)
+    directions = objective_directions(cfg)
+    ckpt = store.load_checkpoint()
+    if ckpt is None:
+        options = {"population": cfg.optimizer.population, **cfg.optimizer.options}
+        options.setdefault("weights", [o.weight for o in cfg.objectives])
+        options.setdefault("initial", [g.tolist() for g in _initial_genomes(cfg, space)])
+        optimizer = make_optimizer(cfg.optimizer.name, space.dim, directions=directions, seed=cfg.seed, options=options)
+        logbook: list[dict] = []
+    else:
+        optimizer = restore_optimizer(ckpt["optimizer"])
+        logbook = ckpt["logbook"]
+    start = optimizer.generation
+    done = start >= cfg.optimizer.generations
+    sources = Sources.load(cfg)
+    cache = store.cache_load()
+    objective_names = [o.name for o in cfg.objectives]
+    set_names = list(cfg.eval.sets)
+
+    with EvaluatorPool(cfg, sources, run_name=store.root.name, quiet=quiet) as pool:
+        if not quiet and pool.dashboard_url:
+            print(f"Ray dashboard: {pool.dashboard_url}  (token auth: see README)")
+        store.event("ray_started", dashboard=pool.dashboard_url, evaluators=pool.size, data_version=sources.data_version)
+        stopped = False
+        for gen in range(start, cfg.optimizer.generations):
+            if stop_after is not None and gen - start >= stop_after:
+                stopped = True
+                break
+            t0 = time.time()
+            genomes = optimizer.ask()
+            recipes = [space.decode(g) for g in genomes]
+            keys = [f"{r.key()}|{sources.data_version}" for r in recipes]
+            todo: dict[str, tuple[str, Recipe]] = {}
+            for i, (key, recipe) in enumerate(zip(keys, recipes)):
+                if key not in cache and key not in todo:
+                    todo[key] = (f"g{gen:04d}-c{i:03d}", recipe)
+
+            def on_result(key, result, _gen=gen):
+                cache[key] = result
+                store.cache_put(key, result)
+
+            pool.evaluate(todo, on_result, desc=f"generation {gen}")
+            values, n_failed = [], 0
+            for i, (key, recipe, genome) in enumerate(zip(keys, recipes, genomes)):
+                result = cache[key]
+                ok = result["status"] == "ok"
+                vals = objective_values(result["metrics"], cfg.objectives, set_names) if ok else None
+                n_failed += not ok
+                values.append(vals)
+                store.record_candidate(
+                    {
+                        "generation": gen, "candidate": f"g{gen:04d}-c{i:03d}", "key": key,
+                        "cached": key not in todo, "status": result["status"], "error": result.get("error"),
+                        "values": vals, "metrics": result.get("metrics"), "timings": result.get("timings"),
+                        "genome": list(map(float, genome)), "recipe": recipe.to_dict(),
+                        "data_version": sources.data_version,
+                    }
+                )
+            optimizer.tell(genomes, values)
+            row = _log_row(gen, values, objective_names, n_evals=len(todo), n_cached=len(genomes) - len(todo),
+                           n_failed=n_failed, best=optimizer.best(), seconds=time.time() - t0)
+            logbook.append(row)
+            store.save_checkpoint(_checkpoint(cfg, optimizer, logbook, space, sources.data_version))
+            store.event("generation_done", **row)
+            if not quiet:
+                _print_row(row, objective_names, header=(gen == start))
+        comparison = {}
+        best = optimizer.best()
+        if not stopped and best is not None:
+            done = True
+            comparison = _compare(cfg, pool, space, best, store, quiet)
+    if done:
+        store.event("run_finished", generations=cfg.optimizer.generations)
+    return RunResult(
+        store.root,
+        space.decode(best.genome) if best else None,
+        best.values if best else None,
+        objective_names,
+        logbook,
+        comparison,
+        pool.dashboard_url,
+    )
+
+
+def _compare(cfg, pool, space, best, store, quiet) -> dict[str, dict]:
+    """Evaluate the baselines and the best recipe on the report sets; store and print the table."""
+    recipes = {**baseline_recipes(cfg), "evolved (best)": space.decode(best.genome)}
+    collections = ["valid"] + (["test"] if pool.sources.has_report_sets else [])
+    table: dict[str, dict] = {label: {} for label in recipes}
+    for coll in collections:
+        todo = {label: (f"compare-{coll}-{i:02d}", r) for i, (label, r) in enumerate(recipes.items())}
+        results = {}
+        pool.evaluate(todo, lambda k, r: results.__setitem__(k, r), desc=f"comparison ({coll})", collection=coll)
+        for label, result in results.items():
+            if result["status"] != "ok":
+                table[label][coll] = {"error": result.get("error")}
+                continue
+            metrics = dict(result["metrics"])
+            names = list(cfg.eval.sets)
+            metrics["mean"] = float(np.mean([metrics[f"logppl/{s}"] for s in names]))
+            table[label][coll] = metrics
+    store.save_checkpoint({**store.load_checkpoint(), "comparison": table})
+    store.event("comparison", table=table)
+    if not quiet:
+        print_comparison(table, list(cfg.eval.sets))
+    return table
+
+
+def print_comparison(table: dict, set_names: list[str]) -> None:
+    coll = "test" if any("test" in v for v in table.values()) else "valid"
+    print(f"\nHeld-out log-perplexity ({coll} split; lower is better)")
+    header = f"{'model':<28}" + "".join(f"{s:>10}" for s in set_names) + f"{'mean':>10}"
+    print(header)
+    print("-" * len(header))
+    for label, colls in table.items():
+        m = colls.get(coll, {})
+        if "error" in m:
+            print(f"{label:<28}  failed: {m['error']}")
+            continue
+        print(f"{label:<28}" + "".join(f"{m[f'logppl/{s}']:>10.4f}" for s in set_names) + f"{m['mean']:>10.4f}")
+
+
+def _checkpoint(cfg, optimizer, logbook, space, data_version) -> dict:
+    best = optimizer.best()
+    return {
+        "version": 1,
+        "generation": optimizer.generation,
+        "generations": cfg.optimizer.generations,
+        "optimizer": optimizer.state(),
+        "logbook": logbook,
+        "data_version": data_version,
+        "objectives": [o.__dict__ for o in cfg.objectives],
+        "space": {"name": space.spec.name, "labels": space.labels},
+        "best": None if best is None else {
+            "genome": best.genome, "values": best.values, "recipe": space.decode(best.genome).to_dict(),
+        },
+        "hall_of_fame": [
+            {"genome": e.genome, "values": e.values, "recipe": space.decode(e.genome).to_dict()} for e in optimizer.hall_of_fame
+        ],
+    }
+
+
+def _log_row(gen, values, names, *, n_evals, n_cached, n_failed, best, seconds) -> dict:
+    row: dict[str, Any] = {"gen": gen, "evals": n_evals, "cached": n_cached, "failed": n_failed, "seconds": round(seconds, 2)}
+    ok = [v for v in values if v is not None and all(math.isfinite(x) for x in v)]
+    for j, name in enumerate(names):
+        col = [v[j] for v in ok]
+        row[f"{name}/min"] = min(col) if col else None
+        row[f"{name}/mean"] = float(np.mean(col)) if col else None
+        row[f"{name}/max"] = max(col) if col else None
+    row["best"] = best.values if best else None
+    return row
+
+
+def _print_row(row: dict, names: list[str], header: bool) -> None:
+    # DEAP's Logbook formats the same columns; we keep rows as plain dicts for JSON checkpoints.
+    book = tools.Logbook()
+    book.header = ["gen", "evals", "cached", "failed"] + [f"{n}/{s}" for n in names for s in ("min", "mean")] + ["seconds"]
+    book.record(**{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k in book.header})
+    text = book.stream
+    print(text if header else text.splitlines()[-1], flush=True)

@@ -1,0 +1,77 @@
+"""What every evaluator needs resident: base weights, task vectors, model config, eval blocks.
+
+Loaded once in the driver and shipped once through Ray's object store as numpy arrays.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from transformers import AutoTokenizer
+
+from evo.config import ExperimentConfig
+from evo.data import data_version, read_texts
+from evo.errors import EvoError
+from evo.evaluator import to_numpy
+from evo.fitness import token_blocks
+
+
+@dataclass
+class Sources:
+    base: dict[str, np.ndarray]
+    deltas: dict[str, dict[str, np.ndarray]]
+    model_config: dict
+    eval_sets: dict[str, dict[str, np.ndarray]]  # collection ("valid", "test") -> set -> blocks
+    data_version: str
+
+    @property
+    def has_report_sets(self) -> bool:
+        return "test" in self.eval_sets
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.base.values()) + sum(a.nbytes for d in self.deltas.values() for a in d.values())
+
+    @classmethod
+    def load(cls, cfg: ExperimentConfig) -> "Sources":
+        from evo.merge import load_model_dir, task_vectors
+
+        base, config = load_model_dir(cfg.models.base)
+        models = {name: load_model_dir(path)[0] for name, path in cfg.models.sources.items()}
+        deltas = task_vectors(base, models)
+        tok_dir = cfg.eval.tokenizer or cfg.models.base
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=False)
+        except Exception as exc:  # transformers raises many types for a missing/broken tokenizer
+            raise EvoError(f"{tok_dir}: cannot load tokenizer ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+        settings = dict(seq_len=cfg.eval.seq_len, max_blocks=cfg.eval.max_blocks, tokenizer=tokenizer.vocab_size)
+        eval_sets = {"valid": cls._blocks(cfg.eval.sets, tokenizer, cfg)}
+        report = cls._report_paths(cfg)
+        if report:
+            eval_sets["test"] = cls._blocks(report, tokenizer, cfg)
+        version = data_version(cfg.eval.sets.values(), **settings)
+        model_config = config.to_dict()
+        return cls(to_numpy(base), {m: to_numpy(d) for m, d in deltas.items()}, model_config, eval_sets, version)
+
+    @staticmethod
+    def _report_paths(cfg: ExperimentConfig) -> dict[str, str]:
+        """Test splits next to zoo validation files, used only for the final comparison."""
+        out = {}
+        for name, path in cfg.eval.sets.items():
+            p = Path(path)
+            test = p.with_name(p.name.replace("valid", "test"))
+            if "valid" in p.name and test.is_file():
+                out[name] = str(test)
+        return out if len(out) == len(cfg.eval.sets) else {}
+
+    @staticmethod
+    def _blocks(paths: dict[str, str], tokenizer, cfg) -> dict[str, np.ndarray]:
+        out = {}
+        for name, path in paths.items():
+            try:
+                blocks = token_blocks(read_texts(path), tokenizer, cfg.eval.seq_len, cfg.eval.max_blocks)
+            except ValueError as exc:
+                raise EvoError(f"{path}: {exc}") from None
+            out[name] = blocks.numpy()
+        return out

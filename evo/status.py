@@ -1,0 +1,34 @@
+"""``evo status``: the population table of a run, read from its run store."""
+from __future__ import annotations
+
+from evo.store import RunStore
+
+
+def status_table(run_dir, top: int = 10) -> str:
+    store = RunStore.open(run_dir)
+    ckpt = store.load_checkpoint()
+    candidates = store.candidates()
+    lines = [f"run {store.root}"]
+    if not ckpt:
+        lines.append(f"no complete generation yet ({len(candidates)} candidates evaluated)")
+        return "\n".join(lines)
+    names = [o["name"] for o in ckpt["objectives"]]
+    failed = sum(c["status"] != "ok" for c in candidates)
+    lines.append(
+        f"generation {ckpt['generation']}/{ckpt['generations']}  data {ckpt['data_version']}  "
+        f"candidates {len(candidates)} (failed {failed}, cached {sum(bool(c.get('cached')) for c in candidates)})"
+    )
+    latest = {}
+    for c in candidates:  # the newest record of each recipe key
+        latest[c["key"]] = c
+    pop = [e for e in ckpt["optimizer"]["population"]]
+    lines.append("")
+    lines.append(f"{'rank':>4}  " + "  ".join(f"{n:>14}" for n in names) + "  genome (first 6 genes)")
+    for rank, e in enumerate(pop[:top], 1):
+        vals = "  ".join(f"{v:>14.4f}" for v in e["values"]) if e["values"] else "failed".rjust(14)
+        genes = " ".join(f"{g:.2f}" for g in e["genome"][:6])
+        lines.append(f"{rank:>4}  {vals}  {genes}")
+    if ckpt.get("best"):
+        lines.append("")
+        lines.append("best: " + ", ".join(f"{n}={v:.4f}" for n, v in zip(names, ckpt["best"]["values"])))
+    return "\n".join(lines)
