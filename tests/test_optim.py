@@ -108,3 +108,34 @@ def test_unknown_optimizer_and_option():
         make_optimizer("sgd", 3, directions=["minimize"], seed=0)
     with pytest.raises(EvoError, match="optimizer.options"):
         make_optimizer("ga", 3, directions=["minimize"], seed=0, options={"popsize": 3})
+
+
+def test_cmaes_converges_on_sphere_inside_the_cube():
+    opt = make_optimizer("cmaes", 6, directions=["minimize"], seed=0, options={"population": 10})
+    history = drive(opt, 30)
+    assert opt.best().values[0] < 1e-3
+    assert np.array(history).min() >= 0 and np.array(history).max() <= 1
+
+
+def test_nsga2_front_on_a_known_two_objective_toy():
+    """f1 = x0, f2 = 1 - sqrt(x0) + 9*mean(x[1:]): the true front has x[1:] = 0 (ZDT1-like)."""
+
+    def zdt(g):
+        g = np.asarray(g)
+        h = 1 + 9 * g[1:].mean()
+        return [float(g[0]), float(h * (1 - np.sqrt(g[0] / h)))]
+
+    opt = make_optimizer("nsga2", 4, directions=["minimize", "minimize"], seed=0, options={"population": 24})
+    for _ in range(40):
+        gs = opt.ask()
+        opt.tell(gs, [zdt(g) for g in gs])
+    front = np.array([e.values for e in opt.front])
+    assert len(front) >= 8
+    # non-dominated: no member is at least as good on both and better on one
+    for a in front:
+        dominated = np.any(np.all(front <= a, axis=1) & np.any(front < a, axis=1))
+        assert not dominated
+    # close to the true front f2 = 1 - sqrt(f1)
+    gap = front[:, 1] - (1 - np.sqrt(front[:, 0]))
+    assert np.median(gap) < 0.15
+    assert front[:, 0].max() - front[:, 0].min() > 0.5  # spread along the front

@@ -1,0 +1,102 @@
+"""NSGA-II (DEAP's ``selNSGA2``) for several objectives, with a Pareto front kept across
+generations. Parents are chosen by binary tournament on (rank, crowding distance), offspring
+come from bounded SBX crossover and polynomial mutation; survivors are the best ``population``
+of parents + offspring by non-dominated sorting.
+"""
+from __future__ import annotations
+
+import math
+import random
+from typing import Sequence
+
+import numpy as np
+from deap import base, tools
+
+from evo.optim.base import Evaluated, deap_random, register, signs
+from evo.optim.ga import GeneticAlgorithm, _Individual
+
+_WORST = 1e300  # DEAP's crowding distance arithmetic needs finite values
+
+
+@register("nsga2")
+class NSGA2(GeneticAlgorithm):
+    def __init__(self, dim: int, *, front_size: int = 64, **kw):
+        kw.setdefault("elites", 0)
+        super().__init__(dim, **kw)
+        self.front_size = front_size
+        self.front: list[Evaluated] = []
+
+    # ------------------------------------------------------------------ DEAP glue
+    def _individuals(self, items: Sequence[Evaluated]) -> list:
+        fitness_cls = type("Fitness", (base.Fitness,), {"weights": signs(self.directions)})
+        out = []
+        for e in items:
+            ind = _Individual(e.genome)
+            ind.fitness = fitness_cls()
+            if e.values is None or not all(math.isfinite(v) for v in e.values):
+                ind.fitness.values = tuple(-s * _WORST for s in signs(self.directions))
+            else:
+                ind.fitness.values = tuple(e.values)
+            ind.record = e
+            out.append(ind)
+        return out
+
+    def tell(self, genomes, values) -> None:
+        evaluated = [Evaluated(list(map(float, g)), None if v is None else list(map(float, v))) for g, v in zip(genomes, values)]
+        pool = self._individuals(self.population + evaluated)
+        survivors = tools.selNSGA2(pool, min(self.population_size, len(pool)))
+        self.population = [ind.record for ind in survivors]
+        self._update_front(evaluated)
+        self._update_hall_of_fame(evaluated)
+        self.pending = []
+        self.generation += 1
+
+    def _update_front(self, items: list[Evaluated]) -> None:
+        candidates = self._individuals([e for e in self.front + items if e.values is not None])
+        if not candidates:
+            return
+        first = tools.sortNondominated(candidates, len(candidates), first_front_only=True)[0]
+        unique = {tuple(ind.record.genome): ind for ind in first}
+        front = list(unique.values())
+        if len(front) > self.front_size:
+            front = tools.selNSGA2(front, self.front_size)
+        self.front = sorted((ind.record for ind in front), key=lambda e: e.values)
+
+    def _breed(self, n: int) -> list[list[float]]:
+        parents = self._individuals(self.population)
+        tools.emo.assignCrowdingDist(parents)  # noqa: used by the DCD tournament below
+        # rank + crowding via selNSGA2 on the parents also sets crowding_dist per front
+        parents = tools.selNSGA2(parents, len(parents))
+        k = n + (-n % 4)  # selTournamentDCD needs a multiple of 4
+        with deap_random(self.random):
+            pool = parents if len(parents) >= 4 else parents * 4
+            chosen = [_Individual(list(p)) for p in _tournament_dcd(pool, k)]
+            for a, b in zip(chosen[::2], chosen[1::2]):
+                if random.random() < self.cxpb:
+                    tools.cxSimulatedBinaryBounded(a, b, self.eta_crossover, 0.0, 1.0)
+            for ind in chosen:
+                if random.random() < self.mutpb:
+                    tools.mutPolynomialBounded(ind, self.eta_mutation, 0.0, 1.0, self.indpb)
+        return [list(map(float, ind)) for ind in chosen[:n]]
+
+    # ------------------------------------------------------------------ checkpoint
+    def state(self) -> dict:
+        st = super().state()
+        st["options"]["front_size"] = self.front_size
+        st["front"] = [e.to_dict() for e in self.front]
+        return st
+
+    @classmethod
+    def from_state(cls, state: dict) -> "NSGA2":
+        opt = super().from_state(state)
+        opt.front = [Evaluated.from_dict(d) for d in state["front"]]
+        return opt
+
+
+def _tournament_dcd(individuals: list, k: int) -> list:
+    """DEAP's selTournamentDCD needs len(individuals) >= k; sample in rounds when it is not."""
+    out = []
+    while len(out) < k:
+        need = min(k - len(out), len(individuals) - len(individuals) % 4) or 4
+        out.extend(tools.selTournamentDCD(individuals, need))
+    return out[:k]
