@@ -148,12 +148,14 @@ def _loop(cfg: ExperimentConfig, store: RunStore, *, quiet: bool, stop_after: in
                 break
             t0 = time.time()
             genomes = optimizer.ask()
+            parents = optimizer.parents()
+            names = [f"g{gen:04d}-c{i:03d}" for i in range(len(genomes))]
             recipes = [space.decode(g) for g in genomes]
             keys = [f"{r.key()}|{sources.data_version}" for r in recipes]
             todo: dict[str, tuple[str, Recipe]] = {}
             for i, (key, recipe) in enumerate(zip(keys, recipes)):
                 if key not in cache and key not in todo:
-                    todo[key] = (f"g{gen:04d}-c{i:03d}", recipe)
+                    todo[key] = (names[i], recipe)
 
             def on_result(key, result, _gen=gen):
                 cache[key] = result
@@ -169,14 +171,14 @@ def _loop(cfg: ExperimentConfig, store: RunStore, *, quiet: bool, stop_after: in
                 values.append(vals)
                 store.record_candidate(
                     {
-                        "generation": gen, "candidate": f"g{gen:04d}-c{i:03d}", "key": key,
+                        "generation": gen, "candidate": names[i], "parents": parents[i], "key": key,
                         "cached": key not in todo, "status": result["status"], "error": result.get("error"),
                         "values": vals, "metrics": result.get("metrics"), "timings": result.get("timings"),
                         "genome": list(map(float, genome)), "recipe": recipe.to_dict(),
                         "data_version": sources.data_version,
                     }
                 )
-            optimizer.tell(genomes, values)
+            optimizer.tell(genomes, values, names)
             row = _log_row(gen, values, objective_names, n_evals=len(todo), n_cached=len(genomes) - len(todo),
                            n_failed=n_failed, best=optimizer.best(), seconds=time.time() - t0)
             logbook.append(row)

@@ -139,3 +139,17 @@ def test_nsga2_front_on_a_known_two_objective_toy():
     gap = front[:, 1] - (1 - np.sqrt(front[:, 0]))
     assert np.median(gap) < 0.15
     assert front[:, 0].max() - front[:, 0].min() > 0.5  # spread along the front
+
+
+@pytest.mark.parametrize("name", ["ga", "nsga2"])
+def test_offspring_name_their_parents(name):
+    opt = make_optimizer(name, 4, directions=["minimize"], seed=0, options={"population": 8})
+    gs = opt.ask()
+    ids = [f"g0-c{i}" for i in range(len(gs))]
+    opt.tell(gs, [sphere(g) for g in gs], ids)
+    children = opt.ask()
+    parents = opt.parents()
+    assert len(parents) == len(children)
+    assert all(1 <= len(p) <= 2 and set(p) <= set(ids) for p in parents)
+    # a child with one parent and no crossover stays near it (mutation only)
+    assert any(len(p) == 2 for p in parents)

@@ -46,17 +46,28 @@ def restore_optimizer(state: dict):
 
 @dataclass
 class Evaluated:
-    """A genome with its objective values (``None`` when the candidate failed)."""
+    """A genome with its objective values (``None`` when the candidate failed) and the id the
+    caller gave it (a candidate name), so offspring can name their parents."""
 
     genome: list[float]
     values: list[float] | None
+    id: str | None = None
 
     def to_dict(self):
-        return {"genome": list(map(float, self.genome)), "values": None if self.values is None else list(map(float, self.values))}
+        values = None if self.values is None else list(map(float, self.values))
+        return {"genome": list(map(float, self.genome)), "values": values, "id": self.id}
 
     @classmethod
     def from_dict(cls, d):
-        return cls(list(d["genome"]), d["values"])
+        return cls(list(d["genome"]), d["values"], d.get("id"))
+
+
+def evaluated(genomes, values, ids=None) -> list[Evaluated]:
+    ids = list(ids) if ids is not None else [None] * len(genomes)
+    return [
+        Evaluated(list(map(float, g)), None if v is None else list(map(float, v)), i)
+        for g, v, i in zip(genomes, values, ids)
+    ]
 
 
 def signs(directions: Sequence[str]) -> tuple[float, ...]:

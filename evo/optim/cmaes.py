@@ -12,7 +12,8 @@ from typing import Sequence
 import numpy as np
 from deap import base, cma
 
-from evo.optim.base import Evaluated, numpy_rng_from_json, numpy_state_to_json, register, scalar_score
+from evo.optim.base import evaluated as make_evaluated
+from evo.optim.base import register
 from evo.optim.ga import GeneticAlgorithm
 
 PENALTY = 1e3
@@ -41,8 +42,8 @@ class CMAES(GeneticAlgorithm):
             self.pending = [np.clip(s, 0.0, 1.0).tolist() for s in self.raw]
         return [np.asarray(g) for g in self.pending]
 
-    def tell(self, genomes: Sequence, values: Sequence) -> None:
-        evaluated = [Evaluated(list(map(float, g)), None if v is None else list(map(float, v))) for g, v in zip(genomes, values)]
+    def tell(self, genomes: Sequence, values: Sequence, ids=None) -> None:
+        evaluated = make_evaluated(genomes, values, ids)
 
         class _Sample(list):
             pass
@@ -66,7 +67,7 @@ class CMAES(GeneticAlgorithm):
                 setattr(self.strategy, k, np.ascontiguousarray(v))
         self.population = sorted(evaluated, key=self.score, reverse=True)
         self._update_hall_of_fame(evaluated)
-        self.pending, self.raw = [], []
+        self.pending, self.raw, self.pending_parents = [], [], []
         self.generation += 1
 
     def state(self) -> dict:

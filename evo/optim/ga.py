@@ -17,6 +17,7 @@ from deap import base, tools
 from evo.optim.base import (
     Evaluated,
     RandomState,
+    evaluated,
     deap_random,
     numpy_rng_from_json,
     numpy_state_to_json,
@@ -65,6 +66,7 @@ class GeneticAlgorithm:
         self.population: list[Evaluated] = []
         self.hall_of_fame: list[Evaluated] = []
         self.pending: list[list[float]] = []
+        self.pending_parents: list[list[str]] = []  # ids of each pending genome's parents
         self.random = RandomState.seeded(seed)
         self.np_rng = np.random.default_rng(seed)
 
@@ -80,14 +82,18 @@ class GeneticAlgorithm:
         self.pending = [list(map(float, g)) for g in genomes]
         return [np.asarray(g) for g in self.pending]
 
-    def tell(self, genomes: Sequence[Sequence[float]], values: Sequence[Sequence[float] | None]) -> None:
-        evaluated = [Evaluated(list(map(float, g)), None if v is None else list(map(float, v))) for g, v in zip(genomes, values)]
-        if self.population:
-            evaluated = self._ranked(self.population)[: self.elites] + evaluated
-        self.population = self._ranked(evaluated)[: self.population_size]
-        self._update_hall_of_fame(evaluated)
-        self.pending = []
+    def tell(self, genomes: Sequence[Sequence[float]], values: Sequence[Sequence[float] | None], ids=None) -> None:
+        """Values in objective order, ``None`` for a failed candidate; ``ids`` name the candidates."""
+        new = evaluated(genomes, values, ids)
+        pool = self._ranked(self.population)[: self.elites] + new if self.population else new
+        self.population = self._ranked(pool)[: self.population_size]
+        self._update_hall_of_fame(new)
+        self.pending, self.pending_parents = [], []
         self.generation += 1
+
+    def parents(self) -> list[list[str]]:
+        """For each genome of the pending generation, the ids of the parents it was bred from."""
+        return [list(p) for p in self.pending_parents] or [[] for _ in self.pending]
 
     # ------------------------------------------------------------------ helpers
     def score(self, e: Evaluated) -> float:
@@ -106,26 +112,34 @@ class GeneticAlgorithm:
         merged = list(self.hall_of_fame) + [e for e in items if tuple(e.genome) not in seen and e.values is not None]
         self.hall_of_fame = self._ranked(merged)[: self.hof_size]
 
-    def _breed(self, n: int) -> list[list[float]]:
+    def _select(self, k: int) -> list[int]:
+        """Indices into the population of ``k`` parents (tournament on the scalarised fitness)."""
         fitness_cls = type("Fitness", (base.Fitness,), {"weights": (1.0,)})
-
-        def individual(e: Evaluated):
-            ind = list(e.genome)
-            ind = _Individual(ind)
+        parents = []
+        for i, e in enumerate(self.population):
+            ind = _Individual(e.genome)
             ind.fitness = fitness_cls()
             score = self.score(e)
             ind.fitness.values = (score if math.isfinite(score) else -1e300,)
-            return ind
+            ind.index = i
+            parents.append(ind)
+        return [p.index for p in tools.selTournament(parents, k, self.tournament)]
 
-        parents = [individual(e) for e in self.population]
+    def _breed(self, n: int) -> list[list[float]]:
+        """Select, then SBX crossover in pairs and polynomial mutation, all bounded to [0, 1]."""
         with deap_random(self.random):
-            chosen = [_Individual(list(p)) for p in tools.selTournament(parents, n + (n % 2), self.tournament)]
-            for a, b in zip(chosen[::2], chosen[1::2]):
+            picked = self._select(n + (n % 2))
+            chosen = [_Individual(self.population[i].genome) for i in picked]
+            lineage = [[i] for i in picked]
+            for j in range(0, len(chosen) - 1, 2):
                 if _rand() < self.cxpb:
-                    tools.cxSimulatedBinaryBounded(a, b, self.eta_crossover, 0.0, 1.0)
+                    tools.cxSimulatedBinaryBounded(chosen[j], chosen[j + 1], self.eta_crossover, 0.0, 1.0)
+                    lineage[j] = lineage[j + 1] = sorted({picked[j], picked[j + 1]})
             for ind in chosen:
                 if _rand() < self.mutpb:
                     tools.mutPolynomialBounded(ind, self.eta_mutation, 0.0, 1.0, self.indpb)
+        ids = [[self.population[i].id for i in parents if self.population[i].id] for parents in lineage[:n]]
+        self.pending_parents = ids
         return [list(map(float, ind)) for ind in chosen[:n]]
 
     # ------------------------------------------------------------------ checkpoint
@@ -145,6 +159,7 @@ class GeneticAlgorithm:
             "population": [e.to_dict() for e in self.population],
             "hall_of_fame": [e.to_dict() for e in self.hall_of_fame],
             "pending": self.pending,
+            "pending_parents": self.pending_parents,
             "random": self.random.to_json(),
             "numpy": numpy_state_to_json(self.np_rng),
         }
@@ -156,6 +171,7 @@ class GeneticAlgorithm:
         opt.population = [Evaluated.from_dict(d) for d in state["population"]]
         opt.hall_of_fame = [Evaluated.from_dict(d) for d in state["hall_of_fame"]]
         opt.pending = state["pending"]
+        opt.pending_parents = state.get("pending_parents", [])
         opt.random = RandomState.from_json(state["random"])
         opt.np_rng = numpy_rng_from_json(state["numpy"])
         return opt

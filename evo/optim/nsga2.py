@@ -6,13 +6,12 @@ of parents + offspring by non-dominated sorting.
 from __future__ import annotations
 
 import math
-import random
 from typing import Sequence
 
 import numpy as np
 from deap import base, tools
 
-from evo.optim.base import Evaluated, deap_random, register, signs
+from evo.optim.base import Evaluated, evaluated, register, signs
 from evo.optim.ga import GeneticAlgorithm, _Individual
 
 _WORST = 1e300  # DEAP's crowding distance arithmetic needs finite values
@@ -41,14 +40,14 @@ class NSGA2(GeneticAlgorithm):
             out.append(ind)
         return out
 
-    def tell(self, genomes, values) -> None:
-        evaluated = [Evaluated(list(map(float, g)), None if v is None else list(map(float, v))) for g, v in zip(genomes, values)]
-        pool = self._individuals(self.population + evaluated)
+    def tell(self, genomes, values, ids=None) -> None:
+        new = evaluated(genomes, values, ids)
+        pool = self._individuals(self.population + new)
         survivors = tools.selNSGA2(pool, min(self.population_size, len(pool)))
         self.population = [ind.record for ind in survivors]
-        self._update_front(evaluated)
-        self._update_hall_of_fame(evaluated)
-        self.pending = []
+        self._update_front(new)
+        self._update_hall_of_fame(new)
+        self.pending, self.pending_parents = [], []
         self.generation += 1
 
     def _update_front(self, items: list[Evaluated]) -> None:
@@ -62,22 +61,15 @@ class NSGA2(GeneticAlgorithm):
             front = tools.selNSGA2(front, self.front_size)
         self.front = sorted((ind.record for ind in front), key=lambda e: e.values)
 
-    def _breed(self, n: int) -> list[list[float]]:
+    def _select(self, k: int) -> list[int]:
+        """Binary tournament on (Pareto rank, crowding distance), DEAP's selTournamentDCD."""
         parents = self._individuals(self.population)
-        tools.emo.assignCrowdingDist(parents)  # noqa: used by the DCD tournament below
-        # rank + crowding via selNSGA2 on the parents also sets crowding_dist per front
+        for i, ind in enumerate(parents):
+            ind.index = i
+        # selNSGA2 over all parents assigns each its crowding distance (front by front)
         parents = tools.selNSGA2(parents, len(parents))
-        k = n + (-n % 4)  # selTournamentDCD needs a multiple of 4
-        with deap_random(self.random):
-            pool = parents if len(parents) >= 4 else parents * 4
-            chosen = [_Individual(list(p)) for p in _tournament_dcd(pool, k)]
-            for a, b in zip(chosen[::2], chosen[1::2]):
-                if random.random() < self.cxpb:
-                    tools.cxSimulatedBinaryBounded(a, b, self.eta_crossover, 0.0, 1.0)
-            for ind in chosen:
-                if random.random() < self.mutpb:
-                    tools.mutPolynomialBounded(ind, self.eta_mutation, 0.0, 1.0, self.indpb)
-        return [list(map(float, ind)) for ind in chosen[:n]]
+        pool = parents if len(parents) >= 4 else parents * 4
+        return [p.index for p in _tournament_dcd(pool, k + (-k % 4))][:k]
 
     # ------------------------------------------------------------------ checkpoint
     def state(self) -> dict:

@@ -5,7 +5,7 @@ from typing import Sequence
 
 import numpy as np
 
-from evo.optim.base import numpy_rng_from_json, numpy_state_to_json, register
+from evo.optim.base import register
 from evo.optim.ga import GeneticAlgorithm
 
 
@@ -22,9 +22,9 @@ class RandomSearch(GeneticAlgorithm):
             self.pending = genomes
         return [np.asarray(g) for g in self.pending]
 
-    def tell(self, genomes: Sequence, values: Sequence) -> None:
+    def tell(self, genomes: Sequence, values: Sequence, ids=None) -> None:
         elites, self.elites = self.elites, 0
         try:
-            super().tell(genomes, values)
+            super().tell(genomes, values, ids)
         finally:
             self.elites = elites
