@@ -6,6 +6,7 @@ Python API (the CLI is a thin shell over it)::
     result = evo.run("experiment.yaml", "runs/r1")   # or an ExperimentConfig / dict
     evo.resume("runs/r1")
     release = evo.export("runs/r1")                   # runs/r1/releases/v0001
+    page = evo.report("runs/r1")                      # runs/r1/report/index.html
 """
 
 __version__ = "0.1.0"
@@ -27,3 +28,9 @@ def export(run_dir, out=None):
     from evo.release import export as _export
 
     return _export(run_dir, out)
+
+
+def report(run_dir, out=None):
+    from evo.report import report as _report
+
+    return _report(run_dir, out)

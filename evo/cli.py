@@ -63,6 +63,12 @@ def _cmd_verify(args) -> None:
     print(f"{args.release}: manifest OK")
 
 
+def _cmd_report(args) -> None:
+    from evo.report import report
+
+    print(report(args.run_dir, args.out))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="evo", description="Evolutionary model merging on Ray")
     sub = p.add_subparsers(dest="command", required=True)
@@ -93,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("out")
     r.add_argument("--seed", type=int, default=0, help="seed for random methods (DARE, DELLA)")
     r.set_defaults(fn=_cmd_merge)
+
+    r = sub.add_parser("report", help="write an HTML report (and PNGs) of a run")
+    r.add_argument("run_dir")
+    r.add_argument("--out", help="folder (default RUN_DIR/report)")
+    r.set_defaults(fn=_cmd_report)
 
     r = sub.add_parser("verify", help="check a release against its manifest")
     r.add_argument("release")

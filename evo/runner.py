@@ -254,10 +254,11 @@ def _checkpoint(cfg, optimizer, logbook, space, data_version) -> dict:
         "objectives": [o.__dict__ for o in cfg.objectives],
         "space": {"name": space.spec.name, "labels": space.labels},
         "best": None if best is None else {
-            "genome": best.genome, "values": best.values, "recipe": space.decode(best.genome).to_dict(),
+            "id": best.id, "genome": best.genome, "values": best.values, "recipe": space.decode(best.genome).to_dict(),
         },
         "hall_of_fame": [
-            {"genome": e.genome, "values": e.values, "recipe": space.decode(e.genome).to_dict()} for e in optimizer.hall_of_fame
+            {"id": e.id, "genome": e.genome, "values": e.values, "recipe": space.decode(e.genome).to_dict()}
+            for e in optimizer.hall_of_fame
         ],
     }
 
