@@ -57,10 +57,11 @@ def _cmd_merge(args) -> None:
 
 
 def _cmd_verify(args) -> None:
-    from evo.release import verify_manifest
+    from evo.release import verify
 
-    verify_manifest(args.release)
-    print(f"{args.release}: manifest OK")
+    values = verify(args.release, tolerance=args.tolerance)
+    shown = ", ".join(f"{k}={v:.4f}" for k, v in values.items())
+    print(f"{args.release}: OK (manifest matches; re-measured {shown})")
 
 
 def _cmd_report(args) -> None:
@@ -105,8 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="folder (default RUN_DIR/report)")
     r.set_defaults(fn=_cmd_report)
 
-    r = sub.add_parser("verify", help="check a release against its manifest")
+    r = sub.add_parser("verify", help="check a release: manifest, loading, recorded fitness")
     r.add_argument("release")
+    r.add_argument("--tolerance", type=float, default=1e-3, help="allowed absolute difference per objective")
     r.set_defaults(fn=_cmd_verify)
     return p
 

@@ -75,6 +75,11 @@ def _write_release_files(root: Path, recipe: Recipe, paths: dict, cfg: Experimen
         "data_version": ckpt["data_version"],
         "generation": ckpt["generation"],
         "run": str(store.root.resolve()),
+        "eval": {
+            "sets": {k: str(Path(v).resolve()) for k, v in cfg.eval.sets.items()},
+            "seq_len": cfg.eval.seq_len, "max_blocks": cfg.eval.max_blocks, "batch_size": cfg.eval.batch_size,
+        },
+        "objective_specs": objectives,
     }
     if "comparison" in ckpt:
         fitness["comparison"] = ckpt["comparison"]
@@ -170,3 +175,44 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def verify(release: str | Path, tolerance: float = 1e-3) -> dict[str, float]:
+    """Check the manifest, load the model with plain transformers, and re-measure every
+    objective on the recorded data. Returns the re-measured values; raises EvoError otherwise."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evo.config import Objective
+    from evo.data import data_version, read_texts
+    from evo.fitness import mean_nll, objective_values, token_blocks
+
+    root = Path(release)
+    if not root.is_dir():
+        raise EvoError(f"{root}: release directory not found")
+    verify_manifest(root)
+    fitness = json.loads((root / "fitness.json").read_text())
+    ev = fitness["eval"]
+    try:
+        model = AutoModelForCausalLM.from_pretrained(root, trust_remote_code=False).eval()
+        tokenizer = AutoTokenizer.from_pretrained(root, trust_remote_code=False)
+    except Exception as exc:  # any load failure is a broken release
+        raise EvoError(f"{root}: model does not load ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})") from None
+    settings = dict(seq_len=ev["seq_len"], max_blocks=ev["max_blocks"], tokenizer=tokenizer.vocab_size)
+    for path in ev["sets"].values():
+        if not Path(path).is_file():
+            raise EvoError(f"{path}: recorded evaluation data is missing")
+    version = data_version(ev["sets"].values(), **settings)
+    if version != fitness["data_version"]:
+        raise EvoError(f"{root}: evaluation data changed since export ({version} != {fitness['data_version']})")
+    metrics = {
+        f"logppl/{name}": mean_nll(model, token_blocks(read_texts(path), tokenizer, ev["seq_len"], ev["max_blocks"]),
+                                   batch_size=ev["batch_size"])
+        for name, path in ev["sets"].items()
+    }
+    objectives = [Objective(**o) for o in fitness["objective_specs"]]
+    values = objective_values(metrics, objectives, list(ev["sets"]))
+    for obj, value in zip(objectives, values):
+        recorded = fitness["objectives"][obj.name]["value"]
+        if not abs(value - recorded) <= tolerance:
+            raise EvoError(f"{root}: objective {obj.name} re-measured {value:.6f}, recorded {recorded:.6f} (tolerance {tolerance})")
+    return dict(zip([o.name for o in objectives], values))
