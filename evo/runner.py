@@ -27,6 +27,7 @@ from deap import tools
 from evo.config import ExperimentConfig
 from evo.errors import EvoError
 from evo.fitness import objective_values
+from evo.metrics import RunMetrics
 from evo.optim import make_optimizer, restore_optimizer
 from evo.pool import EvaluatorPool, Sources
 from evo.space import Recipe, SearchSpace
@@ -141,6 +142,7 @@ def _loop(cfg: ExperimentConfig, store: RunStore, *, quiet: bool, stop_after: in
         if not quiet and pool.dashboard_url:
             print(f"Ray dashboard: {pool.dashboard_url}  (token auth: see README)")
         store.event("ray_started", dashboard=pool.dashboard_url, evaluators=pool.size, data_version=sources.data_version)
+        metrics = RunMetrics(store.root.name, objective_names)
         stopped = False
         for gen in range(start, cfg.optimizer.generations):
             if stop_after is not None and gen - start >= stop_after:
@@ -157,9 +159,10 @@ def _loop(cfg: ExperimentConfig, store: RunStore, *, quiet: bool, stop_after: in
                 if key not in cache and key not in todo:
                     todo[key] = (names[i], recipe)
 
-            def on_result(key, result, _gen=gen):
+            def on_result(key, result):
                 cache[key] = result
-                store.cache_put(key, result)
+                store.cache_put(key, result)  # written at once: a resume never re-evaluates it
+                metrics.candidate(result["status"])
 
             pool.evaluate(todo, on_result, desc=f"generation {gen}")
             values, n_failed = [], 0
@@ -184,6 +187,7 @@ def _loop(cfg: ExperimentConfig, store: RunStore, *, quiet: bool, stop_after: in
             logbook.append(row)
             store.save_checkpoint(_checkpoint(cfg, optimizer, logbook, space, sources.data_version))
             store.event("generation_done", **row)
+            metrics.generation_done(row, sources.data_version)
             if not quiet:
                 _print_row(row, objective_names, header=(gen == start))
         comparison = {}
