@@ -1,0 +1,177 @@
+"""A merge recipe as plain, validated data in mergekit's YAML shape.
+
+Validation happens here, before any model is loaded, so a wrong field fails at once with the
+file and field it came from (the way mergekit's pydantic configs do).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from evo.errors import EvoError
+
+DTYPES = ("float32", "float16", "bfloat16")
+_TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "tokenizer_source"}
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One source model and its per-model parameter settings."""
+
+    model: str
+    parameters: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """A mergekit-style recipe. Hash it via ``fingerprint()`` (the dicts inside are not hashable)."""
+
+    merge_method: str
+    models: tuple[ModelEntry, ...]
+    base_model: str | None = None
+    parameters: dict = field(default_factory=dict)
+    dtype: str = "float32"
+    tokenizer_source: str | None = None
+
+    def to_dict(self) -> dict:
+        """The mergekit YAML mapping (deep copies; empty/None fields are left out)."""
+        d: dict[str, Any] = {"merge_method": self.merge_method}
+        if self.base_model is not None:
+            d["base_model"] = self.base_model
+        models = []
+        for m in self.models:
+            entry: dict[str, Any] = {"model": m.model}
+            if m.parameters:
+                entry["parameters"] = copy.deepcopy(m.parameters)
+            models.append(entry)
+        d["models"] = models
+        if self.parameters:
+            d["parameters"] = copy.deepcopy(self.parameters)
+        d["dtype"] = self.dtype
+        if self.tokenizer_source is not None:
+            d["tokenizer_source"] = self.tokenizer_source
+        return d
+
+    def fingerprint(self) -> str:
+        """Stable JSON of ``to_dict()``: equal recipes give equal strings (cache keys, hashes)."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str = "<config>") -> "MergeConfig":
+        """Validate a mergekit mapping; any mistake raises EvoError naming ``source`` and the field."""
+        from evo.merge.registry import METHODS
+
+        if not isinstance(d, dict):
+            raise EvoError(f"{source}: a merge config must be a mapping, got {type(d).__name__}")
+        unknown = sorted(set(d) - _TOP_KEYS)
+        if unknown:
+            raise EvoError(f"{source}: unsupported field '{unknown[0]}' (known: {', '.join(sorted(_TOP_KEYS))})")
+        name = d.get("merge_method")
+        if name is None:
+            raise EvoError(f"{source}: missing field 'merge_method'")
+        if name not in METHODS:
+            raise EvoError(f"{source}: unknown merge_method '{name}' (known: {', '.join(sorted(METHODS))})")
+        method = METHODS[name]
+        specs = {p.name: p for p in method.params}
+
+        base = d.get("base_model")
+        if base is not None and not isinstance(base, str):
+            raise EvoError(f"{source}: base_model must be a string")
+        raw_models = d.get("models")
+        if not isinstance(raw_models, list) or not raw_models:
+            raise EvoError(f"{source}: missing field 'models' (a non-empty list)")
+        models, seen = [], set()
+        for i, m in enumerate(raw_models):
+            where = f"{source}: models[{i}]"
+            if not isinstance(m, dict) or not isinstance(m.get("model"), str):
+                raise EvoError(f"{where}: missing field 'model' (a string)")
+            extra = sorted(set(m) - {"model", "parameters"})
+            if extra:
+                raise EvoError(f"{where}: unsupported field '{extra[0]}'")
+            if m["model"] in seen:
+                raise EvoError(f"{where}: model '{m['model']}' is listed twice")
+            seen.add(m["model"])
+            params = m.get("parameters") or {}
+            _check_params(params, specs, f"{where}.parameters", per_model=True)
+            models.append(ModelEntry(m["model"], copy.deepcopy(params)))
+        params = d.get("parameters") or {}
+        _check_params(params, specs, f"{source}: parameters", per_model=False)
+
+        if method.needs_base and base is None:
+            raise EvoError(f"{source}: merge_method '{name}' needs a base_model")
+        n = sum(1 for m in models if method.base_entries_merge or m.model != base)
+        if n < method.min_models or (method.max_models is not None and n > method.max_models):
+            want = method.min_models if method.max_models == method.min_models else f">= {method.min_models}"
+            raise EvoError(f"{source}: merge_method '{name}' needs {want} models besides the base, got {n}")
+        dtype = d.get("dtype", "float32")
+        if dtype not in DTYPES:
+            raise EvoError(f"{source}: dtype '{dtype}' is not one of {', '.join(DTYPES)}")
+        tok = d.get("tokenizer_source")
+        if tok is not None and not isinstance(tok, str):
+            raise EvoError(f"{source}: tokenizer_source must be a model name or path")
+        return cls(name, tuple(models), base, copy.deepcopy(params), dtype, tok)
+
+    @classmethod
+    def from_yaml(cls, path) -> "MergeConfig":
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise EvoError(f"{path}: cannot read merge config ({err.strerror})") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise EvoError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
+        return cls.from_dict(data, source=str(path))
+
+    def to_yaml(self, path) -> None:
+        """Write atomically: a reader never sees a half-written recipe."""
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+        try:
+            with os.fdopen(fd, "w") as f:
+                yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def _check_params(params: Any, specs: dict, where: str, *, per_model: bool) -> None:
+    if not isinstance(params, dict):
+        raise EvoError(f"{where}: must be a mapping of parameter names to values")
+    for key, value in params.items():
+        spec = specs.get(key)
+        if spec is None:
+            raise EvoError(f"{where}: unknown parameter '{key}' (known: {', '.join(sorted(specs))})")
+        if per_model and not spec.per_model:
+            raise EvoError(f"{where}: parameter '{key}' is global; set it under the top-level 'parameters'")
+        _check_value(value, spec.kind, f"{where}.{key}")
+
+
+def _check_value(value: Any, kind: type, where: str) -> None:
+    """Scalar, gradient list of scalars, or filter list of {filter, value} (mergekit's shapes)."""
+    scalar = (bool,) if kind is bool else (int, float)
+    if isinstance(value, scalar) and not (kind is not bool and isinstance(value, bool)):
+        return
+    if isinstance(value, dict):
+        value = [value]
+    if isinstance(value, list) and value:
+        if all(isinstance(v, scalar) and not (kind is not bool and isinstance(v, bool)) for v in value):
+            return
+        if all(isinstance(v, dict) for v in value):
+            for i, v in enumerate(value):
+                extra = set(v) - {"filter", "value"}
+                if "value" not in v or extra or not isinstance(v.get("filter", ""), (str, type(None))):
+                    raise EvoError(f"{where}[{i}]: a filter entry is {{filter: NAME, value: V}}")
+                _check_value(v["value"], kind, f"{where}[{i}].value")
+            return
+    raise EvoError(f"{where}: expected a {kind.__name__}, a list of them, or a filter list; got {value!r}")

@@ -1,0 +1,142 @@
+"""Resident merging: base + task vectors stay in memory; each candidate recipe is merged into the
+same preallocated output buffers.
+
+Re-reading models per candidate (mergekit-evolve's on-disk mode) or allocating outputs per merge
+costs 10–50× more on the target VMs, where fresh memory is first touched at <1 GB/s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Mapping, Optional
+
+import torch
+from torch import Tensor
+
+from evo.errors import EvoError
+from evo.merge.config import MergeConfig
+from evo.merge.method import Scratch, TensorJob
+from evo.merge.params import layer_t, resolve
+from evo.merge.registry import METHODS
+
+
+def task_vectors(base: Mapping[str, Tensor],
+                 models: Mapping[str, Mapping[str, Tensor]]) -> dict[str, dict[str, Tensor]]:
+    """δᵢ = θᵢ − θ_base per tensor, computed in the base's dtype.
+
+    Raises EvoError naming the model and tensor when names or shapes differ from the base.
+    """
+    out: dict[str, dict[str, Tensor]] = {}
+    for model, sd in models.items():
+        _check_same_tensors(base, sd, model)
+        out[model] = {name: sd[name].to(t.dtype).sub(t) for name, t in base.items()}
+    return out
+
+
+def _check_same_tensors(base: Mapping[str, Tensor], sd: Mapping[str, Tensor], model: str) -> None:
+    for name, t in base.items():
+        if name not in sd:
+            raise EvoError(f"model '{model}': tensor {name} is missing (present in the base)")
+        if tuple(sd[name].shape) != tuple(t.shape):
+            raise EvoError(f"model '{model}': tensor {name} has shape {tuple(sd[name].shape)}, "
+                           f"the base has {tuple(t.shape)}")
+    for name in sd:
+        if name not in base:
+            raise EvoError(f"model '{model}': tensor {name} is not in the base model")
+
+
+def tensor_seed(seed: int, tensor: str, model: str) -> int:
+    """Seed for one (tensor, model) draw: independent of tensor order and of the other models."""
+    h = hashlib.blake2b(f"{seed}\0{tensor}\0{model}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") >> 1
+
+
+class Merger:
+    """Models stay resident: base + task vectors, merged per candidate into preallocated, reused
+    output buffers.
+
+    Args:
+        base: base-model tensors. Never written to (they may be read-only object-store views).
+        deltas: model name -> task vector (same names/shapes as ``base``). Never written to.
+        num_layers: the model's layer count, for per-layer ("gradient") parameter values.
+        out: destination buffers, e.g. a live HF model's ``state_dict()``; names absent from
+            ``base`` (a tied lm_head) are left alone. Allocated once when None.
+        device: where base/deltas/outputs live (moved once).
+    """
+
+    def __init__(self, base: Mapping[str, Tensor], deltas: Mapping[str, Mapping[str, Tensor]], *,
+                 num_layers: int, out: Optional[Mapping[str, Tensor]] = None, device="cpu"):
+        self.device = torch.device(device)
+        self.num_layers = int(num_layers)
+        self.base = {n: t.to(self.device) for n, t in base.items()}
+        self.deltas = {}
+        for model, sd in deltas.items():
+            _check_same_tensors(self.base, sd, model)
+            self.deltas[model] = {n: sd[n].to(self.device) for n in self.base}
+        if out is None:
+            # zero_() touches the pages now, so the first merge is not the slow one
+            self.out = {n: torch.empty_like(t).zero_() for n, t in self.base.items()}
+        else:
+            self.out = {}
+            for n, t in self.base.items():
+                if n not in out:
+                    raise EvoError(f"output buffers: tensor {n} is missing")
+                if tuple(out[n].shape) != tuple(t.shape):
+                    raise EvoError(f"output buffers: tensor {n} has shape {tuple(out[n].shape)}, "
+                                   f"the sources have {tuple(t.shape)}")
+                if out[n].device != self.device:
+                    raise EvoError(f"output buffers: tensor {n} is on {out[n].device}, merging on {self.device}")
+                self.out[n] = out[n]
+        largest = max((t.numel() for t in self.base.values()), default=1)
+        self.scratch = Scratch(largest, self.device)
+        self._t = {n: layer_t(n, self.num_layers) for n in self.base}
+
+    def merge(self, config: MergeConfig, seed: int = 0) -> dict[str, Tensor]:
+        """Merge ``config`` into the output buffers and return them (the same objects every call).
+
+        ``config.models[i].model`` names a key of ``deltas``; an entry naming ``config.base_model``
+        is the base itself. Random methods are reproducible for a given ``seed``.
+        """
+        method = METHODS.get(config.merge_method)
+        if method is None:
+            raise EvoError(f"unknown merge_method '{config.merge_method}'")
+        entries = []
+        for e in config.models:
+            if config.base_model is not None and e.model == config.base_model:
+                if method.base_entries_merge:
+                    entries.append((e, None))
+                continue
+            if e.model not in self.deltas:
+                raise EvoError(f"model '{e.model}' is not loaded in this Merger "
+                               f"(loaded: {', '.join(sorted(self.deltas)) or 'none'})")
+            entries.append((e, self.deltas[e.model]))
+        if len(entries) < method.min_models or (method.max_models and len(entries) > method.max_models):
+            raise EvoError(f"merge_method '{method.name}': wrong number of models ({len(entries)})")
+        shared_specs = [p for p in method.params if not p.per_model]
+        model_specs = [p for p in method.params if p.per_model]
+        where = f"merge_method '{method.name}'"
+        with torch.no_grad():
+            for name, base in self.base.items():
+                t = self._t[name]
+                shared = {p.name: resolve(p, [config.parameters], name, t, where) for p in shared_specs}
+                per_model = [{p.name: resolve(p, [e.parameters, config.parameters], name, t,
+                                              f"{where}, model '{e.model}'") for p in model_specs}
+                             for e, _ in entries]
+                out = self.out[name]
+                direct = out.dtype == base.dtype
+                target = out if direct else self.scratch.get("result", base.shape, base.dtype)
+                job = TensorJob(
+                    name=name, out=target, base=base,
+                    deltas=[None if d is None else d[name] for _, d in entries],
+                    shared=shared, per_model=per_model, scratch=self.scratch,
+                    generator=self._generators(seed, name, [e.model for e, _ in entries]),
+                )
+                method.merge(job)
+                if not direct:
+                    out.copy_(target)
+        return self.out
+
+    def _generators(self, seed: int, name: str, models: list[str]):
+        def generator(i: int) -> torch.Generator:
+            return torch.Generator(device=self.device).manual_seed(tensor_seed(seed, name, models[i]))
+        return generator

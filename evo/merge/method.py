@@ -1,0 +1,72 @@
+"""What a merge method sees: one output tensor at a time, with its parameters already resolved.
+
+A method is a small object with a name, the parameters it accepts and a ``merge(job)`` that writes
+``job.out`` in place. The engine owns buffers, parameter resolution and seeding, so adding a
+method is adding a module and a registry entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+from evo.merge.params import ParamSpec
+
+
+class Scratch:
+    """Flat buffers sized for the largest tensor, allocated on first use and reused forever.
+
+    Fresh memory is first touched at <1 GB/s on the target VMs, so per-tensor temporaries would
+    dominate a merge; views of these buffers cost nothing.
+    """
+
+    def __init__(self, numel: int, device: torch.device | str = "cpu"):
+        self.numel = int(numel)
+        self.device = torch.device(device)
+        self._bufs: dict[tuple, Tensor] = {}
+
+    def get(self, key: str, shape: Sequence[int] | torch.Size, dtype: torch.dtype = torch.float32,
+            factor: int = 1) -> Tensor:
+        """A reused buffer named ``key`` viewed as ``shape`` (``factor`` × largest numel of room)."""
+        n = 1
+        for s in shape:
+            n *= int(s)
+        buf = self._bufs.get((key, dtype))
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(max(self.numel * factor, n), dtype=dtype, device=self.device)
+            self._bufs[(key, dtype)] = buf
+        return buf[:n].view(tuple(shape))
+
+
+@dataclass
+class TensorJob:
+    """Inputs for one output tensor.
+
+    ``deltas[i]`` is θᵢ − θ_base for the i-th participating model entry (None when the entry is
+    the base model itself); ``per_model[i]`` its resolved parameters; ``shared`` the resolved
+    global parameters. ``generator(i)`` gives the reproducible RNG for entry i on this tensor.
+    """
+
+    name: str
+    out: Tensor
+    base: Tensor
+    deltas: list[Optional[Tensor]]
+    shared: dict
+    per_model: list[dict]
+    scratch: Scratch
+    generator: Callable[[int], torch.Generator]
+
+
+class MergeMethod(Protocol):
+    name: str
+    params: tuple[ParamSpec, ...]
+    needs_base: bool          # base_model must be set
+    base_entries_merge: bool  # entries naming the base take part (linear) instead of being dropped
+    min_models: int           # participating entries (after dropping the base when not merged)
+    max_models: Optional[int]
+    random: bool
+
+    def merge(self, job: TensorJob) -> None: ...

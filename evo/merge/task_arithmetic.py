@@ -1,0 +1,149 @@
+"""The task-arithmetic family (mergekit's generalized task arithmetic): task_arithmetic, ties,
+dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear.
+
+    out = base + λ · Σᵢ mᵢ · wᵢ · δ'ᵢ / D
+
+δ'ᵢ is δᵢ sparsified (and L1-rescaled when ``rescale``); mᵢ the sign-consensus mask; D the
+normalizer. Differences from peft's ``ties``/``dare_*``: peft divides by the count of agreeing
+models, mergekit (and this module) by Σ wᵢ mᵢ, and rescales by L1 norm rather than 1/p.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from evo.errors import EvoError
+from evo.merge import sparsify
+from evo.merge.method import TensorJob
+from evo.merge.params import ParamSpec
+
+
+def majority_sign(weighted: list[Tensor], out: Tensor) -> Tensor:
+    """±1 per entry: the sign of Σ wᵢδᵢ, ties counted as + (TIES "sum" election)."""
+    torch.add(weighted[0], weighted[1], out=out) if len(weighted) > 1 else out.copy_(weighted[0])
+    for w in weighted[2:]:
+        out.add_(w)
+    torch.ge(out, 0, out=out)
+    return out.mul_(2).sub_(1)
+
+
+def disjoint_merge(weighted: list[Tensor], weights: list[float], sign: Tensor, acc: Tensor,
+                   divisor: Optional[Tensor], tmp: Tensor) -> Tensor:
+    """Σᵢ mᵢ·(wᵢδᵢ) into ``acc`` and Σᵢ mᵢ·wᵢ into ``divisor`` (when given), mᵢ = [sign(wᵢδᵢ) = sign].
+
+    mᵢ·x = sign·relu(sign·x): agreeing entries survive the relu, zeros and dissenters drop out
+    of both sums, with no boolean masks materialised.
+    """
+    acc.zero_()
+    if divisor is not None:
+        divisor.zero_()
+    for x, w in zip(weighted, weights):
+        torch.mul(x, sign, out=tmp).clamp_(min=0)
+        acc.add_(tmp)
+        if divisor is not None:
+            divisor.add_(torch.sign(tmp, out=tmp), alpha=w)
+    return acc.mul_(sign)
+
+
+@dataclass(frozen=True)
+class TaskArithmetic:
+    """One member of the family; see the table in MERGE_SEMANTICS.md."""
+
+    name: str
+    consensus: Optional[str]       # "sum" or None
+    sparsification: Optional[str]  # "magnitude" | "random" | "outliers" | "della" | None
+    default_normalize: bool
+    default_rescale: bool
+    needs_base = True
+    base_entries_merge = False
+    min_models = 1
+    max_models = None
+
+    @property
+    def random(self) -> bool:
+        return self.sparsification in ("random", "della")
+
+    @property
+    def params(self) -> tuple[ParamSpec, ...]:
+        specs = [
+            ParamSpec("int8_mask", bool, False, False),
+            ParamSpec("normalize", bool, False, self.default_normalize),
+            ParamSpec("rescale", bool, False, self.default_rescale),
+            ParamSpec("lambda", float, False, 1.0),
+            ParamSpec("weight", float, True),
+            ParamSpec("density", float, True, 1.0),
+        ]
+        if self.sparsification == "outliers":
+            specs.append(ParamSpec("gamma", float, True, 0.01))
+        if self.sparsification == "della":
+            specs.append(ParamSpec("epsilon", float, True, 0.15))
+        return tuple(specs)
+
+    def _sparse(self, job: TensorJob, i: int, out: Tensor) -> tuple[Tensor, float]:
+        """δ'ᵢ (δᵢ itself when nothing is pruned, to save a copy) and its L1 rescale factor."""
+        delta, p = job.deltas[i], job.per_model[i]
+        density = p["density"]
+        if self.sparsification is None or density >= 1:
+            return delta, 1.0
+        s, shape = job.scratch, delta.shape
+        flags = s.get("flags", (2 * delta.numel(),), torch.bool, 2)
+        if self.sparsification == "magnitude":
+            sparsify.magnitude_prune(delta, density, out, s.get("abs", shape), flags)
+        elif self.sparsification == "outliers":
+            sparsify.outlier_prune(delta, density, p["gamma"], out, s.get("abs", shape), flags)
+        elif self.sparsification == "random":
+            sparsify.random_prune(delta, density, out, s.get("mask", shape), s.get("lanes", shape, torch.int64),
+                                  job.generator(i))
+        else:
+            try:
+                sparsify.della_prune(delta, density, p["epsilon"], out, job.generator(i))
+            except ValueError as err:
+                raise EvoError(f"{self.name}: tensor {job.name}: {err}") from None
+        factor = sparsify.l1_rescale(delta, out) if job.shared["rescale"] else 1.0
+        return out, factor
+
+    def merge(self, job: TensorJob) -> None:
+        lam, normalize = job.shared["lambda"], job.shared["normalize"]
+        weights = [p["weight"] for p in job.per_model]
+        shape, s = job.base.shape, job.scratch
+        if self.consensus is None:
+            total = sum(weights) if normalize else 1.0
+            div = 1.0 if abs(total) < 1e-8 else total
+            job.out.copy_(job.base)
+            for i, w in enumerate(weights):
+                x, factor = self._sparse(job, i, s.get("sparse", shape))
+                if w != 0:
+                    job.out.add_(x, alpha=lam * w * factor / div)
+            return
+        weighted = []
+        for i, w in enumerate(weights):
+            buf = s.get(f"weighted{i}", shape)
+            x, factor = self._sparse(job, i, buf)
+            torch.mul(x, w * factor, out=buf) if x is not buf else buf.mul_(w * factor)
+            weighted.append(buf)
+        sign = majority_sign(weighted, s.get("sign", shape))
+        acc = s.get("acc", shape)
+        divisor = s.get("divisor", shape) if normalize else None
+        disjoint_merge(weighted, weights, sign, acc, divisor, s.get("tmp", shape))
+        if divisor is None:
+            torch.add(job.base, acc, alpha=lam, out=job.out)
+        else:
+            flags = s.get("flags", (2 * acc.numel(),), torch.bool, 2)[: acc.numel()].view(shape)
+            divisor.masked_fill_(torch.eq(divisor, 0, out=flags), 1.0)
+            torch.addcdiv(job.base, acc, divisor, value=lam, out=job.out)
+
+
+FAMILY = (
+    TaskArithmetic("task_arithmetic", None, None, False, False),
+    TaskArithmetic("ties", "sum", "magnitude", True, False),
+    TaskArithmetic("dare_ties", "sum", "random", False, True),
+    TaskArithmetic("dare_linear", None, "random", False, True),
+    TaskArithmetic("breadcrumbs", None, "outliers", False, False),
+    TaskArithmetic("breadcrumbs_ties", "sum", "outliers", False, False),
+    TaskArithmetic("della", "sum", "della", True, True),
+    TaskArithmetic("della_linear", None, "della", False, True),
+)

@@ -1,0 +1,148 @@
+"""Merge math on tensors small enough to check by hand."""
+
+import pytest
+import torch
+
+from evo.errors import EvoError
+from evo.merge import Merger, MergeConfig, task_vectors
+
+
+def _cfg(method, models, base="base", **params):
+    d = {"merge_method": method, "models": models, "parameters": params}
+    if base is not None:
+        d["base_model"] = base
+    return MergeConfig.from_dict(d)
+
+
+def _merger(base, models, num_layers=1):
+    base = {k: torch.tensor(v, dtype=torch.float32) for k, v in base.items()}
+    models = {m: {k: torch.tensor(v, dtype=torch.float32) for k, v in sd.items()} for m, sd in models.items()}
+    return Merger(base, task_vectors(base, models), num_layers=num_layers)
+
+
+def test_linear_weighted_mean_and_unnormalized_sum():
+    m = _merger({"w": [1.0, 2.0]}, {"a": {"w": [3.0, 2.0]}, "b": {"w": [0.0, 6.0]}})
+    out = m.merge(_cfg("linear", [{"model": "a", "parameters": {"weight": 1}},
+                                  {"model": "b", "parameters": {"weight": 3}}], base=None))
+    assert torch.allclose(out["w"], torch.tensor([0.75, 5.0]))
+    out = m.merge(_cfg("linear", [{"model": "a", "parameters": {"weight": 1}},
+                                  {"model": "b", "parameters": {"weight": 3}}], base=None, normalize=False))
+    assert torch.allclose(out["w"], torch.tensor([3.0, 20.0]))
+
+
+def test_linear_entry_naming_the_base_uses_base_weights():
+    m = _merger({"w": [1.0]}, {"a": {"w": [3.0]}})
+    out = m.merge(_cfg("linear", [{"model": "base", "parameters": {"weight": 1}},
+                                  {"model": "a", "parameters": {"weight": 1}}]))
+    assert out["w"].item() == pytest.approx(2.0)
+
+
+def test_task_arithmetic_lambda_and_normalize():
+    m = _merger({"w": [1.0, 1.0]}, {"a": {"w": [2.0, 0.0]}, "b": {"w": [1.0, 3.0]}})
+    models = [{"model": "a", "parameters": {"weight": 1.0}}, {"model": "b", "parameters": {"weight": 0.5}}]
+    # deltas a = [1, -1], b = [0, 2]
+    out = m.merge(_cfg("task_arithmetic", models, **{"lambda": 2.0}))
+    assert torch.allclose(out["w"], torch.tensor([1 + 2 * 1.0, 1 + 2 * (-1 + 1.0)]))
+    out = m.merge(_cfg("task_arithmetic", models, normalize=True))
+    assert torch.allclose(out["w"], torch.tensor([1 + 1 / 1.5, 1 + 0.0]))
+
+
+TIES_DELTAS = {"a": [3.0, -1.0, 2.0, 0.5], "b": [-2.0, -4.0, 1.0, 0.1], "c": [1.0, 2.0, -5.0, 0.2]}
+
+
+def _ties_merger():
+    return _merger({"w": [0.0] * 4}, {m: {"w": v} for m, v in TIES_DELTAS.items()})
+
+
+def test_ties_by_hand_equal_weights():
+    # density 0.5 keeps 2 of 4: a -> [3,0,2,0], b -> [-2,-4,0,0], c -> [0,2,-5,0]
+    # sign of the sum: [+,-,-,+]; agreeing entries averaged; an all-zero column stays 0
+    models = [{"model": m, "parameters": {"weight": 1.0, "density": 0.5}} for m in TIES_DELTAS]
+    out = _ties_merger().merge(_cfg("ties", models))
+    assert out["w"].tolist() == [3.0, -4.0, -5.0, 0.0]
+
+
+def test_ties_weights_vote_and_divide():
+    # weighted: a [3,0,2,0], b [-4,-8,0,0], c [0,2,-5,0]; majority [-,-,-,+]
+    models = [{"model": m, "parameters": {"weight": w, "density": 0.5}} for m, w in zip(TIES_DELTAS, [1, 2, 1])]
+    m = _ties_merger()
+    assert m.merge(_cfg("ties", models))["w"].tolist() == [-2.0, -4.0, -5.0, 0.0]
+    assert m.merge(_cfg("ties", models, normalize=False))["w"].tolist() == [-4.0, -8.0, -5.0, 0.0]
+
+
+def test_ties_negative_weight_flips_vote():
+    m = _merger({"w": [0.0]}, {"a": {"w": [1.0]}, "b": {"w": [1.0]}})
+    models = [{"model": "a", "parameters": {"weight": 1.0}}, {"model": "b", "parameters": {"weight": -2.0}}]
+    # weighted deltas 1 and -2: majority -, only b agrees; divisor is its weight -2
+    assert m.merge(_cfg("ties", models))["w"].tolist() == [1.0]  # -2 / -2
+    assert m.merge(_cfg("ties", models, normalize=False))["w"].tolist() == [-2.0]
+
+
+def test_ties_density_zero_and_one():
+    models = [{"model": m, "parameters": {"weight": 1.0, "density": 0.0}} for m in TIES_DELTAS]
+    assert _ties_merger().merge(_cfg("ties", models))["w"].tolist() == [0.0] * 4
+    models = [{"model": m, "parameters": {"weight": 1.0}} for m in TIES_DELTAS]
+    # density 1: sums [2,-3,-2,0.8] give signs [+,-,-,+]; column 1 averages -1 and -4
+    out = _ties_merger().merge(_cfg("ties", models))["w"]
+    assert torch.allclose(out, torch.tensor([2.0, -2.5, -5.0, 0.8 / 3]))
+
+
+def test_per_layer_gradient_and_non_layer_tensors():
+    names = ["model.layers.0.w", "model.layers.1.w", "model.layers.2.w", "model.embed_tokens.weight"]
+    m = _merger({n: [0.0] for n in names}, {"a": {n: [1.0] for n in names}}, num_layers=3)
+    out = m.merge(_cfg("task_arithmetic", [{"model": "a", "parameters": {"weight": [0.0, 1.0]}}]))
+    assert [out[n].item() for n in names] == pytest.approx([0.0, 0.5, 1.0, 0.0])
+    out = m.merge(_cfg("task_arithmetic", [{"model": "a", "parameters": {"weight": [1.0, 3.0, 2.0]}}]))
+    assert [out[n].item() for n in names] == pytest.approx([1.0, 3.0, 2.0, 1.0])
+
+
+def test_filters_first_match_wins_and_global_default():
+    names = ["layers.0.mlp.up.weight", "layers.0.self_attn.q.weight", "norm.weight"]
+    m = _merger({n: [0.0] for n in names}, {"a": {n: [1.0] for n in names}}, num_layers=1)
+    weight = [{"filter": "mlp", "value": 2.0}, {"filter": "attn", "value": [3.0, 5.0]}]
+    out = m.merge(_cfg("task_arithmetic", [{"model": "a", "parameters": {"weight": weight}}], weight=0.25))
+    # single-layer model: t = 1 for layer tensors (mergekit), so the gradient gives 5
+    assert [out[n].item() for n in names] == pytest.approx([2.0, 5.0, 0.25])
+
+
+def test_outputs_are_reused_and_sources_untouched():
+    base = {"w": torch.randn(64, 8)}
+    a = {"w": torch.randn(64, 8)}
+    deltas = task_vectors(base, {"a": a})
+    snapshot = deltas["a"]["w"].clone(), base["w"].clone()
+    m = Merger(base, deltas, num_layers=1)
+    first = m.merge(_cfg("ties", [{"model": "a", "parameters": {"weight": 1.0, "density": 0.3}}]))
+    buf = first["w"]
+    second = m.merge(_cfg("task_arithmetic", [{"model": "a", "parameters": {"weight": 0.5}}]))
+    assert second["w"] is buf
+    assert torch.equal(deltas["a"]["w"], snapshot[0]) and torch.equal(base["w"], snapshot[1])
+    assert torch.allclose(buf, base["w"] + 0.5 * (a["w"] - base["w"]))
+
+
+def test_out_buffers_in_other_dtype_and_skipped_names():
+    base = {"w": torch.ones(4)}
+    out = {"w": torch.zeros(4, dtype=torch.bfloat16), "lm_head.weight": torch.full((2,), 7.0)}
+    m = Merger(base, task_vectors(base, {"a": {"w": torch.full((4,), 3.0)}}), num_layers=1, out=out)
+    res = m.merge(_cfg("task_arithmetic", [{"model": "a", "parameters": {"weight": 1.0}}]))
+    assert res["w"] is out["w"] and out["w"].tolist() == [3.0] * 4
+    assert out["lm_head.weight"].tolist() == [7.0, 7.0]
+
+
+def test_task_vectors_refuse_shape_and_name_mismatch():
+    base = {"a.weight": torch.zeros(2, 3)}
+    with pytest.raises(EvoError, match=r"model 'm'.*a\.weight.*shape"):
+        task_vectors(base, {"m": {"a.weight": torch.zeros(3, 3)}})
+    with pytest.raises(EvoError, match=r"model 'm'.*a\.weight.*missing"):
+        task_vectors(base, {"m": {"b.weight": torch.zeros(2, 3)}})
+
+
+def test_unknown_model_in_config():
+    m = _merger({"w": [0.0]}, {"a": {"w": [1.0]}})
+    with pytest.raises(EvoError, match="'zz' is not loaded"):
+        m.merge(_cfg("task_arithmetic", [{"model": "zz", "parameters": {"weight": 1.0}}]))
+
+
+def test_missing_required_weight_names_parameter_and_model():
+    m = _merger({"w": [0.0]}, {"a": {"w": [1.0]}})
+    with pytest.raises(EvoError, match="'weight' is required.*|model 'a'.*weight"):
+        m.merge(_cfg("ties", [{"model": "a"}]))
