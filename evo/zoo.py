@@ -72,10 +72,10 @@ PRESETS: dict[str, ZooPreset] = {
                       seq_len=128, batch_size=16, max_chars=1_200_000, doc_chars=4_000,
                       base_steps=300, base_lr=3e-3, specialist_steps=100, specialist_lr=1e-3,
                       eval_blocks=48),
-    # Benchmarks with more headroom: roughly an hour on 2 cores.
+    # Benchmarks with more headroom: ~50 min on 2 cores (2.1 s per step measured); not yet tuned.
     "small": ZooPreset(vocab_size=8192, hidden_size=320, num_layers=8, num_heads=5, intermediate_size=896,
-                       seq_len=256, batch_size=16, max_chars=4_000_000, doc_chars=4_000,
-                       base_steps=1500, base_lr=1.5e-3, specialist_steps=300, specialist_lr=5e-4,
+                       seq_len=256, batch_size=8, max_chars=4_000_000, doc_chars=4_000,
+                       base_steps=800, base_lr=1.5e-3, specialist_steps=200, specialist_lr=5e-4,
                        eval_blocks=64),
 }
 
