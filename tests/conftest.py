@@ -19,3 +19,32 @@ def micro_zoo(tmp_path_factory):
 
     return build_zoo(tmp_path_factory.mktemp("zoo") / "micro", domains=MICRO_DOMAINS, size="micro",
                      seed=0, progress=False)
+
+
+@pytest.fixture(scope="session")
+def repo_root():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory):
+    """One real local Ray for the whole session (start-up costs seconds on 2 cores).
+
+    ``address="local"`` never joins a cluster left behind by something else; fractional CPUs
+    in the tests keep two evaluators from starving the driver; no dashboard unless a test asks.
+    """
+    import ray
+
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=200 * 1024**2,
+        log_to_driver=False,
+        configure_logging=False,
+        _temp_dir=str(tmp_path_factory.mktemp("ray")),
+    )
+    yield ray
+    ray.shutdown()
