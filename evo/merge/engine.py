@@ -90,6 +90,7 @@ class Merger:
         largest = max((t.numel() for t in self.base.values()), default=1)
         self.scratch = Scratch(largest, self.device)
         self._t = {n: layer_t(n, self.num_layers) for n in self.base}
+        self._cache: dict = {}  # statistics of the fixed sources (norms, dots), reused across merges
 
     def merge(self, config: MergeConfig, seed: int = 0) -> dict[str, Tensor]:
         """Merge ``config`` into the output buffers and return them (the same objects every call).
@@ -130,6 +131,8 @@ class Merger:
                     deltas=[None if d is None else d[name] for _, d in entries],
                     shared=shared, per_model=per_model, scratch=self.scratch,
                     generator=self._generators(seed, name, [e.model for e, _ in entries]),
+                    models=[e.model for e, _ in entries], has_base=config.base_model is not None,
+                    cache=self._cache,
                 )
                 method.merge(job)
                 if not direct:

@@ -7,7 +7,7 @@ method is adding a module and a registry entry.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol, Sequence
 
 import torch
@@ -48,6 +48,10 @@ class TensorJob:
     ``deltas[i]`` is θᵢ − θ_base for the i-th participating model entry (None when the entry is
     the base model itself); ``per_model[i]`` its resolved parameters; ``shared`` the resolved
     global parameters. ``generator(i)`` gives the reproducible RNG for entry i on this tensor.
+    ``has_base`` is False when the recipe names no base model (``base`` is then only the
+    reference the deltas were taken against). ``cached(key, fn)`` memoizes a value that depends
+    only on the resident sources (norms, dot products) across merges; ``models[i]`` names entry i
+    for such keys.
     """
 
     name: str
@@ -58,6 +62,15 @@ class TensorJob:
     per_model: list[dict]
     scratch: Scratch
     generator: Callable[[int], torch.Generator]
+    models: list[str] = field(default_factory=list)
+    has_base: bool = True
+    cache: dict = field(default_factory=dict)
+
+    def cached(self, key: tuple, fn: Callable[[], object]):
+        full = (self.name, *key)
+        if full not in self.cache:
+            self.cache[full] = fn()
+        return self.cache[full]
 
 
 class MergeMethod(Protocol):
