@@ -377,5 +377,8 @@ class SearchSpace:
         return arr
 
 
-def _squeeze(values: list):
+def _squeeze(values):
+    """One layer group is a scalar (mergekit's plain value); several are a gradient list."""
+    if not isinstance(values, list):
+        return values
     return values[0] if len(values) == 1 else list(values)

@@ -74,7 +74,7 @@ def test_every_shipped_space_loads_and_round_trips(path):
 
 def test_layerwise_decode_gives_gradient_lists(tmp_path):
     path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump({
+    path.write_text(yaml.safe_dump(sort_keys=False, data={
         "merge_method": "ties", "layer_groups": 3, "parameters": {"normalize": True},
         "genes": {"weight": {"type": "float", "low": 0, "high": 2, "scope": "model_layer"},
                   "density": {"type": "float", "low": 0.5, "high": 0.5, "scope": "model"},
@@ -96,7 +96,7 @@ def test_layerwise_decode_gives_gradient_lists(tmp_path):
 
 def test_categorical_method_and_lora_genes(tmp_path):
     path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump({
+    path.write_text(yaml.safe_dump(sort_keys=False, data={
         "genes": {"merge_method": {"type": "categorical", "choices": ["ties", "task_arithmetic"]},
                   "weight": {"type": "float", "low": 0, "high": 1, "scope": "model"},
                   "lora.rank": {"type": "int", "low": 4, "high": 16, "log": True},
@@ -133,7 +133,7 @@ def test_malformed_space_gives_one_line_error_naming_file_and_field(tmp_path, da
 
 def test_unknown_merge_method_is_refused_before_loading_models(tmp_path):
     path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump({"merge_method": "frankenmerge", "genes": {"w": {"type": "float", "low": 0, "high": 1}}}))
+    path.write_text(yaml.safe_dump(sort_keys=False, data={"merge_method": "frankenmerge", "genes": {"w": {"type": "float", "low": 0, "high": 1}}}))
     with pytest.raises(EvoError, match="unknown method 'frankenmerge'"):
         SearchSpace.load(path, ["a"], "base")
 
