@@ -7,7 +7,6 @@ place, so a failed merge never leaves a partial directory behind.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -103,17 +102,16 @@ def merge_to_dir(config: MergeConfig, out_dir, *, resolve: Callable[[str], Path]
         raise EvoError(f"{out_dir}: output directory already exists")
     if not out_dir.parent.is_dir():
         raise EvoError(f"{out_dir.parent}: parent directory of the output does not exist")
+    # Without a base model (linear, nuslerp) the first model is only the reference the task
+    # vectors are taken against; it still gets its own (zero) delta so the recipe is unchanged.
     base_name = config.base_model or config.models[0].model
-    if config.base_model is None:
-        # linear needs no base: the first model serves as the reference the others are deltas to
-        config = dataclasses.replace(config, base_model=base_name)
     base_dir = resolve(base_name)
     base, hf_config = load_model_dir(base_dir)
     base = {n: t.float() if t.is_floating_point() else t for n, t in base.items()}
     others = {}
     for e in config.models:
-        if e.model != base_name:
-            sd, _ = load_model_dir(resolve(e.model))
+        if e.model != config.base_model:
+            sd = base if e.model == base_name else load_model_dir(resolve(e.model))[0]
             _check_vocab(base, sd, e.model)
             others[e.model] = sd
     for model, sd in others.items():
@@ -147,7 +145,7 @@ def merge_to_dir(config: MergeConfig, out_dir, *, resolve: Callable[[str], Path]
 
 def _check_vocab(base: dict, sd: dict, model: str) -> None:
     """Name the vocabulary when embedding rows differ: the usual cause of a shape mismatch."""
-    for name, t in base.items():
+    for name, t in sorted(base.items(), key=lambda kv: "embed" not in kv[0]):  # embeddings first
         if "embed" in name or name.startswith("lm_head"):
             if name in sd and sd[name].shape[0] != t.shape[0] and sd[name].shape[1:] == t.shape[1:]:
                 raise EvoError(f"model '{model}': tensor {name} has {sd[name].shape[0]} vocabulary rows, "

@@ -1,0 +1,195 @@
+"""merge_to_dir end to end on micro Llama models, and every bad input it must refuse cleanly."""
+
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from evo.errors import EvoError
+from evo.merge import MergeConfig, Merger, load_model_dir, merge_to_dir, task_vectors
+
+TIES_YAML = """\
+merge_method: ties
+base_model: base
+models:
+  - model: base
+  - model: a
+    parameters:
+      weight: [0.3, 0.9]
+      density: 0.5
+  - model: b
+    parameters:
+      weight:
+        - filter: mlp
+          value: 0.8
+        - value: 0.4
+      density: 0.7
+parameters:
+  normalize: true
+dtype: float32
+"""
+
+
+def _llama(path, seed, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kw = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+              num_key_value_heads=1, vocab_size=64)
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**kw))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # norms start at 1: give every tensor a real delta
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("merge_zoo")
+    for i, name in enumerate(["base", "a", "b"]):
+        _llama(root / name, i)
+    (root / "base" / "tokenizer_config.json").write_text('{"model_max_length": 128}')
+    _llama(root / "wide", 3, intermediate_size=40)
+    _llama(root / "bigvocab", 4, vocab_size=72)
+    return root
+
+
+def _no_leftovers(parent, name):
+    return not (parent / name).exists() and not [p for p in parent.iterdir() if p.name.startswith(f".{name}.tmp")]
+
+
+def test_yaml_to_dir_loads_and_equals_in_memory_merge(zoo, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    (tmp_path / "ties.yaml").write_text(TIES_YAML)
+    cfg = MergeConfig.from_yaml(tmp_path / "ties.yaml")
+    out = merge_to_dir(cfg, tmp_path / "merged", resolve=lambda n: zoo / n, seed=0)
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    base, _ = load_model_dir(zoo / "base")
+    models = {m: load_model_dir(zoo / m)[0] for m in ("a", "b")}
+    expected = Merger(base, task_vectors(base, models), num_layers=2).merge(cfg)
+    got = model.state_dict()
+    for name, t in expected.items():
+        assert torch.equal(got[name], t), name
+    assert model(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
+
+
+def test_bfloat16_output_and_no_base_linear(zoo, tmp_path):
+    cfg = MergeConfig.from_dict({"merge_method": "linear", "dtype": "bfloat16",
+                                 "models": [{"model": "a", "parameters": {"weight": 1}},
+                                            {"model": "b", "parameters": {"weight": 1}}]})
+    out = merge_to_dir(cfg, tmp_path / "lin", resolve=lambda n: zoo / n)
+    got = load_file(str(out / "model.safetensors"))
+    a, b = load_file(str(zoo / "a" / "model.safetensors")), load_file(str(zoo / "b" / "model.safetensors"))
+    name = "model.layers.1.mlp.up_proj.weight"
+    assert got[name].dtype == torch.bfloat16
+    torch.testing.assert_close(got[name].float(), ((a[name] + b[name]) / 2), atol=1e-2, rtol=1e-2)
+
+
+def test_matches_mergekit_yaml_end_to_end(zoo, tmp_path):
+    pytest.importorskip("mergekit", reason="mergekit is not installed (optional oracle)")
+    exe = shutil.which("mergekit-yaml")
+    if exe is None:
+        pytest.skip("mergekit-yaml entry point not on PATH")
+    text = TIES_YAML.replace("base_model: base", f"base_model: {zoo / 'base'}")
+    for m in ("base", "a", "b"):
+        text = text.replace(f"model: {m}\n", f"model: {zoo / m}\n")
+    (tmp_path / "mk.yaml").write_text(text)
+    subprocess.run([exe, str(tmp_path / "mk.yaml"), str(tmp_path / "mk_out"), "--no-lazy-unpickle"],
+                   check=True, capture_output=True, timeout=300)
+    ours = merge_to_dir(MergeConfig.from_yaml(tmp_path / "mk.yaml"), tmp_path / "ours")
+    ref = {}
+    for f in (tmp_path / "mk_out").glob("*.safetensors"):
+        ref.update(load_file(str(f)))
+    got = load_file(str(ours / "model.safetensors"))
+    assert set(ref) == set(got)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _ties(base="base", a="a"):
+    return MergeConfig.from_dict({"merge_method": "ties", "base_model": base,
+                                  "models": [{"model": a, "parameters": {"weight": 1.0, "density": 0.5}}]})
+
+
+def test_missing_model_dir(zoo, tmp_path):
+    with pytest.raises(EvoError, match="nowhere: model directory not found"):
+        merge_to_dir(_ties(a="nowhere"), tmp_path / "o", resolve=lambda n: zoo / n)
+    assert _no_leftovers(tmp_path, "o")
+
+
+@pytest.mark.parametrize("other, message", [("wide", r"mlp\..*_proj\.weight has shape"),
+                                            ("bigvocab", r"embed_tokens\.weight has 72 vocabulary rows")])
+def test_shape_and_vocab_mismatch(zoo, tmp_path, other, message):
+    with pytest.raises(EvoError, match=message):
+        merge_to_dir(_ties(a=other), tmp_path / "o", resolve=lambda n: zoo / n)
+    assert _no_leftovers(tmp_path, "o")
+
+
+class _Boom:
+    """Unpickling this creates a marker directory: proof that the loader ran the pickle."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_pickle_checkpoint_refused_never_unpickled(zoo, tmp_path):
+    evil = tmp_path / "evil"
+    shutil.copytree(zoo / "a", evil)
+    (evil / "model.safetensors").unlink()
+    marker = tmp_path / "UNPICKLED"
+    with open(evil / "pytorch_model.bin", "wb") as f:
+        pickle.dump(_Boom(str(marker)), f)
+    with pytest.raises(EvoError, match=r"pytorch_model\.bin: pickle checkpoints are refused"):
+        merge_to_dir(_ties(a="evil"), tmp_path / "o", resolve=lambda n: zoo / n if n != "evil" else evil)
+    assert not marker.exists()
+    assert _no_leftovers(tmp_path, "o")
+
+
+def test_nan_in_source_tensor(zoo, tmp_path):
+    bad = tmp_path / "nan"
+    shutil.copytree(zoo / "a", bad)
+    sd = load_file(str(bad / "model.safetensors"))
+    sd["model.layers.1.self_attn.q_proj.weight"][0, 0] = float("nan")
+    save_file(sd, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(EvoError, match=r"tensor model\.layers\.1\.self_attn\.q_proj\.weight contains NaN"):
+        merge_to_dir(_ties(a="nan"), tmp_path / "o", resolve=lambda n: zoo / n if n != "nan" else bad)
+    assert _no_leftovers(tmp_path, "o")
+
+
+def test_existing_output_refused(zoo, tmp_path):
+    (tmp_path / "o").mkdir()
+    with pytest.raises(EvoError, match="already exists"):
+        merge_to_dir(_ties(), tmp_path / "o", resolve=lambda n: zoo / n)
+
+
+@pytest.mark.parametrize("text, message", [("merge_method: nope\nmodels: [{model: a}]\n", "unknown merge_method"),
+                                           (TIES_YAML.replace("density: 0.5", "densty: 0.5"),
+                                            "unknown parameter 'densty'")])
+def test_bad_recipe_fails_before_any_output(tmp_path, text, message):
+    (tmp_path / "r.yaml").write_text(text)
+    with pytest.raises(EvoError, match=message):
+        merge_to_dir(MergeConfig.from_yaml(tmp_path / "r.yaml"), tmp_path / "o")
+    assert _no_leftovers(tmp_path, "o")
+
+
+def test_error_midway_leaves_nothing(zoo, tmp_path, monkeypatch):
+    import evo.merge.io as mio
+
+    def fail(*a, **k):
+        raise EvoError("disk full (simulated)")
+    monkeypatch.setattr(mio.shutil, "copy2", fail)
+    with pytest.raises(EvoError, match="simulated"):
+        merge_to_dir(_ties(), tmp_path / "o", resolve=lambda n: zoo / n)
+    assert _no_leftovers(tmp_path, "o")
