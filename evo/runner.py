@@ -152,12 +152,20 @@ def _loop(cfg: ExperimentConfig, store: RunStore, *, quiet: bool, stop_after: in
             genomes = optimizer.ask()
             parents = optimizer.parents()
             names = [f"g{gen:04d}-c{i:03d}" for i in range(len(genomes))]
-            recipes = [space.decode(g) for g in genomes]
-            keys = [f"{r.key()}|{sources.data_version}" for r in recipes]
+            recipes, keys = [], []
             todo: dict[str, tuple[str, Recipe]] = {}
-            for i, (key, recipe) in enumerate(zip(keys, recipes)):
-                if key not in cache and key not in todo:
-                    todo[key] = (names[i], recipe)
+            for i, genome in enumerate(genomes):
+                try:
+                    recipe = space.decode(genome)
+                except EvoError as exc:  # e.g. a method gene picked slerp for three models
+                    recipe, key = None, f"invalid-{names[i]}|{sources.data_version}"
+                    cache[key] = {"status": "failed", "error": f"invalid recipe: {exc}"}
+                else:
+                    key = f"{recipe.key()}|{sources.data_version}"
+                    if key not in cache and key not in todo:
+                        todo[key] = (names[i], recipe)
+                recipes.append(recipe)
+                keys.append(key)
 
             def on_result(key, result):
                 cache[key] = result
@@ -177,7 +185,7 @@ def _loop(cfg: ExperimentConfig, store: RunStore, *, quiet: bool, stop_after: in
                         "generation": gen, "candidate": names[i], "parents": parents[i], "key": key,
                         "cached": key not in todo, "status": result["status"], "error": result.get("error"),
                         "values": vals, "metrics": result.get("metrics"), "timings": result.get("timings"),
-                        "genome": list(map(float, genome)), "recipe": recipe.to_dict(),
+                        "genome": list(map(float, genome)), "recipe": recipe.to_dict() if recipe else None,
                         "data_version": sources.data_version,
                     }
                 )

@@ -143,3 +143,24 @@ def test_invalid_yaml_syntax(tmp_path):
     path.write_text("genes: [unclosed\n")
     with pytest.raises(EvoError, match="not valid YAML"):
         SearchSpaceSpec.from_yaml(path)
+
+
+def test_method_gene_drops_parameters_the_chosen_method_does_not_take(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(sort_keys=False, data={
+        "genes": {"merge_method": {"type": "categorical", "choices": ["slerp", "ties"]},
+                  "density": {"type": "float", "low": 0.2, "high": 0.2, "scope": "model"},
+                  "t": {"type": "float", "low": 0, "high": 1}},
+    }))
+    space = SearchSpace.load(path, ["a"], "base")
+    slerp = space.decode([0.1, 0.5, 0.5])
+    ties = space.decode([0.9, 0.5, 0.5])
+    assert slerp.merge.parameters == {"t": 0.5} and "density" not in slerp.merge.models[0].parameters
+    assert "t" not in ties.merge.parameters and ties.merge.models[0].parameters["density"] == pytest.approx(0.2)
+
+
+def test_parameter_no_method_takes_is_refused(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "genes": {"densty": {"type": "float", "low": 0, "high": 1}}}))
+    with pytest.raises(EvoError, match="genes.densty: no merge method of this space takes"):
+        SearchSpace.load(path, ["a"], "base")
