@@ -41,7 +41,7 @@ def micro_config(zoo, space, **over) -> dict:
     return cfg
 
 
-def test_run_export_load_and_resume_matches_uninterrupted(ray_session, micro_zoo, space_file, tmp_path):
+def test_run_export_load_and_resume_matches_uninterrupted(micro_zoo, ray_session, space_file, tmp_path):
     cfg = micro_config(micro_zoo, space_file)
     full = evo.run(cfg, tmp_path / "full", quiet=True)
 
@@ -92,7 +92,7 @@ def test_run_export_load_and_resume_matches_uninterrupted(ray_session, micro_zoo
     assert evo.export(tmp_path / "full").name == "v0002"
 
 
-def test_failing_candidate_is_recorded_and_generation_goes_on(ray_session, micro_zoo, tmp_path):
+def test_failing_candidate_is_recorded_and_generation_goes_on(micro_zoo, ray_session, tmp_path):
     """A recipe that cannot work for these models (slerp takes exactly two) fails per candidate."""
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({
@@ -112,7 +112,7 @@ def test_failing_candidate_is_recorded_and_generation_goes_on(ray_session, micro
     assert result.best_recipe.merge.merge_method == "task_arithmetic"
 
 
-def test_fitness_cache_skips_repeated_recipes(ray_session, micro_zoo, space_file, tmp_path):
+def test_fitness_cache_skips_repeated_recipes(micro_zoo, ray_session, space_file, tmp_path):
     cfg = micro_config(micro_zoo, space_file, optimizer={"name": "ga", "generations": 2, "population": 4,
                                                           "options": {"elites": 0, "mutpb": 0.0, "cxpb": 0.0}})
     evo.run(cfg, tmp_path / "run", quiet=True)
