@@ -80,6 +80,9 @@ def test_fast_threshold_is_exact():
     flags = torch.empty(6_000_000, dtype=torch.bool)
     for k in (1, 1000, 900_000, 2_999_000):
         assert kth_largest(x, k, flags) == x.kthvalue(x.numel() - k + 1).values.item()
+    ties = torch.randint(0, 50, (200_000,), generator=g).float()  # heavy ties, sampled path
+    for k in (1, 3_999, 4_000, 100_000, 200_000):
+        assert kth_largest(ties, k, flags) == ties.kthvalue(ties.numel() - k + 1).values.item()
 
 
 def _mergekit():

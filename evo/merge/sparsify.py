@@ -16,8 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-_EXACT_BELOW = 1 << 20   # below this many elements a plain kthvalue is already fast
-_SAMPLE = 1 << 16
+_EXACT_BELOW = 1 << 17   # below this many elements a plain kthvalue is already fast
 
 
 def _below(x: float, dtype: torch.dtype) -> float:
@@ -38,16 +37,17 @@ def kth_largest(values: Tensor, k: int, flags: Tensor) -> float:
     if n <= _EXACT_BELOW:
         return values.kthvalue(n - k + 1).values.item()
     # The sample only places the bracket; the answer is exact whatever it draws.
+    m = min(1 << 16, max(1 << 12, n // 32))
     gen = torch.Generator(device=values.device).manual_seed(n)
-    idx = torch.randint(0, n, (_SAMPLE,), generator=gen, device=values.device)
+    idx = torch.randint(0, n, (m,), generator=gen, device=values.device)
     sample = values[idx]
     q = 1.0 - k / n
-    pos = q * (_SAMPLE - 1)
-    margin = int(6 * math.sqrt(_SAMPLE * max(q * (1 - q), 1e-6))) + 64
+    pos = q * (m - 1)
+    margin = int(6 * math.sqrt(m * max(q * (1 - q), 1e-6))) + 64
     lo_i, hi_i = int(pos) - margin, int(pos) + margin
     # two selections on the sample: a 64k-entry CPU sort costs ~30 ms here, kthvalue ~1 ms
     lo = sample.kthvalue(lo_i + 1).values.item() if lo_i > 0 else -math.inf
-    hi = sample.kthvalue(hi_i + 1).values.item() if hi_i < _SAMPLE - 1 else math.inf
+    hi = sample.kthvalue(hi_i + 1).values.item() if hi_i < m - 1 else math.inf
     above, inside = flags[:n], flags[n : 2 * n]
     torch.gt(values, hi, out=above)
     n_above = int(torch.count_nonzero(above))
