@@ -290,6 +290,13 @@ class SearchSpace:
         for method in methods:  # fail before any model is loaded
             if method not in METHODS:
                 raise EvoError(f"{spec.source}: merge_method: unknown method {method!r} (known: {', '.join(sorted(METHODS))})")
+        # each method takes only its own parameters: with a method gene, the others are dropped
+        self._accepts = {m: {p.name for p in METHODS[m].params} for m in methods}
+        merge_params = [g for g in spec.genes if g != "merge_method" and not g.startswith("lora.")]
+        for name in merge_params + list(spec.parameters):
+            if not any(name in acc for acc in self._accepts.values()):
+                where = f"genes.{name}" if name in spec.genes else f"parameters.{name}"
+                raise EvoError(f"{spec.source}: {where}: no merge method of this space takes a parameter {name!r}")
 
     @classmethod
     def load(cls, path, models, base_model, **kw) -> "SearchSpace":
@@ -359,7 +366,9 @@ class SearchSpace:
         return out
 
     def _merge_config(self, method, per_model, glob) -> MergeConfig:
-        params = {**self.spec.parameters, **glob}
+        accepts = self._accepts[method]
+        params = {k: v for k, v in {**self.spec.parameters, **glob}.items() if k in accepts}
+        per_model = {m: {k: v for k, v in p.items() if k in accepts} for m, p in per_model.items()}
         entries = tuple(ModelEntry(m, dict(per_model.get(m, {}))) for m in self.models)
         data = {
             "merge_method": method,
