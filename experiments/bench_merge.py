@@ -4,7 +4,8 @@
     python experiments/bench_merge.py --quick    # 25M only, fewer repeats
 
 Bandwidths count bytes *read*: a merge reads base + 3 task vectors; the copy reference is a large
-``torch.add(x, y, out=z)`` into an already-touched buffer (2 arrays read). With mergekit installed,
+``torch.add(x, y, out=z)`` into an already-touched buffer (2 arrays read), re-measured right
+before each row because shared VMs drift by 2-5x within minutes. With mergekit installed,
 also times ``merge_to_dir`` against ``mergekit-yaml`` on the same recipe and checks the tensors.
 """
 
@@ -146,10 +147,9 @@ def main(argv=None) -> None:
     reps = 2 if args.quick else args.reps
     methods = [m for m in args.methods.split(",") if m]
 
-    bw = copy_bandwidth()
-    print(f"copy bandwidth (torch.add, bytes read): {bw:.1f} GB/s; torch threads: {torch.get_num_threads()}\n")
-    print("| method | size | params | s/merge | GB/s read | % of copy |")
-    print("|---|---|---|---|---|---|")
+    print(f"torch threads: {torch.get_num_threads()}\n")
+    print("| method | size | params | s/merge | GB/s read | copy GB/s | % of copy |")
+    print("|---|---|---|---|---|---|---|")
     for size in sizes:
         shapes = llama_shapes(*SIZES[size])
         base, deltas = random_sources(shapes)
@@ -157,10 +157,11 @@ def main(argv=None) -> None:
         numel = sum(t.numel() for t in base.values())
         for method in methods:
             cfg = recipe(method, list(deltas))
+            bw = copy_bandwidth(numel=32 * 2**20, reps=3)
             sec = time_merges(merger, cfg, reps)
             n_src = 1 + len([e for e in cfg.models if e.model != "base"])
             gbs = n_src * numel * 4 / sec / 1e9
-            print(f"| {method} | {size} | {numel / 1e6:.0f}M | {sec:.3f} | {gbs:.1f} | {100 * gbs / bw:.0f}% |",
+            print(f"| {method} | {size} | {numel / 1e6:.0f}M | {sec:.3f} | {gbs:.2f} | {bw:.1f} | {100 * gbs / bw:.0f}% |",
                   flush=True)
         del merger, base, deltas
     e2e = [m for m in args.e2e_methods.split(",") if m]

@@ -151,10 +151,11 @@ def della_prune(delta: Tensor, density: float, epsilon: float, out: Tensor,
     return torch.mul(rows, draw, out=out.view(rows.shape)).view(delta.shape)
 
 
-def l1_rescale(delta: Tensor, pruned: Tensor, eps: float = 1e-7) -> float:
+def l1_rescale(delta: Tensor, pruned: Tensor, eps: float = 1e-7, before: float | None = None) -> float:
     """Factor ‖delta‖₁ / ‖pruned‖₁ that restores the task vector's L1 norm after pruning
-    (mergekit's ``rescale``); 1 when either norm is below ``eps``."""
-    before = torch.linalg.vector_norm(delta, 1).item()
+    (mergekit's ``rescale``); 1 when either norm is below ``eps``. ``before`` = ‖delta‖₁ if known."""
+    if before is None:
+        before = torch.linalg.vector_norm(delta, 1).item()
     after = torch.linalg.vector_norm(pruned, 1).item()
     if before < eps or after < eps:
         return 1.0

@@ -103,7 +103,11 @@ class TaskArithmetic:
                 sparsify.della_prune(delta, density, p["epsilon"], out, job.generator(i))
             except ValueError as err:
                 raise EvoError(f"{self.name}: tensor {job.name}: {err}") from None
-        factor = sparsify.l1_rescale(delta, out) if job.shared["rescale"] else 1.0
+        factor = 1.0
+        if job.shared["rescale"]:
+            # ‖δ‖₁ depends only on the resident source: one pass saved per merge
+            before = job.cached(("l1", job.models[i]), lambda: torch.linalg.vector_norm(delta, 1).item())
+            factor = sparsify.l1_rescale(delta, out, before=before)
         return out, factor
 
     def merge(self, job: TensorJob) -> None:
