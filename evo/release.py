@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -36,10 +37,13 @@ def export(run_dir: str | Path, out: str | Path | None = None) -> Path:
     out = Path(out) if out is not None else next_release_dir(store)
     if out.exists():
         raise EvoError(f"{out}: release already exists (releases are never overwritten)")
-    if not out.parent.exists():
-        out.parent.mkdir(parents=True)
-    if not os.access(out.parent, os.W_OK):
-        raise EvoError(f"{out.parent}: target folder is not writable")
+    if "/" in out.name or out.name in ("", ".", ".."):
+        raise EvoError(f"{out}: not a valid release name")
+    try:  # probe: a read-only target fails here, before any merging
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryDirectory(dir=out.parent).cleanup()
+    except OSError as exc:
+        raise EvoError(f"{out.parent}: target folder is not writable ({exc.strerror})") from None
     recipe = Recipe.from_dict(ckpt["best"]["recipe"], source=str(store.root / RunStore.CHECKPOINT))
     paths = {"base": cfg.models.base, **cfg.models.sources}
     staging = out.parent / f".{out.name}.tmp-{os.getpid()}"

@@ -1,0 +1,128 @@
+"""Releases: export from a micro run, load with transformers, verify, detect corruption; an
+interrupted export leaves nothing; bad targets are one-line errors; the report renders."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+from transformers import AutoModelForCausalLM
+
+import evo
+from evo.cli import main as cli
+from evo.errors import EvoError
+from evo.release import verify
+from evo.store import RunStore
+
+
+@pytest.fixture(scope="module")
+def finished_run(micro_zoo, ray_session, tmp_path_factory, repo_root):
+    root = tmp_path_factory.mktemp("release")
+    space = yaml.safe_load((repo_root / "search_spaces" / "ties_layerwise.yaml").read_text())
+    space["layer_groups"] = 2
+    (root / "space.yaml").write_text(yaml.safe_dump(space))
+    cfg = {
+        "zoo": str(micro_zoo.root), "search_space": str(root / "space.yaml"),
+        "eval": {"seq_len": 32, "max_blocks": 4, "batch_size": 4},
+        "optimizer": {"name": "ga", "generations": 2, "population": 4, "options": {"elites": 1}},
+        "ray": {"evaluators": 2, "cpus_per_evaluator": 0.5}, "seed": 1,
+    }
+    evo.run(cfg, root / "run", quiet=True)
+    return root / "run"
+
+
+def test_export_loads_verifies_and_detects_a_flipped_byte(finished_run, tmp_path, capsys):
+    release = evo.export(finished_run, tmp_path / "rel")
+    names = {p.name for p in release.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "recipe.yaml", "mergekit.yaml",
+            "fitness.json", "README.md", "MANIFEST.sha256"} <= names
+    assert "ties" in (release / "README.md").read_text()
+    AutoModelForCausalLM.from_pretrained(release)
+    values = verify(release)
+    assert cli(["verify", str(release)]) == 0
+    assert "OK" in capsys.readouterr().out
+
+    blob = bytearray((release / "model.safetensors").read_bytes())
+    blob[len(blob) // 2] ^= 0x01
+    (release / "model.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(EvoError, match="model.safetensors: sha256 does not match"):
+        verify(release)
+    assert cli(["verify", str(release)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "sha256 does not match" in err
+    assert values
+
+
+def test_verify_re_measures_fitness(finished_run, tmp_path):
+    """A release whose weights changed (manifest rewritten to match) fails on fitness."""
+    from safetensors.torch import load_file, save_file
+
+    from evo.release import write_manifest
+
+    release = evo.export(finished_run, tmp_path / "rel")
+    sd = load_file(release / "model.safetensors")
+    name = next(k for k in sd if "embed_tokens" in k)
+    sd[name] = sd[name] * 3
+    save_file(sd, release / "model.safetensors", metadata={"format": "pt"})
+    write_manifest(release)
+    with pytest.raises(EvoError, match="re-measured"):
+        verify(release)
+
+
+def test_interrupted_export_leaves_no_release(finished_run, tmp_path, monkeypatch):
+    import evo.release as rel
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rel, "write_manifest", crash)
+    with pytest.raises(KeyboardInterrupt):
+        evo.export(finished_run, tmp_path / "v0009")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_bad_targets(finished_run, tmp_path):
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(EvoError, match="already exists"):
+        evo.export(finished_run, tmp_path / "exists")
+    # /proc refuses new entries even to root: a read-only target
+    with pytest.raises(EvoError, match="not writable"):
+        evo.export(finished_run, "/proc/evo-release/v0001")
+    assert not os.path.exists("/proc/evo-release")
+
+
+def test_cli_export_one_line_errors(finished_run, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    RunStore.create(empty, {"name": "x"})
+    assert cli(["export", str(empty)]) == 2
+    assert "no complete generation" in capsys.readouterr().err
+    assert cli(["export", str(tmp_path / "nope")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+
+
+def test_status_and_report(finished_run, capsys):
+    assert cli(["status", str(finished_run)]) == 0
+    out = capsys.readouterr().out
+    assert "generation 2/2" in out and "best:" in out
+    page = evo.report(finished_run)
+    html = page.read_text()
+    for section in ("Fitness per generation", "Gene distributions", "Lineage of the best", "Comparison"):
+        assert section in html
+    assert html.count("data:image/png;base64,") >= 3
+    assert (page.parent / "fitness.png").stat().st_size > 5000
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium not installed (apt-get install chromium)")
+def test_report_renders_in_headless_chromium(finished_run, tmp_path):
+    page = evo.report(finished_run)
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'chrome'}",
+         f"--screenshot={shot}", "--window-size=1200,2400", page.as_uri()],
+        check=True, capture_output=True, timeout=120,
+    )
+    assert shot.stat().st_size > 50_000  # a blank page is a few KB; plots make it large
