@@ -83,7 +83,8 @@ class EvaluatorPool:
         device = "cuda" if rc.gpus_per_evaluator > 0 else "cpu"
         actor_cls = ray.remote(Evaluator)
         for i in range(rc.evaluators):
-            name = f"evo-{self.run_name}-evaluator-{i}"
+            # the driver's pid keeps names unique when a resumed driver meets a dying predecessor's actors
+            name = f"evo-{self.run_name}-{os.getpid()}-evaluator-{i}"
             self.actors.append(
                 actor_cls.options(
                     name=name,

@@ -1,0 +1,146 @@
+"""Ray at production grade, with a real local Ray: a killed evaluator loses no candidate, and a
+killed driver resumes to the same best as an uninterrupted run."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+import torch
+import yaml
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import evo
+from evo.store import RunStore
+
+
+@pytest.fixture(scope="module")
+def slow_sources(micro_zoo, tmp_path_factory):
+    """A base and three 'specialists' big enough (~2.5M params) that an evaluation lasts long
+    enough to be killed mid-flight; specialists are the base plus seeded noise."""
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("slow")
+    tok = AutoTokenizer.from_pretrained(micro_zoo.base_dir)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=192, intermediate_size=512, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config)
+    paths = {}
+    for i, name in enumerate(["base", "a", "b", "c"]):
+        model = LlamaForCausalLM(config)
+        model.load_state_dict(base.state_dict())
+        if i:
+            g = torch.Generator().manual_seed(i)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn(p.shape, generator=g) * 0.02)
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        paths[name] = str(root / name)
+    return {
+        "models": {"base": paths["base"], "sources": {k: paths[k] for k in "abc"}},
+        "eval": {"sets": {d: str(micro_zoo.data_dir(d, "valid")) for d in micro_zoo.domains},
+                 "seq_len": 64, "max_blocks": 16, "batch_size": 8},
+    }
+
+
+def _space(tmp_path, repo_root):
+    data = yaml.safe_load((repo_root / "search_spaces" / "task_arithmetic_layerwise.yaml").read_text())
+    data["layer_groups"] = 2
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def _evaluator_processes(busy_only: bool):
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "Evaluator" in cmd and cmd.startswith("ray::") and (not busy_only or "evaluate" in cmd):
+            out.append(p)
+    return out
+
+
+def test_killed_evaluator_loses_no_candidate(slow_sources, ray_session, tmp_path, repo_root):
+    cfg = {**slow_sources, "search_space": _space(tmp_path, repo_root), "seed": 3,
+           "optimizer": {"name": "random", "generations": 2, "population": 6},
+           "ray": {"evaluators": 2, "cpus_per_evaluator": 0.5, "retries": 2}}
+    box = {}
+    thread = threading.Thread(target=lambda: box.update(result=evo.run(cfg, tmp_path / "run", quiet=True)))
+    thread.start()
+    victim, deadline = None, time.time() + 180
+    while victim is None and time.time() < deadline and thread.is_alive():
+        busy = _evaluator_processes(busy_only=True)
+        victim = busy[0] if busy else None
+        time.sleep(0.02)
+    assert victim is not None, "no evaluator was seen running a candidate"
+    victim.send_signal(signal.SIGKILL)
+    thread.join(600)
+    assert "result" in box
+    store = RunStore.open(tmp_path / "run")
+    cands = store.candidates()
+    assert len(cands) == 12 and all(c["status"] == "ok" for c in cands)
+    retried = [r for r in store.cache_load().values() if r.get("attempts", 1) > 1]
+    assert retried, "the killed candidate should have been re-run"
+
+
+def _wait(predicate, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _generation(run_dir):
+    ckpt = RunStore(run_dir).load_checkpoint() if (run_dir / "checkpoint.json").exists() else None
+    return ckpt["generation"] if ckpt else 0
+
+
+def _cached(run_dir):
+    path = run_dir / "cache.jsonl"
+    return sum(1 for _ in open(path)) if path.exists() else 0
+
+
+@pytest.mark.parametrize("kill_at", ["mid-generation-1", "after-generation-2"])
+def test_killed_driver_resumes_to_the_same_best(micro_zoo, ray_session, tmp_path, repo_root, kill_at):
+    cfg = {"zoo": str(micro_zoo.root), "search_space": _space(tmp_path, repo_root), "seed": 5,
+           "eval": {"seq_len": 32, "max_blocks": 8, "batch_size": 8},
+           "optimizer": {"name": "ga", "generations": 4, "population": 8, "options": {"elites": 2}},
+           "ray": {"evaluators": 2, "cpus_per_evaluator": 0.5,
+                   # the child driver joins this session's Ray instead of starting its own
+                   "address": ray_session.get_runtime_context().gcs_address}}
+    reference = evo.run({**cfg, "ray": {**cfg["ray"], "address": None}}, tmp_path / "reference", quiet=True)
+
+    run_dir = tmp_path / "killed"
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(cfg))
+    child = subprocess.Popen([sys.executable, "-m", "evo.cli", "run", str(tmp_path / "exp.yaml"),
+                              "--run-dir", str(run_dir), "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        if kill_at == "mid-generation-1":
+            reached = _wait(lambda: _generation(run_dir) == 1 and _cached(run_dir) > 8 + 1)
+        else:
+            reached = _wait(lambda: _generation(run_dir) >= 2)
+        assert reached, child.stderr.read().decode()[-2000:] if child.poll() is not None else "timeout"
+    finally:
+        child.kill()
+        child.wait()
+    assert _generation(run_dir) < 4
+    cached_before = _cached(run_dir)
+    resumed = evo.resume(run_dir, quiet=True)
+    assert resumed.best_recipe.key() == reference.best_recipe.key()
+    assert resumed.best_values == pytest.approx(reference.best_values, abs=1e-9)
+    # every fitness computed before the kill was reused, not recomputed
+    cands = RunStore.open(run_dir).candidates()
+    assert len({c["key"] for c in cands if not c["cached"]} & set()) == 0
+    assert _cached(run_dir) >= cached_before
+    events = [e["event"] for e in RunStore.open(run_dir).events()]
+    assert "run_resumed" in events and events[-1] == "run_finished"
