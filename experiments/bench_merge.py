@@ -63,8 +63,10 @@ def recipe(method: str, models: list[str]) -> MergeConfig:
     count = m.max_models or len(models)
     entries = [{"model": x, "parameters": {k: v for k, v in RECIPE_PARAMS.items() if k in per_model}}
                for x in models[:count]]
-    return MergeConfig.from_dict({"merge_method": method, "base_model": "base", "models": entries,
-                                  "parameters": EXTRA.get(method, {})})
+    d = {"merge_method": method, "models": entries, "parameters": EXTRA.get(method, {})}
+    if m.needs_base:  # linear would make a named base a fourth input
+        d["base_model"] = "base"
+    return MergeConfig.from_dict(d)
 
 
 def copy_bandwidth(numel=64 * 2**20, reps=5) -> float:
@@ -95,7 +97,8 @@ def write_model_dir(path: Path, sd, dims) -> None:
     path.mkdir(parents=True)
     save_file({n: t.contiguous() for n, t in sd.items()}, str(path / "model.safetensors"), metadata={"format": "pt"})
     LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, vocab_size=vocab,
-                num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64).save_pretrained(path)
+                num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
+                architectures=["LlamaForCausalLM"]).save_pretrained(path)
 
 
 def end_to_end(methods, dims, base, deltas) -> list[str]:
@@ -113,7 +116,8 @@ def end_to_end(methods, dims, base, deltas) -> list[str]:
         for method in methods:
             cfg = recipe(method, list(deltas))
             d = cfg.to_dict()
-            d["base_model"] = str(tmp / "base")
+            if "base_model" in d:
+                d["base_model"] = str(tmp / "base")
             for e in d["models"]:
                 e["model"] = str(tmp / e["model"])
             cfg = MergeConfig.from_dict(d)
@@ -122,8 +126,11 @@ def end_to_end(methods, dims, base, deltas) -> list[str]:
             merge_to_dir(cfg, tmp / f"evo_{method}")
             t_evo = time.perf_counter() - t0
             t0 = time.perf_counter()
-            subprocess.run([exe, str(tmp / f"{method}.yaml"), str(tmp / f"mk_{method}")], check=True,
-                           capture_output=True)
+            done = subprocess.run([exe, str(tmp / f"{method}.yaml"), str(tmp / f"mk_{method}")],
+                                  capture_output=True, text=True)
+            if done.returncode:
+                rows.append(f"| {method} | mergekit-yaml failed: {done.stderr.strip().splitlines()[-1][:120]} |")
+                continue
             t_mk = time.perf_counter() - t0
             ours = load_file(str(tmp / f"evo_{method}" / "model.safetensors"))
             ref = {}
@@ -159,7 +166,7 @@ def main(argv=None) -> None:
             cfg = recipe(method, list(deltas))
             bw = copy_bandwidth(numel=32 * 2**20, reps=3)
             sec = time_merges(merger, cfg, reps)
-            n_src = 1 + len([e for e in cfg.models if e.model != "base"])
+            n_src = (1 if cfg.base_model else 0) + len([e for e in cfg.models if e.model != "base"])
             gbs = n_src * numel * 4 / sec / 1e9
             print(f"| {method} | {size} | {numel / 1e6:.0f}M | {sec:.3f} | {gbs:.2f} | {bw:.1f} | {100 * gbs / bw:.0f}% |",
                   flush=True)

@@ -146,3 +146,11 @@ def test_missing_required_weight_names_parameter_and_model():
     m = _merger({"w": [0.0]}, {"a": {"w": [1.0]}})
     with pytest.raises(EvoError, match="'weight' is required.*|model 'a'.*weight"):
         m.merge(_cfg("ties", [{"model": "a"}]))
+
+
+def test_linear_named_base_is_an_input_like_mergekit():
+    m = _merger({"w": [1.0]}, {"a": {"w": [3.0]}})
+    cfg = _cfg("linear", [{"model": "a", "parameters": {"weight": 3.0}}], base="base", weight=1.0)
+    assert m.merge(cfg)["w"].item() == pytest.approx((1.0 + 9.0) / 4)
+    with pytest.raises(EvoError, match="'weight' is required"):
+        m.merge(_cfg("linear", [{"model": "a", "parameters": {"weight": 3.0}}], base="base"))

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from evo.errors import EvoError
-from evo.merge.config import MergeConfig
+from evo.merge.config import MergeConfig, ModelEntry
 from evo.merge.method import Scratch, TensorJob
 from evo.merge.params import layer_t, resolve
 from evo.merge.registry import METHODS
@@ -111,6 +111,10 @@ class Merger:
                 raise EvoError(f"model '{e.model}' is not loaded in this Merger "
                                f"(loaded: {', '.join(sorted(self.deltas)) or 'none'})")
             entries.append((e, self.deltas[e.model]))
+        if (method.base_entries_merge and config.base_model is not None
+                and all(e.model != config.base_model for e in config.models)):
+            # mergekit makes a named base an input of linear too (weight from the global parameters)
+            entries.insert(0, (ModelEntry(config.base_model, {}), None))
         if len(entries) < method.min_models or (method.max_models and len(entries) > method.max_models):
             raise EvoError(f"merge_method '{method.name}': wrong number of models ({len(entries)})")
         shared_specs = [p for p in method.params if not p.per_model]
