@@ -216,7 +216,12 @@ class DataStream:
 
     def poll(self) -> list[ShardReport]:
         """Consume every new complete shard, oldest first; one report per shard."""
-        reports = [self._consume(path) for path in self._new_shards()]
+        reports = []
+        for path in self._new_shards():
+            try:
+                reports.append(self._consume(path))
+            except OSError as err:  # renamed or removed between listing and reading: retry next poll
+                log.warning("%s: could not read shard (%s); will retry", path, err.strerror or type(err).__name__)
         if reports and self.state_path is not None:
             from evo.store import atomic_write_text
 
