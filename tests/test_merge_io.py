@@ -4,7 +4,6 @@ import os
 import pickle
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch

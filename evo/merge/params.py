@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from evo.errors import EvoError
+
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 REQUIRED = object()
@@ -76,8 +78,6 @@ def evaluate(setting: Any, tensor_name: str, t: float) -> Any:
 
 def resolve(spec: ParamSpec, sources: list[dict], tensor_name: str, t: float, where: str) -> Any:
     """First non-None value of ``spec`` among ``sources`` (highest precedence first), cast to kind."""
-    from evo.errors import EvoError
-
     for src in sources:
         if spec.name in src:
             value = evaluate(src[spec.name], tensor_name, t)
