@@ -281,3 +281,12 @@ def test_bad_task_files_name_the_key_line(tmp_path, byte_tok, spec, key, words):
     line = 1 + next(i for i, text in enumerate(path.read_text().splitlines()) if text.startswith(f"{key}:"))
     message = error_of(path, byte_tok)
     assert f"task.yaml:{line}:" in message and words in message
+
+
+def test_lm_eval_adapter_refuses_cleanly_without_lm_eval(byte_tok):
+    from evo.tasks.lm_eval_adapter import evaluate_lm_eval, lm_eval_available
+
+    if lm_eval_available():
+        pytest.skip("lm-eval is installed; the refusal path is not reachable")
+    with pytest.raises(EvoError, match="pip install lm-eval"):
+        evaluate_lm_eval(None, byte_tok, ["arc_easy"])
