@@ -18,16 +18,37 @@ import yaml
 from evo.errors import EvoError
 
 
+METRICS = ("logppl", "task")
+
+
 @dataclass
 class Objective:
-    """One declared objective. ``metric`` is ``logppl`` (per evaluation set, reduced over ``sets``)."""
+    """One declared objective: ``metric`` ``logppl`` reduces held-out log-perplexity over the
+    evaluation ``sets``; ``task`` reduces task scores (accuracy, exact match) over ``sets``
+    naming tasks. ``sets: null`` means all of them."""
 
     name: str
     metric: str = "logppl"
-    sets: list[str] | None = None  # None: every evaluation set
+    sets: list[str] | None = None
     reduce: str = "mean"
     goal: str = "minimize"
     weight: float = 1.0
+
+
+@dataclass
+class EarlyRejection:
+    """Stop scoring a candidate once it is clearly worse than the current k-th best.
+
+    Perplexity is measured in ``chunks``; after each, the candidate is rejected when the lower
+    confidence bound of its running mean (``z`` standard errors over blocks) exceeds the k-th
+    best by more than ``margin`` nats. Only for a single ``logppl`` objective.
+    """
+
+    enabled: bool = True
+    k: int = 4
+    margin: float = 0.0
+    z: float = 3.0
+    chunks: int = 4
 
 
 @dataclass
@@ -43,6 +64,9 @@ class EvalConfig:
     seq_len: int = 128
     max_blocks: int = 16
     batch_size: int = 8
+    tasks: dict[str, str] = field(default_factory=dict)  # name -> task YAML (evo.tasks)
+    task_limit: int | None = None  # score only the first N items of each task
+    early_rejection: EarlyRejection = field(default_factory=EarlyRejection)
 
 
 @dataclass
@@ -130,6 +154,9 @@ class ExperimentConfig:
         for name, path in self.eval.sets.items():
             if not Path(path).is_file():
                 raise EvoError(f"{where}: eval.sets.{name}: file not found: {path}")
+        for name, path in self.eval.tasks.items():
+            if not Path(path).is_file():
+                raise EvoError(f"{where}: eval.tasks.{name}: file not found: {path}")
         if not self.objectives:
             raise EvoError(f"{where}: objectives: at least one objective is needed")
         names = set()
@@ -138,15 +165,18 @@ class ExperimentConfig:
             if obj.name in names:
                 raise EvoError(f"{at}.name: duplicate objective {obj.name!r}")
             names.add(obj.name)
-            if obj.metric != "logppl":
-                raise EvoError(f"{at}.metric: unknown metric {obj.metric!r} (known: logppl)")
+            if obj.metric not in METRICS:
+                raise EvoError(f"{at}.metric: unknown metric {obj.metric!r} (known: {', '.join(METRICS)})")
             if obj.goal not in ("minimize", "maximize"):
                 raise EvoError(f"{at}.goal: must be 'minimize' or 'maximize', got {obj.goal!r}")
             if obj.reduce not in ("mean", "max", "sum"):
                 raise EvoError(f"{at}.reduce: must be mean, max or sum, got {obj.reduce!r}")
+            known = self.eval.sets if obj.metric == "logppl" else self.eval.tasks
+            if obj.metric == "task" and not known:
+                raise EvoError(f"{at}.metric: 'task' needs eval.tasks")
             for s in obj.sets or []:
-                if s not in self.eval.sets:
-                    raise EvoError(f"{at}.sets: unknown evaluation set {s!r} (known: {', '.join(self.eval.sets)})")
+                if s not in known:
+                    raise EvoError(f"{at}.sets: unknown {'evaluation set' if obj.metric == 'logppl' else 'task'} {s!r} (known: {', '.join(known)})")
         for key in ("generations", "population"):
             if getattr(self.optimizer, key) < 1:
                 raise EvoError(f"{where}: optimizer.{key}: must be >= 1")
@@ -166,6 +196,7 @@ class ExperimentConfig:
         self.models.base = fix(self.models.base) if self.models.base else ""
         self.models.sources = {k: fix(v) for k, v in self.models.sources.items()}
         self.eval.sets = {k: fix(v) for k, v in self.eval.sets.items()}
+        self.eval.tasks = {k: fix(v) for k, v in self.eval.tasks.items()}
         self.eval.tokenizer = fix(self.eval.tokenizer)
 
     def _fill_from_zoo(self) -> None:
@@ -230,3 +261,10 @@ def _coerce(hint, value, source, where):
     if hint is str and isinstance(value, (str, Path)):
         return str(value)
     raise EvoError(f"{source}: {where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def early_rejection_active(cfg: ExperimentConfig) -> bool:
+    """On by default, but only where it is sound: one objective, and it is a mean log-perplexity."""
+    er = cfg.eval.early_rejection
+    return er.enabled and len(cfg.objectives) == 1 and cfg.objectives[0].metric == "logppl" \
+        and cfg.objectives[0].reduce == "mean" and cfg.objectives[0].goal == "minimize"

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from evo.fitness import mean_nll
+from evo.fitness import block_nlls
 from evo.merge import Merger
 from evo.space import Recipe
 
@@ -53,6 +53,8 @@ class Evaluator:
         model_config: ``config.to_dict()`` of the base model.
         eval_sets: ``{collection: {set name: int64 blocks [n, seq_len]}}``, e.g. ``valid`` (search
             fitness) and ``test`` (final report).
+        tasks: ``{name: evo.tasks.Task}`` scored after perplexity (pre-tokenised, picklable).
+        early_rejection: ``{"chunks", "z", "margin"}`` (see ``evo.config.EarlyRejection``).
     """
 
     def __init__(
@@ -66,6 +68,8 @@ class Evaluator:
         device: str = "cpu",
         batch_size: int = 8,
         name: str = "evaluator",
+        tasks: Mapping | None = None,
+        early_rejection: dict | None = None,
     ):
         torch.set_num_threads(threads)
         self.name = name
@@ -80,6 +84,8 @@ class Evaluator:
             out=self.model.state_dict(),
             device=device,
         )
+        self.tasks = dict(tasks or {})
+        self.early_rejection = early_rejection or {"chunks": 4, "z": 3.0, "margin": 0.0}
         self.eval_sets = {
             coll: {name: torch.from_numpy(np.array(blocks, dtype=np.int64)) for name, blocks in sets.items()}
             for coll, sets in eval_sets.items()
@@ -91,8 +97,13 @@ class Evaluator:
     def pid(self) -> int:
         return os.getpid()
 
-    def evaluate(self, recipe: dict, collection: str = "valid") -> dict:
-        """Score one recipe. Never raises for a bad candidate: returns ``status: failed``."""
+    def evaluate(self, recipe: dict, collection: str = "valid", reject_above: float | None = None) -> dict:
+        """Score one recipe. Never raises for a bad candidate: returns ``status: failed``.
+
+        ``reject_above``: early rejection threshold on the mean log-perplexity (see
+        ``evo.config.EarlyRejection``); the candidate then comes back ``rejected`` with the
+        partial estimate as its metrics.
+        """
         t0 = time.perf_counter()
         try:
             rec = Recipe.from_dict(recipe)
@@ -100,17 +111,20 @@ class Evaluator:
             if rec.lora:
                 raise NotImplementedError("LoRA genes need evo.lora (not available in this build)")
             t1 = time.perf_counter()
-            metrics = {}
-            for name, blocks in self.eval_sets[collection].items():
-                value = mean_nll(self.model, blocks, batch_size=self.batch_size, device=self.device)
-                if not math.isfinite(value):
-                    raise FloatingPointError(f"non-finite loss on evaluation set {name!r}")
-                metrics[f"logppl/{name}"] = value
+            metrics, fraction, rejected = self._perplexities(self.eval_sets[collection], reject_above)
             t2 = time.perf_counter()
+            if not rejected:
+                for name, task in self.tasks.items():
+                    value = task.score(self.model, batch_size=self.batch_size, device=self.device)["value"]
+                    if not math.isfinite(value):
+                        raise FloatingPointError(f"non-finite score on task {name!r}")
+                    metrics[f"task/{name}"] = value
+            t3 = time.perf_counter()
             return {
-                "status": "ok",
+                "status": "rejected" if rejected else "ok",
                 "metrics": metrics,
-                "timings": {"merge_s": t1 - t0, "eval_s": t2 - t1},
+                "evaluated_fraction": fraction,
+                "timings": {"merge_s": t1 - t0, "ppl_s": t2 - t1, "tasks_s": t3 - t2, "eval_s": t3 - t1},
                 "worker": {"pid": os.getpid(), "name": self.name},
             }
         except Exception as exc:  # a candidate's own failure is data, not a crash
@@ -121,3 +135,31 @@ class Evaluator:
                 "timings": {"total_s": time.perf_counter() - t0},
                 "worker": {"pid": os.getpid(), "name": self.name},
             }
+
+    def _perplexities(self, sets: Mapping[str, torch.Tensor], reject_above: float | None):
+        """Per-set log-perplexity, in chunks when a rejection threshold is given.
+
+        Returns (metrics, fraction of blocks evaluated, rejected?)."""
+        er = self.early_rejection
+        chunks = er["chunks"] if reject_above is not None else 1
+        parts = {name: torch.tensor_split(torch.arange(len(b)), chunks) for name, b in sets.items()}
+        nlls: dict[str, list[torch.Tensor]] = {name: [] for name in sets}
+        total = sum(len(b) for b in sets.values())
+        for c in range(chunks):
+            for name, blocks in sets.items():
+                idx = parts[name][c]
+                if len(idx):
+                    nlls[name].append(block_nlls(self.model, blocks[idx], self.batch_size, self.device))
+            done = {name: torch.cat(v) for name, v in nlls.items() if v}
+            for name, v in done.items():
+                if not torch.isfinite(v).all():
+                    raise FloatingPointError(f"non-finite loss on evaluation set {name!r}")
+            metrics = {f"logppl/{name}": float(v.mean()) for name, v in done.items()}
+            seen = sum(len(v) for v in done.values())
+            if c < chunks - 1 and len(done) == len(sets):
+                mean = sum(metrics.values()) / len(metrics)
+                # standard error of the mean over sets, from the spread over blocks within each set
+                se = math.sqrt(sum(float(v.var()) / len(v) for v in done.values() if len(v) > 1)) / len(done)
+                if mean - er["z"] * se > reject_above + er["margin"]:
+                    return metrics, seen / total, True
+        return metrics, 1.0, False

@@ -68,11 +68,12 @@ def log_perplexities(model, eval_sets: Sequence[EvalSet], batch_size: int = 8, d
     return {s.name: mean_nll(model, s.blocks, batch_size=batch_size, device=device) for s in eval_sets}
 
 
-def objective_values(metrics: dict[str, float], objectives, set_names: Sequence[str]) -> list[float]:
-    """Reduce per-set metrics (``logppl/<set>``) to the declared objective vector."""
+def objective_values(metrics: dict[str, float], objectives, set_names: Sequence[str], task_names: Sequence[str] = ()) -> list[float]:
+    """Reduce per-set metrics (``logppl/<set>``, ``task/<task>``) to the declared objective vector."""
     out = []
     for obj in objectives:
-        values = [metrics[f"{obj.metric}/{s}"] for s in (obj.sets or set_names)]
+        names = obj.sets or (set_names if obj.metric == "logppl" else task_names)
+        values = [metrics[f"{obj.metric}/{s}"] for s in names]
         if obj.reduce == "mean":
             out.append(sum(values) / len(values))
         elif obj.reduce == "max":
@@ -80,3 +81,15 @@ def objective_values(metrics: dict[str, float], objectives, set_names: Sequence[
         else:
             out.append(sum(values))
     return out
+
+
+def block_nlls(model, blocks: torch.Tensor, batch_size: int = 8, device="cpu") -> torch.Tensor:
+    """Mean NLL of each block separately (float64 [n]): the unit of chunked early rejection."""
+    out = []
+    with torch.inference_mode():
+        for start in range(0, blocks.shape[0], batch_size):
+            batch = blocks[start : start + batch_size].to(device)
+            logits = model(input_ids=batch).logits[:, :-1].float()
+            nll = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none").mean(dim=1)
+            out.append(nll.double().cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)

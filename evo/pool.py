@@ -80,6 +80,8 @@ class EvaluatorPool:
         base_ref = ray.put(self.sources.base)
         deltas_ref = ray.put(self.sources.deltas)
         eval_ref = ray.put(self.sources.eval_sets)
+        tasks_ref = ray.put(self.sources.tasks)
+        er = self.cfg.eval.early_rejection
         device = "cuda" if rc.gpus_per_evaluator > 0 else "cpu"
         actor_cls = ray.remote(Evaluator)
         for i in range(rc.evaluators):
@@ -95,9 +97,10 @@ class EvaluatorPool:
                 ).remote(
                     base_ref, deltas_ref, self.sources.model_config, eval_ref,
                     threads=rc.threads_per_evaluator, device=device, batch_size=self.cfg.eval.batch_size, name=name,
+                    tasks=tasks_ref, early_rejection={"chunks": er.chunks, "z": er.z, "margin": er.margin},
                 )
             )
-        self._refs = (base_ref, deltas_ref, eval_ref)
+        self._refs = (base_ref, deltas_ref, eval_ref, tasks_ref)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -118,7 +121,8 @@ class EvaluatorPool:
         return ray.get([a.pid.remote() for a in self.actors])
 
     # ------------------------------------------------------------------ dispatch
-    def evaluate(self, todo: dict, on_result: Callable[[str, dict], None], *, desc: str = "", collection: str = "valid") -> None:
+    def evaluate(self, todo: dict, on_result: Callable[[str, dict], None], *, desc: str = "", collection: str = "valid",
+                 reject_above: float | None = None) -> None:
         """Evaluate ``todo = {key: (task name, Recipe)}``, calling ``on_result(key, result)`` as each ends."""
         queue = [(key, name, recipe.to_dict(), 0) for key, (name, recipe) in todo.items()]
         idle = list(range(len(self.actors)))
@@ -131,7 +135,7 @@ class EvaluatorPool:
                 while queue and idle:
                     key, name, recipe, attempt = queue.pop(0)
                     a = idle.pop(0)
-                    ref = self.actors[a].evaluate.options(name=name).remote(recipe, collection)
+                    ref = self.actors[a].evaluate.options(name=name).remote(recipe, collection, reject_above)
                     inflight[ref] = (key, name, recipe, attempt, a, time.time())
                 ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
                 now = time.time()

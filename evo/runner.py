@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from deap import tools
 
-from evo.config import ExperimentConfig
+from evo.config import ExperimentConfig, early_rejection_active
 from evo.errors import EvoError
 from evo.fitness import objective_values
 from evo.metrics import RunMetrics
@@ -137,6 +137,7 @@ def _loop(cfg: ExperimentConfig, store: RunStore, *, quiet: bool, stop_after: in
     cache = store.cache_load()
     objective_names = [o.name for o in cfg.objectives]
     set_names = list(cfg.eval.sets)
+    task_names = list(cfg.eval.tasks)
 
     with EvaluatorPool(cfg, sources, run_name=store.root.name, quiet=quiet) as pool:
         if not quiet and pool.dashboard_url:
@@ -172,13 +173,17 @@ def _loop(cfg: ExperimentConfig, store: RunStore, *, quiet: bool, stop_after: in
                 store.cache_put(key, result)  # written at once: a resume never re-evaluates it
                 metrics.candidate(result["status"])
 
-            pool.evaluate(todo, on_result, desc=f"generation {gen}")
-            values, n_failed = [], 0
+            threshold = _rejection_threshold(cfg, optimizer)
+            pool.evaluate(todo, on_result, desc=f"generation {gen}", reject_above=threshold)
+            values, n_failed, n_rejected, work = [], 0, 0, 0.0
             for i, (key, recipe, genome) in enumerate(zip(keys, recipes, genomes)):
                 result = cache[key]
-                ok = result["status"] == "ok"
-                vals = objective_values(result["metrics"], cfg.objectives, set_names) if ok else None
-                n_failed += not ok
+                scored = result["status"] in ("ok", "rejected")  # rejected: its partial estimate
+                vals = objective_values(result["metrics"], cfg.objectives, set_names, task_names) if scored else None
+                n_failed += not scored
+                n_rejected += result["status"] == "rejected"
+                if key in todo:
+                    work += result.get("evaluated_fraction", 1.0)
                 values.append(vals)
                 store.record_candidate(
                     {
@@ -186,12 +191,15 @@ def _loop(cfg: ExperimentConfig, store: RunStore, *, quiet: bool, stop_after: in
                         "cached": key not in todo, "status": result["status"], "error": result.get("error"),
                         "values": vals, "metrics": result.get("metrics"), "timings": result.get("timings"),
                         "genome": list(map(float, genome)), "recipe": recipe.to_dict() if recipe else None,
-                        "data_version": sources.data_version,
+                        "data_version": sources.data_version, "evaluated_fraction": result.get("evaluated_fraction"),
                     }
                 )
             optimizer.tell(genomes, values, names)
             row = _log_row(gen, values, objective_names, n_evals=len(todo), n_cached=len(genomes) - len(todo),
                            n_failed=n_failed, best=optimizer.best(), seconds=time.time() - t0)
+            row["rejected"] = n_rejected
+            row["eval_work"] = round(work, 3)  # candidates' worth of evaluation actually done
+            row["threshold"] = threshold
             logbook.append(row)
             store.save_checkpoint(_checkpoint(cfg, optimizer, logbook, space, sources.data_version))
             store.event("generation_done", **row)
@@ -216,6 +224,15 @@ def _loop(cfg: ExperimentConfig, store: RunStore, *, quiet: bool, stop_after: in
     )
 
 
+def _rejection_threshold(cfg: ExperimentConfig, optimizer) -> float | None:
+    """The k-th best objective value of the current population, when early rejection applies."""
+    if not early_rejection_active(cfg):
+        return None
+    values = sorted(e.values[0] for e in optimizer.population if e.values is not None and math.isfinite(e.values[0]))
+    k = cfg.eval.early_rejection.k
+    return values[k - 1] if len(values) >= k else None
+
+
 def _compare(cfg, pool, space, best, store, quiet) -> dict[str, dict]:
     """Evaluate the baselines and the best recipe on the report sets; store and print the table."""
     recipes = {**baseline_recipes(cfg), "evolved (best)": space.decode(best.genome)}
@@ -232,6 +249,8 @@ def _compare(cfg, pool, space, best, store, quiet) -> dict[str, dict]:
             metrics = dict(result["metrics"])
             names = list(cfg.eval.sets)
             metrics["mean"] = float(np.mean([metrics[f"logppl/{s}"] for s in names]))
+            metrics["objectives"] = dict(zip([o.name for o in cfg.objectives],
+                                             objective_values(metrics, cfg.objectives, names, list(cfg.eval.tasks))))
             table[label][coll] = metrics
     store.save_checkpoint({**store.load_checkpoint(), "comparison": table})
     store.event("comparison", table=table)
@@ -241,17 +260,20 @@ def _compare(cfg, pool, space, best, store, quiet) -> dict[str, dict]:
 
 
 def print_comparison(table: dict, set_names: list[str]) -> None:
+    """Log-perplexity per set (lower is better), then task scores (higher is better) if any."""
     coll = "test" if any("test" in v for v in table.values()) else "valid"
-    print(f"\nHeld-out log-perplexity ({coll} split; lower is better)")
-    header = f"{'model':<28}" + "".join(f"{s:>10}" for s in set_names) + f"{'mean':>10}"
+    rows = {label: colls.get(coll, {}) for label, colls in table.items()}
+    tasks = sorted({k[5:] for m in rows.values() for k in m if k.startswith("task/")})
+    print(f"\nHeld-out log-perplexity ({coll} split; lower is better)" + (" and task scores" if tasks else ""))
+    header = f"{'model':<28}" + "".join(f"{s:>10}" for s in set_names) + f"{'mean':>10}" + "".join(f"{t[:14]:>16}" for t in tasks)
     print(header)
     print("-" * len(header))
-    for label, colls in table.items():
-        m = colls.get(coll, {})
-        if "error" in m:
-            print(f"{label:<28}  failed: {m['error']}")
+    for label, m in rows.items():
+        if "error" in m or not m:
+            print(f"{label:<28}  failed: {m.get('error')}")
             continue
-        print(f"{label:<28}" + "".join(f"{m[f'logppl/{s}']:>10.4f}" for s in set_names) + f"{m['mean']:>10.4f}")
+        print(f"{label:<28}" + "".join(f"{m[f'logppl/{s}']:>10.4f}" for s in set_names) + f"{m['mean']:>10.4f}"
+              + "".join(f"{m[f'task/{t}']:>16.4f}" for t in tasks))
 
 
 def _checkpoint(cfg, optimizer, logbook, space, data_version) -> dict:
@@ -290,7 +312,7 @@ def _log_row(gen, values, names, *, n_evals, n_cached, n_failed, best, seconds) 
 def _print_row(row: dict, names: list[str], header: bool) -> None:
     # DEAP's Logbook formats the same columns; we keep rows as plain dicts for JSON checkpoints.
     book = tools.Logbook()
-    book.header = ["gen", "evals", "cached", "failed"] + [f"{n}/{s}" for n in names for s in ("min", "mean")] + ["seconds"]
+    book.header = ["gen", "evals", "cached", "failed", "rejected"] + [f"{n}/{s}" for n in names for s in ("min", "mean")] + ["seconds"]
     book.record(**{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k in book.header})
     text = book.stream
     print(text if header else text.splitlines()[-1], flush=True)

@@ -4,7 +4,7 @@ Loaded once in the driver and shipped once through Ray's object store as numpy a
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ class Sources:
     model_config: dict
     eval_sets: dict[str, dict[str, np.ndarray]]  # collection ("valid", "test") -> set -> blocks
     data_version: str
+    tasks: dict = field(default_factory=dict)  # name -> evo.tasks.Task (pre-tokenised)
 
     @property
     def has_report_sets(self) -> bool:
@@ -50,9 +51,15 @@ class Sources:
         report = cls._report_paths(cfg)
         if report:
             eval_sets["test"] = cls._blocks(report, tokenizer, cfg)
-        version = data_version(cfg.eval.sets.values(), **settings)
+        tasks = {}
+        if cfg.eval.tasks:
+            from evo.tasks import load_task
+
+            tasks = {name: load_task(path, tokenizer, limit=cfg.eval.task_limit) for name, path in cfg.eval.tasks.items()}
+            settings["task_limit"] = cfg.eval.task_limit
+        version = data_version([*cfg.eval.sets.values(), *cfg.eval.tasks.values()], **settings)
         model_config = config.to_dict()
-        return cls(to_numpy(base), {m: to_numpy(d) for m, d in deltas.items()}, model_config, eval_sets, version)
+        return cls(to_numpy(base), {m: to_numpy(d) for m, d in deltas.items()}, model_config, eval_sets, version, tasks)
 
     @staticmethod
     def _report_paths(cfg: ExperimentConfig) -> dict[str, str]:
