@@ -1,0 +1,72 @@
+"""The evaluator without Ray: task metrics, early rejection, NaN candidates, objective vectors."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from evo.config import ExperimentConfig
+from evo.evaluator import Evaluator
+from evo.fitness import objective_values
+from evo.runner import baseline_recipes
+from evo.sources import Sources
+
+
+@pytest.fixture(scope="module")
+def setup(micro_zoo, repo_root):
+    cfg = ExperimentConfig.from_dict({
+        "zoo": str(micro_zoo.root),
+        "search_space": str(repo_root / "search_spaces" / "task_arithmetic_layerwise.yaml"),
+        "eval": {"seq_len": 32, "max_blocks": 16, "batch_size": 8, "task_limit": 12,
+                 "tasks": {"arith": str(repo_root / "tasks" / "arithmetic" / "arithmetic_mc.yaml")}},
+        "objectives": [{"name": "ppl", "metric": "logppl"},
+                       {"name": "arith", "metric": "task", "goal": "maximize"}],
+    })
+    sources = Sources.load(cfg)
+    ev = Evaluator(sources.base, sources.deltas, sources.model_config, sources.eval_sets, tasks=sources.tasks,
+                   early_rejection={"chunks": 4, "z": 2.0, "margin": 0.0})
+    return cfg, ev, baseline_recipes(cfg)
+
+
+def test_task_metrics_and_objective_vector(setup):
+    cfg, ev, recipes = setup
+    result = ev.evaluate(recipes["base"].to_dict())
+    assert result["status"] == "ok"
+    assert 0.0 <= result["metrics"]["task/arith"] <= 1.0
+    values = objective_values(result["metrics"], cfg.objectives, list(cfg.eval.sets), ["arith"])
+    ppl = sum(result["metrics"][f"logppl/{s}"] for s in cfg.eval.sets) / len(cfg.eval.sets)
+    assert values == [pytest.approx(ppl), result["metrics"]["task/arith"]]
+
+
+def test_early_rejection_stops_a_bad_candidate_never_a_good_one(setup):
+    cfg, ev, recipes = setup
+    full_base = ev.evaluate(recipes["base"].to_dict())
+    base_mean = sum(v for k, v in full_base["metrics"].items() if k.startswith("logppl/")) / 3
+    # a clearly bad candidate: every task vector added four times over
+    bad = recipes["base"].to_dict()
+    for entry in bad["merge"]["models"]:
+        entry["parameters"]["weight"] = 4.0
+    bad_full = ev.evaluate(bad)
+    bad_mean = sum(v for k, v in bad_full["metrics"].items() if k.startswith("logppl/")) / 3
+    assert bad_mean > base_mean + 0.2
+    rejected = ev.evaluate(bad, reject_above=base_mean)
+    assert rejected["status"] == "rejected" and rejected["evaluated_fraction"] < 0.6
+    assert "task/arith" not in rejected["metrics"]  # rejected before task scoring: work saved
+    # a good candidate (at or better than the threshold) is never rejected
+    for recipe in (recipes["base"], recipes["uniform average"]):
+        full = ev.evaluate(recipe.to_dict())
+        mean = sum(v for k, v in full["metrics"].items() if k.startswith("logppl/")) / 3
+        kept = ev.evaluate(recipe.to_dict(), reject_above=mean)
+        assert kept["status"] == "ok" and kept["evaluated_fraction"] == 1.0
+        assert kept["metrics"] == pytest.approx(full["metrics"])
+
+
+def test_nan_candidate_is_failed_not_a_crash(setup):
+    cfg, ev, recipes = setup
+    bad = recipes["base"].to_dict()
+    bad["merge"]["parameters"] = {"lambda": float("inf")}
+    bad["merge"]["models"][0]["parameters"]["weight"] = 1.0
+    result = ev.evaluate(bad)
+    assert result["status"] == "failed" and ("non-finite" in result["error"] or "nan" in result["error"].lower())
+    # the evaluator stays usable after a failure
+    assert ev.evaluate(recipes["base"].to_dict())["status"] == "ok"
