@@ -17,6 +17,7 @@ from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
 from tqdm import tqdm
 
 from evo.config import ExperimentConfig
+from evo.errors import EvoError
 from evo.evaluator import Evaluator
 from evo.sources import Sources
 
@@ -137,6 +138,8 @@ class EvaluatorPool:
                     a = idle.pop(0)
                     ref = self.actors[a].evaluate.options(name=name).remote(recipe, collection, reject_above)
                     inflight[ref] = (key, name, recipe, attempt, a, time.time())
+                if not ray.is_initialized():
+                    raise EvoError("Ray was shut down while candidates were running")
                 ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
                 now = time.time()
                 for ref in ready:
