@@ -65,6 +65,8 @@ class EvalConfig:
     max_blocks: int = 16
     batch_size: int = 8
     tasks: dict[str, str] = field(default_factory=dict)  # name -> task YAML (evo.tasks)
+    train_sets: dict[str, str] = field(default_factory=dict)  # LoRA genes train on these (default: zoo train split)
+    train_blocks: int = 256
     task_limit: int | None = None  # score only the first N items of each task
     early_rejection: EarlyRejection = field(default_factory=EarlyRejection)
 
@@ -197,6 +199,7 @@ class ExperimentConfig:
         self.models.sources = {k: fix(v) for k, v in self.models.sources.items()}
         self.eval.sets = {k: fix(v) for k, v in self.eval.sets.items()}
         self.eval.tasks = {k: fix(v) for k, v in self.eval.tasks.items()}
+        self.eval.train_sets = {k: fix(v) for k, v in self.eval.train_sets.items()}
         self.eval.tokenizer = fix(self.eval.tokenizer)
 
     def _fill_from_zoo(self) -> None:
@@ -211,6 +214,7 @@ class ExperimentConfig:
         self.models.base = self.models.base or str(zoo.base_dir)
         self.models.sources = self.models.sources or {d: str(p) for d, p in zoo.specialist_dirs.items()}
         self.eval.sets = self.eval.sets or {d: str(zoo.data_dir(d, self.zoo_split)) for d in zoo.domains}
+        self.eval.train_sets = self.eval.train_sets or {d: str(zoo.data_dir(d, "train")) for d in zoo.domains}
 
 
 # ---------------------------------------------------------------------- generic validation

@@ -70,6 +70,7 @@ class Evaluator:
         name: str = "evaluator",
         tasks: Mapping | None = None,
         early_rejection: dict | None = None,
+        train: np.ndarray | None = None,
     ):
         torch.set_num_threads(threads)
         self.name = name
@@ -85,6 +86,7 @@ class Evaluator:
             device=device,
         )
         self.tasks = dict(tasks or {})
+        self.train = None if train is None else torch.from_numpy(np.array(train, dtype=np.int64))
         self.early_rejection = early_rejection or {"chunks": 4, "z": 3.0, "margin": 0.0}
         self.eval_sets = {
             coll: {name: torch.from_numpy(np.array(blocks, dtype=np.int64)) for name, blocks in sets.items()}
@@ -108,22 +110,30 @@ class Evaluator:
         try:
             rec = Recipe.from_dict(recipe)
             self.merger.merge(rec.merge, seed=rec.seed)
+            model, lora_stats = self.model, None
             if rec.lora:
-                raise NotImplementedError("LoRA genes need evo.lora (not available in this build)")
+                model, lora_stats = self._fit_lora(rec)
             t1 = time.perf_counter()
-            metrics, fraction, rejected = self._perplexities(self.eval_sets[collection], reject_above)
-            t2 = time.perf_counter()
-            if not rejected:
-                for name, task in self.tasks.items():
-                    value = task.score(self.model, batch_size=self.batch_size, device=self.device)["value"]
-                    if not math.isfinite(value):
-                        raise FloatingPointError(f"non-finite score on task {name!r}")
-                    metrics[f"task/{name}"] = value
+            try:
+                metrics, fraction, rejected = self._perplexities(model, self.eval_sets[collection], reject_above)
+                t2 = time.perf_counter()
+                if not rejected:
+                    for name, task in self.tasks.items():
+                        value = task.score(model, batch_size=self.batch_size, device=self.device)["value"]
+                        if not math.isfinite(value):
+                            raise FloatingPointError(f"non-finite score on task {name!r}")
+                        metrics[f"task/{name}"] = value
+            finally:
+                if model is not self.model:
+                    from evo.lora import unload
+
+                    unload(model)  # the resident model must be bare for the next candidate
             t3 = time.perf_counter()
             return {
                 "status": "rejected" if rejected else "ok",
                 "metrics": metrics,
                 "evaluated_fraction": fraction,
+                "lora": lora_stats,
                 "timings": {"merge_s": t1 - t0, "ppl_s": t2 - t1, "tasks_s": t3 - t2, "eval_s": t3 - t1},
                 "worker": {"pid": os.getpid(), "name": self.name},
             }
@@ -136,7 +146,17 @@ class Evaluator:
                 "worker": {"pid": os.getpid(), "name": self.name},
             }
 
-    def _perplexities(self, sets: Mapping[str, torch.Tensor], reject_above: float | None):
+    def _fit_lora(self, rec: Recipe):
+        from evo.lora import LoraGenes, fit_lora
+
+        if self.train is None:
+            raise ValueError("recipe has LoRA genes but the experiment has no training data (eval.train_sets)")
+        genes = LoraGenes.from_dict(rec.lora)
+        model, stats = fit_lora(self.model, self.train, genes, seed=rec.seed, device=self.device)
+        model.eval()
+        return model, {k: v for k, v in stats.items() if isinstance(v, (int, float))}
+
+    def _perplexities(self, model, sets: Mapping[str, torch.Tensor], reject_above: float | None):
         """Per-set log-perplexity, in chunks when a rejection threshold is given.
 
         Returns (metrics, fraction of blocks evaluated, rejected?)."""
@@ -149,7 +169,7 @@ class Evaluator:
             for name, blocks in sets.items():
                 idx = parts[name][c]
                 if len(idx):
-                    nlls[name].append(block_nlls(self.model, blocks[idx], self.batch_size, self.device))
+                    nlls[name].append(block_nlls(model, blocks[idx], self.batch_size, self.device))
             done = {name: torch.cat(v) for name, v in nlls.items() if v}
             for name, v in done.items():
                 if not torch.isfinite(v).all():

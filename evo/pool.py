@@ -82,6 +82,7 @@ class EvaluatorPool:
         deltas_ref = ray.put(self.sources.deltas)
         eval_ref = ray.put(self.sources.eval_sets)
         tasks_ref = ray.put(self.sources.tasks)
+        train_ref = ray.put(self.sources.train)
         er = self.cfg.eval.early_rejection
         device = "cuda" if rc.gpus_per_evaluator > 0 else "cpu"
         actor_cls = ray.remote(Evaluator)
@@ -98,10 +99,10 @@ class EvaluatorPool:
                 ).remote(
                     base_ref, deltas_ref, self.sources.model_config, eval_ref,
                     threads=rc.threads_per_evaluator, device=device, batch_size=self.cfg.eval.batch_size, name=name,
-                    tasks=tasks_ref, early_rejection={"chunks": er.chunks, "z": er.z, "margin": er.margin},
+                    tasks=tasks_ref, early_rejection={"chunks": er.chunks, "z": er.z, "margin": er.margin}, train=train_ref,
                 )
             )
-        self._refs = (base_ref, deltas_ref, eval_ref, tasks_ref)
+        self._refs = (base_ref, deltas_ref, eval_ref, tasks_ref, train_ref)
         return self
 
     def __exit__(self, *exc) -> None:

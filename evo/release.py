@@ -27,8 +27,15 @@ def next_release_dir(store: RunStore) -> Path:
     return store.releases_dir / f"v{max(existing, default=0) + 1:04d}"
 
 
-def export(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Materialise the best recipe of ``run_dir`` into ``out`` (default ``RUN_DIR/releases/vNNNN``)."""
+def export(run_dir: str | Path, out: str | Path | None = None, *, lora: str = "merged") -> Path:
+    """Materialise the best recipe of ``run_dir`` into ``out`` (default ``RUN_DIR/releases/vNNNN``).
+
+    A recipe with LoRA genes is re-fitted with its seed on the run's training data; ``lora``
+    ``"merged"`` folds the adapter into the weights, ``"adapter"`` keeps the merge as the model and
+    writes the PEFT adapter to ``adapter/`` beside it.
+    """
+    if lora not in ("merged", "adapter"):
+        raise EvoError(f"lora: must be 'merged' or 'adapter', got {lora!r}")
     store = RunStore.open(run_dir)
     ckpt = store.load_checkpoint()
     if not ckpt or not ckpt.get("best"):
@@ -49,6 +56,8 @@ def export(run_dir: str | Path, out: str | Path | None = None) -> Path:
     staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
         _materialise(recipe, paths, staging)
+        if recipe.lora:
+            _apply_lora(recipe, cfg, staging, lora)
         _write_release_files(staging, recipe, paths, cfg, ckpt, store)
         os.rename(staging, out)
     except BaseException:
@@ -67,8 +76,32 @@ def _materialise(recipe: Recipe, paths: dict[str, str], target: Path) -> None:
         return Path(paths[name])
 
     merge_to_dir(recipe.merge, target, resolve=resolve, seed=recipe.seed)
-    if recipe.lora:
-        raise EvoError("exporting LoRA recipes needs evo.lora (not available in this build)")
+
+
+def _apply_lora(recipe: Recipe, cfg: ExperimentConfig, target: Path, mode: str) -> None:
+    """Re-fit the recipe's LoRA on the merged model exactly as the evaluator did (same seed, data)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evo.lora import LoraGenes, fit_lora, merged_state_dict, save_adapter
+    from evo.sources import train_blocks
+
+    model = AutoModelForCausalLM.from_pretrained(target, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=False)
+    import torch
+
+    blocks = train_blocks(cfg, tokenizer)
+    if blocks is None:
+        raise EvoError(f"{cfg.source}: eval.train_sets: the recipe has LoRA genes but no training data is configured")
+    peft_model, _ = fit_lora(model, torch.from_numpy(blocks), LoraGenes.from_dict(recipe.lora), seed=recipe.seed)
+    if mode == "adapter":
+        save_adapter(peft_model, target / "adapter")
+        return
+    weights = {k: v.contiguous() for k, v in merged_state_dict(peft_model).items()}
+    for f in target.glob("model*.safetensors"):
+        f.unlink()
+    (target / "model.safetensors.index.json").unlink(missing_ok=True)
+    save_file(weights, target / "model.safetensors", metadata={"format": "pt"})
 
 
 def _write_release_files(root: Path, recipe: Recipe, paths: dict, cfg: ExperimentConfig, ckpt: dict, store: RunStore) -> None:

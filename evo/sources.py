@@ -25,6 +25,7 @@ class Sources:
     eval_sets: dict[str, dict[str, np.ndarray]]  # collection ("valid", "test") -> set -> blocks
     data_version: str
     tasks: dict = field(default_factory=dict)  # name -> evo.tasks.Task (pre-tokenised)
+    train: np.ndarray | None = None  # token blocks LoRA genes are fitted on (never the eval text)
 
     @property
     def has_report_sets(self) -> bool:
@@ -57,9 +58,10 @@ class Sources:
 
             tasks = {name: load_task(path, tokenizer, limit=cfg.eval.task_limit) for name, path in cfg.eval.tasks.items()}
             settings["task_limit"] = cfg.eval.task_limit
-        version = data_version([*cfg.eval.sets.values(), *cfg.eval.tasks.values()], **settings)
+        train = train_blocks(cfg, tokenizer) if _space_has_lora(cfg.search_space) else None
+        version = data_version([*cfg.eval.sets.values(), *cfg.eval.tasks.values(), *cfg.eval.train_sets.values()], **settings)
         model_config = config.to_dict()
-        return cls(to_numpy(base), {m: to_numpy(d) for m, d in deltas.items()}, model_config, eval_sets, version, tasks)
+        return cls(to_numpy(base), {m: to_numpy(d) for m, d in deltas.items()}, model_config, eval_sets, version, tasks, train)
 
     @staticmethod
     def _report_paths(cfg: ExperimentConfig) -> dict[str, str]:
@@ -82,3 +84,19 @@ class Sources:
                 raise EvoError(f"{path}: {exc}") from None
             out[name] = blocks.numpy()
         return out
+
+
+def _space_has_lora(path: str) -> bool:
+    from evo.space import SearchSpaceSpec
+
+    return any(name.startswith("lora.") for name in SearchSpaceSpec.from_yaml(path).genes)
+
+
+def train_blocks(cfg: ExperimentConfig, tokenizer) -> np.ndarray | None:
+    """The token blocks LoRA genes train on: an equal share from every training set."""
+    if not cfg.eval.train_sets:
+        return None
+    per_set = max(1, cfg.eval.train_blocks // len(cfg.eval.train_sets))
+    return np.concatenate([
+        token_blocks(read_texts(p), tokenizer, cfg.eval.seq_len, per_set).numpy() for p in cfg.eval.train_sets.values()
+    ])
