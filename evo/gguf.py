@@ -33,9 +33,8 @@ def is_gguf_spec(spec) -> bool:
 def resolve_gguf(spec) -> Path:
     """The GGUF file ``spec`` names: a path, or ``package:FILE`` inside an installed package."""
     text = str(spec)
-    package, sep, name = text.partition(":")
-    # "C:\..." and paths that exist are paths; "pkg:FILE" needs a dotted-identifier package part.
-    if sep and package.replace(".", "").replace("_", "").isalnum() and len(package) > 1 and not Path(text).exists():
+    package, _, name = text.partition(":")
+    if _names_package(text):
         try:
             found = importlib.util.find_spec(package)
         except (ImportError, ValueError):
@@ -48,6 +47,26 @@ def resolve_gguf(spec) -> Path:
     if not path.is_file():
         raise EvoError(f"{path}: GGUF file not found")
     return path.resolve()
+
+
+def _names_package(text: str) -> bool:
+    """``pkg:FILE``: a dotted identifier before the colon ("C:\\x.gguf" and real paths are paths)."""
+    package, sep, _ = text.partition(":")
+    return bool(sep) and len(package) > 1 and package.replace(".", "").replace("_", "").isalnum() \
+        and not Path(text).exists()
+
+
+def as_model_dir(spec: str, relative_to: str | os.PathLike | None = None,
+                 cache_dir: str | os.PathLike | None = None) -> str:
+    """A model entry of an experiment config as a directory: a GGUF entry (``x.gguf`` relative
+    to ``relative_to``, or ``pkg:FILE.gguf``) is converted by ``gguf_to_hf_dir``; any other
+    entry is returned unchanged."""
+    if not is_gguf_spec(spec):
+        return spec
+    text = str(spec)
+    if not _names_package(text) and relative_to is not None and not Path(text).expanduser().is_absolute():
+        text = str(Path(relative_to) / text)
+    return str(gguf_to_hf_dir(text, cache_dir=cache_dir))
 
 
 def default_cache_dir() -> Path:

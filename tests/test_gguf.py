@@ -11,7 +11,7 @@ import torch
 gguf = pytest.importorskip("gguf", reason="GGUF sources need the gguf package (pip install 'evo[gguf]')")
 
 from evo.errors import EvoError  # noqa: E402
-from evo.gguf import MARKER, file_sha256, gguf_to_hf_dir, is_gguf_spec, resolve_gguf  # noqa: E402
+from evo.gguf import MARKER, as_model_dir, file_sha256, gguf_to_hf_dir, is_gguf_spec, resolve_gguf  # noqa: E402
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, FFN, CTX = 32, 2, 4, 2, 64, 64
 MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
@@ -164,6 +164,15 @@ def test_cache_dir_from_env(micro, tmp_path, monkeypatch):
     monkeypatch.setenv("EVO_CACHE", str(tmp_path / "evo-cache"))
     out = gguf_to_hf_dir(path)
     assert out.parent == tmp_path / "evo-cache" / "gguf" and (out / MARKER).is_file()
+
+
+def test_config_entry_becomes_a_directory(micro, converted):
+    """What config loading calls per model entry: GGUF paths relative to the config's folder."""
+    path, _ = micro
+    assert as_model_dir("zoo/base", relative_to=path.parent) == "zoo/base"  # not a GGUF: untouched
+    assert as_model_dir(path.name, relative_to=path.parent, cache_dir=converted.parent) == str(converted)
+    with pytest.raises(EvoError, match="nope.gguf: GGUF file not found"):
+        as_model_dir("nope.gguf", relative_to=path.parent, cache_dir=converted.parent)
 
 
 def _one_line(exc: pytest.ExceptionInfo) -> str:
