@@ -190,6 +190,14 @@ class ExperimentConfig:
             raise EvoError(f"{where}: eval: seq_len >= 2, max_blocks >= 1 and batch_size >= 1 are required")
 
     def _resolve_paths(self, base: Path) -> None:
+        from evo.gguf import as_model_dir
+
+        try:  # a GGUF source is de-quantised once into a cached safetensors directory
+            self.models.base = as_model_dir(self.models.base, relative_to=base) if self.models.base else ""
+            self.models.sources = {k: as_model_dir(v, relative_to=base) for k, v in self.models.sources.items()}
+        except EvoError as exc:
+            raise EvoError(f"{self.source}: models: {exc}") from None
+
         def fix(p):
             return p if p is None or Path(p).is_absolute() else str((base / p).resolve())
 

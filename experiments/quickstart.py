@@ -42,7 +42,7 @@ def main(argv=None) -> int:
             "name": "quickstart",
             "zoo": str(zoo.root),
             "search_space": args.space,
-            "eval": {"seq_len": 128, "max_blocks": 12, "batch_size": 12},
+            "eval": {"seq_len": 128, "max_blocks": 48, "batch_size": 16},
             "objectives": [{"name": "mean_logppl", "metric": "logppl", "reduce": "mean", "goal": "minimize"}],
             "optimizer": {"name": "ga", "generations": args.generations, "population": args.population},
             "ray": {"evaluators": args.evaluators, "cpus_per_evaluator": 1, "threads_per_evaluator": 1,
