@@ -1,0 +1,77 @@
+"""The dashboard shows the population: named candidate tasks through the state API (with Ray's
+auth token), and the page renders in headless Chromium."""
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import yaml
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url, token):
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def test_state_api_lists_named_candidate_tasks(micro_zoo, repo_root, tmp_path):
+    port = _free_port()
+    token = "evo-test-" + str(port)
+    space = yaml.safe_load((repo_root / "search_spaces" / "task_arithmetic_layerwise.yaml").read_text())
+    space["layer_groups"] = 2
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    cfg = {"zoo": str(micro_zoo.root), "search_space": str(tmp_path / "space.yaml"),
+           "eval": {"seq_len": 64, "max_blocks": 32, "batch_size": 8},
+           "optimizer": {"name": "random", "generations": 40, "population": 4},
+           "ray": {"evaluators": 1, "cpus_per_evaluator": 0.5, "dashboard": True, "dashboard_port": port}}
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**__import__("os").environ, "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    child = subprocess.Popen([sys.executable, "-m", "evo.cli", "run", str(tmp_path / "exp.yaml"),
+                              "--run-dir", str(tmp_path / "run"), "--quiet"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        names, deadline = set(), time.time() + 240
+        while time.time() < deadline and child.poll() is None:
+            try:
+                tasks = _get(f"{base}/api/v0/tasks?limit=1000", token)["data"]["result"]["result"]
+                names = {t["name"] for t in tasks}
+            except Exception:
+                pass
+            if any(n.startswith("g0001-c") for n in names):
+                break
+            time.sleep(1)
+        assert any(n.startswith("g0000-c000") or n.startswith("g0001-c") for n in names), child.stdout.read()[-2000:] if child.poll() is not None else names
+        one = _get(f"{base}/api/v0/tasks?filter_keys=name&filter_predicates=%3D&filter_values=g0000-c000", token)
+        assert [t["name"] for t in one["data"]["result"]["result"]] == ["g0000-c000"]
+        actors = _get(f"{base}/api/v0/actors?limit=100", token)["data"]["result"]["result"]
+        assert any("evaluator-0" in (a.get("name") or "") for a in actors)
+        # without the token the dashboard refuses
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(f"{base}/api/v0/tasks", timeout=10)
+        if shutil.which("chromium"):
+            shot = tmp_path / "dashboard.png"
+            subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                            "--disable-component-update", "--disable-sync", "--no-first-run",
+                            f"--user-data-dir={tmp_path / 'chrome'}", f"--screenshot={shot}", "--window-size=1280,900",
+                            f"{base}/#/actors"], check=True, capture_output=True, timeout=120)
+            assert shot.stat().st_size > 10_000
+    finally:
+        child.terminate()
+        try:
+            child.wait(30)
+        except subprocess.TimeoutExpired:
+            child.kill()
