@@ -58,7 +58,7 @@ def export(run_dir: str | Path, out: str | Path | None = None, *, lora: str = "m
         _materialise(recipe, paths, staging)
         if recipe.lora:
             _apply_lora(recipe, cfg, staging, lora)
-        _write_release_files(staging, recipe, paths, cfg, ckpt, store)
+        _write_release_files(staging, recipe, paths, cfg, ckpt, store, previous=_previous_release(store, out))
         os.rename(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -104,7 +104,18 @@ def _apply_lora(recipe: Recipe, cfg: ExperimentConfig, target: Path, mode: str) 
     save_file(weights, target / "model.safetensors", metadata={"format": "pt"})
 
 
-def _write_release_files(root: Path, recipe: Recipe, paths: dict, cfg: ExperimentConfig, ckpt: dict, store: RunStore) -> None:
+def _previous_release(store: RunStore, out: Path) -> dict | None:
+    """fitness.json of the newest release before ``out`` in this run, for the card's comparison."""
+    earlier = sorted(p for p in store.releases_dir.glob("v[0-9][0-9][0-9][0-9]") if p.name < out.name)
+    if not earlier or not (earlier[-1] / "fitness.json").is_file():
+        return None
+    return {"name": earlier[-1].name, **json.loads((earlier[-1] / "fitness.json").read_text())}
+
+
+def _write_release_files(root: Path, recipe: Recipe, paths: dict, cfg: ExperimentConfig, ckpt: dict, store: RunStore,
+                         previous: dict | None = None) -> None:
+    from evo.report import lineage
+
     best = ckpt["best"]
     objectives = ckpt["objectives"]
     fitness = {
@@ -120,6 +131,13 @@ def _write_release_files(root: Path, recipe: Recipe, paths: dict, cfg: Experimen
     }
     if "comparison" in ckpt:
         fitness["comparison"] = ckpt["comparison"]
+    fitness["lineage"] = [
+        {"candidate": c["candidate"], "generation": c["generation"], "parents": c.get("parents") or [], "values": c.get("values")}
+        for c in lineage(store.candidates(), best.get("id"))
+    ]
+    if previous:
+        fitness["previous_release"] = {"name": previous["name"], "objectives": previous["objectives"],
+                                       "data_version": previous["data_version"]}
     atomic_write_text(root / "fitness.json", json.dumps(fitness, indent=2))
     atomic_write_text(root / "recipe.yaml", yaml.safe_dump({**recipe.to_dict(), "key": recipe.key()}, sort_keys=False))
     # mergekit form: the same merge with model names replaced by their directories
@@ -150,6 +168,13 @@ def _card(recipe: Recipe, paths: dict, fitness: dict, cfg: ExperimentConfig) -> 
         "|---|---|---|",
         *[f"| {n} | {o['goal']} | {o['value']:.4f} |" for n, o in fitness["objectives"].items()],
     ]
+    prev = fitness.get("previous_release")
+    if prev:
+        lines += ["", f"## Against the previous release ({prev['name']}, data `{prev['data_version']}`)", "",
+                  "| objective | previous | this |", "|---|---|---|"]
+        for n, o in fitness["objectives"].items():
+            old = prev["objectives"].get(n, {}).get("value")
+            lines.append(f"| {n} | {'-' if old is None else f'{old:.4f}'} | {o['value']:.4f} |")
     comp = fitness.get("comparison")
     if comp:
         coll = "test" if any("test" in v for v in comp.values()) else "valid"
@@ -160,6 +185,13 @@ def _card(recipe: Recipe, paths: dict, fitness: dict, cfg: ExperimentConfig) -> 
             m = colls.get(coll, {})
             if "error" not in m and m:
                 lines.append(f"| {label} | " + " | ".join(f"{m[f'logppl/{s}']:.4f}" for s in sets) + f" | {m['mean']:.4f} |")
+    if fitness.get("lineage"):
+        lines += ["", "## Lineage", "", "Ancestors of this candidate back to the first generation:", "",
+                  "| generation | candidate | parents | " + " | ".join(fitness["objectives"]) + " |",
+                  "|---|---|---|" + "---|" * len(fitness["objectives"])]
+        for c in fitness["lineage"]:
+            vals = " | ".join(f"{v:.4f}" for v in c["values"]) if c["values"] else "failed"
+            lines.append(f"| {c['generation']} | {c['candidate']} | {', '.join(c['parents']) or '-'} | {vals} |")
     lines += [
         "",
         "## Recipe",
