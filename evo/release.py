@@ -128,6 +128,7 @@ def _write_release_files(root: Path, recipe: Recipe, paths: dict, cfg: Experimen
             "seq_len": cfg.eval.seq_len, "max_blocks": cfg.eval.max_blocks, "batch_size": cfg.eval.batch_size,
         },
         "objective_specs": objectives,
+        "data_inputs": ckpt.get("data_inputs", {}),
     }
     if "comparison" in ckpt:
         fitness["comparison"] = ckpt["comparison"]
@@ -266,11 +267,12 @@ def verify(release: str | Path, tolerance: float = 1e-3) -> dict[str, float]:
         tokenizer = AutoTokenizer.from_pretrained(root, trust_remote_code=False)
     except Exception as exc:  # any load failure is a broken release
         raise EvoError(f"{root}: model does not load ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})") from None
-    settings = dict(seq_len=ev["seq_len"], max_blocks=ev["max_blocks"], tokenizer=tokenizer.vocab_size)
-    for path in ev["sets"].values():
+    inputs = fitness.get("data_inputs") or {"files": list(ev["sets"].values()),
+                                             "settings": dict(seq_len=ev["seq_len"], max_blocks=ev["max_blocks"])}
+    for path in inputs["files"]:
         if not Path(path).is_file():
             raise EvoError(f"{path}: recorded evaluation data is missing")
-    version = data_version(ev["sets"].values(), **settings)
+    version = data_version(inputs["files"], **inputs["settings"], tokenizer=tokenizer.vocab_size)
     if version != fitness["data_version"]:
         raise EvoError(f"{root}: evaluation data changed since export ({version} != {fitness['data_version']})")
     metrics = {

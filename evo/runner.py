@@ -201,7 +201,8 @@ def _loop(cfg: ExperimentConfig, store: RunStore, *, quiet: bool, stop_after: in
             row["eval_work"] = round(work, 3)  # candidates' worth of evaluation actually done
             row["threshold"] = threshold
             logbook.append(row)
-            store.save_checkpoint(_checkpoint(cfg, optimizer, logbook, space, sources.data_version))
+            store.save_checkpoint({**_checkpoint(cfg, optimizer, logbook, space, sources.data_version),
+                                   "data_inputs": sources.version_inputs})
             store.event("generation_done", **row)
             metrics.generation_done(row, sources.data_version)
             if not quiet:

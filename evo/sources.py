@@ -26,6 +26,7 @@ class Sources:
     data_version: str
     tasks: dict = field(default_factory=dict)  # name -> evo.tasks.Task (pre-tokenised)
     train: np.ndarray | None = None  # token blocks LoRA genes are fitted on (never the eval text)
+    version_inputs: dict = field(default_factory=dict)  # files + settings behind data_version (for verify)
 
     @property
     def has_report_sets(self) -> bool:
@@ -58,10 +59,17 @@ class Sources:
 
             tasks = {name: load_task(path, tokenizer, limit=cfg.eval.task_limit) for name, path in cfg.eval.tasks.items()}
             settings["task_limit"] = cfg.eval.task_limit
-        train = train_blocks(cfg, tokenizer) if _space_has_lora(cfg.search_space) else None
-        version = data_version([*cfg.eval.sets.values(), *cfg.eval.tasks.values(), *cfg.eval.train_sets.values()], **settings)
+        has_lora = _space_has_lora(cfg.search_space)
+        train = train_blocks(cfg, tokenizer) if has_lora else None
+        files = [*cfg.eval.sets.values(), *cfg.eval.tasks.values(), *(cfg.eval.train_sets.values() if has_lora else [])]
+        if has_lora:
+            settings["train_blocks"] = cfg.eval.train_blocks
+        version = data_version(files, **settings)
+        version_inputs = {"files": [str(Path(f).resolve()) for f in files],
+                          "settings": {k: v for k, v in settings.items() if k != "tokenizer"}}
         model_config = config.to_dict()
-        return cls(to_numpy(base), {m: to_numpy(d) for m, d in deltas.items()}, model_config, eval_sets, version, tasks, train)
+        return cls(to_numpy(base), {m: to_numpy(d) for m, d in deltas.items()}, model_config, eval_sets, version, tasks,
+                   train, version_inputs)
 
     @staticmethod
     def _report_paths(cfg: ExperimentConfig) -> dict[str, str]:
