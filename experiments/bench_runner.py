@@ -1,0 +1,324 @@
+"""Runner benchmark on the tiny zoo: Ray throughput with 1 and 2 evaluator actors, per-candidate
+overhead outside merge + forward passes, and resident models against reloading them per candidate.
+
+    python experiments/bench_runner.py                 # 40 candidates, 2 alternating repeats (~3 min)
+    python experiments/bench_runner.py --quick         # 12 candidates, 1 repeat (~1 min)
+
+Needs a built zoo (``python experiments/make_zoo.py --out zoo``). Every process runs torch with
+one thread; on a 2-core machine run nothing else heavy at the same time. Writes the markdown
+table to ``experiments/out/bench_runner.md`` and the raw numbers to ``bench_runner.json``.
+
+What is measured (search space ``search_spaces/task_arithmetic_layerwise.yaml``, evaluation as in
+the quickstart: 3 domains x 48 blocks x 128 tokens, batch 16):
+
+* throughput: the same list of random genomes (fixed seed) through ``evo.pool.EvaluatorPool``
+  with 1 and with 2 actors (``cpus_per_evaluator: 1, threads_per_evaluator: 1``) on one shared
+  embedded local Ray, after the actors are up and warmed; alternating 1, 2, 1, 2, ... repeats.
+* overhead: per candidate, driver wall time from dispatch (``.remote``) to the pool handing the
+  result over, minus the evaluator's own ``merge_s`` and ``eval_s``; as a share of the wall.
+* resident vs reload: in this process without Ray, the resident ``evo.evaluator.Evaluator``
+  against loading base + sources from disk (``load_model_dir``, page cache warm: the best case
+  for reloading), computing task vectors, building a fresh model and merging into it, then the
+  same block log-likelihoods; both must give the same fitness.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+SPACE = ROOT / "search_spaces" / "task_arithmetic_layerwise.yaml"
+EVAL = {"seq_len": 128, "max_blocks": 48, "batch_size": 16}  # the quickstart's evaluation (--max-blocks, --batch-size)
+
+
+def make_config(zoo: str, evaluators: int = 1):
+    from evo.config import ExperimentConfig
+
+    return ExperimentConfig.from_dict({
+        "name": "bench-runner",
+        "zoo": zoo,
+        "search_space": str(SPACE),
+        "eval": dict(EVAL),
+        "objectives": [{"name": "mean_logppl", "metric": "logppl", "reduce": "mean", "goal": "minimize"}],
+        "ray": {"evaluators": evaluators, "cpus_per_evaluator": 1, "threads_per_evaluator": 1,
+                "dashboard": False, "candidate_timeout_s": 600},
+        "seed": 0,
+    })
+
+
+def random_recipes(cfg, n: int, seed: int):
+    from evo.runner import make_space
+
+    space = make_space(cfg)
+    rng = np.random.default_rng(seed)
+    return [space.decode(rng.random(space.dim)) for _ in range(n)]
+
+
+def mean_logppl(metrics: dict) -> float:
+    vals = [v for k, v in metrics.items() if k.startswith("logppl/")]
+    return sum(vals) / len(vals)
+
+
+# ----------------------------------------------------------------------------- Ray throughput
+class _TimedMethod:
+    """Stands in for ``actor.evaluate``: records when each named task is dispatched."""
+
+    def __init__(self, method, sent: dict):
+        self.method, self.sent, self.name = method, sent, None
+
+    def options(self, name=None, **kw):
+        out = _TimedMethod(self.method.options(name=name, **kw), self.sent)
+        out.name = name
+        return out
+
+    def remote(self, *args, **kw):
+        self.sent[self.name] = time.perf_counter()
+        return self.method.remote(*args, **kw)
+
+
+class _TimedActor:
+    def __init__(self, actor, sent: dict):
+        self._actor, self._sent = actor, sent
+
+    @property
+    def evaluate(self):
+        return _TimedMethod(self._actor.evaluate, self._sent)
+
+    def __getattr__(self, item):
+        return getattr(self._actor, item)
+
+
+def pool_run(cfg, sources, recipes, warmup, label: str) -> dict:
+    """One measurement: start a pool, wait for its actors, warm them up, time the candidate list."""
+    from evo.pool import EvaluatorPool
+
+    t_start = time.perf_counter()
+    with EvaluatorPool(cfg, sources, run_name=label, quiet=True) as pool:
+        pool.pids()  # blocks until every actor has built its model from the object store
+        t_ready = time.perf_counter()
+        warm = {f"warm-{i}": (f"{label}-warm-{i}", r) for i, r in enumerate(warmup)}
+        pool.evaluate(warm, lambda k, r: None)
+        real = pool.actors
+        sent: dict[str, float] = {}
+        pool.actors = [_TimedActor(a, sent) for a in real]
+        todo = {r.key(): (f"{label}-c{i:03d}", r) for i, r in enumerate(recipes)}
+        rows = []
+
+        def on_result(key, result):
+            done = time.perf_counter()
+            name = todo[key][0]
+            t = result.get("timings", {})
+            rows.append({"name": name, "status": result["status"], "wall_s": done - sent[name],
+                         "merge_s": t.get("merge_s", 0.0), "eval_s": t.get("eval_s", 0.0),
+                         "value": mean_logppl(result["metrics"]) if result["status"] == "ok" else None})
+
+        try:
+            t0 = time.perf_counter()
+            pool.evaluate(todo, on_result)
+            elapsed = time.perf_counter() - t0
+        finally:
+            pool.actors = real  # so __exit__ kills the real actors
+    bad = [r for r in rows if r["status"] != "ok"]
+    if bad:
+        raise SystemExit(f"{label}: {len(bad)} candidates failed: {bad[0]}")
+    wall = sum(r["wall_s"] for r in rows)
+    inside = sum(r["merge_s"] + r["eval_s"] for r in rows)
+    return {
+        "evaluators": cfg.ray.evaluators,
+        "candidates": len(rows),
+        "elapsed_s": elapsed,
+        "per_minute": 60.0 * len(rows) / elapsed,
+        "startup_s": t_ready - t_start,
+        "mean_wall_s": wall / len(rows),
+        "mean_merge_s": sum(r["merge_s"] for r in rows) / len(rows),
+        "mean_eval_s": sum(r["eval_s"] for r in rows) / len(rows),
+        "overhead_share": (wall - inside) / wall,  # time-weighted over candidates
+        "overhead_share_median": statistics.median((r["wall_s"] - r["merge_s"] - r["eval_s"]) / r["wall_s"] for r in rows),
+        "overhead_ms_median": 1e3 * statistics.median(r["wall_s"] - r["merge_s"] - r["eval_s"] for r in rows),
+        "values": {r["name"].split("-c")[-1]: r["value"] for r in rows},
+    }
+
+
+def bench_ray(zoo: str, recipes, warmup, repeats: int) -> list[dict]:
+    import ray
+
+    from evo.sources import Sources
+
+    sources = Sources.load(make_config(zoo))
+    tmp = tempfile.mkdtemp(prefix="rayb-", dir="/tmp")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2,
+             log_to_driver=False, configure_logging=False, _temp_dir=tmp)
+    out = []
+    try:
+        for rep in range(repeats):
+            for n in (1, 2):
+                res = pool_run(make_config(zoo, n), sources, recipes, warmup[: 2 * n], f"b{rep}e{n}")
+                res["repeat"] = rep
+                print(f"  repeat {rep}, {n} evaluator(s): {res['per_minute']:.1f} candidates/min, "
+                      f"overhead {100 * res['overhead_share']:.1f}% (median {res['overhead_ms_median']:.1f} ms), "
+                      f"load {os.getloadavg()[0]:.2f}", flush=True)
+                out.append(res)
+    finally:
+        ray.shutdown()
+    return out
+
+
+# ----------------------------------------------------------------------------- resident vs reload
+def bench_reload(zoo: str, recipes) -> dict:
+    from evo.evaluator import Evaluator, build_model
+    from evo.fitness import block_nlls
+    from evo.merge import Merger, load_model_dir, task_vectors
+    from evo.sources import Sources
+
+    cfg = make_config(zoo)
+    sources = Sources.load(cfg)
+    valid = {name: torch.from_numpy(np.array(b, dtype=np.int64)) for name, b in sources.eval_sets["valid"].items()}
+    bs = cfg.eval.batch_size
+
+    ev = Evaluator(sources.base, sources.deltas, sources.model_config, sources.eval_sets, threads=1, batch_size=bs)
+    torch.set_num_threads(1)
+
+    def from_disk(recipe) -> tuple[float, dict]:
+        t0 = time.perf_counter()
+        base, config = load_model_dir(cfg.models.base)
+        models = {name: load_model_dir(path)[0] for name, path in cfg.models.sources.items()}
+        deltas = task_vectors(base, models)
+        model = build_model(config.to_dict())
+        merger = Merger(base, deltas, num_layers=config.num_hidden_layers, out=model.state_dict())
+        t1 = time.perf_counter()
+        merger.merge(recipe.merge, seed=recipe.seed)
+        t2 = time.perf_counter()
+        value = sum(float(block_nlls(model, blocks, bs).mean()) for blocks in valid.values()) / len(valid)
+        t3 = time.perf_counter()
+        return value, {"load_s": t1 - t0, "merge_s": t2 - t1, "eval_s": t3 - t2, "total_s": t3 - t0}
+
+    ev.evaluate(recipes[0].to_dict())  # warm-up, as a running actor is
+    from_disk(recipes[0])  # warm-up: page cache and imports, in favour of the baseline
+    resident, reload, diffs = [], [], []
+    for r in recipes:  # interleaved, so drift in machine load hits both the same
+        t0 = time.perf_counter()
+        res = ev.evaluate(r.to_dict())
+        total = time.perf_counter() - t0
+        assert res["status"] == "ok", res
+        resident.append({"merge_s": res["timings"]["merge_s"], "eval_s": res["timings"]["eval_s"], "total_s": total})
+        value, t = from_disk(r)
+        reload.append(t)
+        diffs.append(abs(value - mean_logppl(res["metrics"])))
+    diff = max(diffs)
+    assert diff < 1e-5, f"resident and reloaded fitness differ by {diff}"
+    m = lambda rows, k: statistics.mean(x[k] for x in rows)
+    return {
+        "candidates": len(recipes),
+        "resident": {k: m(resident, k) for k in resident[0]},
+        "reload": {k: m(reload, k) for k in reload[0]},
+        "speedup": m(reload, "total_s") / m(resident, "total_s"),
+        "materialise_speedup": (m(reload, "load_s") + m(reload, "merge_s")) / m(resident, "merge_s"),
+        "max_fitness_diff": diff,
+    }
+
+
+# ----------------------------------------------------------------------------- report
+def table(ray_rows: list[dict], reload: dict, n: int) -> str:
+    by = {1: [r for r in ray_rows if r["evaluators"] == 1], 2: [r for r in ray_rows if r["evaluators"] == 2]}
+    med = {k: statistics.median(r["per_minute"] for r in v) for k, v in by.items()}
+    speedup = med[2] / med[1]
+    pairs = [b["per_minute"] / a["per_minute"] for a, b in zip(by[1], by[2])]
+    lines = [
+        f"Tiny zoo, `task_arithmetic_layerwise` (12 genes), {n} random candidates; "
+        f"evaluation: 3 domains x {EVAL['max_blocks']} blocks x {EVAL['seq_len']} tokens; 1 torch thread per process.",
+        "",
+        "| measurement | 1 evaluator | 2 evaluators | goal |",
+        "|---|---|---|---|",
+        f"| candidates / minute (median of {len(by[1])}) | {med[1]:.1f} | {med[2]:.1f} | |",
+        f"| speed-up 2 vs 1 | | **{speedup:.2f}x** (runs: {', '.join(f'{p:.2f}' for p in pairs)}) | >= 1.6x |",
+        f"| wall per candidate at the driver (median run) | {1e3 * statistics.median(r['mean_wall_s'] for r in by[1]):.0f} ms "
+        f"| {1e3 * statistics.median(r['mean_wall_s'] for r in by[2]):.0f} ms | |",
+        f"| merge / forward passes per candidate | {1e3 * statistics.median(r['mean_merge_s'] for r in by[1]):.0f} / "
+        f"{1e3 * statistics.median(r['mean_eval_s'] for r in by[1]):.0f} ms | "
+        f"{1e3 * statistics.median(r['mean_merge_s'] for r in by[2]):.0f} / "
+        f"{1e3 * statistics.median(r['mean_eval_s'] for r in by[2]):.0f} ms | |",
+        f"| overhead (wall - merge - eval) / wall | {100 * statistics.median(r['overhead_share'] for r in by[1]):.1f}% "
+        f"(median {statistics.median(r['overhead_ms_median'] for r in by[1]):.1f} ms) | "
+        f"{100 * statistics.median(r['overhead_share'] for r in by[2]):.1f}% "
+        f"(median {statistics.median(r['overhead_ms_median'] for r in by[2]):.1f} ms) | < 10% |",
+        f"| pool start-up (Ray already up; actors built) | {statistics.median(r['startup_s'] for r in by[1]):.1f} s "
+        f"| {statistics.median(r['startup_s'] for r in by[2]):.1f} s | |",
+        "",
+        "| per candidate, one process, no Ray (interleaved) | materialise the model | forward passes | total |",
+        "|---|---|---|---|",
+        f"| resident `Evaluator` (merge in place) | {1e3 * reload['resident']['merge_s']:.1f} ms | "
+        f"{1e3 * reload['resident']['eval_s']:.0f} ms | {1e3 * reload['resident']['total_s']:.0f} ms |",
+        f"| reload from disk (load 4 models + task vectors + fresh model: {1e3 * reload['reload']['load_s']:.0f} ms; "
+        f"merge: {1e3 * reload['reload']['merge_s']:.1f} ms) | {1e3 * (reload['reload']['load_s'] + reload['reload']['merge_s']):.0f} ms | "
+        f"{1e3 * reload['reload']['eval_s']:.0f} ms | {1e3 * reload['reload']['total_s']:.0f} ms |",
+        f"| **speed-up of resident models** | **{reload['materialise_speedup']:.0f}x** | | **{reload['speedup']:.2f}x** |",
+        "",
+        f"Same fitness both ways: max |difference| of mean log-perplexity = {reload['max_fitness_diff']:.1e} over {reload['candidates']} candidates.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--zoo", default=str(ROOT / "zoo"))
+    p.add_argument("--candidates", type=int, default=40)
+    p.add_argument("--repeats", type=int, default=2, help="alternating 1- and 2-actor measurements")
+    p.add_argument("--reload-candidates", type=int, default=None, help="default: all candidates")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-blocks", type=int, default=EVAL["max_blocks"], help="evaluation blocks per domain")
+    p.add_argument("--batch-size", type=int, default=EVAL["batch_size"])
+    p.add_argument("--quick", action="store_true", help="12 candidates, 1 repeat")
+    p.add_argument("--out", default=str(ROOT / "experiments" / "out"))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.candidates, args.repeats = min(args.candidates, 12), 1
+    EVAL.update(max_blocks=args.max_blocks, batch_size=args.batch_size)
+    if not (Path(args.zoo) / "zoo.json").is_file():
+        print(f"bench_runner: no zoo at {args.zoo} (python experiments/make_zoo.py --out zoo)", file=sys.stderr)
+        return 2
+    from evo.runner import baseline_recipes
+
+    t0 = time.time()
+    cfg = make_config(args.zoo)
+    recipes = random_recipes(cfg, args.candidates, args.seed)
+    warmup = list(baseline_recipes(cfg).values())
+    print(f"load average at start: {os.getloadavg()[0]:.2f}")
+    print("Ray throughput:", flush=True)
+    ray_rows = bench_ray(args.zoo, recipes, warmup, args.repeats)
+    # both pools scored the same recipes: the fitness must not depend on the actor count
+    v1, v2 = ray_rows[0]["values"], ray_rows[1]["values"]
+    assert all(abs(v1[k] - v2[k]) < 1e-6 for k in v1), "1- and 2-actor fitness differ"
+    print("resident vs reload:", flush=True)
+    reload = bench_reload(args.zoo, recipes[: args.reload_candidates or len(recipes)])
+    text = table(ray_rows, reload, args.candidates)
+    text += f"\nWall time of the benchmark: {time.time() - t0:.0f} s; load average at the end: {os.getloadavg()[0]:.2f}.\n"
+    print()
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_runner.md").write_text(text)
+    for r in ray_rows:
+        r.pop("values")
+    (out / "bench_runner.json").write_text(json.dumps({"ray": ray_rows, "reload": reload, "args": vars(args)}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
