@@ -31,6 +31,6 @@ def export(run_dir, out=None):
 
 
 def report(run_dir, out=None):
-    from evo.report import report as _report
+    from evo.reporting import report as _report
 
     return _report(run_dir, out)

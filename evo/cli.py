@@ -65,7 +65,7 @@ def _cmd_verify(args) -> None:
 
 
 def _cmd_report(args) -> None:
-    from evo.report import report
+    from evo.reporting import report
 
     print(report(args.run_dir, args.out))
 

@@ -114,7 +114,7 @@ def _previous_release(store: RunStore, out: Path) -> dict | None:
 
 def _write_release_files(root: Path, recipe: Recipe, paths: dict, cfg: ExperimentConfig, ckpt: dict, store: RunStore,
                          previous: dict | None = None) -> None:
-    from evo.report import lineage
+    from evo.reporting import lineage
 
     best = ckpt["best"]
     objectives = ckpt["objectives"]
