@@ -24,10 +24,10 @@ def resume(run_dir, **kw):
     return _resume(run_dir, **kw)
 
 
-def export(run_dir, out=None):
+def export(run_dir, out=None, **kw):
     from evo.release import export as _export
 
-    return _export(run_dir, out)
+    return _export(run_dir, out, **kw)
 
 
 def report(run_dir, out=None):
