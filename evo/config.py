@@ -73,7 +73,7 @@ class EvalConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: str = "ga"
+    name: str = "cmaes"  # bench_search: CMA-ES reached a lower median best than the GA at equal budget
     generations: int = 8
     population: int = 16
     options: dict[str, Any] = field(default_factory=dict)
