@@ -114,13 +114,10 @@ class ExperimentConfig:
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ExperimentConfig":
+        from evo.data import read_yaml
+
         path = Path(path)
-        if not path.is_file():
-            raise EvoError(f"{path}: experiment config not found")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise EvoError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+        data = read_yaml(path, "experiment config")
         return cls.from_dict(data or {}, source=str(path), base_dir=path.parent)
 
     @classmethod

@@ -37,6 +37,19 @@ PARTIAL_SUFFIXES = (".tmp", ".part")
 CONTENT_SETTINGS = ("seq_len", "heldout_frac", "seed", "min_chars", "near_dup_threshold", "num_perm", "tokenizer")
 
 
+def read_yaml(path: str | Path, what: str):
+    """A user's YAML file, or a one-line EvoError naming it (missing file, bad syntax)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise EvoError(f"{path}: {what} not found")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise EvoError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+
+
 def read_texts(path: str | Path) -> list[str]:
     """Documents of a ``.jsonl`` file (one ``{"text": ...}`` per line) or a plain text file."""
     path = Path(path)

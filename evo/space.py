@@ -217,13 +217,10 @@ class SearchSpaceSpec:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "SearchSpaceSpec":
+        from evo.data import read_yaml
+
         path = Path(path)
-        if not path.is_file():
-            raise EvoError(f"{path}: search space file not found")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise EvoError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+        data = read_yaml(path, "search space file")
         return cls.from_dict(data, source=str(path))
 
     @classmethod
