@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import yaml
 
 from evo.errors import EvoError
 from evo.merge.config import MergeConfig, ModelEntry
