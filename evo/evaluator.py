@@ -93,19 +93,40 @@ class Evaluator:
             for coll, sets in eval_sets.items()
         }
 
+    epoch = 0  # which data update this evaluator holds (0: the constructor's)
+
+    def update(self, epoch: int, eval_sets=None, train=None, deltas=None) -> int:
+        """Swap in new data without restarting: evaluation blocks, LoRA training blocks and
+        replaced task vectors (``{model: {tensor: array}}``). Returns the pid (a readiness probe)."""
+        if eval_sets is not None:
+            self.eval_sets = {
+                coll: {name: torch.from_numpy(np.array(blocks, dtype=np.int64)) for name, blocks in sets.items()}
+                for coll, sets in eval_sets.items()
+            }
+        if train is not None:
+            self.train = torch.from_numpy(np.array(train, dtype=np.int64)) if len(train) else None
+        for model, delta in (deltas or {}).items():
+            self.merger.set_delta(model, from_numpy(delta))
+        self.epoch = epoch
+        return os.getpid()
+
     def __repr__(self) -> str:  # the dashboard's Repr column
         return f"Evaluator({self.name}, device={self.device}, pid={os.getpid()})"
 
     def pid(self) -> int:
         return os.getpid()
 
-    def evaluate(self, recipe: dict, collection: str = "valid", reject_above: float | None = None) -> dict:
+    def evaluate(self, recipe: dict, collection: str = "valid", reject_above: float | None = None,
+                 epoch: int = 0) -> dict:
         """Score one recipe. Never raises for a bad candidate: returns ``status: failed``.
 
         ``reject_above``: early rejection threshold on the mean log-perplexity (see
         ``evo.config.EarlyRejection``); the candidate then comes back ``rejected`` with the
-        partial estimate as its metrics.
+        partial estimate as its metrics. ``epoch``: the data update the caller expects; an
+        evaluator holding another (one Ray restarted from its constructor) answers ``stale``.
         """
+        if epoch != self.epoch:
+            return {"status": "stale", "epoch": self.epoch}
         t0 = time.perf_counter()
         try:
             rec = Recipe.from_dict(recipe)

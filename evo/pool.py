@@ -22,6 +22,10 @@ from evo.evaluator import Evaluator
 from evo.sources import Sources
 
 
+class Interrupted(EvoError):
+    """A stop was requested (SIGINT/SIGTERM) while candidates were being evaluated."""
+
+
 def start_ray(cfg: ExperimentConfig) -> tuple[bool, str | None]:
     """Connect to a cluster (``ray.address`` / ``RAY_ADDRESS``) or start an embedded local Ray.
 
@@ -103,7 +107,26 @@ class EvaluatorPool:
                 )
             )
         self._refs = (base_ref, deltas_ref, eval_ref, tasks_ref, train_ref)
+        self.epoch = 0
+        self._update_refs: dict = {}
         return self
+
+    def update(self, *, eval_sets=None, train=None, deltas=None) -> None:
+        """Ship new data to every evaluator (once through the object store) and wait for it.
+
+        Later calls to :meth:`evaluate` carry the new epoch; an actor that Ray restarted from its
+        constructor (old data) answers ``stale`` and is updated again before it retries.
+        """
+        self.epoch += 1
+        refs = {"eval_sets": None if eval_sets is None else ray.put(eval_sets),
+                "train": None if train is None else ray.put(train),
+                "deltas": None if deltas is None else ray.put(deltas)}
+        # an actor restarted later needs everything since its constructor, not just this change
+        self._update_refs = {**self._update_refs, **{k: v for k, v in refs.items() if v is not None}}
+        ray.get([self._send_update(a) for a in self.actors])
+
+    def _send_update(self, actor):
+        return actor.update.remote(self.epoch, **self._update_refs)
 
     def __exit__(self, *exc) -> None:
         for actor in self.actors:
@@ -124,20 +147,27 @@ class EvaluatorPool:
 
     # ------------------------------------------------------------------ dispatch
     def evaluate(self, todo: dict, on_result: Callable[[str, dict], None], *, desc: str = "", collection: str = "valid",
-                 reject_above: float | None = None) -> None:
-        """Evaluate ``todo = {key: (task name, Recipe)}``, calling ``on_result(key, result)`` as each ends."""
+                 reject_above: float | None = None, should_stop: Callable[[], bool] | None = None) -> None:
+        """Evaluate ``todo = {key: (task name, Recipe)}``, calling ``on_result(key, result)`` as each ends.
+
+        ``should_stop``: polled about once a second; when it turns true, candidates still
+        running are abandoned (their actors are killed on exit) and :class:`Interrupted` is
+        raised. Results already delivered stay delivered, so nothing finished is lost.
+        """
         queue = [(key, name, recipe.to_dict(), 0) for key, (name, recipe) in todo.items()]
         idle = list(range(len(self.actors)))
         inflight: dict = {}  # ref -> (key, name, recipe, attempt, actor index, start time)
         timeout = self.cfg.ray.candidate_timeout_s
-        failed = 0
+        failed = stale_updates = 0
         bar = tqdm(total=len(queue), desc=desc, disable=self.quiet or not queue, leave=False, unit="cand")
         try:
             while queue or inflight:
+                if should_stop is not None and should_stop():
+                    raise Interrupted(f"stopped with {len(queue) + len(inflight)} candidate(s) of {desc or 'this batch'} unfinished")
                 while queue and idle:
                     key, name, recipe, attempt = queue.pop(0)
                     a = idle.pop(0)
-                    ref = self.actors[a].evaluate.options(name=name).remote(recipe, collection, reject_above)
+                    ref = self.actors[a].evaluate.options(name=name).remote(recipe, collection, reject_above, self.epoch)
                     inflight[ref] = (key, name, recipe, attempt, a, time.time())
                 if not ray.is_initialized():
                     raise EvoError("Ray was shut down while candidates were running")
@@ -153,6 +183,13 @@ class EvaluatorPool:
                             queue.append((key, name, recipe, attempt + 1))
                             continue
                         result = {"status": "failed", "error": f"worker lost after {attempt + 1} attempts: {type(exc).__name__}"}
+                    if result.get("status") == "stale":  # restarted with its constructor's data
+                        if stale_updates > 4 * len(self.actors):
+                            raise EvoError("evaluators keep losing their data updates; giving up")
+                        stale_updates += 1
+                        ray.get(self._send_update(self.actors[a]))
+                        queue.insert(0, (key, name, recipe, attempt))
+                        continue
                     result["attempts"] = attempt + 1
                     failed += result["status"] != "ok"
                     on_result(key, result)

@@ -29,7 +29,8 @@ from evo.errors import EvoError
 from evo.fitness import objective_values
 from evo.metrics import RunMetrics
 from evo.optim import make_optimizer, restore_optimizer
-from evo.pool import EvaluatorPool, Sources
+from evo.pool import EvaluatorPool, Interrupted, Sources
+from evo.signals import StopSignals
 from evo.space import Recipe, SearchSpace
 from evo.store import RunStore
 
@@ -139,79 +140,38 @@ def _loop(cfg: ExperimentConfig, store: RunStore, *, quiet: bool, stop_after: in
     set_names = list(cfg.eval.sets)
     task_names = list(cfg.eval.tasks)
 
-    with EvaluatorPool(cfg, sources, run_name=store.root.name, quiet=quiet) as pool:
+    comparison: dict = {}
+    best = optimizer.best()
+    with EvaluatorPool(cfg, sources, run_name=store.root.name, quiet=quiet) as pool, StopSignals() as stop:
         if not quiet and pool.dashboard_url:
             print(f"Ray dashboard: {pool.dashboard_url}  (token auth: see README)")
         store.event("ray_started", dashboard=pool.dashboard_url, evaluators=pool.size, data_version=sources.data_version)
         metrics = RunMetrics(store.root.name, objective_names)
+        step = GenerationStep(cfg, space, optimizer, pool, store, cache, metrics, data_key=sources.data_version,
+                              set_names=set_names, task_names=task_names)
         stopped = False
-        for gen in range(start, cfg.optimizer.generations):
-            if stop_after is not None and gen - start >= stop_after:
-                stopped = True
-                break
-            t0 = time.time()
-            genomes = optimizer.ask()
-            parents = optimizer.parents()
-            names = [f"g{gen:04d}-c{i:03d}" for i in range(len(genomes))]
-            recipes, keys = [], []
-            todo: dict[str, tuple[str, Recipe]] = {}
-            for i, genome in enumerate(genomes):
-                try:
-                    recipe = space.decode(genome)
-                except EvoError as exc:  # e.g. a method gene picked slerp for three models
-                    recipe, key = None, f"invalid-{names[i]}|{sources.data_version}"
-                    cache[key] = {"status": "failed", "error": f"invalid recipe: {exc}"}
-                else:
-                    key = f"{recipe.key()}|{sources.data_version}"
-                    if key not in cache and key not in todo:
-                        todo[key] = (names[i], recipe)
-                recipes.append(recipe)
-                keys.append(key)
-
-            def on_result(key, result):
-                cache[key] = result
-                store.cache_put(key, result)  # written at once: a resume never re-evaluates it
-                metrics.candidate(result["status"])
-
-            threshold = _rejection_threshold(cfg, optimizer)
-            pool.evaluate(todo, on_result, desc=f"generation {gen}", reject_above=threshold)
-            values, n_failed, n_rejected, work = [], 0, 0, 0.0
-            for i, (key, recipe, genome) in enumerate(zip(keys, recipes, genomes)):
-                result = cache[key]
-                scored = result["status"] in ("ok", "rejected")  # rejected: its partial estimate
-                vals = objective_values(result["metrics"], cfg.objectives, set_names, task_names) if scored else None
-                n_failed += not scored
-                n_rejected += result["status"] == "rejected"
-                if key in todo:
-                    work += result.get("evaluated_fraction", 1.0)
-                values.append(vals)
-                store.record_candidate(
-                    {
-                        "generation": gen, "candidate": names[i], "parents": parents[i], "key": key,
-                        "cached": key not in todo, "status": result["status"], "error": result.get("error"),
-                        "values": vals, "metrics": result.get("metrics"), "timings": result.get("timings"),
-                        "genome": list(map(float, genome)), "recipe": recipe.to_dict() if recipe else None,
-                        "data_version": sources.data_version, "evaluated_fraction": result.get("evaluated_fraction"),
-                    }
-                )
-            optimizer.tell(genomes, values, names)
-            row = _log_row(gen, values, objective_names, n_evals=len(todo), n_cached=len(genomes) - len(todo),
-                           n_failed=n_failed, best=optimizer.best(), seconds=time.time() - t0)
-            row["rejected"] = n_rejected
-            row["eval_work"] = round(work, 3)  # candidates' worth of evaluation actually done
-            row["threshold"] = threshold
-            logbook.append(row)
-            store.save_checkpoint({**_checkpoint(cfg, optimizer, logbook, space, sources.data_version),
-                                   "data_inputs": sources.version_inputs})
-            store.event("generation_done", **row)
-            metrics.generation_done(row, sources.data_version)
-            if not quiet:
-                _print_row(row, objective_names, header=(gen == start))
-        comparison = {}
+        try:
+            for gen in range(start, cfg.optimizer.generations):
+                if (stop_after is not None and gen - start >= stop_after) or stop.requested():
+                    stopped = True
+                    break
+                row = step.run(gen, should_stop=stop.requested)
+                logbook.append(row)
+                store.save_checkpoint({**_checkpoint(cfg, optimizer, logbook, space, sources.data_version),
+                                       "data_inputs": sources.version_inputs})
+                store.event("generation_done", **row)
+                metrics.generation_done(row, sources.data_version)
+                if not quiet:
+                    _print_row(row, objective_names, header=(gen == start))
+        except Interrupted as exc:  # SIGINT/SIGTERM mid-generation: finished candidates are cached
+            stopped = True
+            store.event("run_stopped", reason=str(exc))
         best = optimizer.best()
         if not stopped and best is not None:
             done = True
             comparison = _compare(cfg, pool, space, best, store, quiet)
+        elif stopped and not quiet:
+            print(f"stopped after generation {optimizer.generation - 1}; continue with `evo resume {store.root}`")
     if done:
         store.event("run_finished", generations=cfg.optimizer.generations)
     return RunResult(
@@ -223,6 +183,98 @@ def _loop(cfg: ExperimentConfig, store: RunStore, *, quiet: bool, stop_after: in
         comparison,
         pool.dashboard_url,
     )
+
+
+class GenerationStep:
+    """One generation: ask, decode, evaluate what the cache lacks, record, tell.
+
+    Shared by the fixed-data loop here and the continual loop (``evo.continual``), which passes
+    its own ``data_key`` (data version and current release) and evaluation set names.
+    """
+
+    def __init__(self, cfg, space, optimizer, pool, store, cache, metrics, *, data_key: str,
+                 set_names: list[str], task_names: list[str], extra: dict | None = None):
+        self.cfg, self.space, self.optimizer, self.pool = cfg, space, optimizer, pool
+        self.store, self.cache, self.metrics = store, cache, metrics
+        self.data_key, self.set_names, self.task_names = data_key, set_names, task_names
+        self.extra = extra or {}  # fields added to every candidate record (e.g. the stream version)
+        self.objective_names = [o.name for o in cfg.objectives]
+
+    def on_result(self, key: str, result: dict) -> None:
+        self.cache[key] = result
+        self.store.cache_put(key, result)  # written at once: a resume never re-evaluates it
+        self.metrics.candidate(result["status"])
+
+    def key(self, recipe: Recipe) -> str:
+        return f"{recipe.key()}|{self.data_key}"
+
+    def values(self, result: dict) -> list[float] | None:
+        if result["status"] not in ("ok", "rejected"):  # rejected: its partial estimate
+            return None
+        return objective_values(result["metrics"], self.cfg.objectives, self.set_names, self.task_names)
+
+    def evaluate(self, named: dict[str, Recipe], *, desc: str, should_stop=None, reject_above=None) -> dict[str, str]:
+        """Evaluate ``{candidate name: recipe}`` unless cached; returns name -> cache key."""
+        keys, todo = {}, {}
+        for name, recipe in named.items():
+            key = keys[name] = self.key(recipe)
+            if key not in self.cache and key not in todo:
+                todo[key] = (name, recipe)
+        self.pool.evaluate(todo, self.on_result, desc=desc, reject_above=reject_above, should_stop=should_stop)
+        self._fresh = set(todo)
+        return keys
+
+    def run(self, gen: int, *, should_stop=None) -> dict:
+        t0 = time.time()
+        optimizer, space, cfg = self.optimizer, self.space, self.cfg
+        genomes = optimizer.ask()
+        parents = optimizer.parents()
+        names = [f"g{gen:04d}-c{i:03d}" for i in range(len(genomes))]
+        recipes: list[Recipe | None] = []
+        valid: dict[str, Recipe] = {}
+        invalid: dict[str, str] = {}
+        for name, genome in zip(names, genomes):
+            try:
+                recipe = space.decode(genome)
+            except EvoError as exc:  # e.g. a method gene picked slerp for three models
+                recipe = None
+                key = invalid[name] = f"invalid-{name}|{self.data_key}"
+                self.cache[key] = {"status": "failed", "error": f"invalid recipe: {exc}"}
+            else:
+                valid[name] = recipe
+            recipes.append(recipe)
+        threshold = _rejection_threshold(cfg, optimizer)
+        keys = {**self.evaluate(valid, desc=f"generation {gen}", should_stop=should_stop, reject_above=threshold),
+                **invalid}
+        values, n_failed, n_rejected, work = [], 0, 0, 0.0
+        for name, recipe, genome, parent_ids in zip(names, recipes, genomes, parents):
+            key = keys[name]
+            result = self.cache[key]
+            vals = self.values(result)
+            n_failed += vals is None
+            n_rejected += result["status"] == "rejected"
+            fresh = key in self._fresh
+            if fresh:
+                work += result.get("evaluated_fraction", 1.0)
+            values.append(vals)
+            self.store.record_candidate(
+                {
+                    "generation": gen, "candidate": name, "parents": parent_ids, "key": key,
+                    "cached": not fresh, "status": result["status"], "error": result.get("error"),
+                    "values": vals, "metrics": result.get("metrics"), "timings": result.get("timings"),
+                    "genome": list(map(float, genome)), "recipe": recipe.to_dict() if recipe else None,
+                    "data_version": self.data_key, "evaluated_fraction": result.get("evaluated_fraction"),
+                    "lora": result.get("lora"), **self.extra,
+                }
+            )
+        optimizer.tell(genomes, values, names)
+        n_fresh = len(self._fresh)
+        row = _log_row(gen, values, self.objective_names, n_evals=n_fresh, n_cached=len(genomes) - n_fresh,
+                       n_failed=n_failed, best=optimizer.best(), seconds=time.time() - t0)
+        row["rejected"] = n_rejected
+        row["eval_work"] = round(work, 3)  # candidates' worth of evaluation actually done
+        row["threshold"] = threshold
+        return row
 
 
 def _rejection_threshold(cfg: ExperimentConfig, optimizer) -> float | None:

@@ -353,12 +353,15 @@ class SearchSpace:
             out.append(min(max(gene.encode(value), 0.0), 1.0))
         return np.asarray(out, dtype=np.float64)
 
-    def uniform_genome(self, **values) -> np.ndarray:
-        """A genome with every slot of gene ``g`` set to ``values[g]`` (others at the centre)."""
+    def uniform_genome(self, per_model: dict[str, dict] | None = None, **values) -> np.ndarray:
+        """A genome with every slot of gene ``g`` set to ``values[g]`` (others at the centre);
+        ``per_model[m][g]`` overrides gene ``g`` for model ``m`` (e.g. one model at weight 1)."""
         out = np.full(self.dim, 0.5)
         for i, slot in enumerate(self.slots):
-            if slot.gene in values:
-                out[i] = min(max(self.spec.genes[slot.gene][0].encode(values[slot.gene]), 0.0), 1.0)
+            own = (per_model or {}).get(slot.model, {})
+            if slot.gene in own or slot.gene in values:
+                value = own.get(slot.gene, values.get(slot.gene))
+                out[i] = min(max(self.spec.genes[slot.gene][0].encode(value), 0.0), 1.0)
         return out
 
     def _merge_config(self, method, per_model, glob) -> MergeConfig:

@@ -92,6 +92,12 @@ class Merger:
         self._t = {n: layer_t(n, self.num_layers) for n in self.base}
         self._cache: dict = {}  # statistics of the fixed sources (norms, dots), reused across merges
 
+    def set_delta(self, model: str, delta: Mapping[str, Tensor]) -> None:
+        """Add or replace one source's task vector (the continual loop's current release)."""
+        _check_same_tensors(self.base, delta, model)
+        self.deltas[model] = {n: delta[n].to(self.device) for n in self.base}
+        self._cache.clear()  # cached norms and dot products may involve the old vector
+
     def merge(self, config: MergeConfig, seed: int = 0) -> dict[str, Tensor]:
         """Merge ``config`` into the output buffers and return them (the same objects every call).
 

@@ -38,7 +38,7 @@ class CMAES(GeneticAlgorithm):
                 samples = self.strategy.generate(list)
             finally:
                 np.random.set_state(outer)
-            self.raw = [list(map(float, s)) for s in samples]
+            self.raw = self._with_injected([list(map(float, s)) for s in samples])  # injected: inside the cube
             self.pending = [np.clip(s, 0.0, 1.0).tolist() for s in self.raw]
         return [np.asarray(g) for g in self.pending]
 

@@ -67,6 +67,7 @@ class GeneticAlgorithm:
         self.hall_of_fame: list[Evaluated] = []
         self.pending: list[list[float]] = []
         self.pending_parents: list[list[str]] = []  # ids of each pending genome's parents
+        self.injected: list[list[float]] = []  # known-good genomes the next generation must include
         self.random = RandomState.seeded(seed)
         self.np_rng = np.random.default_rng(seed)
 
@@ -79,8 +80,47 @@ class GeneticAlgorithm:
             genomes = self.initial[: self.population_size] + self.np_rng.random((n_random, self.dim)).tolist()
         else:
             genomes = self._breed(self.population_size - self.elites)
-        self.pending = [list(map(float, g)) for g in genomes]
+        self.pending = self._with_injected([list(map(float, g)) for g in genomes])
         return [np.asarray(g) for g in self.pending]
+
+    # ------------------------------------------------------------------ a changing objective
+    def inject(self, genomes: Sequence[Sequence[float]]) -> None:
+        """Make the next generation include ``genomes`` (they replace its last members).
+
+        The continual loop injects the current release and the best recipe so far when a new
+        data version arrives, so the search restarts from them, not from scratch.
+        """
+        self.injected = [list(map(float, np.clip(g, 0.0, 1.0))) for g in genomes]
+
+    def _with_injected(self, genomes: list[list[float]]) -> list[list[float]]:
+        if not self.injected:
+            return genomes
+        k = min(len(self.injected), len(genomes))
+        out = genomes[: len(genomes) - k] + self.injected[:k]
+        if self.pending_parents:
+            self.pending_parents = self.pending_parents[: len(genomes) - k] + [[] for _ in range(k)]
+        self.injected = []
+        return out
+
+    def rescore(self, values: dict[tuple, list[float] | None]) -> None:
+        """Replace remembered fitness after the data changed: ``values`` maps a genome (as a
+        tuple) to its objective values on the new data. Entries not in ``values`` keep theirs."""
+        for e in [*self.population, *self.hall_of_fame, *getattr(self, "front", [])]:
+            key = tuple(map(float, e.genome))
+            if key in values:
+                e.values = None if values[key] is None else list(map(float, values[key]))
+        self.population = self._ranked(self.population)
+        self.hall_of_fame = self._ranked(self.hall_of_fame)
+
+    def remembered(self) -> list[Evaluated]:
+        """Every candidate whose fitness the optimizer still uses (population, hall of fame, front)."""
+        seen, out = set(), []
+        for e in [*self.population, *self.hall_of_fame, *getattr(self, "front", [])]:
+            key = tuple(map(float, e.genome))
+            if key not in seen:
+                seen.add(key)
+                out.append(e)
+        return out
 
     def tell(self, genomes: Sequence[Sequence[float]], values: Sequence[Sequence[float] | None], ids=None) -> None:
         """Values in objective order, ``None`` for a failed candidate; ``ids`` name the candidates."""
@@ -160,6 +200,7 @@ class GeneticAlgorithm:
             "hall_of_fame": [e.to_dict() for e in self.hall_of_fame],
             "pending": self.pending,
             "pending_parents": self.pending_parents,
+            "injected": self.injected,
             "random": self.random.to_json(),
             "numpy": numpy_state_to_json(self.np_rng),
         }
@@ -172,6 +213,7 @@ class GeneticAlgorithm:
         opt.hall_of_fame = [Evaluated.from_dict(d) for d in state["hall_of_fame"]]
         opt.pending = state["pending"]
         opt.pending_parents = state.get("pending_parents", [])
+        opt.injected = state.get("injected", [])
         opt.random = RandomState.from_json(state["random"])
         opt.np_rng = numpy_rng_from_json(state["numpy"])
         return opt

@@ -61,6 +61,12 @@ class NSGA2(GeneticAlgorithm):
             front = tools.selNSGA2(front, self.front_size)
         self.front = sorted((ind.record for ind in front), key=lambda e: e.values)
 
+    def rescore(self, values) -> None:
+        super().rescore(values)
+        # the old front was non-dominated on the old data: sort it again on the new values
+        front, self.front = self.front, []
+        self._update_front(front)
+
     def _select(self, k: int) -> list[int]:
         """Binary tournament on (Pareto rank, crowding distance), DEAP's selTournamentDCD."""
         parents = self._individuals(self.population)

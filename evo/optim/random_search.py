@@ -19,7 +19,7 @@ class RandomSearch(GeneticAlgorithm):
             genomes = self.np_rng.random((n, self.dim)).tolist()
             if not self.population:
                 genomes[: len(self.initial)] = self.initial[:n]
-            self.pending = genomes
+            self.pending = self._with_injected(genomes)
         return [np.asarray(g) for g in self.pending]
 
     def tell(self, genomes: Sequence, values: Sequence, ids=None) -> None:
