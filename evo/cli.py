@@ -13,17 +13,20 @@ from evo.errors import EvoError
 def _cmd_run(args) -> None:
     from evo.runner import run
 
-    result = run(args.config, args.run_dir, quiet=args.quiet)
+    result = run(args.config, args.run_dir, quiet=args.quiet, follow=args.follow)
     _print_best(result)
 
 
 def _cmd_resume(args) -> None:
     from evo.runner import resume
 
-    _print_best(resume(args.run_dir, quiet=args.quiet))
+    _print_best(resume(args.run_dir, quiet=args.quiet, follow=args.follow))
 
 
 def _print_best(result) -> None:
+    if result.versions:
+        released = ", ".join(result.releases) or "none"
+        print(f"data versions processed: {len(result.versions)}; releases: {released}")
     if result.best_recipe is None:
         print("no candidate evaluated successfully")
         return
@@ -78,11 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config", help="experiment YAML")
     r.add_argument("--run-dir", required=True, help="new run directory")
     r.add_argument("--quiet", action="store_true", help="no progress bars or tables (for logs)")
+    r.add_argument("--follow", action="store_true",
+                   help="stream runs: keep waiting for new shards and releasing until SIGINT/SIGTERM")
     r.set_defaults(fn=_cmd_run)
 
     r = sub.add_parser("resume", help="continue a stopped or killed run")
     r.add_argument("run_dir")
     r.add_argument("--quiet", action="store_true")
+    r.add_argument("--follow", action="store_true", help="stream runs: keep following the shard folder")
     r.set_defaults(fn=_cmd_resume)
 
     r = sub.add_parser("status", help="print the population table of a run")

@@ -96,6 +96,47 @@ class RayConfig:
 
 
 @dataclass
+class StreamConfig:
+    """A folder of data shards the run follows (``evo.data.DataStream``); see docs/stream.md.
+
+    With a stream, the evaluation sets are ``newest`` (held-out split of the newest version)
+    and ``replay`` (a bounded sample of everything older: earlier versions' held-out text and
+    the static ``eval.sets``); LoRA genes train on the newest version's training split.
+    """
+
+    folder: str | None = None
+    generations: int = 4            # generations per data version
+    heldout_frac: float = 0.1
+    replay_blocks: int = 64
+    min_chars: int = 32
+    near_dup_threshold: float = 0.8
+    order: str = "name"             # or "mtime"
+    poll_s: float = 5.0             # how often --follow looks for new shards
+    max_versions: int | None = None  # stop after this many versions (benchmarks, tests)
+
+
+@dataclass
+class ReleaseConfig:
+    """When the continual loop writes a release (``releases/vNNNN``) after a data version.
+
+    The candidate with the best ``objective`` among those evaluated on the version is released
+    if it beats the current release (re-measured on the same data) by more than
+    ``min_improvement`` and its ``retention`` objective is no worse than the current release's
+    by more than ``tolerance`` (same units as the objective: nats of log-perplexity).
+    """
+
+    auto: bool = True
+    objective: str | None = None    # default: the first objective
+    retention: str | None = None    # default: an objective named "retention", if declared
+    tolerance: float = 0.02
+    min_improvement: float = 0.0
+    lora: str = "merged"            # or "adapter"
+
+
+STREAM_SETS = ("newest", "replay")
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     search_space: str = ""
@@ -106,6 +147,8 @@ class ExperimentConfig:
     objectives: list[Objective] = field(default_factory=lambda: [Objective("mean_logppl")])
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    release: ReleaseConfig = field(default_factory=ReleaseConfig)
     seed: int = 0
     dtype: str = "float32"
     source: str = field(default="<config>", repr=False)
@@ -121,6 +164,11 @@ class ExperimentConfig:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "<config>", base_dir: str | Path | None = None) -> "ExperimentConfig":
+        if isinstance(data, dict) and isinstance(data.get("stream"), dict) and data["stream"].get("folder") \
+                and "objectives" not in data:
+            # the continual loop's two objectives: adapt to the newest data, keep the old
+            data = {**data, "objectives": [{"name": "adaptation", "sets": ["newest"]},
+                                           {"name": "retention", "sets": ["replay"]}]}
         cfg = _build(cls, data, source, "")
         cfg.source = source
         cfg._resolve_paths(Path(base_dir) if base_dir is not None else Path.cwd())
@@ -144,8 +192,8 @@ class ExperimentConfig:
             raise EvoError(f"{where}: models.base: missing field (or give 'zoo')")
         if not self.models.sources:
             raise EvoError(f"{where}: models.sources: no source models to merge")
-        if not self.eval.sets:
-            raise EvoError(f"{where}: eval.sets: no evaluation sets")
+        if not self.eval.sets and not self.streaming:
+            raise EvoError(f"{where}: eval.sets: no evaluation sets (or follow a data stream: stream.folder)")
         for name, path in {"base": self.models.base, **self.models.sources}.items():
             if not Path(path).is_dir():
                 raise EvoError(f"{where}: models.{'sources.' + name if name != 'base' else 'base'}: model directory not found: {path}")
@@ -169,7 +217,7 @@ class ExperimentConfig:
                 raise EvoError(f"{at}.goal: must be 'minimize' or 'maximize', got {obj.goal!r}")
             if obj.reduce not in ("mean", "max", "sum"):
                 raise EvoError(f"{at}.reduce: must be mean, max or sum, got {obj.reduce!r}")
-            known = self.eval.sets if obj.metric == "logppl" else self.eval.tasks
+            known = (STREAM_SETS if self.streaming else self.eval.sets) if obj.metric == "logppl" else self.eval.tasks
             if obj.metric == "task" and not known:
                 raise EvoError(f"{at}.metric: 'task' needs eval.tasks")
             for s in obj.sets or []:
@@ -182,8 +230,53 @@ class ExperimentConfig:
             raise EvoError(f"{where}: ray.evaluators: must be >= 1")
         if self.ray.threads_per_evaluator < 1:
             raise EvoError(f"{where}: ray.threads_per_evaluator: must be >= 1")
+        self._validate_stream()
         if self.eval.seq_len < 2 or self.eval.max_blocks < 1 or self.eval.batch_size < 1:
             raise EvoError(f"{where}: eval: seq_len >= 2, max_blocks >= 1 and batch_size >= 1 are required")
+
+    @property
+    def streaming(self) -> bool:
+        return bool(self.stream.folder)
+
+    def _validate_stream(self) -> None:
+        where, st, rel = self.source, self.stream, self.release
+        names = [o.name for o in self.objectives]
+        for key in ("objective", "retention"):
+            value = getattr(rel, key)
+            if value is not None and value not in names:
+                raise EvoError(f"{where}: release.{key}: unknown objective {value!r} (declared: {', '.join(names)})")
+        if rel.lora not in ("merged", "adapter"):
+            raise EvoError(f"{where}: release.lora: must be 'merged' or 'adapter', got {rel.lora!r}")
+        if rel.tolerance < 0:
+            raise EvoError(f"{where}: release.tolerance: must be >= 0")
+        if not self.streaming:
+            return
+        if rel.lora != "merged":
+            raise EvoError(f"{where}: release.lora: a stream run merges LoRA into its releases (the next version "
+                           "builds on the release's weights); use 'merged'")
+        if st.generations < 1:
+            raise EvoError(f"{where}: stream.generations: must be >= 1")
+        if not 0.0 < st.heldout_frac < 1.0:
+            raise EvoError(f"{where}: stream.heldout_frac: must be in (0, 1), got {st.heldout_frac}")
+        if not 0.0 < st.near_dup_threshold <= 1.0:
+            raise EvoError(f"{where}: stream.near_dup_threshold: must be in (0, 1], got {st.near_dup_threshold}")
+        if st.order not in ("name", "mtime"):
+            raise EvoError(f"{where}: stream.order: must be 'name' or 'mtime', got {st.order!r}")
+        if st.replay_blocks < 1 or st.poll_s <= 0:
+            raise EvoError(f"{where}: stream: replay_blocks >= 1 and poll_s > 0 are required")
+        if st.max_versions is not None and st.max_versions < 1:
+            raise EvoError(f"{where}: stream.max_versions: must be >= 1")
+        if "release" in self.models.sources:
+            raise EvoError(f"{where}: models.sources.release: the name 'release' is reserved for the current release in a stream run")
+        if not Path(st.folder).is_dir():
+            raise EvoError(f"{where}: stream.folder: folder not found: {st.folder}")
+
+    def release_objectives(self) -> tuple[str, str | None]:
+        """(objective to improve, retention objective guarded by the tolerance, or None)."""
+        names = [o.name for o in self.objectives]
+        objective = self.release.objective or names[0]
+        retention = self.release.retention or ("retention" if "retention" in names and objective != "retention" else None)
+        return objective, retention
 
     def _resolve_paths(self, base: Path) -> None:
         from evo.gguf import as_model_dir
@@ -205,6 +298,7 @@ class ExperimentConfig:
         self.eval.tasks = {k: fix(v) for k, v in self.eval.tasks.items()}
         self.eval.train_sets = {k: fix(v) for k, v in self.eval.train_sets.items()}
         self.eval.tokenizer = fix(self.eval.tokenizer)
+        self.stream.folder = fix(self.stream.folder)
 
     def _fill_from_zoo(self) -> None:
         if not self.zoo:

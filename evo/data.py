@@ -227,14 +227,24 @@ class DataStream:
     def versions(self) -> list[str]:
         return [s["version"] for s in self._shards if s["version"]]
 
-    def poll(self) -> list[ShardReport]:
-        """Consume every new complete shard, oldest first; one report per shard."""
+    def poll(self, max_versions: int | None = None) -> list[ShardReport]:
+        """Consume new complete shards, oldest first; one report per shard.
+
+        ``max_versions``: stop once that many new versions were made (skipped shards do not
+        count), so a loop can take shards that arrived together one version at a time.
+        """
         reports = []
+        made = 0
         for path in self._new_shards():
+            if max_versions is not None and made >= max_versions:
+                break
             try:
-                reports.append(self._consume(path))
+                report = self._consume(path)
             except OSError as err:  # renamed or removed between listing and reading: retry next poll
                 log.warning("%s: could not read shard (%s); will retry", path, err.strerror or type(err).__name__)
+                continue
+            reports.append(report)
+            made += report.version is not None
         if reports and self.state_path is not None:
             from evo.store import atomic_write_text
 

@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from evo.config import ExperimentConfig
@@ -20,6 +21,7 @@ from evo.space import Recipe
 from evo.store import RunStore, atomic_write_text
 
 MANIFEST = "MANIFEST.sha256"
+EVAL_BLOCKS = "eval/blocks.safetensors"  # in a subfolder: loaders take every top-level *.safetensors as weights
 
 
 def next_release_dir(store: RunStore) -> Path:
@@ -32,7 +34,8 @@ def export(run_dir: str | Path, out: str | Path | None = None, *, lora: str = "m
 
     A recipe with LoRA genes is re-fitted with its seed on the run's training data; ``lora``
     ``"merged"`` folds the adapter into the weights, ``"adapter"`` keeps the merge as the model and
-    writes the PEFT adapter to ``adapter/`` beside it.
+    writes the PEFT adapter to ``adapter/`` beside it. A stream run's releases are written by the
+    loop itself (:func:`write_release`); exporting one by hand re-exports its newest release.
     """
     if lora not in ("merged", "adapter"):
         raise EvoError(f"lora: must be 'merged' or 'adapter', got {lora!r}")
@@ -41,6 +44,36 @@ def export(run_dir: str | Path, out: str | Path | None = None, *, lora: str = "m
     if not ckpt or not ckpt.get("best"):
         raise EvoError(f"{store.root}: no complete generation to export yet")
     cfg = ExperimentConfig.from_dict(store.config(), source=str(store.root / RunStore.CONFIG))
+    if cfg.streaming:
+        raise EvoError(f"{store.root}: a stream run writes its releases itself (see {store.releases_dir}); "
+                       "copy the newest one to ship it")
+    recipe = Recipe.from_dict(ckpt["best"]["recipe"], source=str(store.root / RunStore.CHECKPOINT))
+    paths = {"base": cfg.models.base, **cfg.models.sources}
+    train = None
+    if recipe.lora:
+        from transformers import AutoTokenizer
+
+        from evo.sources import train_blocks
+
+        tok = AutoTokenizer.from_pretrained(cfg.eval.tokenizer or cfg.models.base, trust_remote_code=False)
+        train = train_blocks(cfg, tok)
+    fitness = _run_fitness(cfg, ckpt, store)
+    out = write_release(store, cfg, recipe, paths, fitness, out=out, lora=lora, train=train)
+    store.event("exported", release=str(out), recipe_key=recipe.key(), values=ckpt["best"]["values"])
+    return out
+
+
+def write_release(store: RunStore, cfg: ExperimentConfig, recipe: Recipe, paths: dict[str, str], fitness: dict, *,
+                  out: str | Path | None = None, lora: str = "merged", train=None,
+                  eval_blocks: dict | None = None) -> Path:
+    """Build a release of ``recipe`` in a hidden staging folder and rename it into place.
+
+    ``fitness``: what the card and ``fitness.json`` record (objectives, data version, ...).
+    ``train``: the token blocks the recipe's LoRA genes are fitted on (same seed, same data
+    as in the evaluator). ``eval_blocks``: ``{set: int64 blocks}`` written to
+    ``eval/blocks.safetensors``, so ``evo verify`` can re-measure a stream release whose data
+    lives in no single file.
+    """
     out = Path(out) if out is not None else next_release_dir(store)
     if out.exists():
         raise EvoError(f"{out}: release already exists (releases are never overwritten)")
@@ -51,20 +84,60 @@ def export(run_dir: str | Path, out: str | Path | None = None, *, lora: str = "m
         tempfile.TemporaryDirectory(dir=out.parent).cleanup()
     except OSError as exc:
         raise EvoError(f"{out.parent}: target folder is not writable ({exc.strerror})") from None
-    recipe = Recipe.from_dict(ckpt["best"]["recipe"], source=str(store.root / RunStore.CHECKPOINT))
-    paths = {"base": cfg.models.base, **cfg.models.sources}
     staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
         _materialise(recipe, paths, staging)
         if recipe.lora:
-            _apply_lora(recipe, cfg, staging, lora)
-        _write_release_files(staging, recipe, paths, cfg, ckpt, store, previous=_previous_release(store, out))
+            if train is None or not len(train):
+                raise EvoError(f"{cfg.source}: the recipe has LoRA genes but no training data is configured")
+            _apply_lora(recipe, train, staging, lora)
+        if eval_blocks:
+            from safetensors.numpy import save_file
+
+            (staging / EVAL_BLOCKS).parent.mkdir(parents=True, exist_ok=True)
+            save_file({k: np.ascontiguousarray(v, dtype=np.int64) for k, v in eval_blocks.items()},
+                      str(staging / EVAL_BLOCKS))
+            fitness = {**fitness, "eval_blocks": EVAL_BLOCKS}
+        previous = _previous_release(store, out)
+        _write_release_files(staging, recipe, paths, cfg, fitness, store, previous=previous)
         os.rename(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    store.event("exported", release=str(out), recipe_key=recipe.key(), values=ckpt["best"]["values"])
     return out
+
+
+def _run_fitness(cfg: ExperimentConfig, ckpt: dict, store: RunStore) -> dict:
+    """fitness.json of a fixed-data run's best: its values, data, comparison and lineage."""
+    from evo.reporting import lineage
+
+    best = ckpt["best"]
+    objectives = ckpt["objectives"]
+    fitness = {
+        "objectives": {o["name"]: {"value": v, "goal": o["goal"]} for o, v in zip(objectives, best["values"])},
+        "data_version": ckpt["data_version"],
+        "generation": ckpt["generation"],
+        "run": str(store.root.resolve()),
+        "eval": _eval_record(cfg),
+        "objective_specs": objectives,
+        "data_inputs": ckpt.get("data_inputs", {}),
+    }
+    if "comparison" in ckpt:
+        fitness["comparison"] = ckpt["comparison"]
+    fitness["lineage"] = [
+        {"candidate": c["candidate"], "generation": c["generation"], "parents": c.get("parents") or [], "values": c.get("values")}
+        for c in lineage(store.candidates(), best.get("id"))
+    ]
+    return fitness
+
+
+def _eval_record(cfg: ExperimentConfig) -> dict:
+    return {
+        "sets": {k: str(Path(v).resolve()) for k, v in cfg.eval.sets.items()},
+        "tasks": {k: str(Path(v).resolve()) for k, v in cfg.eval.tasks.items()},
+        "task_limit": cfg.eval.task_limit,
+        "seq_len": cfg.eval.seq_len, "max_blocks": cfg.eval.max_blocks, "batch_size": cfg.eval.batch_size,
+    }
 
 
 def _materialise(recipe: Recipe, paths: dict[str, str], target: Path) -> None:
@@ -78,22 +151,17 @@ def _materialise(recipe: Recipe, paths: dict[str, str], target: Path) -> None:
     merge_to_dir(recipe.merge, target, resolve=resolve, seed=recipe.seed)
 
 
-def _apply_lora(recipe: Recipe, cfg: ExperimentConfig, target: Path, mode: str) -> None:
+def _apply_lora(recipe: Recipe, train, target: Path, mode: str) -> None:
     """Re-fit the recipe's LoRA on the merged model exactly as the evaluator did (same seed, data)."""
+    import torch
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from evo.lora import LoraGenes, fit_lora, merged_state_dict, save_adapter
-    from evo.sources import train_blocks
 
     model = AutoModelForCausalLM.from_pretrained(target, trust_remote_code=False)
-    tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=False)
-    import torch
-
-    blocks = train_blocks(cfg, tokenizer)
-    if blocks is None:
-        raise EvoError(f"{cfg.source}: eval.train_sets: the recipe has LoRA genes but no training data is configured")
-    peft_model, _ = fit_lora(model, torch.from_numpy(blocks), LoraGenes.from_dict(recipe.lora), seed=recipe.seed)
+    peft_model, _ = fit_lora(model, torch.from_numpy(np.asarray(train, dtype=np.int64)),
+                             LoraGenes.from_dict(recipe.lora), seed=recipe.seed)
     if mode == "adapter":
         save_adapter(peft_model, target / "adapter")
         return
@@ -112,33 +180,11 @@ def _previous_release(store: RunStore, out: Path) -> dict | None:
     return {"name": earlier[-1].name, **json.loads((earlier[-1] / "fitness.json").read_text())}
 
 
-def _write_release_files(root: Path, recipe: Recipe, paths: dict, cfg: ExperimentConfig, ckpt: dict, store: RunStore,
+def _write_release_files(root: Path, recipe: Recipe, paths: dict, cfg: ExperimentConfig, fitness: dict, store: RunStore,
                          previous: dict | None = None) -> None:
-    from evo.reporting import lineage
-
-    best = ckpt["best"]
-    objectives = ckpt["objectives"]
-    fitness = {
-        "objectives": {o["name"]: {"value": v, "goal": o["goal"]} for o, v in zip(objectives, best["values"])},
-        "data_version": ckpt["data_version"],
-        "generation": ckpt["generation"],
-        "run": str(store.root.resolve()),
-        "eval": {
-            "sets": {k: str(Path(v).resolve()) for k, v in cfg.eval.sets.items()},
-            "seq_len": cfg.eval.seq_len, "max_blocks": cfg.eval.max_blocks, "batch_size": cfg.eval.batch_size,
-        },
-        "objective_specs": objectives,
-        "data_inputs": ckpt.get("data_inputs", {}),
-    }
-    if "comparison" in ckpt:
-        fitness["comparison"] = ckpt["comparison"]
-    fitness["lineage"] = [
-        {"candidate": c["candidate"], "generation": c["generation"], "parents": c.get("parents") or [], "values": c.get("values")}
-        for c in lineage(store.candidates(), best.get("id"))
-    ]
     if previous:
-        fitness["previous_release"] = {"name": previous["name"], "objectives": previous["objectives"],
-                                       "data_version": previous["data_version"]}
+        fitness = {**fitness, "previous_release": {"name": previous["name"], "objectives": previous["objectives"],
+                                                   "data_version": previous["data_version"]}}
     atomic_write_text(root / "fitness.json", json.dumps(fitness, indent=2))
     atomic_write_text(root / "recipe.yaml", yaml.safe_dump({**recipe.to_dict(), "key": recipe.key()}, sort_keys=False))
     # mergekit form: the same merge with model names replaced by their directories
@@ -169,8 +215,23 @@ def _card(recipe: Recipe, paths: dict, fitness: dict, cfg: ExperimentConfig) -> 
         "|---|---|---|",
         *[f"| {n} | {o['goal']} | {o['value']:.4f} |" for n, o in fitness["objectives"].items()],
     ]
+    stream = fitness.get("stream")
+    if stream:
+        lines += ["", "## Data", "",
+                  f"Evaluated and adapted on data version `{stream['version']}` (shard `{stream['shard']}`), "
+                  f"after {len(stream['versions'])} version(s) of the stream `{stream['folder']}`:", "",
+                  *[f"- `{v}`" for v in stream["versions"]], "",
+                  f"Parent release: {stream['parent_release'] or 'none (the first release; the release slot was the base)'}.",
+                  f"Release rule: {stream['rule']}"]
     prev = fitness.get("previous_release")
-    if prev:
+    same = fitness.get("current_release_same_data")
+    if same:  # a stream release: the release it replaces, re-measured on this release's data
+        lines += ["", f"## Against the release it replaces ({same['name']}), on the same data", "",
+                  "| objective | replaced | this |", "|---|---|---|"]
+        for n, o in fitness["objectives"].items():
+            old = same["objectives"].get(n)
+            lines.append(f"| {n} | {'-' if old is None else f'{old:.4f}'} | {o['value']:.4f} |")
+    elif prev:
         lines += ["", f"## Against the previous release ({prev['name']}, data `{prev['data_version']}`)", "",
                   "| objective | previous | this |", "|---|---|---|"]
         for n, o in fitness["objectives"].items():
@@ -179,13 +240,14 @@ def _card(recipe: Recipe, paths: dict, fitness: dict, cfg: ExperimentConfig) -> 
     comp = fitness.get("comparison")
     if comp:
         coll = "test" if any("test" in v for v in comp.values()) else "valid"
-        sets = list(cfg.eval.sets)
+        sets = fitness.get("comparison_sets") or list(cfg.eval.sets)
         lines += ["", f"## Comparison (log-perplexity, {coll} split)", "",
                   "| model | " + " | ".join(sets) + " | mean |", "|---" * (len(sets) + 2) + "|"]
         for label, colls in comp.items():
             m = colls.get(coll, {})
             if "error" not in m and m:
-                lines.append(f"| {label} | " + " | ".join(f"{m[f'logppl/{s}']:.4f}" for s in sets) + f" | {m['mean']:.4f} |")
+                mean = float(np.mean([m[f"logppl/{s}"] for s in sets]))
+                lines.append(f"| {label} | " + " | ".join(f"{m[f'logppl/{s}']:.4f}" for s in sets) + f" | {mean:.4f} |")
     if fitness.get("lineage"):
         lines += ["", "## Lineage", "", "Ancestors of this candidate back to the first generation:", "",
                   "| generation | candidate | parents | " + " | ".join(fitness["objectives"]) + " |",
@@ -250,6 +312,7 @@ def _sha256(path: Path) -> str:
 def verify(release: str | Path, tolerance: float = 1e-3) -> dict[str, float]:
     """Check the manifest, load the model with plain transformers, and re-measure every
     objective on the recorded data. Returns the re-measured values; raises EvoError otherwise."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from evo.config import Objective
@@ -267,21 +330,42 @@ def verify(release: str | Path, tolerance: float = 1e-3) -> dict[str, float]:
         tokenizer = AutoTokenizer.from_pretrained(root, trust_remote_code=False)
     except Exception as exc:  # any load failure is a broken release
         raise EvoError(f"{root}: model does not load ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})") from None
-    inputs = fitness.get("data_inputs") or {"files": list(ev["sets"].values()),
-                                             "settings": dict(seq_len=ev["seq_len"], max_blocks=ev["max_blocks"])}
-    for path in inputs["files"]:
-        if not Path(path).is_file():
-            raise EvoError(f"{path}: recorded evaluation data is missing")
-    version = data_version(inputs["files"], **inputs["settings"], tokenizer=tokenizer.vocab_size)
-    if version != fitness["data_version"]:
-        raise EvoError(f"{root}: evaluation data changed since export ({version} != {fitness['data_version']})")
-    metrics = {
-        f"logppl/{name}": mean_nll(model, token_blocks(read_texts(path), tokenizer, ev["seq_len"], ev["max_blocks"]),
-                                   batch_size=ev["batch_size"])
-        for name, path in ev["sets"].items()
-    }
+    if fitness.get("eval_blocks"):  # a stream release carries the exact blocks it was measured on
+        from safetensors.numpy import load_file
+
+        try:
+            blocks = load_file(str(root / fitness["eval_blocks"]))
+        except Exception as exc:
+            raise EvoError(f"{root / fitness['eval_blocks']}: unreadable ({type(exc).__name__})") from None
+        metrics = {f"logppl/{name}": mean_nll(model, torch.from_numpy(b), batch_size=ev["batch_size"])
+                   for name, b in blocks.items()}
+        set_names = list(blocks)
+    else:
+        inputs = fitness.get("data_inputs") or {"files": list(ev["sets"].values()),
+                                                 "settings": dict(seq_len=ev["seq_len"], max_blocks=ev["max_blocks"])}
+        for path in inputs["files"]:
+            if not Path(path).is_file():
+                raise EvoError(f"{path}: recorded evaluation data is missing")
+        version = data_version(inputs["files"], **inputs["settings"], tokenizer=tokenizer.vocab_size)
+        if version != fitness["data_version"]:
+            raise EvoError(f"{root}: evaluation data changed since export ({version} != {fitness['data_version']})")
+        metrics = {
+            f"logppl/{name}": mean_nll(model, token_blocks(read_texts(path), tokenizer, ev["seq_len"], ev["max_blocks"]),
+                                       batch_size=ev["batch_size"])
+            for name, path in ev["sets"].items()
+        }
+        set_names = list(ev["sets"])
+    tasks = ev.get("tasks") or {}
+    if tasks:
+        from evo.tasks import load_task
+
+        for name, path in tasks.items():
+            if not Path(path).is_file():
+                raise EvoError(f"{path}: recorded task file is missing")
+            task = load_task(path, tokenizer, limit=ev.get("task_limit"))
+            metrics[f"task/{name}"] = task.score(model, batch_size=ev["batch_size"])["value"]
     objectives = [Objective(**o) for o in fitness["objective_specs"]]
-    values = objective_values(metrics, objectives, list(ev["sets"]))
+    values = objective_values(metrics, objectives, set_names, list(tasks))
     for obj, value in zip(objectives, values):
         recorded = fitness["objectives"][obj.name]["value"]
         if not abs(value - recorded) <= tolerance:

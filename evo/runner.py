@@ -44,6 +44,8 @@ class RunResult:
     logbook: list[dict]
     comparison: dict[str, dict] = field(default_factory=dict)
     dashboard_url: str | None = None
+    releases: list[str] = field(default_factory=list)   # stream runs: releases written so far
+    versions: list[dict] = field(default_factory=list)   # stream runs: one entry per data version
 
 
 def _as_config(config) -> ExperimentConfig:
@@ -54,23 +56,43 @@ def _as_config(config) -> ExperimentConfig:
     return ExperimentConfig.from_yaml(config)
 
 
-def run(config, run_dir: str | Path, *, quiet: bool = False, stop_after: int | None = None) -> RunResult:
+def run(config, run_dir: str | Path, *, quiet: bool = False, stop_after: int | None = None,
+        follow: bool = False) -> RunResult:
     """Start a new run in ``run_dir`` (which must not exist or be empty).
 
     ``stop_after``: stop (cleanly, checkpointed) after this many generations of this call,
-    as if the driver had been stopped; ``resume`` continues it.
+    as if the driver had been stopped; ``resume`` continues it. A config with ``stream.folder``
+    runs the continual loop (``evo.continual``) over the shards present; ``follow=True`` keeps
+    it waiting for new shards until SIGINT/SIGTERM (or ``stream.max_versions``).
     """
     cfg = _as_config(config)
+    _check_follow(cfg, follow)
     store = RunStore.create(run_dir, cfg.to_dict())
-    store.event("run_started", name=cfg.name, pid=os.getpid())
-    return _loop(cfg, store, quiet=quiet, stop_after=stop_after)
+    store.event("run_started", name=cfg.name, pid=os.getpid(), follow=follow)
+    return _dispatch(cfg, store, quiet=quiet, stop_after=stop_after, follow=follow)
 
 
-def resume(run_dir: str | Path, *, quiet: bool = False, stop_after: int | None = None) -> RunResult:
-    """Continue a stopped or killed run from its last complete generation."""
+def resume(run_dir: str | Path, *, quiet: bool = False, stop_after: int | None = None, follow: bool = False) -> RunResult:
+    """Continue a stopped or killed run from its last complete generation (or loop step)."""
     store = RunStore.open(run_dir)
     cfg = ExperimentConfig.from_dict(store.config(), source=str(store.root / RunStore.CONFIG))
-    store.event("run_resumed", pid=os.getpid())
+    _check_follow(cfg, follow)
+    store.event("run_resumed", pid=os.getpid(), follow=follow)
+    return _dispatch(cfg, store, quiet=quiet, stop_after=stop_after, follow=follow)
+
+
+def _check_follow(cfg: ExperimentConfig, follow: bool) -> None:
+    if follow and not cfg.streaming:
+        raise EvoError(f"{cfg.source}: --follow needs a data stream to follow: set stream.folder")
+
+
+def _dispatch(cfg, store, *, quiet, stop_after, follow) -> RunResult:
+    if cfg.streaming:
+        if stop_after is not None:
+            raise EvoError("stop_after applies to fixed-data runs; a stream run stops with stream.max_versions or a signal")
+        from evo.continual import run_stream
+
+        return run_stream(cfg, store, quiet=quiet, follow=follow)
     return _loop(cfg, store, quiet=quiet, stop_after=stop_after)
 
 

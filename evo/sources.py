@@ -59,7 +59,8 @@ class Sources:
 
             tasks = {name: load_task(path, tokenizer, limit=cfg.eval.task_limit) for name, path in cfg.eval.tasks.items()}
             settings["task_limit"] = cfg.eval.task_limit
-        has_lora = _space_has_lora(cfg.search_space)
+        # a stream run trains LoRA genes on the newest data version instead (evo.continual)
+        has_lora = _space_has_lora(cfg.search_space) and not cfg.streaming
         train = train_blocks(cfg, tokenizer) if has_lora else None
         files = [*cfg.eval.sets.values(), *cfg.eval.tasks.values(), *(cfg.eval.train_sets.values() if has_lora else [])]
         if has_lora:

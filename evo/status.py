@@ -14,10 +14,17 @@ def status_table(run_dir, top: int = 10) -> str:
         return "\n".join(lines)
     names = [o["name"] for o in ckpt["objectives"]]
     failed = sum(c["status"] != "ok" for c in candidates)
+    stream = ckpt.get("stream")
+    of = "" if stream else f"/{ckpt['generations']}"
     lines.append(
-        f"generation {ckpt['generation']}/{ckpt['generations']}  data {ckpt['data_version']}  "
+        f"generation {ckpt['generation']}{of}  data {ckpt['data_version']}  "
         f"candidates {len(candidates)} (failed {failed}, cached {sum(bool(c.get('cached')) for c in candidates)})"
     )
+    if stream:
+        lines.append(f"stream: {len(stream['history'])} version(s) done, now {stream['version']} ({stream['phase']}), "
+                     f"current release {stream['release'] or 'none'}")
+        for h in stream["history"]:
+            lines.append(f"  {h['version']:<24} {h['decision']}")
     latest = {}
     for c in candidates:  # the newest record of each recipe key
         latest[c["key"]] = c

@@ -1,0 +1,391 @@
+"""The never-ending loop: follow a folder of data shards, adapt on each new version, release.
+
+For every new data version (one shard at a time, oldest first):
+
+1. **install**: the newest version's held-out split becomes the evaluation set ``newest``; a
+   bounded, seeded sample of everything older (earlier versions' held-out text and the static
+   ``eval.sets``) becomes ``replay``; LoRA genes train on the newest training split. The
+   current release joins the merge as the source model ``release`` (its weights minus the
+   base; zero before the first release), so a candidate can build on what was shipped.
+2. **re-evaluate**: the current release and every candidate the optimizer remembers
+   (population, hall of fame, Pareto front) are measured on the new data and the optimizer's
+   fitness is replaced (old values stay in ``candidates.jsonl``, tagged with their version);
+   the next generation is seeded with "release + LoRA on the newest data" and the best so far.
+3. **evolve** ``stream.generations`` generations.
+4. **release** by the rule of :class:`evo.config.ReleaseConfig`; the release records its data
+   versions, parent release and lineage.
+
+Each step checkpoints (``checkpoint.json["stream"]`` says where the loop is), so ``evo resume``
+continues at the step it was in, and the fitness cache means nothing finished is redone.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from evo.config import STREAM_SETS, ExperimentConfig
+from evo.data import DataStream
+from evo.errors import EvoError
+from evo.merge import MergeConfig
+from evo.metrics import RunMetrics
+from evo.optim import make_optimizer, restore_optimizer
+from evo.pool import EvaluatorPool, Interrupted
+from evo.signals import StopSignals
+from evo.sources import Sources
+from evo.space import Recipe, SearchSpace
+from evo.store import RunStore
+
+log = logging.getLogger(__name__)
+
+RELEASE = "release"  # the source-model slot holding the current release
+STREAM_STATE = "stream.json"
+
+
+def make_stream_space(cfg: ExperimentConfig) -> SearchSpace:
+    return SearchSpace.load(cfg.search_space, [*cfg.models.sources, RELEASE], "base", seed=cfg.seed, dtype=cfg.dtype)
+
+
+class ContinualLoop:
+    """One stream run: the optimizer, the stream, the evaluator pool and where the loop is."""
+
+    def __init__(self, cfg: ExperimentConfig, store: RunStore, *, quiet: bool = False):
+        from transformers import AutoTokenizer
+
+        self.cfg, self.store, self.quiet = cfg, store, quiet
+        self.space = make_stream_space(cfg)
+        self.objective_names = [o.name for o in cfg.objectives]
+        tok_dir = cfg.eval.tokenizer or cfg.models.base
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=False)
+        st = cfg.stream
+        self.stream = DataStream(st.folder, tokenizer, seq_len=cfg.eval.seq_len, heldout_frac=st.heldout_frac,
+                                 replay_blocks=st.replay_blocks, seed=cfg.seed, min_chars=st.min_chars,
+                                 near_dup_threshold=st.near_dup_threshold, order=st.order,
+                                 state_path=store.root / STREAM_STATE)
+        self.sources = Sources.load(cfg)
+        # the static evaluation sets are the oldest data: they feed the replay sample
+        self.prior = [b for b in self.sources.eval_sets.get("valid", {}).values() if len(b)]
+        self.sources.eval_sets = {"valid": {}}
+        self.sources.deltas[RELEASE] = {k: np.zeros_like(v) for k, v in self.sources.base.items()}
+        ckpt = store.load_checkpoint()
+        if ckpt is None:
+            from evo.runner import _initial_genomes
+
+            options = {"population": cfg.optimizer.population, **cfg.optimizer.options}
+            options.setdefault("weights", [o.weight for o in cfg.objectives])
+            options.setdefault("initial", [g.tolist() for g in _initial_genomes(cfg, self.space)])
+            self.optimizer = make_optimizer(cfg.optimizer.name, self.space.dim, directions=[o.goal for o in cfg.objectives],
+                                            seed=cfg.seed, options=options)
+            self.logbook: list[dict] = []
+            self.state = {"version": None, "shard": None, "phase": "done", "gen_in_version": 0,
+                          "release": None, "release_dir": None, "reference": None, "history": []}
+        else:
+            self.optimizer = restore_optimizer(ckpt["optimizer"])
+            self.logbook = ckpt["logbook"]
+            self.state = ckpt["stream"]
+        self.cache = store.cache_load()
+        self.step = None
+        self.data_key = None
+        self.blocks: dict[str, np.ndarray] = {}
+        self.train: np.ndarray | None = None
+
+    # ------------------------------------------------------------------------------ driver
+    def run(self, *, follow: bool = False):
+        from evo.runner import GenerationStep, RunResult, _print_row
+
+        cfg, st = self.cfg, self.state
+        stopped = False
+        with EvaluatorPool(cfg, self.sources, run_name=self.store.root.name, quiet=self.quiet) as pool, \
+                StopSignals() as stop:
+            self.pool, self.stop = pool, stop
+            if not self.quiet and pool.dashboard_url:
+                print(f"Ray dashboard: {pool.dashboard_url}  (token auth: see README)")
+            self.store.event("ray_started", dashboard=pool.dashboard_url, evaluators=pool.size, stream=cfg.stream.folder)
+            self.metrics = RunMetrics(self.store.root.name, self.objective_names)
+            installed = None
+            try:
+                while not stop.requested():
+                    if st["phase"] == "done":
+                        if cfg.stream.max_versions is not None and len(st["history"]) >= cfg.stream.max_versions:
+                            break
+                        if not self._next_version():
+                            if not follow or stop.sleep(cfg.stream.poll_s):
+                                break
+                            continue
+                    if installed != (st["version"], st["release"]):
+                        if not self._install():
+                            continue  # a version too small to evaluate: recorded and skipped
+                        installed = (st["version"], st["release"])
+                        self.step = GenerationStep(cfg, self.space, self.optimizer, pool, self.store, self.cache,
+                                                   self.metrics, data_key=self.data_key, set_names=list(STREAM_SETS),
+                                                   task_names=list(cfg.eval.tasks),
+                                                   extra={"stream_version": st["version"], "release_slot": st["release"]})
+                    if st["phase"] == "reevaluate":
+                        self._reevaluate()
+                        st["phase"] = "evolve"
+                        self._checkpoint()
+                    first = True
+                    while st["phase"] == "evolve" and st["gen_in_version"] < cfg.stream.generations:
+                        if stop.requested():
+                            raise Interrupted("stop requested between generations")
+                        gen = self.optimizer.generation
+                        row = self.step.run(gen, should_stop=stop.requested)
+                        row["data_version"] = st["version"]
+                        self.logbook.append(row)
+                        st["gen_in_version"] += 1
+                        self._checkpoint()
+                        self.store.event("generation_done", **row)
+                        self.metrics.generation_done(row, st["version"])
+                        if not self.quiet:
+                            _print_row(row, self.objective_names, header=first)
+                        first = False
+                    if st["phase"] == "evolve":
+                        st["phase"] = "release"
+                        self._checkpoint()
+                    if st["phase"] == "release":
+                        self._release()
+                        st["phase"] = "done"
+                        self._checkpoint()
+            except Interrupted as exc:
+                stopped = True
+                self.store.event("run_stopped", reason=str(exc))
+            stopped = stopped or stop.requested()
+            if stopped and not self.quiet:
+                print(f"stopped; continue with `evo resume {self.store.root}{' --follow' if follow else ''}`")
+        best = self.optimizer.best()
+        self.store.event("run_paused" if stopped else "stream_idle", versions=len(st["history"]), release=st["release"])
+        result = RunResult(self.store.root, self.space.decode(best.genome) if best else None,
+                           best.values if best else None, self.objective_names, self.logbook, {}, pool.dashboard_url)
+        result.releases = [h["release"] for h in st["history"] if h.get("released")]
+        result.versions = list(st["history"])
+        return result
+
+    # ------------------------------------------------------------------------------ steps
+    def _next_version(self) -> bool:
+        """Take the next data version (consuming at most one new one); False when none."""
+        st = self.state
+        known = self.stream.versions
+        if known and known[-1] != st["version"] and (st["version"] is None or st["version"] in known):
+            pending = known[-1]  # consumed by a driver that died before checkpointing it
+        else:
+            for report in self.stream.poll(max_versions=1):
+                self.store.event("shard", **report.to_dict())
+                if not self.quiet:
+                    if report.skipped:
+                        print(f"shard {report.shard}: skipped ({report.skipped})")
+                    else:
+                        print(f"shard {report.shard}: {report.kept}/{report.docs} documents kept "
+                              f"({report.duplicates} duplicates, {report.near_duplicates} near duplicates, "
+                              f"{sum(report.rejected.values())} rejected), {report.tokens} tokens -> version {report.version}")
+            known = self.stream.versions
+            if not known or known[-1] == st["version"]:
+                return False
+            pending = known[-1]
+        shard = next((s["name"] for s in self.stream.state()["shards"] if s["version"] == pending), None)
+        st.update(version=pending, shard=shard, phase="reevaluate", gen_in_version=0, reference=None)
+        self._checkpoint()
+        return True
+
+    def _install(self) -> bool:
+        """Ship the version's evaluation and training blocks and the release's weights."""
+        cfg, st = self.cfg, self.state
+        window = self.stream.window()
+        if window.version != st["version"]:
+            raise EvoError(f"{self.store.root / STREAM_STATE}: stream is at version {window.version}, "
+                           f"the checkpoint at {st['version']}; the stream state and checkpoint disagree")
+        rng = np.random.default_rng([cfg.seed, int(window.version.rsplit("-", 1)[-1], 16)])
+        if len(window.heldout) == 0 or len(window.train) == 0:
+            msg = (f"version {window.version}: {len(window.train)} train and {len(window.heldout)} held-out blocks "
+                   f"of {cfg.eval.seq_len} tokens; too small to adapt and evaluate, skipped")
+            log.warning(msg)
+            if not self.quiet:
+                print(msg)
+            st["history"].append({"version": st["version"], "shard": st["shard"], "released": False,
+                                  "release": st["release"], "decision": "skipped: too small"})
+            st["phase"] = "done"
+            self._checkpoint()
+            return False
+        newest = _sample(window.heldout, cfg.eval.max_blocks, rng)
+        older = [*self.prior, window.replay] if len(window.replay) else list(self.prior)
+        replay = _sample(np.concatenate(older), cfg.stream.replay_blocks, rng) if older else newest
+        train = _sample(window.train, cfg.eval.train_blocks, rng)
+        delta = self._release_delta()
+        self.pool.update(eval_sets={"valid": {"newest": newest, "replay": replay}}, train=train, deltas={RELEASE: delta})
+        self.blocks = {"newest": newest, "replay": replay}
+        self.train = train
+        self.data_key = f"{window.version}@{st['release'] or 'base'}"
+        self.window = window
+        self.store.event("version_installed", version=window.version, shard=st["shard"], release=st["release"],
+                         newest_blocks=len(newest), replay_blocks=len(replay), train_blocks=len(train))
+        if not self.quiet:
+            print(f"\ndata version {window.version} (shard {st['shard']}): {len(newest)} held-out, "
+                  f"{len(replay)} replay and {len(train)} training blocks; release slot: {st['release'] or 'base'}")
+        return True
+
+    def _release_delta(self) -> dict[str, np.ndarray]:
+        base = self.sources.base
+        if not self.state["release_dir"]:
+            return {k: np.zeros_like(v) for k, v in base.items()}
+        from evo.merge import load_model_dir
+
+        weights, _ = load_model_dir(self.state["release_dir"])
+        missing = [k for k in base if k not in weights]
+        if missing:
+            raise EvoError(f"{self.state['release_dir']}: tensor {missing[0]} is missing (present in the base)")
+        return {k: (weights[k].float().numpy() - v).astype(v.dtype) for k, v in base.items()}
+
+    def reference_recipe(self) -> Recipe:
+        """The current release exactly (the base before the first release), no LoRA."""
+        merge = MergeConfig.from_dict({
+            "merge_method": "task_arithmetic", "base_model": "base",
+            "models": [{"model": RELEASE, "parameters": {"weight": 1.0}}], "parameters": {}, "dtype": self.cfg.dtype,
+        })
+        return Recipe(merge, None, self.cfg.seed)
+
+    def _reevaluate(self) -> None:
+        st, step = self.state, self.step
+        tag = f"v{len(st['history']):04d}"
+        remembered = self.optimizer.remembered()
+        named = {f"{tag}-reference": self.reference_recipe()}
+        genomes = {}
+        for i, e in enumerate(remembered):
+            try:
+                named[f"{tag}-r{i:03d}"] = self.space.decode(e.genome)
+                genomes[f"{tag}-r{i:03d}"] = e
+            except EvoError:
+                continue
+        keys = step.evaluate(named, desc=f"re-evaluation ({st['version']})", should_stop=self.stop.requested)
+        rescored = {}
+        for name, key in keys.items():
+            result = self.cache[key]
+            values = step.values(result)
+            old = genomes.get(name)
+            if old is not None:
+                rescored[tuple(map(float, old.genome))] = values
+            self.store.record_candidate({
+                "generation": self.optimizer.generation, "candidate": name, "parents": [old.id] if old and old.id else [],
+                "key": key, "cached": key not in step._fresh, "status": result["status"], "error": result.get("error"),
+                "values": values, "previous_values": old.values if old else None, "metrics": result.get("metrics"),
+                "recipe": named[name].to_dict(), "genome": list(map(float, old.genome)) if old else None,
+                "data_version": self.data_key, "stream_version": st["version"], "release_slot": st["release"],
+                "reevaluated": True, "reference": old is None,
+            })
+        self.optimizer.rescore(rescored)
+        ref = self.cache[keys[f"{tag}-reference"]]
+        st["reference"] = {"key": keys[f"{tag}-reference"], "values": step.values(ref)}
+        seeds = []
+        if st["release"]:  # "release + LoRA on the newest data": the sequential fine-tune, as a candidate
+            seeds.append(self.space.uniform_genome(per_model={RELEASE: {"weight": 1.0}}, weight=0.0, density=1.0))
+        best = self.optimizer.best()
+        if best is not None and best.values is not None:
+            seeds.append(np.asarray(best.genome))
+        self.optimizer.inject(seeds)
+        self.store.event("reevaluated", version=st["version"], candidates=len(rescored),
+                         reference=st["reference"]["values"], release=st["release"])
+        if not self.quiet and st["reference"]["values"]:
+            what = st["release"] or "base"
+            vals = ", ".join(f"{n}={v:.4f}" for n, v in zip(self.objective_names, st["reference"]["values"]))
+            print(f"re-evaluated {len(rescored)} remembered candidates; {what} on this version: {vals}")
+
+    def _release(self) -> None:
+        """Apply the release rule to every candidate evaluated on this version; export if met."""
+        cfg, st = self.cfg, self.state
+        objective, retention = cfg.release_objectives()
+        names = self.objective_names
+        oi = names.index(objective)
+        ri = names.index(retention) if retention else None
+        sign = {o.name: (1.0 if o.goal == "minimize" else -1.0) for o in cfg.objectives}
+        ref = (st.get("reference") or {}).get("values")
+        best, best_loss = None, np.inf
+        for c in self.store.candidates():
+            if c.get("data_version") != self.data_key or c.get("status") != "ok" or not c.get("values"):
+                continue
+            if c.get("reference"):
+                continue
+            v = c["values"]
+            if ri is not None and ref is not None and sign[retention] * (v[ri] - ref[ri]) > cfg.release.tolerance:
+                continue  # forgets too much against the current release
+            loss = sign[objective] * v[oi]
+            if loss < best_loss:
+                best, best_loss = c, loss
+        rule = (f"best {objective} among candidates whose {retention} is within {cfg.release.tolerance} of the "
+                f"current release's, improving {objective} by more than {cfg.release.min_improvement}"
+                if retention else f"best {objective}, improving it by more than {cfg.release.min_improvement}")
+        entry = {"version": st["version"], "shard": st["shard"], "released": False, "release": st["release"],
+                 "reference": ref, "rule": rule}
+        if best is None:
+            entry["decision"] = "no candidate passed the retention guard" if ri is not None else "no successful candidate"
+        elif ref is not None and not (sign[objective] * (ref[oi] - best["values"][oi]) > cfg.release.min_improvement):
+            entry["decision"] = f"best {objective} {best['values'][oi]:.4f} does not improve on {ref[oi]:.4f}"
+            entry["candidate"] = best["candidate"]
+        elif not cfg.release.auto:
+            entry["decision"] = "rule met; release.auto is off"
+            entry["candidate"] = best["candidate"]
+        else:
+            out = self._export(best, rule)
+            entry.update(released=True, release=out.name, candidate=best["candidate"], values=best["values"],
+                         decision=f"released {out.name}")
+            st["release"], st["release_dir"] = out.name, str(out)
+        st["history"].append(entry)
+        self.store.event("release" if entry["released"] else "release_skipped", **entry)
+        if not self.quiet:
+            print(f"version {st['version']}: {entry['decision']}")
+
+    def _export(self, cand: dict, rule: str) -> Path:
+        from evo.release import next_release_dir, write_release
+        from evo.reporting import lineage
+
+        cfg, st = self.cfg, self.state
+        recipe = Recipe.from_dict(cand["recipe"], source=f"candidate {cand['candidate']}")
+        paths = {"base": cfg.models.base, **cfg.models.sources, RELEASE: st["release_dir"] or cfg.models.base}
+        out = next_release_dir(self.store)
+        specs = [o.__dict__ for o in cfg.objectives]
+        fitness = {
+            "objectives": {o["name"]: {"value": v, "goal": o["goal"]} for o, v in zip(specs, cand["values"])},
+            "data_version": self.data_key,
+            "generation": cand["generation"],
+            "run": str(self.store.root.resolve()),
+            "eval": {"sets": {}, "tasks": {k: str(Path(v).resolve()) for k, v in cfg.eval.tasks.items()},
+                     "task_limit": cfg.eval.task_limit, "seq_len": cfg.eval.seq_len,
+                     "max_blocks": cfg.eval.max_blocks, "batch_size": cfg.eval.batch_size},
+            "objective_specs": specs,
+            "stream": {"folder": cfg.stream.folder, "version": st["version"], "shard": st["shard"],
+                       "versions": list(self.window.versions), "parent_release": st["release"], "rule": rule},
+            "current_release_same_data": {
+                "name": st["release"] or "base",
+                "objectives": dict(zip(self.objective_names, st["reference"]["values"] or [])),
+            },
+            "comparison_sets": list(STREAM_SETS),
+            "comparison": {
+                f"current release ({st['release'] or 'base'})": {"valid": self.cache[st["reference"]["key"]].get("metrics", {})},
+                "this release": {"valid": cand["metrics"]},
+            },
+            "lineage": [{"candidate": c["candidate"], "generation": c["generation"], "parents": c.get("parents") or [],
+                         "values": c.get("values")} for c in lineage(self.store.candidates(), cand["candidate"])],
+        }
+        t0 = time.time()
+        out = write_release(self.store, cfg, recipe, paths, fitness, out=out, lora="merged", train=self.train,
+                            eval_blocks=self.blocks)
+        self.store.event("exported", release=str(out), recipe_key=recipe.key(), values=cand["values"],
+                         seconds=round(time.time() - t0, 2), version=st["version"])
+        return out
+
+    def _checkpoint(self) -> None:
+        from evo.runner import _checkpoint
+
+        ckpt = _checkpoint(self.cfg, self.optimizer, self.logbook, self.space, self.data_key or "")
+        self.store.save_checkpoint({**ckpt, "stream": self.state, "pid": os.getpid()})
+
+
+def _sample(blocks: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """At most ``k`` blocks, a seeded sample in their original order."""
+    if len(blocks) <= k:
+        return blocks
+    return blocks[np.sort(rng.choice(len(blocks), size=k, replace=False))]
+
+
+def run_stream(cfg: ExperimentConfig, store: RunStore, *, quiet: bool = False, follow: bool = False):
+    return ContinualLoop(cfg, store, quiet=quiet).run(follow=follow)
