@@ -1,0 +1,195 @@
+"""The continual loop on a real local Ray: shards become data versions, elites are re-evaluated
+on each, LoRA genes adapt on the newest data, releases follow the rule, ``--follow`` picks up a
+shard dropped in while it runs and stops cleanly on SIGTERM."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+import evo
+from evo.config import ExperimentConfig
+from evo.corpus import load_domain
+from evo.errors import EvoError
+from evo.release import verify
+from evo.store import RunStore
+
+
+@pytest.fixture(scope="module")
+def docs():
+    return load_domain("doc", max_chars=120_000, doc_chars=600)
+
+
+@pytest.fixture
+def space_file(tmp_path, repo_root):
+    space = yaml.safe_load((repo_root / "search_spaces" / "merge_lora.yaml").read_text())
+    space["layer_groups"] = 1
+    space["genes"]["lora.steps"] = {"type": "int", "low": 3, "high": 6, "scope": "global"}
+    space["genes"]["lora.rank"] = {"type": "int", "low": 2, "high": 4, "scope": "global"}
+    space["genes"]["lora.lr"] = {"type": "logfloat", "low": 3e-3, "high": 3e-2, "scope": "global"}
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space, sort_keys=False))
+    return path
+
+
+def write_shard(path, texts):
+    """Write-then-rename, the convention the stream relies on."""
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    tmp.rename(path)
+
+
+def stream_config(zoo, space, folder, **over):
+    cfg = {
+        "zoo": str(zoo.root), "search_space": str(space), "seed": 3,
+        "eval": {"seq_len": 32, "max_blocks": 4, "batch_size": 4, "train_blocks": 16},
+        "optimizer": {"name": "ga", "population": 4, "options": {"elites": 1}},
+        "stream": {"folder": str(folder), "generations": 1, "replay_blocks": 6, "heldout_frac": 0.2, "poll_s": 0.3},
+        "release": {"tolerance": 10.0},
+        "ray": {"evaluators": 2, "cpus_per_evaluator": 0.5, "candidate_timeout_s": 120},
+    }
+    cfg.update(over)
+    return cfg
+
+
+def test_each_new_shard_reevaluates_elites_adapts_and_releases(micro_zoo, ray_session, space_file, tmp_path, docs):
+    folder = tmp_path / "stream"
+    folder.mkdir()
+    write_shard(folder / "000.jsonl", docs[:40])
+    (folder / "001.jsonl").write_text("")                                   # empty
+    write_shard(folder / "002.jsonl", docs[:10])                             # all duplicates of 000
+    (folder / "003.txt").write_bytes(b"caf\xe9 " * 50)                       # not UTF-8
+    (folder / "004.jsonl").write_text(
+        "".join(json.dumps({"text": t}) + "\n" for t in docs[40:80]) + json.dumps({"body": "no text field"}) + "\n")
+    (folder / "005.jsonl.part").write_text(json.dumps({"text": docs[90]}))  # half-written: not consumed
+
+    result = evo.run(stream_config(micro_zoo, space_file, folder), tmp_path / "run", quiet=True)
+    store = RunStore.open(tmp_path / "run")
+    events = store.events()
+
+    # bad shards are skipped with a reason, counted, and never stop the loop
+    shards = {e["shard"]: e for e in events if e["event"] == "shard"}
+    assert set(shards) == {"000.jsonl", "001.jsonl", "002.jsonl", "003.txt", "004.jsonl"}
+    assert shards["001.jsonl"]["skipped"].startswith("empty")
+    assert shards["002.jsonl"]["skipped"].startswith("no new text") and shards["002.jsonl"]["duplicates"] == 10
+    assert shards["003.txt"]["skipped"].startswith("not UTF-8")
+    assert shards["004.jsonl"]["rejected"] == {"no_text": 1} and shards["004.jsonl"]["kept"] == 40
+    assert [v["shard"] for v in result.versions] == ["000.jsonl", "004.jsonl"]
+
+    # the second version re-evaluated what the optimizer remembered, on the new data
+    ckpt = store.load_checkpoint()
+    second = f"{result.versions[1]['version']}@{result.versions[0]['release']}"
+    assert ckpt["data_version"] == second
+    reeval = [c for c in store.candidates() if c.get("reevaluated") and not c.get("reference")]
+    assert reeval and all(c["data_version"] == second for c in reeval)
+    assert all(c["previous_values"] and c["values"] != c["previous_values"] for c in reeval)
+    assert any(e["event"] == "reevaluated" and e["version"] == result.versions[1]["version"] for e in events)
+    # no stale fitness: every value the optimizer holds was measured on the newest data
+    newest = {tuple(c["genome"]): c["values"] for c in store.candidates()
+              if c["data_version"] == second and c.get("genome")}
+    for e in ckpt["optimizer"]["population"]:
+        assert newest[tuple(e["genome"])] == e["values"]
+
+    # LoRA genes trained on the newest data: every fresh candidate reports its fit
+    fresh = [c for c in store.candidates() if c["data_version"] == second and not c["cached"] and c.get("lora")]
+    assert fresh and all(c["lora"]["steps"] >= 3 for c in fresh)
+
+    # releases: the first one from the base, later ones name their parent and build on it
+    first = tmp_path / "run" / "releases" / "v0001"
+    fit = json.loads((first / "fitness.json").read_text())
+    assert fit["stream"]["parent_release"] is None and fit["stream"]["shard"] == "000.jsonl"
+    assert verify(first)["adaptation"] == pytest.approx(fit["objectives"]["adaptation"]["value"], abs=1e-3)
+    assert result.releases == ["v0001", "v0002"]  # seeded: LoRA on the newest shard beats the release
+    second_release = tmp_path / "run" / "releases" / "v0002"
+    fit2 = json.loads((second_release / "fitness.json").read_text())
+    assert fit2["stream"]["parent_release"] == "v0001"
+    assert fit2["stream"]["versions"] == [v["version"] for v in result.versions]
+    assert str(first.resolve()) in (second_release / "mergekit.yaml").read_text()
+    assert "Parent release: v0001" in (second_release / "README.md").read_text()
+    assert fit2["objectives"]["adaptation"]["value"] < fit2["current_release_same_data"]["objectives"]["adaptation"]
+    verify(second_release)
+
+    # a second call with nothing new does nothing (and leaves the half-written shard alone)
+    again = evo.resume(tmp_path / "run", quiet=True)
+    assert len(again.versions) == 2 and len(store.candidates()) == len(RunStore.open(tmp_path / "run").candidates())
+    consumed = [s["name"] for s in json.loads((tmp_path / "run" / "stream.json").read_text())["shards"]]
+    assert consumed == ["000.jsonl", "001.jsonl", "002.jsonl", "003.txt", "004.jsonl"]
+
+
+def _history(run_dir):
+    path = run_dir / "checkpoint.json"
+    if not path.exists():
+        return []
+    try:
+        ckpt = json.loads(path.read_text())
+    except ValueError:
+        return []
+    return (ckpt.get("stream") or {}).get("history", [])
+
+
+def _wait(predicate, child, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if child.poll() is not None:
+            pytest.fail("driver exited early: " + child.stderr.read().decode()[-2000:])
+        time.sleep(0.2)
+    pytest.fail("timed out waiting for the driver")
+
+
+def test_follow_picks_up_a_dropped_shard_and_stops_cleanly(micro_zoo, ray_session, space_file, tmp_path, docs):
+    folder = tmp_path / "stream"
+    folder.mkdir()
+    write_shard(folder / "000.jsonl", docs[:40])
+    cfg = stream_config(micro_zoo, space_file, folder)
+    cfg["ray"]["address"] = ray_session.get_runtime_context().gcs_address  # join this session's Ray
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(cfg))
+    run_dir = tmp_path / "run"
+    child = subprocess.Popen([sys.executable, "-m", "evo.cli", "run", str(tmp_path / "exp.yaml"), "--run-dir",
+                              str(run_dir), "--follow", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _wait(lambda: len(_history(run_dir)) == 1, child)
+        assert (run_dir / "releases" / "v0001").is_dir()
+        time.sleep(1.0)  # the driver is now idle, polling
+        write_shard(folder / "001.jsonl", docs[40:80])  # dropped in while it runs
+        _wait(lambda: len(_history(run_dir)) == 2, child)
+        child.send_signal(signal.SIGTERM)
+        out, err = child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 0, err.decode()[-2000:]
+    history = _history(run_dir)
+    assert [h["shard"] for h in history] == ["000.jsonl", "001.jsonl"]
+    assert history[1]["released"] == (run_dir / "releases" / "v0002").is_dir()
+    events = [e["event"] for e in RunStore.open(run_dir).events()]
+    assert events[-1] == "run_paused"
+    assert "data versions processed: 2" in out.decode()
+
+
+def test_stream_config_errors_are_one_line(micro_zoo, space_file, tmp_path):
+    folder = tmp_path / "stream"
+    folder.mkdir()
+    base = stream_config(micro_zoo, space_file, folder)
+    cfg = ExperimentConfig.from_dict(base)
+    assert [o.name for o in cfg.objectives] == ["adaptation", "retention"]
+    assert cfg.release_objectives() == ("adaptation", "retention")
+    with pytest.raises(EvoError, match=r"stream.folder: folder not found"):
+        ExperimentConfig.from_dict({**base, "stream": {"folder": str(tmp_path / "missing")}})
+    with pytest.raises(EvoError, match=r"release.lora: a stream run merges"):
+        ExperimentConfig.from_dict({**base, "release": {"lora": "adapter"}})
+    with pytest.raises(EvoError, match=r"release.retention: unknown objective 'forgetting'"):
+        ExperimentConfig.from_dict({**base, "release": {"retention": "forgetting"}})
+    fixed = {k: v for k, v in base.items() if k not in ("stream", "release")}
+    with pytest.raises(EvoError, match=r"objectives\[0\].sets: unknown evaluation set 'newest'"):
+        ExperimentConfig.from_dict({**fixed, "objectives": [{"name": "a", "sets": ["newest"]}]})
+    with pytest.raises(EvoError, match=r"--follow needs a data stream"):
+        evo.run(fixed, tmp_path / "run", follow=True)
+    assert not (tmp_path / "run").exists()
