@@ -38,9 +38,13 @@ class Objective:
 class EarlyRejection:
     """Stop scoring a candidate once it is clearly worse than the current k-th best.
 
-    Perplexity is measured in ``chunks``; after each, the candidate is rejected when the lower
-    confidence bound of its running mean (``z`` standard errors over blocks) exceeds the k-th
-    best by more than ``margin`` nats. Only for a single ``logppl`` objective.
+    Perplexity is measured in ``chunks`` (prefixes of every set). With ``paired`` (default),
+    after each chunk the candidate's per-block NLLs are compared with the k-th best's on the
+    same blocks: it is rejected when the lower confidence bound of the mean difference (``z``
+    standard errors of the paired differences) exceeds ``margin`` nats. Block difficulty cancels
+    in the difference, so the bound is far tighter than one from the spread over blocks, which
+    is the fallback when the k-th best has no per-block scores. Only for a single ``logppl``
+    objective.
     """
 
     enabled: bool = True
@@ -48,6 +52,7 @@ class EarlyRejection:
     margin: float = 0.0
     z: float = 3.0
     chunks: int = 4
+    paired: bool = True
 
 
 @dataclass
@@ -67,6 +72,9 @@ class EvalConfig:
     train_sets: dict[str, str] = field(default_factory=dict)  # LoRA genes train on these (default: zoo train split)
     train_blocks: int = 256
     task_limit: int | None = None  # score only the first N items of each task
+    # search fitness on this fraction of each set's blocks, picked at difficulty quantiles of the
+    # source models (evo.subset); the final comparison and releases use every block
+    subset: float = 1.0
     early_rejection: EarlyRejection = field(default_factory=EarlyRejection)
 
 
@@ -230,6 +238,8 @@ class ExperimentConfig:
             raise EvoError(f"{where}: ray.evaluators: must be >= 1")
         if self.ray.threads_per_evaluator < 1:
             raise EvoError(f"{where}: ray.threads_per_evaluator: must be >= 1")
+        if not 0.0 < self.eval.subset <= 1.0:
+            raise EvoError(f"{where}: eval.subset: a fraction in (0, 1], got {self.eval.subset}")
         self._validate_stream()
         if self.eval.seq_len < 2 or self.eval.max_blocks < 1 or self.eval.batch_size < 1:
             raise EvoError(f"{where}: eval: seq_len >= 2, max_blocks >= 1 and batch_size >= 1 are required")

@@ -120,10 +120,15 @@ class Evaluator:
                  epoch: int = 0) -> dict:
         """Score one recipe. Never raises for a bad candidate: returns ``status: failed``.
 
-        ``reject_above``: early rejection threshold on the mean log-perplexity (see
-        ``evo.config.EarlyRejection``); the candidate then comes back ``rejected`` with the
-        partial estimate as its metrics. ``epoch``: the data update the caller expects; an
-        evaluator holding another (one Ray restarted from its constructor) answers ``stale``.
+        ``reject_above``: early rejection against the current k-th best (see
+        ``evo.config.EarlyRejection``): either its mean log-perplexity (a bound from the spread
+        over blocks) or ``{"value": ..., "blocks": {set: per-block NLLs}}``, its per-block
+        scores, for a paired test on the same blocks (block difficulty cancels, so a worse
+        candidate is recognised after far fewer blocks). A rejected candidate comes back
+        ``rejected`` with its estimate as its metrics. ``epoch``: the data update the caller
+        expects; an evaluator holding another (one Ray restarted from its constructor) answers
+        ``stale``. Results on ``valid`` carry ``block_nlls`` (per set), the paired reference
+        for later candidates.
         """
         if epoch != self.epoch:
             return {"status": "stale", "epoch": self.epoch}
@@ -136,7 +141,7 @@ class Evaluator:
                 model, lora_stats = self._fit_lora(rec)
             t1 = time.perf_counter()
             try:
-                metrics, fraction, rejected = self._perplexities(model, self.eval_sets[collection], reject_above)
+                metrics, fraction, rejected, blocks = self._perplexities(model, self.eval_sets[collection], reject_above)
                 t2 = time.perf_counter()
                 if not rejected:
                     for name, task in self.tasks.items():
@@ -150,7 +155,7 @@ class Evaluator:
 
                     unload(model)  # the resident model must be bare for the next candidate
             t3 = time.perf_counter()
-            return {
+            out = {
                 "status": "rejected" if rejected else "ok",
                 "metrics": metrics,
                 "evaluated_fraction": fraction,
@@ -158,6 +163,9 @@ class Evaluator:
                 "timings": {"merge_s": t1 - t0, "ppl_s": t2 - t1, "tasks_s": t3 - t2, "eval_s": t3 - t1},
                 "worker": {"pid": os.getpid(), "name": self.name},
             }
+            if collection == "valid" and not rejected:
+                out["block_nlls"] = {k: [round(float(x), 5) for x in v] for k, v in blocks.items()}
+            return out
         except Exception as exc:  # a candidate's own failure is data, not a crash
             return {
                 "status": "failed",
@@ -177,11 +185,15 @@ class Evaluator:
         model.eval()
         return model, {k: v for k, v in stats.items() if isinstance(v, (int, float))}
 
-    def _perplexities(self, model, sets: Mapping[str, torch.Tensor], reject_above: float | None):
+    def _perplexities(self, model, sets: Mapping[str, torch.Tensor], reject_above):
         """Per-set log-perplexity, in chunks when a rejection threshold is given.
 
-        Returns (metrics, fraction of blocks evaluated, rejected?)."""
+        Returns (metrics, fraction of blocks evaluated, rejected?, per-block NLLs by set)."""
         er = self.early_rejection
+        paired = reject_above.get("blocks") if isinstance(reject_above, dict) else None
+        threshold = reject_above.get("value") if isinstance(reject_above, dict) else reject_above
+        if paired is not None and any(len(paired.get(n, ())) != len(b) for n, b in sets.items()):
+            paired = None  # the reference was measured on other blocks: fall back to the bound
         chunks = er["chunks"] if reject_above is not None else 1
         parts = {name: torch.tensor_split(torch.arange(len(b)), chunks) for name, b in sets.items()}
         nlls: dict[str, list[torch.Tensor]] = {name: [] for name in sets}
@@ -197,10 +209,23 @@ class Evaluator:
                     raise FloatingPointError(f"non-finite loss on evaluation set {name!r}")
             metrics = {f"logppl/{name}": float(v.mean()) for name, v in done.items()}
             seen = sum(len(v) for v in done.values())
-            if c < chunks - 1 and len(done) == len(sets):
+            if c == chunks - 1 or len(done) != len(sets):
+                continue
+            if paired is not None:
+                # paired: the difference to the reference on the blocks seen so far (chunks are
+                # prefixes, so those are the reference's first len(v) blocks)
+                ref = {n: torch.as_tensor(paired[n], dtype=torch.float64) for n in done}
+                diff = {n: v - ref[n][: len(v)] for n, v in done.items()}
+                delta = sum(float(d.mean()) for d in diff.values()) / len(diff)
+                se = math.sqrt(sum(float(d.var()) / len(d) for d in diff.values() if len(d) > 1)) / len(diff)
+                if delta - er["z"] * se > er["margin"]:
+                    # the estimate of the full score: the reference's mean plus the mean difference
+                    est = {f"logppl/{n}": float(ref[n].mean()) + float(d.mean()) for n, d in diff.items()}
+                    return est, seen / total, True, done
+            else:
                 mean = sum(metrics.values()) / len(metrics)
                 # standard error of the mean over sets, from the spread over blocks within each set
                 se = math.sqrt(sum(float(v.var()) / len(v) for v in done.values() if len(v) > 1)) / len(done)
-                if mean - er["z"] * se > reject_above + er["margin"]:
-                    return metrics, seen / total, True
-        return metrics, 1.0, False
+                if mean - er["z"] * se > threshold + er["margin"]:
+                    return metrics, seen / total, True, done
+        return metrics, 1.0, False, done

@@ -113,8 +113,15 @@ def _run_fitness(cfg: ExperimentConfig, ckpt: dict, store: RunStore) -> dict:
 
     best = ckpt["best"]
     objectives = ckpt["objectives"]
+    values = best["values"]
+    if cfg.eval.subset < 1.0:  # searched on a subset: record (and verify) the full-set values
+        full = ((ckpt.get("comparison") or {}).get("evolved (best)") or {}).get("valid", {}).get("objectives")
+        if not full:
+            raise EvoError(f"{store.root}: a subset run (eval.subset) can be exported once it has finished: "
+                           "its full-set fitness is measured in the final comparison")
+        values = [full[o["name"]] for o in objectives]
     fitness = {
-        "objectives": {o["name"]: {"value": v, "goal": o["goal"]} for o, v in zip(objectives, best["values"])},
+        "objectives": {o["name"]: {"value": v, "goal": o["goal"]} for o, v in zip(objectives, values)},
         "data_version": ckpt["data_version"],
         "generation": ckpt["generation"],
         "run": str(store.root.resolve()),

@@ -265,7 +265,7 @@ class GenerationStep:
             else:
                 valid[name] = recipe
             recipes.append(recipe)
-        threshold = _rejection_threshold(cfg, optimizer)
+        threshold = _rejection_threshold(cfg, optimizer, self.lookup)
         keys = {**self.evaluate(valid, desc=f"generation {gen}", should_stop=should_stop, reject_above=threshold),
                 **invalid}
         values, n_failed, n_rejected, work = [], 0, 0, 0.0
@@ -295,17 +295,33 @@ class GenerationStep:
                        n_failed=n_failed, best=optimizer.best(), seconds=time.time() - t0)
         row["rejected"] = n_rejected
         row["eval_work"] = round(work, 3)  # candidates' worth of evaluation actually done
-        row["threshold"] = threshold
+        row["threshold"] = threshold["value"] if isinstance(threshold, dict) else threshold
+        row["paired"] = isinstance(threshold, dict)
         return row
 
+    def lookup(self, genome) -> dict | None:
+        """The cached result of a genome on the current data, if any."""
+        try:
+            return self.cache.get(self.key(self.space.decode(genome)))
+        except EvoError:
+            return None
 
-def _rejection_threshold(cfg: ExperimentConfig, optimizer) -> float | None:
-    """The k-th best objective value of the current population, when early rejection applies."""
+
+def _rejection_threshold(cfg: ExperimentConfig, optimizer, lookup=None):
+    """The current k-th best of the population, when early rejection applies: its per-block
+    scores for a paired test (``lookup(genome)`` finds its cached result), else its value."""
     if not early_rejection_active(cfg):
         return None
-    values = sorted(e.values[0] for e in optimizer.population if e.values is not None and math.isfinite(e.values[0]))
+    ranked = sorted((e for e in optimizer.population if e.values is not None and math.isfinite(e.values[0])),
+                    key=lambda e: e.values[0])
     k = cfg.eval.early_rejection.k
-    return values[k - 1] if len(values) >= k else None
+    if len(ranked) < k:
+        return None
+    kth = ranked[k - 1]
+    result = lookup(kth.genome) if lookup is not None else None
+    if cfg.eval.early_rejection.paired and result and result.get("status") == "ok" and result.get("block_nlls"):
+        return {"value": kth.values[0], "blocks": result["block_nlls"]}
+    return kth.values[0]
 
 
 def _compare(cfg, pool, space, best, store, quiet) -> dict[str, dict]:
@@ -316,7 +332,9 @@ def _compare(cfg, pool, space, best, store, quiet) -> dict[str, dict]:
     for coll in collections:
         todo = {label: (f"compare-{coll}-{i:02d}", r) for i, (label, r) in enumerate(recipes.items())}
         results = {}
-        pool.evaluate(todo, lambda k, r: results.__setitem__(k, r), desc=f"comparison ({coll})", collection=coll)
+        # a subset run searched on part of the valid blocks: compare on all of them
+        source = "full" if coll == "valid" and "full" in pool.sources.eval_sets else coll
+        pool.evaluate(todo, lambda k, r: results.__setitem__(k, r), desc=f"comparison ({coll})", collection=source)
         for label, result in results.items():
             if result["status"] != "ok":
                 table[label][coll] = {"error": result.get("error")}

@@ -50,6 +50,16 @@ class Sources:
             raise EvoError(f"{tok_dir}: cannot load tokenizer ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
         settings = dict(seq_len=cfg.eval.seq_len, max_blocks=cfg.eval.max_blocks, tokenizer=tokenizer.vocab_size)
         eval_sets = {"valid": cls._blocks(cfg.eval.sets, tokenizer, cfg)}
+        subset = None
+        if cfg.eval.subset < 1.0 and not cfg.streaming:
+            from evo.subset import choose_subset
+
+            # chosen once for this data version; the full blocks stay for the final comparison
+            subset = choose_subset(to_numpy(base), {m: to_numpy(d) for m, d in deltas.items()}, config.to_dict(),
+                                   eval_sets["valid"], cfg.eval.subset, cfg.eval.batch_size)
+            eval_sets["full"] = eval_sets["valid"]
+            eval_sets["valid"] = {n: b[subset[n]] for n, b in eval_sets["full"].items()}
+            settings["subset"] = cfg.eval.subset
         report = cls._report_paths(cfg)
         if report:
             eval_sets["test"] = cls._blocks(report, tokenizer, cfg)

@@ -131,6 +131,7 @@ def search(bench: Bench, name: str, seed: int, budget: int, population: int, *, 
            kind: str = "mean") -> dict:
     """Ask/tell until ``budget`` distinct recipes have been evaluated; best-so-far after each one."""
     from evo.optim import make_optimizer
+    from evo.runner import _rejection_threshold
 
     n_obj = 1 if kind == "mean" else 2
     options = {"population": population, "initial": bench.initial}
@@ -142,9 +143,8 @@ def search(bench: Bench, name: str, seed: int, budget: int, population: int, *, 
     while len(curve) < budget and stale < 50:
         genomes = opt.ask()
         threshold = None
-        if reject:  # evo.runner._rejection_threshold
-            vals = sorted(e.values[0] for e in opt.population if e.values is not None and math.isfinite(e.values[0]))
-            threshold = vals[bench.er.k - 1] if len(vals) >= bench.er.k else None
+        if reject:  # as the runner does: the k-th best, paired on its per-block scores when known
+            threshold = _rejection_threshold(bench.cfg, opt, lambda g: bench.memo.get(bench.space.decode(g).key()))
         values, full = [], False
         new = 0
         for g in genomes:
@@ -315,7 +315,7 @@ def plot(runs, rej_runs, base_values, budget, path: Path) -> None:
     ax = axes[1]
     grid = np.linspace(0, budget, 200)
     groups = [("ga", [r for r in runs if r["optimizer"] == "ga"])]
-    groups += [(f"ga + early rejection, z={z:g}", g) for z, g in rej_runs.items()]
+    groups += [(f"ga + early rejection, {z}", g) for z, g in rej_runs.items()]
     for i, (label, group) in enumerate(groups):
         color = colors.get(label, f"C{3 + i}")
         ys = np.array([np.interp(grid, [0] + r["work_curve"], [r["curve"][0]] + r["curve"]) for r in group])
@@ -383,19 +383,24 @@ def main(argv=None) -> int:
             print(f"  {name:7s} seed {s}: best {r['best']:.4f}  ({r['seconds']:.0f}s)", flush=True)
         timings[name] = time.time() - t0
 
-    # 2. early rejection (GA): the configured z, then any other z asked for
-    rej_runs: dict[float, list] = {}
+    # 2. early rejection (GA): paired on the k-th best's blocks (the default) and the unpaired
+    # bound, at the configured z, then any other z asked for
+    rej_runs: dict[str, list] = {}
     for z in [float(x) for x in args.reject_z.split(",")]:
-        t0 = time.time()
-        bench.ev.early_rejection["z"] = z
-        rej_runs[z] = []
-        for s in seeds:
-            r = search(bench, "ga", s, args.budget, args.population, reject=True)
-            rej_runs[z].append(r)
-            print(f"  ga+rej z={z:g} seed {s}: best {r['best']:.4f}  work {r['work']:.1f}/{args.budget}  "
-                  f"rejected {r['rejected']}  ({r['seconds']:.0f}s)", flush=True)
-        timings[f"ga + early rejection z={z:g}"] = time.time() - t0
+        for paired in (True, False):
+            label = f"z={z:g}, {'paired' if paired else 'bound'}"
+            t0 = time.time()
+            bench.ev.early_rejection["z"] = z
+            bench.cfg.eval.early_rejection.paired = paired
+            rej_runs[label] = []
+            for s in seeds:
+                r = search(bench, "ga", s, args.budget, args.population, reject=True)
+                rej_runs[label].append(r)
+                print(f"  ga+rej {label} seed {s}: best {r['best']:.4f}  work {r['work']:.1f}/{args.budget}  "
+                      f"rejected {r['rejected']}  ({r['seconds']:.0f}s)", flush=True)
+            timings[f"ga + early rejection {label}"] = time.time() - t0
     bench.ev.early_rejection["z"] = bench.er.z
+    bench.cfg.eval.early_rejection.paired = True
 
     # 3. subset fitness: random candidates and the last candidates of GA seed 0
     t0 = time.time()
@@ -465,7 +470,7 @@ def main(argv=None) -> int:
         f"Early rejection (GA, k={bench.er.k}, chunks={bench.er.chunks}, margin={bench.er.margin}; z={bench.er.z:g} is the "
         f"configured default; same seeds, same {B} candidates):",
         "",
-        "| | GA | " + " | ".join(f"GA + early rejection, z={z:g}" for z in zs) + " |",
+        "| | GA | " + " | ".join(f"GA + early rejection, {z}" for z in zs) + " |",
         "|---|---|" + "---|" * len(zs),
     ]
     works = {z: [r["work"] for r in rej_runs[z]] for z in zs}
@@ -479,7 +484,7 @@ def main(argv=None) -> int:
         [", ".join(f"{b['best'] - a['best']:+.4f}" for a, b in zip(ga_runs, rej_runs[z])) for z in zs])
     row("plain GA's best after the same work", "",
         [spread([a["curve"][max(1, round(w)) - 1] for a, w in zip(ga_runs, works[z])]) for z in zs])
-    row("wall time, all seeds", f"{timings['ga']:.0f} s", [f"{timings[f'ga + early rejection z={z:g}']:.0f} s" for z in zs])
+    row("wall time, all seeds", f"{timings['ga']:.0f} s", [f"{timings[f'ga + early rejection {z}']:.0f} s" for z in zs])
     lines += [
         "",
         f"Subset fitness: {sub['blocks']} of {sub['of']} valid blocks ({100 * sub['blocks'] / sub['of']:.0f}%), "

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from evo.config import ExperimentConfig
+from evo.errors import EvoError
 from evo.evaluator import Evaluator
 from evo.fitness import objective_values
 from evo.runner import baseline_recipes
@@ -70,3 +72,56 @@ def test_nan_candidate_is_failed_not_a_crash(setup):
     assert result["status"] == "failed" and ("non-finite" in result["error"] or "nan" in result["error"].lower())
     # the evaluator stays usable after a failure
     assert ev.evaluate(recipes["base"].to_dict())["status"] == "ok"
+
+
+def test_paired_rejection_uses_the_reference_blocks(setup):
+    """Paired on the k-th best's per-block scores, a consistently worse candidate is rejected
+    early with an estimate close to its full score; the reference itself and better candidates
+    never are; a reference measured on other blocks falls back to the unpaired bound."""
+    cfg, ev, recipes = setup
+    ref = ev.evaluate(recipes["uniform average"].to_dict())
+    assert ref["status"] == "ok" and set(ref["block_nlls"]) == set(cfg.eval.sets)
+    ref_mean = sum(v for k, v in ref["metrics"].items() if k.startswith("logppl/")) / 3
+    threshold = {"value": ref_mean, "blocks": ref["block_nlls"]}
+    same = ev.evaluate(recipes["uniform average"].to_dict(), reject_above=threshold)
+    assert same["status"] == "ok" and same["evaluated_fraction"] == 1.0
+    worse = recipes["base"].to_dict()
+    for entry in worse["merge"]["models"]:
+        entry["parameters"]["weight"] = 1.5
+    full = ev.evaluate(worse)
+    full_mean = sum(v for k, v in full["metrics"].items() if k.startswith("logppl/")) / 3
+    assert full_mean > ref_mean
+    paired = ev.evaluate(worse, reject_above=threshold)
+    assert paired["status"] == "rejected" and paired["evaluated_fraction"] <= 0.5
+    est = sum(paired["metrics"].values()) / 3
+    assert abs(est - full_mean) < abs(full_mean - ref_mean)  # a useful estimate, not just "worse"
+    # the unpaired bound needs more blocks (or never gets there) for the same candidate
+    bound = ev.evaluate(worse, reject_above=ref_mean)
+    assert bound["evaluated_fraction"] >= paired["evaluated_fraction"]
+    # a better candidate than the reference is kept, with its exact full metrics
+    better = ev.evaluate(recipes["uniform average"].to_dict(), reject_above={"value": full_mean, "blocks": full["block_nlls"]})
+    assert better["status"] == "ok" and better["metrics"] == pytest.approx(ref["metrics"])
+    # a reference of the wrong length is not used for pairing
+    short = {"value": ref_mean, "blocks": {k: v[:3] for k, v in ref["block_nlls"].items()}}
+    assert ev.evaluate(worse, reject_above=short)["evaluated_fraction"] == bound["evaluated_fraction"]
+
+
+def test_subset_fitness_picks_blocks_across_difficulty(micro_zoo, repo_root):
+    from evo.subset import quantile_pick
+
+    assert quantile_pick(np.array([5.0, 1.0, 3.0, 2.0, 4.0, 0.0, 6.0, 7.0]), 0.25) == [3, 6]
+    assert quantile_pick(np.arange(4.0), 1.0) == [0, 1, 2, 3]
+    cfg = ExperimentConfig.from_dict({
+        "zoo": str(micro_zoo.root), "eval": {"seq_len": 32, "max_blocks": 16, "batch_size": 8, "subset": 0.25},
+        "search_space": str(repo_root / "search_spaces" / "task_arithmetic_layerwise.yaml"),
+    })
+    sources = Sources.load(cfg)
+    full, sub = sources.eval_sets["full"], sources.eval_sets["valid"]
+    for name in cfg.eval.sets:
+        assert len(sub[name]) == 4 and len(full[name]) == 16
+        rows = {tuple(r) for r in full[name].tolist()}
+        assert all(tuple(r) in rows for r in sub[name].tolist())
+    plain = Sources.load(ExperimentConfig.from_dict({**cfg.to_dict(), "eval": {**cfg.to_dict()["eval"], "subset": 1.0}}))
+    assert plain.data_version != sources.data_version  # cached fitness never mixes the two
+    with pytest.raises(EvoError, match=r"eval.subset: a fraction in \(0, 1\]"):
+        ExperimentConfig.from_dict({**cfg.to_dict(), "eval": {"subset": 0.0}})

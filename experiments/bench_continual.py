@@ -1,0 +1,239 @@
+"""Continual benchmark: evo's never-ending loop against plain sequential LoRA fine-tuning.
+
+Shards of text arrive in order, each from another domain (a domain shift at every step). Both
+methods get the same LoRA training steps per shard on the same training split:
+
+* **sequential**: LoRA (fixed rank, learning rate) on the newest shard, merged into the
+  weights, then the next shard on top: the usual way to keep a model up to date;
+* **evo**: the continual loop (``evo.continual``): merges of the zoo's specialists and the
+  current release, each with a LoRA gene set fitted on the newest shard, searched by NSGA-II
+  on adaptation (newest held-out) and retention (replay of older data); a release only when
+  the rule holds (retention within ``--tolerance`` nats of the current release).
+
+After each version, both are measured on the full held-out split of every shard so far (the
+same split evo uses): the newest shard, the mean over earlier shards, and the first shard.
+
+    python experiments/bench_continual.py      # ~10-15 min on 2 cores; builds the tiny zoo if missing
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shard_texts(zoo, domain: str, n: int, doc_chars: int) -> list[str]:
+    """Documents a model of the zoo never trained on: the zoo's test split for its own
+    domains, otherwise the domain's text from the start."""
+    from evo.corpus import load_domain
+    from evo.data import read_texts
+
+    if domain in zoo.domains:
+        return read_texts(zoo.data_dir(domain, "test"))[:n]
+    return load_domain(domain, max_chars=n * doc_chars * 2, doc_chars=doc_chars)[:n]
+
+
+def versions_of(folder: Path, tokenizer, settings: dict) -> list[dict]:
+    """Train and held-out blocks per version, exactly as the loop's stream splits them."""
+    from evo.data import DataStream
+
+    stream = DataStream(folder, tokenizer, **settings)
+    out = []
+    while True:
+        reports = stream.poll(max_versions=1)
+        made = [r for r in reports if r.version]
+        if not made:
+            return out
+        w = stream.window()
+        out.append({"version": w.version, "shard": made[-1].shard, "train": w.train, "heldout": w.heldout})
+
+
+def logppl(model, blocks, batch_size=16) -> float:
+    import torch
+
+    from evo.fitness import mean_nll
+
+    return mean_nll(model, torch.from_numpy(blocks), batch_size=batch_size)
+
+
+def measure(model, versions, k) -> dict:
+    """Log-perplexity on shard k (newest), the mean over shards < k, and shard 0."""
+    newest = logppl(model, versions[k]["heldout"])
+    earlier = [logppl(model, versions[j]["heldout"]) for j in range(k)]
+    return {"newest": newest, "earlier": sum(earlier) / len(earlier) if earlier else math.nan,
+            "first": earlier[0] if earlier else newest}
+
+
+def sequential(zoo, versions, args) -> list[dict]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from evo.lora import LoraGenes, fit_lora, merged_state_dict, unload
+
+    model = AutoModelForCausalLM.from_pretrained(zoo.base_dir).eval()
+    genes = LoraGenes(rank=args.rank, alpha=2.0 * args.rank, target_modules="all", lr=args.lr, steps=args.steps)
+    rows = []
+    for k, v in enumerate(versions):
+        t0 = time.time()
+        peft_model, stats = fit_lora(model, torch.from_numpy(v["train"]), genes, seed=args.seed + k)
+        weights = merged_state_dict(peft_model)
+        model = unload(peft_model)
+        model.load_state_dict(weights, strict=False)
+        model.eval()
+        rows.append({**measure(model, versions, k), "seconds": time.time() - t0})
+        print(f"  sequential after {v['shard']}: newest {rows[-1]['newest']:.4f}  earlier {rows[-1]['earlier']:.4f}", flush=True)
+    return rows
+
+
+def evolve(zoo, folder, versions, args) -> tuple[list[dict], dict]:
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    import evo
+    from evo.store import RunStore
+
+    space = yaml.safe_load((ROOT / "search_spaces" / "merge_lora.yaml").read_text())
+    space["genes"]["lora.steps"] = {"type": "int", "low": args.steps, "high": args.steps, "scope": "global"}
+    space_path = Path(args.out) / "space.yaml"
+    space_path.write_text(yaml.safe_dump(space, sort_keys=False))
+    config = {
+        "name": "bench_continual", "zoo": str(zoo.root), "search_space": str(space_path), "seed": args.seed,
+        "eval": {"seq_len": args.seq_len, "max_blocks": args.eval_blocks, "batch_size": 16, "train_blocks": 100_000},
+        "optimizer": {"name": "nsga2", "population": args.population},
+        "stream": {"folder": str(folder), "generations": args.generations, "replay_blocks": args.eval_blocks,
+                   "heldout_frac": args.heldout_frac},
+        "release": {"tolerance": args.tolerance},
+        "ray": {"evaluators": 2, "cpus_per_evaluator": 1, "threads_per_evaluator": 1, "dashboard": False,
+                "object_store_mb": 512},
+    }
+    run_dir = Path(args.out) / "run"
+    t0 = time.time()
+    result = evo.run(config, run_dir, quiet=not args.verbose)
+    seconds = time.time() - t0
+    rows = []
+    base = AutoModelForCausalLM.from_pretrained(zoo.base_dir).eval()
+    for k, h in enumerate(result.versions):
+        assert h["version"] == versions[k]["version"], "the loop and the benchmark split the stream differently"
+        model = AutoModelForCausalLM.from_pretrained(run_dir / "releases" / h["release"]).eval() if h["release"] else base
+        rows.append({**measure(model, versions, k), "release": h["release"], "released": h["released"],
+                     "decision": h["decision"]})
+        print(f"  evo after {h['shard']}: {h['decision']}; newest {rows[-1]['newest']:.4f}  earlier {rows[-1]['earlier']:.4f}",
+              flush=True)
+    return rows, {"seconds": seconds, "candidates": len(RunStore.open(run_dir).candidates())}
+
+
+def table(versions, base_rows, seq, ev) -> str:
+    def ppl(x):
+        return "-" if x is None or math.isnan(x) else f"{math.exp(x):.1f}"
+
+    lines = ["| version | shard | base newest | sequential newest | evo newest | evo share of gain | "
+             "sequential earlier | evo earlier | sequential first | evo first | evo release |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for k, v in enumerate(versions):
+        gain = base_rows[k]["newest"] - seq[k]["newest"]
+        share = (base_rows[k]["newest"] - ev[k]["newest"]) / gain if gain > 1e-9 else math.nan
+        lines.append(f"| {k} | {v['shard']} | {ppl(base_rows[k]['newest'])} | {ppl(seq[k]['newest'])} | "
+                     f"{ppl(ev[k]['newest'])} | {'-' if math.isnan(share) else f'{share:.0%}'} | "
+                     f"{ppl(seq[k]['earlier'])} | {ppl(ev[k]['earlier'])} | {ppl(seq[k]['first'])} | "
+                     f"{ppl(ev[k]['first'])} | {ev[k]['release'] or '-'} |")
+    return "\n".join(lines)
+
+
+def plot(versions, base_rows, seq, ev, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = list(range(len(versions)))
+    labels = [f"{k}\n{v['shard'].split('.')[0]}" for k, v in enumerate(versions)]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, key, title in zip(axes, ("newest", "earlier", "first"),
+                              ("newest shard (adaptation)", "mean over earlier shards (retention)", "first shard")):
+        if key == "newest":
+            ax.plot(x, [math.exp(r[key]) for r in base_rows], "k:", marker="o", label="base")
+        ax.plot(x, [math.exp(r[key]) for r in seq], "C1-", marker="s", label="sequential LoRA")
+        ax.plot(x, [math.exp(r[key]) for r in ev], "C0-", marker="^", label="evo releases")
+        ax.set_title(title)
+        ax.set_xticks(x, labels)
+        ax.set_ylabel("perplexity (held-out)")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle("Continual adaptation: lower is better")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--zoo", default=str(ROOT / "zoo"), help="tiny zoo directory (built if missing)")
+    p.add_argument("--shards", default="doc,fr,c,de", help="one shard per domain, in arrival order")
+    p.add_argument("--docs", type=int, default=150, help="documents per shard")
+    p.add_argument("--doc-chars", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=60, help="LoRA steps per shard (both methods)")
+    p.add_argument("--lr", type=float, default=2e-3, help="sequential LoRA learning rate (evo searches its own)")
+    p.add_argument("--rank", type=int, default=8, help="sequential LoRA rank (evo searches its own)")
+    p.add_argument("--population", type=int, default=8)
+    p.add_argument("--generations", type=int, default=3, help="generations per data version")
+    p.add_argument("--tolerance", type=float, default=0.02, help="retention tolerance of the release rule (nats)")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--eval-blocks", type=int, default=32, help="held-out and replay blocks per candidate")
+    p.add_argument("--heldout-frac", type=float, default=0.15)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(ROOT / "runs" / "bench_continual"))
+    p.add_argument("--verbose", action="store_true", help="show the loop's own progress")
+    args = p.parse_args(argv)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import torch
+
+    torch.set_num_threads(1)  # the evaluators use the cores; one thread each keeps them fed
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evo.zoo import build_zoo
+
+    out = Path(args.out)
+    if out.exists():
+        shutil.rmtree(out)
+    folder = out / "stream"
+    folder.mkdir(parents=True)
+    zoo = build_zoo(args.zoo, domains=("en", "de", "code"), size="tiny", seed=0)
+    tokenizer = AutoTokenizer.from_pretrained(zoo.base_dir)
+    for k, domain in enumerate(args.shards.split(",")):
+        texts = shard_texts(zoo, domain, args.docs, args.doc_chars)
+        tmp = folder / f".{k:03d}-{domain}.jsonl.part"
+        tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+        tmp.rename(folder / f"{k:03d}-{domain}.jsonl")
+    settings = {"seq_len": args.seq_len, "heldout_frac": args.heldout_frac, "replay_blocks": args.eval_blocks,
+                "seed": args.seed}
+    versions = versions_of(folder, tokenizer, settings)
+    print("shards: " + ", ".join(f"{v['shard']} ({len(v['train'])} train / {len(v['heldout'])} held-out blocks)"
+                                  for v in versions), flush=True)
+    base = AutoModelForCausalLM.from_pretrained(zoo.base_dir).eval()
+    base_rows = [measure(base, versions, k) for k in range(len(versions))]
+    t0 = time.time()
+    seq = sequential(zoo, versions, args)
+    seq_s = time.time() - t0
+    ev, info = evolve(zoo, folder, versions, args)
+    print()
+    text = table(versions, base_rows, seq, ev)
+    print(text)
+    print(f"\nsequential LoRA: {seq_s:.0f}s; evo loop: {info['seconds']:.0f}s "
+          f"({args.population} per generation, {args.generations} generations per version)")
+    plot(versions, base_rows, seq, ev, out / "bench_continual.png")
+    (out / "results.json").write_text(json.dumps({"args": vars(args), "base": base_rows, "sequential": seq, "evo": ev,
+                                                  "seconds": {"sequential": seq_s, "evo": info["seconds"]}}, indent=2))
+    (out / "table.md").write_text(text + "\n")
+    print(f"plot: {out / 'bench_continual.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
