@@ -130,7 +130,8 @@ class ReleaseConfig:
     The candidate with the best ``objective`` among those evaluated on the version is released
     if it beats the current release (re-measured on the same data) by more than
     ``min_improvement`` and its ``retention`` objective is no worse than the current release's
-    by more than ``tolerance`` (same units as the objective: nats of log-perplexity).
+    by more than ``tolerance`` (same units as the objective: nats of log-perplexity). The first
+    release has nothing shipped to regress against: it only has to beat the base.
     """
 
     auto: bool = True

@@ -306,14 +306,17 @@ class ContinualLoop:
             if c.get("reference"):
                 continue
             v = c["values"]
-            if ri is not None and ref is not None and sign[retention] * (v[ri] - ref[ri]) > cfg.release.tolerance:
+            if ri is not None and ref is not None and st["release"] \
+                    and sign[retention] * (v[ri] - ref[ri]) > cfg.release.tolerance:
                 continue  # forgets too much against the current release
             loss = sign[objective] * v[oi]
             if loss < best_loss:
                 best, best_loss = c, loss
-        rule = (f"best {objective} among candidates whose {retention} is within {cfg.release.tolerance} of the "
-                f"current release's, improving {objective} by more than {cfg.release.min_improvement}"
-                if retention else f"best {objective}, improving it by more than {cfg.release.min_improvement}")
+        if retention and st["release"]:
+            rule = (f"best {objective} among candidates whose {retention} is within {cfg.release.tolerance} of "
+                    f"the current release's, improving {objective} by more than {cfg.release.min_improvement}")
+        else:  # the first release: nothing shipped yet to regress against
+            rule = f"best {objective}, improving on the base's by more than {cfg.release.min_improvement} (first release)"
         entry = {"version": st["version"], "shard": st["shard"], "released": False, "release": st["release"],
                  "reference": ref, "rule": rule}
         if best is None:

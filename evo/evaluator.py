@@ -84,6 +84,7 @@ class Evaluator:
             num_layers=num_layers,
             out=self.model.state_dict(),
             device=device,
+            resident=True,
         )
         self.tasks = dict(tasks or {})
         self.train = None if train is None else torch.from_numpy(np.array(train, dtype=np.int64))

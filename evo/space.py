@@ -185,6 +185,9 @@ def _json_default(obj):
 
 
 # ---------------------------------------------------------------------------------------- space
+DENSITY_GRID = 4096  # = MagnitudeTable's default q
+
+
 @dataclass(frozen=True)
 class Slot:
     """One coordinate of the genome: which gene, for which model and layer group."""
@@ -319,6 +322,10 @@ class SearchSpace:
         for slot, u in zip(self.slots, genome):
             gene, scope = self.spec.genes[slot.gene]
             value = gene.decode(u)
+            if slot.gene == "density" and isinstance(value, float):
+                # onto the grid a resident merger's magnitude tables answer without a pass over
+                # the task vector (evo.merge.sparsify.MagnitudeTable): steps of 1/4096
+                value = round(value * DENSITY_GRID) / DENSITY_GRID
             if slot.gene == "merge_method":
                 method = value
             elif slot.gene.startswith("lora."):

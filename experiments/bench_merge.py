@@ -149,28 +149,37 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="25M only, 2 repeats")
     ap.add_argument("--e2e-methods", default="linear,ties", help="methods timed against mergekit-yaml ('' = none)")
     ap.add_argument("--e2e-size", default="25M")
+    ap.add_argument("--modes", default="resident,one-off", help="resident (evaluators) and/or one-off (evo merge)")
     args = ap.parse_args(argv)
     sizes = ["25M"] if args.quick else args.sizes.split(",")
     reps = 2 if args.quick else args.reps
     methods = [m for m in args.methods.split(",") if m]
 
+    modes = [m for m in args.modes.split(",") if m]
     print(f"torch threads: {torch.get_num_threads()}\n")
-    print("| method | size | params | s/merge | GB/s read | copy GB/s | % of copy |")
-    print("|---|---|---|---|---|---|---|")
+    print("resident = an evaluator's Merger (magnitude tables + fused consensus kernel, set up on the first "
+          "merge: 'setup s'); one-off = `evo merge` (no per-source setup)\n")
+    print("| method | size | mode | params | s/merge | setup s | GB/s read | copy GB/s | % of copy |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for size in sizes:
         shapes = llama_shapes(*SIZES[size])
         base, deltas = random_sources(shapes)
-        merger = Merger(base, deltas, num_layers=SIZES[size][2])
         numel = sum(t.numel() for t in base.values())
-        for method in methods:
-            cfg = recipe(method, list(deltas))
-            bw = copy_bandwidth(numel=32 * 2**20, reps=3)
-            sec = time_merges(merger, cfg, reps)
-            n_src = (1 if cfg.base_model else 0) + len([e for e in cfg.models if e.model != "base"])
-            gbs = n_src * numel * 4 / sec / 1e9
-            print(f"| {method} | {size} | {numel / 1e6:.0f}M | {sec:.3f} | {gbs:.2f} | {bw:.1f} | {100 * gbs / bw:.0f}% |",
-                  flush=True)
-        del merger, base, deltas
+        for mode in modes:
+            merger = Merger(base, deltas, num_layers=SIZES[size][2], resident=(mode == "resident"))
+            for method in methods:
+                cfg = recipe(method, list(deltas))
+                bw = copy_bandwidth(numel=32 * 2**20, reps=3)
+                t0 = time.perf_counter()
+                merger.merge(cfg, seed=0)
+                setup = time.perf_counter() - t0
+                sec = time_merges(merger, cfg, reps)
+                n_src = (1 if cfg.base_model else 0) + len([e for e in cfg.models if e.model != "base"])
+                gbs = n_src * numel * 4 / sec / 1e9
+                print(f"| {method} | {size} | {mode} | {numel / 1e6:.0f}M | {sec:.3f} | {max(setup - sec, 0):.1f} | "
+                      f"{gbs:.2f} | {bw:.1f} | {100 * gbs / bw:.0f}% |", flush=True)
+            del merger
+        del base, deltas
     e2e = [m for m in args.e2e_methods.split(",") if m]
     if e2e:
         dims = SIZES[args.e2e_size]

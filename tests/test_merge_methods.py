@@ -154,3 +154,45 @@ def test_linear_named_base_is_an_input_like_mergekit():
     assert m.merge(cfg)["w"].item() == pytest.approx((1.0 + 9.0) / 4)
     with pytest.raises(EvoError, match="'weight' is required"):
         m.merge(_cfg("linear", [{"model": "a", "parameters": {"weight": 3.0}}], base="base"))
+
+
+def test_magnitude_table_is_exact_with_ties_and_any_rank():
+    from evo.merge.sparsify import MagnitudeTable
+
+    g = torch.Generator().manual_seed(1)
+    d = torch.randn(50_000, generator=g)
+    d[::7] = d[3]  # a large tie group
+    d[::11] = -d[5]
+    table = MagnitudeTable(d, q=256)
+    a = d.abs()
+    for k in [1, 2, 7, 195, 196, 197, 7143, 25_000, int(100 / 256 * 50_000), 49_999, 50_000]:
+        assert table.kth_largest(k, d) == a.kthvalue(a.numel() - k + 1).values.item(), k
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("ties", {"density": 1234 / 4096}),     # on the table's grid: a lookup
+    ("ties", {"density": 0.37}),            # off the grid: one band pass
+    ("dare_ties", {"density": 0.5}),
+    ("breadcrumbs_ties", {"density": 0.6, "gamma": 0.05}),
+    ("breadcrumbs", {"density": 0.6, "gamma": 0.05}),
+    ("della", {"density": 0.5, "epsilon": 0.1}),
+])
+def test_resident_merger_matches_the_one_off_merge(method, extra):
+    """Magnitude tables and the fused consensus kernel (evaluators) change speed, not tensors."""
+    g = torch.Generator().manual_seed(0)
+    shapes = {"model.layers.0.mlp.up_proj.weight": (96, 64), "model.layers.1.self_attn.q_proj.weight": (64, 64),
+              "model.norm.weight": (64,)}
+    base = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+    deltas = {m: {n: torch.randn(s, generator=g) * 0.1 for n, s in shapes.items()} for m in "abc"}
+    cfg = MergeConfig.from_dict({
+        "merge_method": method, "base_model": "base", "parameters": {},
+        "models": [{"model": m, "parameters": {"weight": w, **extra}} for m, w in zip("abc", (0.5, 0.8, 0.3))],
+    })
+    one_off = {k: v.clone() for k, v in Merger(base, deltas, num_layers=2).merge(cfg, seed=3).items()}
+    resident = Merger(base, deltas, num_layers=2, resident=True)
+    for _ in range(2):  # the second merge reuses the tables and the compiled kernel
+        out = resident.merge(cfg, seed=3)
+        for name in shapes:
+            torch.testing.assert_close(out[name], one_off[name], rtol=1e-6, atol=1e-6)
+    if method.endswith("ties") or method == "della":
+        assert resident.fused.enabled, "the fused kernel fell back to eager"

@@ -56,6 +56,8 @@ class Merger:
     output buffers.
 
     Args:
+        resident: the sources serve many merges (an evaluator): build per-source magnitude
+            tables (``sparsify.MagnitudeTable``) and use the fused consensus kernel.
         base: base-model tensors. Never written to (they may be read-only object-store views).
         deltas: model name -> task vector (same names/shapes as ``base``). Never written to.
         num_layers: the model's layer count, for per-layer ("gradient") parameter values.
@@ -65,7 +67,8 @@ class Merger:
     """
 
     def __init__(self, base: Mapping[str, Tensor], deltas: Mapping[str, Mapping[str, Tensor]], *,
-                 num_layers: int, out: Optional[Mapping[str, Tensor]] = None, device="cpu"):
+                 num_layers: int, out: Optional[Mapping[str, Tensor]] = None, device="cpu",
+                 resident: bool = False):
         self.device = torch.device(device)
         self.num_layers = int(num_layers)
         self.base = {n: t.to(self.device) for n, t in base.items()}
@@ -91,6 +94,14 @@ class Merger:
         self.scratch = Scratch(largest, self.device)
         self._t = {n: layer_t(n, self.num_layers) for n in self.base}
         self._cache: dict = {}  # statistics of the fixed sources (norms, dots), reused across merges
+        # resident: many merges over the same sources (an evaluator), so per-source magnitude
+        # tables and a compiled consensus kernel pay for themselves; a one-off merge skips both
+        self.resident = resident
+        self.fused = None
+        if resident:
+            from evo.merge.fused import FusedConsensus
+
+            self.fused = FusedConsensus()
 
     def set_delta(self, model: str, delta: Mapping[str, Tensor]) -> None:
         """Add or replace one source's task vector (the continual loop's current release)."""
@@ -142,7 +153,7 @@ class Merger:
                     shared=shared, per_model=per_model, scratch=self.scratch,
                     generator=self._generators(seed, name, [e.model for e, _ in entries]),
                     models=[e.model for e, _ in entries], has_base=config.base_model is not None,
-                    cache=self._cache,
+                    cache=self._cache, resident=self.resident, fused=self.fused,
                 )
                 method.merge(job)
                 if not direct:

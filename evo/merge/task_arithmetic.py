@@ -91,10 +91,11 @@ class TaskArithmetic:
             return delta, 1.0
         s, shape = job.scratch, delta.shape
         flags = s.get("flags", (2 * delta.numel(),), torch.bool, 2)
+        table = self._table(job, i)
         if self.sparsification == "magnitude":
-            sparsify.magnitude_prune(delta, density, out, s.get("abs", shape), flags)
+            sparsify.magnitude_prune(delta, density, out, s.get("abs", shape), flags, table)
         elif self.sparsification == "outliers":
-            sparsify.outlier_prune(delta, density, p["gamma"], out, s.get("abs", shape), flags)
+            sparsify.outlier_prune(delta, density, p["gamma"], out, s.get("abs", shape), flags, table)
         elif self.sparsification == "random":
             sparsify.random_prune(delta, density, out, s.get("mask", shape), s.get("lanes", shape, torch.int64),
                                   job.generator(i))
@@ -110,10 +111,41 @@ class TaskArithmetic:
             factor = sparsify.l1_rescale(delta, out, before=before)
         return out, factor
 
+    def _table(self, job: TensorJob, i: int):
+        """The resident source's magnitude table (built once), for magnitude-based pruning."""
+        if not job.resident or self.sparsification not in ("magnitude", "outliers") or job.deltas[i].numel() < 4096:
+            return None
+        return job.cached(("magnitude-table", job.models[i]), lambda: sparsify.MagnitudeTable(job.deltas[i]))
+
+    def _fused(self, job: TensorJob, weights: list[float], lam: float, normalize: bool) -> bool:
+        """The consensus merge in one compiled pass (resident mergers; see ``evo.merge.fused``)."""
+        if job.fused is None or any(d is None for d in job.deltas):
+            return False
+        xs, thresholds, scales = [], [], []
+        s, shape = job.scratch, job.base.shape
+        for i, w in enumerate(weights):
+            p = job.per_model[i]
+            density = p["density"]
+            if self.sparsification == "magnitude" and 0 < density < 1 and not job.shared["rescale"]:
+                flags = s.get("flags", (2 * job.deltas[i].numel(),), torch.bool, 2)
+                thr = sparsify.magnitude_threshold(job.deltas[i], density, s.get("abs", shape), flags,
+                                                   self._table(job, i))
+                xs.append(job.deltas[i])
+                thresholds.append(thr)
+                scales.append(w)
+            else:
+                x, factor = self._sparse(job, i, s.get(f"weighted{i}", shape))
+                xs.append(x)
+                thresholds.append(0.0)
+                scales.append(w * factor)
+        return job.fused(job.base, xs, thresholds, scales, weights, lam, normalize, job.out)
+
     def merge(self, job: TensorJob) -> None:
         lam, normalize = job.shared["lambda"], job.shared["normalize"]
         weights = [p["weight"] for p in job.per_model]
         shape, s = job.base.shape, job.scratch
+        if self.consensus is not None and self._fused(job, weights, lam, normalize):
+            return
         if self.consensus is None:
             total = sum(weights) if normalize else 1.0
             div = 1.0 if abs(total) < 1e-8 else total
