@@ -43,7 +43,7 @@ def _cmd_status(args) -> None:
 def _cmd_export(args) -> None:
     from evo.release import export
 
-    print(export(args.run_dir, args.out))
+    print(export(args.run_dir, args.out, name=args.name, lora=args.lora))
 
 
 def _cmd_merge(args) -> None:
@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("export", help="export the fittest recipe as a release")
     r.add_argument("run_dir")
     r.add_argument("out", nargs="?", help="release directory (default RUN_DIR/releases/vNNNN)")
+    r.add_argument("--name", help="release name under RUN_DIR/releases (instead of OUT)")
+    r.add_argument("--lora", choices=("merged", "adapter"), default="merged",
+                   help="fold a LoRA into the weights, or keep it as a PEFT adapter beside them")
     r.set_defaults(fn=_cmd_export)
 
     r = sub.add_parser("merge", help="run a mergekit-style YAML merge")

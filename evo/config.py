@@ -97,6 +97,7 @@ class RayConfig:
     dashboard: bool = True
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = 8265
+    metrics_export_port: int | None = None  # Prometheus scrape port of the embedded Ray (None: Ray picks)
     object_store_mb: int | None = None
     candidate_timeout_s: float = 600.0
     retries: int = 2

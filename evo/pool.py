@@ -49,6 +49,8 @@ def start_ray(cfg: ExperimentConfig) -> tuple[bool, str | None]:
         )
         if rc.object_store_mb:
             kwargs["object_store_memory"] = rc.object_store_mb * 1024**2
+        if rc.metrics_export_port:
+            kwargs["_metrics_export_port"] = rc.metrics_export_port  # evo_* metrics: /metrics there
         if rc.temp_dir:
             kwargs["_temp_dir"] = rc.temp_dir
         ray.init(**kwargs)

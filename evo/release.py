@@ -29,7 +29,10 @@ def next_release_dir(store: RunStore) -> Path:
     return store.releases_dir / f"v{max(existing, default=0) + 1:04d}"
 
 
-def export(run_dir: str | Path, out: str | Path | None = None, *, lora: str = "merged") -> Path:
+RELEASE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def export(run_dir: str | Path, out: str | Path | None = None, *, lora: str = "merged", name: str | None = None) -> Path:
     """Materialise the best recipe of ``run_dir`` into ``out`` (default ``RUN_DIR/releases/vNNNN``).
 
     A recipe with LoRA genes is re-fitted with its seed on the run's training data; ``lora``
@@ -39,7 +42,15 @@ def export(run_dir: str | Path, out: str | Path | None = None, *, lora: str = "m
     """
     if lora not in ("merged", "adapter"):
         raise EvoError(f"lora: must be 'merged' or 'adapter', got {lora!r}")
+    if name is not None:
+        if out is not None:
+            raise EvoError("give a release directory or a release name, not both")
+        if not RELEASE_NAME.fullmatch(name):
+            raise EvoError(f"release name {name!r}: use letters, digits, '.', '_' and '-' only "
+                           "(no path separators; it names a folder under RUN_DIR/releases)")
     store = RunStore.open(run_dir)
+    if name is not None:
+        out = store.releases_dir / name
     ckpt = store.load_checkpoint()
     if not ckpt or not ckpt.get("best"):
         raise EvoError(f"{store.root}: no complete generation to export yet")

@@ -27,7 +27,7 @@ def _get(url, token):
 
 
 def test_state_api_lists_named_candidate_tasks(micro_zoo, repo_root, tmp_path):
-    port = _free_port()
+    port, metrics_port = _free_port(), _free_port()
     token = "evo-test-" + str(port)
     space = yaml.safe_load((repo_root / "search_spaces" / "task_arithmetic_layerwise.yaml").read_text())
     space["layer_groups"] = 2
@@ -35,7 +35,8 @@ def test_state_api_lists_named_candidate_tasks(micro_zoo, repo_root, tmp_path):
     cfg = {"zoo": str(micro_zoo.root), "search_space": str(tmp_path / "space.yaml"),
            "eval": {"seq_len": 64, "max_blocks": 32, "batch_size": 8},
            "optimizer": {"name": "random", "generations": 40, "population": 4},
-           "ray": {"evaluators": 1, "cpus_per_evaluator": 0.5, "dashboard": True, "dashboard_port": port}}
+           "ray": {"evaluators": 1, "cpus_per_evaluator": 0.5, "dashboard": True, "dashboard_port": port,
+                   "metrics_export_port": metrics_port}}
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(cfg))
     env = {**__import__("os").environ, "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
@@ -59,6 +60,19 @@ def test_state_api_lists_named_candidate_tasks(micro_zoo, repo_root, tmp_path):
         assert [t["name"] for t in one["data"]["result"]["result"]] == ["g0000-c000"]
         actors = _get(f"{base}/api/v0/actors?limit=100", token)["data"]["result"]["result"]
         assert any("evaluator-0" in (a.get("name") or "") for a in actors)
+        # the run's own metrics (ray.util.metrics) are on the node's Prometheus port
+        text, deadline = "", time.time() + 90
+        while time.time() < deadline and "ray_evo_generation{" not in text:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
+                    text = resp.read().decode()
+            except Exception:
+                pass
+            time.sleep(2)
+        lines = [ln for ln in text.splitlines() if ln.startswith("ray_evo_")]
+        assert any(ln.startswith("ray_evo_generation{") and 'run="run"' in ln for ln in lines), lines or text[-1500:]
+        assert any(ln.startswith("ray_evo_evaluations_total{") and 'status="ok"' in ln for ln in lines), lines
+        assert any(ln.startswith("ray_evo_objective_best{") and 'objective="mean_logppl"' in ln for ln in lines), lines
         # without the token the dashboard refuses
         with pytest.raises(urllib.error.HTTPError):
             urllib.request.urlopen(f"{base}/api/v0/tasks", timeout=10)
@@ -75,3 +89,21 @@ def test_state_api_lists_named_candidate_tasks(micro_zoo, repo_root, tmp_path):
             child.wait(30)
         except subprocess.TimeoutExpired:
             child.kill()
+
+
+def test_grafana_dashboard_queries_only_metrics_evo_exports(repo_root):
+    """The shipped Grafana JSON parses and every ray_evo_* series it queries is one evo.metrics
+    defines (a renamed metric would leave an empty panel)."""
+    import re
+
+    import evo.metrics
+
+    dash = json.loads((repo_root / "docs" / "grafana" / "evo_dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"ray_(evo_[a-z_]+)", e)}
+    source = (repo_root / "evo" / "metrics.py").read_text()
+    defined = set(re.findall(r'(?:Gauge|Counter|Histogram)\("(evo_[a-z_]+)"', source))
+    assert defined >= {"evo_generation", "evo_evaluations", "evo_objective_best", "evo_objective_mean", "evo_data_version"}
+    # Prometheus adds _total to counters
+    assert {m.removesuffix("_total") for m in used} <= defined, used
+    assert len(dash["panels"]) >= 5 and evo.metrics.RunMetrics

@@ -92,6 +92,11 @@ def test_export_bad_targets(finished_run, tmp_path):
     with pytest.raises(EvoError, match="not writable"):
         evo.export(finished_run, "/proc/evo-release/v0001")
     assert not os.path.exists("/proc/evo-release")
+    # a release name is one folder under RUN_DIR/releases: separators and dot-names are refused
+    for bad in ("../escape", "a/b", "..", ".hidden", "x\\y"):
+        with pytest.raises(EvoError, match="no path separators"):
+            evo.export(finished_run, name=bad)
+    assert not (finished_run.parent / "escape").exists()
 
 
 def test_cli_export_one_line_errors(finished_run, tmp_path, capsys):
