@@ -209,8 +209,11 @@ class ContinualLoop:
             self._checkpoint()
             return False
         newest = _sample(window.heldout, cfg.eval.max_blocks, rng)
-        older = [*self.prior, window.replay] if len(window.replay) else list(self.prior)
-        replay = _sample(np.concatenate(older), cfg.stream.replay_blocks, rng) if older else newest
+        # stratified: every older version and the static sets (as one stratum) get an equal share,
+        # so a small old shard is not drowned by a large one or by the prior
+        strata = [np.concatenate(self.prior)] if self.prior else []
+        strata += [b for b in (self.stream.heldout(v) for v in window.versions[:-1]) if len(b)]
+        replay = _stratified(strata, cfg.stream.replay_blocks, rng) if strata else newest
         train = _sample(window.train, cfg.eval.train_blocks, rng)
         delta = self._release_delta()
         self.pool.update(eval_sets={"valid": {"newest": newest, "replay": replay}}, train=train, deltas={RELEASE: delta})
@@ -388,6 +391,12 @@ def _sample(blocks: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     if len(blocks) <= k:
         return blocks
     return blocks[np.sort(rng.choice(len(blocks), size=k, replace=False))]
+
+
+def _stratified(strata: list[np.ndarray], k: int, rng: np.random.Generator) -> np.ndarray:
+    """About ``k`` blocks with an equal share per stratum (a short stratum gives what it has)."""
+    share = max(1, k // len(strata))
+    return np.concatenate([_sample(s, share, rng) for s in strata])
 
 
 def run_stream(cfg: ExperimentConfig, store: RunStore, *, quiet: bool = False, follow: bool = False):

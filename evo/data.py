@@ -267,6 +267,12 @@ class DataStream:
         train = self._train if self._train is not None else np.zeros((0, seq), dtype=np.int64)
         return DataWindow(newest, train, self._heldout[newest], replay, tuple(versions))
 
+    def heldout(self, version: str) -> np.ndarray:
+        """The held-out blocks of one consumed version (for a replay sample of one's own)."""
+        if version not in self._heldout:
+            raise EvoError(f"{self.folder}: unknown data version {version!r}")
+        return self._heldout[version]
+
     def state(self) -> dict:
         """JSON-ready state: settings, consumed shards, exact and near-duplicate memory."""
         return {

@@ -107,7 +107,7 @@ def evolve(zoo, folder, versions, args) -> tuple[list[dict], dict]:
         "name": "bench_continual", "zoo": str(zoo.root), "search_space": str(space_path), "seed": args.seed,
         "eval": {"seq_len": args.seq_len, "max_blocks": args.eval_blocks, "batch_size": 16, "train_blocks": 100_000},
         "optimizer": {"name": "nsga2", "population": args.population},
-        "stream": {"folder": str(folder), "generations": args.generations, "replay_blocks": args.eval_blocks,
+        "stream": {"folder": str(folder), "generations": args.generations, "replay_blocks": args.replay_blocks,
                    "heldout_frac": args.heldout_frac},
         "release": {"tolerance": args.tolerance},
         "ray": {"evaluators": 2, "cpus_per_evaluator": 1, "threads_per_evaluator": 1, "dashboard": False,
@@ -187,6 +187,7 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--eval-blocks", type=int, default=32, help="held-out and replay blocks per candidate")
     p.add_argument("--heldout-frac", type=float, default=0.15)
+    p.add_argument("--replay-blocks", type=int, default=64, help="replay blocks per candidate (retention)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "runs" / "bench_continual"))
     p.add_argument("--verbose", action="store_true", help="show the loop's own progress")

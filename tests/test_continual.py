@@ -193,3 +193,42 @@ def test_stream_config_errors_are_one_line(micro_zoo, space_file, tmp_path):
     with pytest.raises(EvoError, match=r"--follow needs a data stream"):
         evo.run(fixed, tmp_path / "run", follow=True)
     assert not (tmp_path / "run").exists()
+
+
+def test_restarted_evaluator_gets_the_newest_data_again(micro_zoo, ray_session, space_file, tmp_path):
+    """An actor Ray restarts from its constructor holds the run's first data; it answers
+    ``stale`` and the pool brings it up to date before the candidate is retried."""
+    import numpy as np
+    import ray
+
+    from evo.pool import EvaluatorPool
+    from evo.runner import baseline_recipes
+    from evo.sources import Sources
+
+    cfg = ExperimentConfig.from_dict({
+        "zoo": str(micro_zoo.root), "search_space": str(space_file), "eval": {"seq_len": 32, "max_blocks": 4},
+        "ray": {"evaluators": 1, "cpus_per_evaluator": 0.5, "candidate_timeout_s": 120}})
+    sources = Sources.load(cfg)
+    recipe = baseline_recipes(cfg)["base"]
+    rng = np.random.default_rng(0)
+    new_sets = {"valid": {"x": rng.integers(0, 200, size=(3, 32), dtype=np.int64)}}
+    with EvaluatorPool(cfg, sources, run_name="stale") as pool:
+        first = {}
+        pool.evaluate({"k": ("a", recipe)}, first.__setitem__)
+        pool.update(eval_sets=new_sets)
+        updated = {}
+        pool.evaluate({"k": ("b", recipe)}, updated.__setitem__)
+        assert set(updated["k"]["metrics"]) == {"logppl/x"} != set(first["k"]["metrics"])
+        pid = ray.get(pool.actors[0].pid.remote())
+        ray.kill(pool.actors[0], no_restart=False)  # Ray re-creates it from the constructor's data
+        deadline = time.time() + 120
+        while time.time() < deadline:  # wait until the restarted process answers
+            try:
+                if ray.get(pool.actors[0].pid.remote(), timeout=30) != pid:
+                    break
+            except ray.exceptions.RayError:
+                time.sleep(0.5)
+        again = {}
+        pool.evaluate({"k": ("c", recipe)}, again.__setitem__)
+        assert again["k"]["status"] == "ok" and again["k"]["worker"]["pid"] != pid
+        assert again["k"]["metrics"] == pytest.approx(updated["k"]["metrics"])
