@@ -37,7 +37,12 @@ def report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     names = [o["name"] for o in ckpt["objectives"]]
     goals = [o["goal"] for o in ckpt["objectives"]]
-    space = SearchSpace(SearchSpaceSpec.from_yaml(cfg.search_space), list(cfg.models.sources), "base")
+    if cfg.streaming:  # the continual loop adds the current release as a source model
+        from evo.continual import make_stream_space
+
+        space = make_stream_space(cfg)
+    else:
+        space = SearchSpace(SearchSpaceSpec.from_yaml(cfg.search_space), list(cfg.models.sources), "base")
 
     figures = {
         "fitness": _plot_fitness(ckpt["logbook"], names),
@@ -86,7 +91,7 @@ def _plot_genes(cands: list[dict], space: SearchSpace, max_genes: int = 24):
         return None
     by_gen = defaultdict(list)
     for c in cands:
-        if len(c.get("genome", [])) == space.dim:
+        if len(c.get("genome") or []) == space.dim:
             by_gen[c["generation"]].append(space.values(c["genome"]))
     gens = sorted(by_gen)
     cols = min(4, len(labels))
@@ -190,8 +195,8 @@ def _html(cfg, ckpt, cands, store, images, names) -> str:
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
         "th{background:#f3f3f3}img{max-width:100%}code{background:#f6f6f6}</style></head><body>",
         f"<h1>evo report: {esc(cfg.name)}</h1>",
-        f"<p>run <code>{esc(str(store.root))}</code> &middot; generation {ckpt['generation']} of "
-        f"{ckpt['generations']} &middot; {len(cands)} candidates ({len(failed)} failed) &middot; optimizer "
+        f"<p>run <code>{esc(str(store.root))}</code> &middot; generation {ckpt['generation']}"
+        f"{'' if ckpt.get('stream') else ' of ' + str(ckpt['generations'])} &middot; {len(cands)} candidates ({len(failed)} failed) &middot; optimizer "
         f"<code>{esc(cfg.optimizer.name)}</code> &middot; search space <code>{esc(Path(cfg.search_space).name)}</code></p>",
     ]
     if best:
@@ -222,6 +227,14 @@ def _html(cfg, ckpt, cands, store, images, names) -> str:
         parts.append("</table>")
     else:
         parts.append("<p>none</p>")
+    stream = ckpt.get("stream")
+    if stream:
+        parts.append("<h2>Data versions and releases</h2><table><tr><th>version</th><th>shard</th>"
+                     "<th>release after it</th><th>decision</th></tr>")
+        parts += [f"<tr><td><code>{esc(h['version'])}</code></td><td>{esc(str(h['shard']))}</td>"
+                  f"<td>{esc(str(h['release'] or '-'))}</td><td style='text-align:left'>{esc(h['decision'])}</td></tr>"
+                  for h in stream["history"]]
+        parts.append("</table>")
     parts.append("<h2>Data versions</h2><ul>" + "".join(f"<li><code>{esc(v)}</code></li>" for v in versions) + "</ul>")
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -13,7 +13,6 @@ records the space by path and ``evo.export`` reads it again.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -48,7 +47,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-blocks", type=int, default=8, help="eval blocks per domain")
     p.add_argument("--eval-batch-size", type=int, default=8)
     p.add_argument("--task", action="append", default=[], metavar="NAME=YAML",
-                   help="a task (evo.tasks YAML) to score too; repeatable; passed through as eval.tasks")
+                   help="a task (evo.tasks YAML) to score and optimise too (an objective each); repeatable")
+    p.add_argument("--task-weight", type=float, default=1.0,
+                   help="weight of each task objective against the mean log-perplexity (weight 1)")
+    p.add_argument("--task-limit", type=int, default=None, help="score only the first N items of each task")
     p.add_argument("--object-store-mb", type=int, default=None,
                    help="Ray object store size (default: sized from the zoo's weights)")
     p.add_argument("--seed", type=int, default=0)
@@ -74,13 +76,9 @@ def make_config(args, zoo, space_path: Path) -> dict:
                 "object_store_mb": args.object_store_mb or _object_store_mb(zoo)},
         "seed": args.seed,
     }
-    # ---- tasks: integration point -------------------------------------------------------------
-    # --task NAME=YAML is passed through as eval.tasks when this evo's config has that field.
-    # Task objectives (metric: task) are not declared here yet: the search still minimises mean
-    # log-perplexity, and task scores are only recorded beside it.
+    # --task NAME=YAML adds task scores; each becomes an objective (maximise) next to the mean
+    # log-perplexity, scalarised by --task-weight (CMA-ES/GA) or kept as a front (nsga2)
     if args.task:
-        if "tasks" not in {f.name for f in dataclasses.fields(EvalConfig)}:
-            raise SystemExit("smollm2_evolve: --task needs an evo whose config accepts eval.tasks")
         tasks = {}
         for item in args.task:
             name, sep, path = item.partition("=")
@@ -88,7 +86,10 @@ def make_config(args, zoo, space_path: Path) -> dict:
                 raise SystemExit(f"smollm2_evolve: --task expects NAME=YAML, got {item!r}")
             tasks[name] = str(Path(path).resolve())
         config["eval"]["tasks"] = tasks
-    # -------------------------------------------------------------------------------------------
+        if args.task_limit:
+            config["eval"]["task_limit"] = args.task_limit
+        config["objectives"] += [{"name": f"task_{n}", "metric": "task", "sets": [n], "goal": "maximize",
+                                  "weight": args.task_weight} for n in tasks]
     return config
 
 

@@ -114,6 +114,14 @@ def test_each_new_shard_reevaluates_elites_adapts_and_releases(micro_zoo, ray_se
     assert fit2["objectives"]["adaptation"]["value"] < fit2["current_release_same_data"]["objectives"]["adaptation"]
     verify(second_release)
 
+    # status and report read a stream run
+    from evo.status import status_table
+
+    table = status_table(tmp_path / "run")
+    assert "stream: 2 version(s) done" in table and "released v0002" in table
+    page = (evo.report(tmp_path / "run")).read_text()
+    assert "Data versions and releases" in page and "released v0002" in page
+
     # a second call with nothing new does nothing (and leaves the half-written shard alone)
     again = evo.resume(tmp_path / "run", quiet=True)
     assert len(again.versions) == 2 and len(store.candidates()) == len(RunStore.open(tmp_path / "run").candidates())
