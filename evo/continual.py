@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evo.config import STREAM_SETS, ExperimentConfig
+from evo.config import ExperimentConfig
 from evo.data import DataStream
 from evo.errors import EvoError
 from evo.merge import MergeConfig
@@ -120,7 +120,7 @@ class ContinualLoop:
                             continue  # a version too small to evaluate: recorded and skipped
                         installed = (st["version"], st["release"])
                         self.step = GenerationStep(cfg, self.space, self.optimizer, pool, self.store, self.cache,
-                                                   self.metrics, data_key=self.data_key, set_names=list(STREAM_SETS),
+                                                   self.metrics, data_key=self.data_key, set_names=list(self.blocks),
                                                    task_names=list(cfg.eval.tasks),
                                                    extra={"stream_version": st["version"], "release_slot": st["release"]})
                     if st["phase"] == "reevaluate":
@@ -210,22 +210,27 @@ class ContinualLoop:
             return False
         newest = _sample(window.heldout, cfg.eval.max_blocks, rng)
         # stratified: every older version and the static sets (as one stratum) get an equal share,
-        # so a small old shard is not drowned by a large one or by the prior
-        strata = [np.concatenate(self.prior)] if self.prior else []
-        strata += [b for b in (self.stream.heldout(v) for v in window.versions[:-1]) if len(b)]
-        replay = _stratified(strata, cfg.stream.replay_blocks, rng) if strata else newest
+        # measured as sets of their own ("replay:<stratum>"): the "replay" objective is their mean,
+        # and the release rule guards each one, so no older version may quietly pay for another
+        strata = {"prior": np.concatenate(self.prior)} if self.prior else {}
+        strata.update({v: b for v in window.versions[:-1] if len(b := self.stream.heldout(v))})
+        share = max(1, cfg.stream.replay_blocks // max(1, len(strata)))
+        replay = {f"replay:{k}": _sample(b, share, rng) for k, b in strata.items()} or {"replay:newest": newest}
         train = _sample(window.train, cfg.eval.train_blocks, rng)
         delta = self._release_delta()
-        self.pool.update(eval_sets={"valid": {"newest": newest, "replay": replay}}, train=train, deltas={RELEASE: delta})
-        self.blocks = {"newest": newest, "replay": replay}
+        self.blocks = {"newest": newest, **replay}
+        self.pool.update(eval_sets={"valid": self.blocks}, train=train, deltas={RELEASE: delta})
         self.train = train
         self.data_key = f"{window.version}@{st['release'] or 'base'}"
         self.window = window
+        n_replay = sum(len(b) for b in replay.values())
         self.store.event("version_installed", version=window.version, shard=st["shard"], release=st["release"],
-                         newest_blocks=len(newest), replay_blocks=len(replay), train_blocks=len(train))
+                         newest_blocks=len(newest), replay_blocks=n_replay, replay_strata=list(replay),
+                         train_blocks=len(train))
         if not self.quiet:
             print(f"\ndata version {window.version} (shard {st['shard']}): {len(newest)} held-out, "
-                  f"{len(replay)} replay and {len(train)} training blocks; release slot: {st['release'] or 'base'}")
+                  f"{n_replay} replay ({len(replay)} strata) and {len(train)} training blocks; "
+                  f"release slot: {st['release'] or 'base'}")
         return True
 
     def _release_delta(self) -> dict[str, np.ndarray]:
@@ -302,6 +307,10 @@ class ContinualLoop:
         ri = names.index(retention) if retention else None
         sign = {o.name: (1.0 if o.goal == "minimize" else -1.0) for o in cfg.objectives}
         ref = (st.get("reference") or {}).get("values")
+        ref_metrics = self.cache[st["reference"]["key"]].get("metrics", {}) if st.get("reference") else {}
+        strata = [k for k in ref_metrics if k.startswith("logppl/replay:")]
+        per_stratum = bool(strata) and retention is not None and \
+            next(o for o in cfg.objectives if o.name == retention).sets == ["replay"]
         best, best_loss = None, np.inf
         for c in self.store.candidates():
             if c.get("data_version") != self.data_key or c.get("status") != "ok" or not c.get("values"):
@@ -309,14 +318,19 @@ class ContinualLoop:
             if c.get("reference"):
                 continue
             v = c["values"]
-            if ri is not None and ref is not None and st["release"] \
-                    and sign[retention] * (v[ri] - ref[ri]) > cfg.release.tolerance:
-                continue  # forgets too much against the current release
+            if ri is not None and ref is not None and st["release"]:
+                if per_stratum:  # every older version (and the prior) on its own
+                    worst = max(c["metrics"][k] - ref_metrics[k] for k in strata)
+                else:
+                    worst = sign[retention] * (v[ri] - ref[ri])
+                if worst > cfg.release.tolerance:
+                    continue  # forgets too much against the current release
             loss = sign[objective] * v[oi]
             if loss < best_loss:
                 best, best_loss = c, loss
         if retention and st["release"]:
-            rule = (f"best {objective} among candidates whose {retention} is within {cfg.release.tolerance} of "
+            what = f"log-perplexity on every older version (and the prior)" if per_stratum else retention
+            rule = (f"best {objective} among candidates whose {what} is within {cfg.release.tolerance} of "
                     f"the current release's, improving {objective} by more than {cfg.release.min_improvement}")
         else:  # the first release: nothing shipped yet to regress against
             rule = f"best {objective}, improving on the base's by more than {cfg.release.min_improvement} (first release)"
@@ -364,7 +378,7 @@ class ContinualLoop:
                 "name": st["release"] or "base",
                 "objectives": dict(zip(self.objective_names, st["reference"]["values"] or [])),
             },
-            "comparison_sets": list(STREAM_SETS),
+            "comparison_sets": list(self.blocks),
             "comparison": {
                 f"current release ({st['release'] or 'base'})": {"valid": self.cache[st["reference"]["key"]].get("metrics", {})},
                 "this release": {"valid": cand["metrics"]},
@@ -391,12 +405,6 @@ def _sample(blocks: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     if len(blocks) <= k:
         return blocks
     return blocks[np.sort(rng.choice(len(blocks), size=k, replace=False))]
-
-
-def _stratified(strata: list[np.ndarray], k: int, rng: np.random.Generator) -> np.ndarray:
-    """About ``k`` blocks with an equal share per stratum (a short stratum gives what it has)."""
-    share = max(1, k // len(strata))
-    return np.concatenate([_sample(s, share, rng) for s in strata])
 
 
 def run_stream(cfg: ExperimentConfig, store: RunStore, *, quiet: bool = False, follow: bool = False):

@@ -73,7 +73,16 @@ def objective_values(metrics: dict[str, float], objectives, set_names: Sequence[
     out = []
     for obj in objectives:
         names = obj.sets or (set_names if obj.metric == "logppl" else task_names)
-        values = [metrics[f"{obj.metric}/{s}"] for s in names]
+        values = []
+        for s in names:
+            key = f"{obj.metric}/{s}"
+            if key in metrics:
+                values.append(metrics[key])
+            else:  # a group of strata ("replay" = mean over "replay:<stratum>", each weighted equally)
+                parts = [v for k, v in metrics.items() if k.startswith(key + ":")]
+                if not parts:
+                    raise KeyError(key)
+                values.append(sum(parts) / len(parts))
         if obj.reduce == "mean":
             out.append(sum(values) / len(values))
         elif obj.reduce == "max":

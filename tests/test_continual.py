@@ -98,6 +98,11 @@ def test_each_new_shard_reevaluates_elites_adapts_and_releases(micro_zoo, ray_se
     # LoRA genes trained on the newest data: every fresh candidate reports its fit
     fresh = [c for c in store.candidates() if c["data_version"] == second and not c["cached"] and c.get("lora")]
     assert fresh and all(c["lora"]["steps"] >= 3 for c in fresh)
+    # retention is measured per older stratum: the zoo's sets (prior) and the first version
+    first_version = result.versions[0]["version"]
+    assert {"logppl/newest", "logppl/replay:prior", f"logppl/replay:{first_version}"} == set(fresh[0]["metrics"])
+    m = fresh[0]["metrics"]
+    assert fresh[0]["values"][1] == pytest.approx((m["logppl/replay:prior"] + m[f"logppl/replay:{first_version}"]) / 2)
 
     # releases: the first one from the base, later ones name their parent and build on it
     first = tmp_path / "run" / "releases" / "v0001"
