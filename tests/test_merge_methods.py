@@ -194,5 +194,7 @@ def test_resident_merger_matches_the_one_off_merge(method, extra):
         out = resident.merge(cfg, seed=3)
         for name in shapes:
             torch.testing.assert_close(out[name], one_off[name], rtol=1e-6, atol=1e-6)
-    if method.endswith("ties") or method == "della":
-        assert resident.fused.enabled, "the fused kernel fell back to eager"
+    import shutil
+
+    if (method.endswith("ties") or method == "della") and any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        assert resident.fused.enabled, "the fused kernel fell back to eager although a C++ compiler is present"
