@@ -131,8 +131,10 @@ class ReleaseConfig:
     The candidate with the best ``objective`` among those evaluated on the version is released
     if it beats the current release (re-measured on the same data) by more than
     ``min_improvement`` and its ``retention`` objective is no worse than the current release's
-    by more than ``tolerance`` (same units as the objective: nats of log-perplexity). The first
-    release has nothing shipped to regress against: it only has to beat the base.
+    by more than ``tolerance`` (same units as the objective: nats of log-perplexity; in a stream
+    run, on every older data version separately). The first release has nothing shipped to
+    guard: it is the best weighted sum of the objectives (their declared weights), released if
+    that beats the base's.
     """
 
     auto: bool = True

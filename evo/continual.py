@@ -311,6 +311,12 @@ class ContinualLoop:
         strata = [k for k in ref_metrics if k.startswith("logppl/replay:")]
         per_stratum = bool(strata) and retention is not None and \
             next(o for o in cfg.objectives if o.name == retention).sets == ["replay"]
+        first = not st["release"]
+        weights = [o.weight * sign[o.name] for o in cfg.objectives]
+
+        def weighted(values):  # lower is better
+            return float(np.dot(weights, values))
+
         best, best_loss = None, np.inf
         for c in self.store.candidates():
             if c.get("data_version") != self.data_key or c.get("status") != "ok" or not c.get("values"):
@@ -318,6 +324,10 @@ class ContinualLoop:
             if c.get("reference"):
                 continue
             v = c["values"]
+            if first:  # nothing shipped to guard against: the best trade-off by the declared weights
+                if weighted(v) < best_loss:
+                    best, best_loss = c, weighted(v)
+                continue
             if ri is not None and ref is not None and st["release"]:
                 if per_stratum:  # every older version (and the prior) on its own
                     worst = max(c["metrics"][k] - ref_metrics[k] for k in strata)
@@ -332,13 +342,21 @@ class ContinualLoop:
             what = f"log-perplexity on every older version (and the prior)" if per_stratum else retention
             rule = (f"best {objective} among candidates whose {what} is within {cfg.release.tolerance} of "
                     f"the current release's, improving {objective} by more than {cfg.release.min_improvement}")
-        else:  # the first release: nothing shipped yet to regress against
-            rule = f"best {objective}, improving on the base's by more than {cfg.release.min_improvement} (first release)"
+        elif first:
+            rule = ("first release: best weighted sum of the objectives ("
+                    + " + ".join(f"{o.weight:g}·{o.name}" for o in cfg.objectives)
+                    + f"), improving on the base's by more than {cfg.release.min_improvement}")
+        else:
+            rule = f"best {objective}, improving on the current release's by more than {cfg.release.min_improvement}"
         entry = {"version": st["version"], "shard": st["shard"], "released": False, "release": st["release"],
                  "reference": ref, "rule": rule}
         if best is None:
             entry["decision"] = "no candidate passed the retention guard" if ri is not None else "no successful candidate"
-        elif ref is not None and not (sign[objective] * (ref[oi] - best["values"][oi]) > cfg.release.min_improvement):
+        elif first and ref is not None and not (weighted(ref) - best_loss > cfg.release.min_improvement):
+            entry["decision"] = f"best weighted sum {best_loss:.4f} does not improve on the base's {weighted(ref):.4f}"
+            entry["candidate"] = best["candidate"]
+        elif not first and ref is not None and \
+                not (sign[objective] * (ref[oi] - best["values"][oi]) > cfg.release.min_improvement):
             entry["decision"] = f"best {objective} {best['values'][oi]:.4f} does not improve on {ref[oi]:.4f}"
             entry["candidate"] = best["candidate"]
         elif not cfg.release.auto:
