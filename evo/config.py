@@ -122,6 +122,10 @@ class StreamConfig:
     order: str = "name"             # or "mtime"
     poll_s: float = 5.0             # how often --follow looks for new shards
     max_versions: int | None = None  # stop after this many versions (benchmarks, tests)
+    # share of LoRA training blocks drawn from older versions' training splits (and the zoo's
+    # train split): rehearsal against forgetting; 0 trains on the newest version only
+    train_replay: float = 0.25
+    replay_train_blocks: int = 256  # training blocks kept per version for that rehearsal
 
 
 @dataclass
@@ -278,6 +282,8 @@ class ExperimentConfig:
             raise EvoError(f"{where}: stream.order: must be 'name' or 'mtime', got {st.order!r}")
         if st.replay_blocks < 1 or st.poll_s <= 0:
             raise EvoError(f"{where}: stream: replay_blocks >= 1 and poll_s > 0 are required")
+        if not 0.0 <= st.train_replay < 1.0:
+            raise EvoError(f"{where}: stream.train_replay: a share in [0, 1), got {st.train_replay}")
         if st.max_versions is not None and st.max_versions < 1:
             raise EvoError(f"{where}: stream.max_versions: must be >= 1")
         if "release" in self.models.sources:

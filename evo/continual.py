@@ -64,8 +64,14 @@ class ContinualLoop:
         self.stream = DataStream(st.folder, tokenizer, seq_len=cfg.eval.seq_len, heldout_frac=st.heldout_frac,
                                  replay_blocks=st.replay_blocks, seed=cfg.seed, min_chars=st.min_chars,
                                  near_dup_threshold=st.near_dup_threshold, order=st.order,
-                                 state_path=store.root / STREAM_STATE)
+                                 state_path=store.root / STREAM_STATE, replay_train_blocks=st.replay_train_blocks)
         self.sources = Sources.load(cfg)
+        # the zoo's own training text is the oldest rehearsal stratum (never evaluation text)
+        from evo.sources import train_blocks
+
+        prior_train = train_blocks(cfg, tokenizer) if cfg.eval.train_sets and st.train_replay > 0 else None
+        self.prior_train = None if prior_train is None else _sample(
+            prior_train, st.replay_train_blocks, np.random.default_rng([cfg.seed, 7]))
         # the static evaluation sets are the oldest data: they feed the replay sample
         self.prior = [b for b in self.sources.eval_sets.get("valid", {}).values() if len(b)]
         self.sources.eval_sets = {"valid": {}}
@@ -216,7 +222,7 @@ class ContinualLoop:
         strata.update({v: b for v in window.versions[:-1] if len(b := self.stream.heldout(v))})
         share = max(1, cfg.stream.replay_blocks // max(1, len(strata)))
         replay = {f"replay:{k}": _sample(b, share, rng) for k, b in strata.items()} or {"replay:newest": newest}
-        train = _sample(window.train, cfg.eval.train_blocks, rng)
+        train, rehearsal = self._training_blocks(window, rng)
         delta = self._release_delta()
         self.blocks = {"newest": newest, **replay}
         self.pool.update(eval_sets={"valid": self.blocks}, train=train, deltas={RELEASE: delta})
@@ -226,12 +232,28 @@ class ContinualLoop:
         n_replay = sum(len(b) for b in replay.values())
         self.store.event("version_installed", version=window.version, shard=st["shard"], release=st["release"],
                          newest_blocks=len(newest), replay_blocks=n_replay, replay_strata=list(replay),
-                         train_blocks=len(train))
+                         train_blocks=len(train), rehearsal_blocks=rehearsal)
         if not self.quiet:
             print(f"\ndata version {window.version} (shard {st['shard']}): {len(newest)} held-out, "
-                  f"{n_replay} replay ({len(replay)} strata) and {len(train)} training blocks; "
+                  f"{n_replay} replay ({len(replay)} strata) and {len(train)} training blocks "
+                  f"({rehearsal} of them rehearsal from older data); "
                   f"release slot: {st['release'] or 'base'}")
         return True
+
+    def _training_blocks(self, window, rng) -> np.ndarray:
+        """The newest training split plus a ``stream.train_replay`` share of rehearsal blocks,
+        equally from each older version and the zoo's training text (never held-out text)."""
+        cfg = self.cfg
+        r = cfg.stream.train_replay
+        older = [b for b in (self.stream.train_sample(v) for v in window.versions[:-1]) if len(b)]
+        if self.prior_train is not None and len(self.prior_train):
+            older.append(self.prior_train)
+        if r <= 0 or not older:
+            return _sample(window.train, cfg.eval.train_blocks, rng), 0
+        newest = _sample(window.train, max(1, int(round(cfg.eval.train_blocks * (1 - r)))), rng)
+        each = max(1, int(round(len(newest) * r / (1 - r))) // len(older))
+        parts = [_sample(b, each, rng) for b in older]
+        return np.concatenate([newest, *parts]), sum(len(b) for b in parts)
 
     def _release_delta(self) -> dict[str, np.ndarray]:
         base = self.sources.base

@@ -189,7 +189,7 @@ class DataStream:
     def __init__(self, folder, tokenizer, *, seq_len: int, heldout_frac: float = 0.1,
                  replay_blocks: int = 64, seed: int = 0, min_chars: int = 32,
                  near_dup_threshold: float = 0.8, num_perm: int = 128, order: str = "name",
-                 state_path=None):
+                 state_path=None, replay_train_blocks: int = 256):
         if seq_len < 2:
             raise EvoError(f"DataStream: seq_len must be at least 2, got {seq_len}")
         if not 0.0 <= heldout_frac < 1.0:
@@ -218,6 +218,10 @@ class DataStream:
         self._shards: list[dict] = []                  # consumed shards, in consumption order
         self._heldout: dict[str, np.ndarray] = {}      # version -> held-out blocks
         self._train: np.ndarray | None = None          # train blocks of the newest version
+        # a bounded, seeded sample of every version's training blocks: rehearsal for later LoRA
+        # fits (never held-out text), so adapting to new data need not forget the old
+        self.replay_train_blocks = int(replay_train_blocks)
+        self._train_sample: dict[str, np.ndarray] = {}
         self._changed_warned: set[str] = set()
         if self.state_path is not None and self.state_path.is_file():
             self._load(_read_state(self.state_path))
@@ -266,6 +270,17 @@ class DataStream:
         replay = pool[np.sort(rng.choice(len(pool), size=k, replace=False))] if k else pool[:0]
         train = self._train if self._train is not None else np.zeros((0, seq), dtype=np.int64)
         return DataWindow(newest, train, self._heldout[newest], replay, tuple(versions))
+
+    def train_sample(self, version: str) -> np.ndarray:
+        """Up to ``replay_train_blocks`` training blocks of one version (seeded, stable)."""
+        if version not in self._train_sample:
+            raise EvoError(f"{self.folder}: unknown data version {version!r}")
+        return self._train_sample[version]
+
+    def _keep_train_sample(self, version: str, train: np.ndarray) -> None:
+        k = min(self.replay_train_blocks, len(train))
+        rng = np.random.default_rng([self.settings["seed"], int(version.rsplit("-", 1)[-1], 16), 1])
+        self._train_sample[version] = train[np.sort(rng.choice(len(train), size=k, replace=False))] if k else train[:0]
 
     def heldout(self, version: str) -> np.ndarray:
         """The held-out blocks of one consumed version (for a replay sample of one's own)."""
@@ -370,6 +385,7 @@ class DataStream:
             record["version"] = report.version = self._version_id(path, record["sha256"], prev)
             train, heldout, report.tokens = self._tokenise(kept)
             self._train, self._heldout[report.version] = train, heldout
+            self._keep_train_sample(report.version, train)
             report.train_blocks, report.heldout_blocks = len(train), len(heldout)
             if not len(train) or not len(heldout):
                 log.warning("%s: version %s has %d train and %d held-out blocks of %d tokens",
@@ -486,6 +502,7 @@ class DataStream:
                     texts.append(text)
             train, heldout, _ = self._tokenise(texts)
             self._heldout[rec["version"]] = heldout
+            self._keep_train_sample(rec["version"], train)
             if i == len(with_version) - 1:
                 self._train = train
 

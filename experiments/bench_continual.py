@@ -183,7 +183,8 @@ def main(argv=None) -> int:
     p.add_argument("--rank", type=int, default=8, help="sequential LoRA rank (evo searches its own)")
     p.add_argument("--population", type=int, default=8)
     p.add_argument("--generations", type=int, default=2, help="generations per data version")
-    p.add_argument("--tolerance", type=float, default=0.02, help="retention tolerance of the release rule (nats)")
+    p.add_argument("--tolerance", type=float, default=0.05,
+                   help="retention tolerance of the release rule (nats, per older shard and the prior)")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--eval-blocks", type=int, default=32, help="held-out and replay blocks per candidate")
     p.add_argument("--heldout-frac", type=float, default=0.15)

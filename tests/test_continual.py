@@ -98,6 +98,10 @@ def test_each_new_shard_reevaluates_elites_adapts_and_releases(micro_zoo, ray_se
     # LoRA genes trained on the newest data: every fresh candidate reports its fit
     fresh = [c for c in store.candidates() if c["data_version"] == second and not c["cached"] and c.get("lora")]
     assert fresh and all(c["lora"]["steps"] >= 3 for c in fresh)
+    # LoRA rehearses older text: a quarter of the training blocks come from the zoo's train split
+    # (and, for the second version, from the first version's training split)
+    installed = [e for e in events if e["event"] == "version_installed"]
+    assert all(0 < e["rehearsal_blocks"] < e["train_blocks"] for e in installed)
     # retention is measured per older stratum: the zoo's sets (prior) and the first version
     first_version = result.versions[0]["version"]
     assert {"logppl/newest", "logppl/replay:prior", f"logppl/replay:{first_version}"} == set(fresh[0]["metrics"])
