@@ -61,12 +61,17 @@ def _space(tmp_path, repo_root):
 
 
 def _busy_evaluators():
-    """Worker processes running a candidate: Ray titles them after the task, ``ray::gXXXX-cYYY``."""
-    out = []
+    """Worker processes of *this* test session's Ray running a candidate (Ray titles them after
+    the task, ``ray::gXXXX-cYYY``); another evo run on the machine is left alone."""
+    out, me = [], os.getpid()
     for p in psutil.process_iter(["cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
         if re.match(r"ray::g\d{4}-c\d{3}", cmd):
-            out.append(p)
+            try:
+                if me in {q.pid for q in p.parents()}:
+                    out.append(p)
+            except psutil.Error:
+                continue
     return out
 
 

@@ -51,7 +51,8 @@ def test_run_export_load_and_resume_matches_uninterrupted(micro_zoo, ray_session
     assert ckpt["generation"] == 3 and len(ckpt["logbook"]) == 3
     cands = store.candidates()
     assert {c["candidate"] for c in cands} >= {"g0000-c000", "g0002-c004"}
-    assert all(c["status"] == "ok" for c in cands)
+    # none failed; paired early rejection (on by default) may stop clearly worse ones early
+    assert all(c["status"] in ("ok", "rejected") for c in cands) and any(c["status"] == "ok" for c in cands)
     assert ckpt["logbook"][1]["evals"] + ckpt["logbook"][1]["cached"] == 5  # population - elites
 
     # best never gets worse across generations (elitism + hall of fame)
