@@ -30,7 +30,6 @@ import numpy as np
 from evo.config import ExperimentConfig
 from evo.data import DataStream
 from evo.errors import EvoError
-from evo.merge import MergeConfig
 from evo.metrics import RunMetrics
 from evo.optim import make_optimizer, restore_optimizer
 from evo.pool import EvaluatorPool, Interrupted
@@ -269,11 +268,9 @@ class ContinualLoop:
 
     def reference_recipe(self) -> Recipe:
         """The current release exactly (the base before the first release), no LoRA."""
-        merge = MergeConfig.from_dict({
-            "merge_method": "task_arithmetic", "base_model": "base",
-            "models": [{"model": RELEASE, "parameters": {"weight": 1.0}}], "parameters": {}, "dtype": self.cfg.dtype,
-        })
-        return Recipe(merge, None, self.cfg.seed)
+        from evo.runner import weights_recipe
+
+        return weights_recipe(self.cfg, {RELEASE: 1.0})
 
     def _reevaluate(self) -> None:
         st, step = self.state, self.step
@@ -287,7 +284,7 @@ class ContinualLoop:
                 genomes[f"{tag}-r{i:03d}"] = e
             except EvoError:
                 continue
-        keys = step.evaluate(named, desc=f"re-evaluation ({st['version']})", should_stop=self.stop.requested)
+        keys, fresh = step.evaluate(named, desc=f"re-evaluation ({st['version']})", should_stop=self.stop.requested)
         rescored = {}
         for name, key in keys.items():
             result = self.cache[key]
@@ -297,7 +294,7 @@ class ContinualLoop:
                 rescored[tuple(map(float, old.genome))] = values
             self.store.record_candidate({
                 "generation": self.optimizer.generation, "candidate": name, "parents": [old.id] if old and old.id else [],
-                "key": key, "cached": key not in step._fresh, "status": result["status"], "error": result.get("error"),
+                "key": key, "cached": key not in fresh, "status": result["status"], "error": result.get("error"),
                 "values": values, "previous_values": old.values if old else None, "metrics": result.get("metrics"),
                 "recipe": named[name].to_dict(), "genome": list(map(float, old.genome)) if old else None,
                 "data_version": self.data_key, "stream_version": st["version"], "release_slot": st["release"],

@@ -112,26 +112,27 @@ def _initial_genomes(cfg: ExperimentConfig, space: SearchSpace) -> list[np.ndarr
     return [space.uniform_genome(weight=1.0 / n, density=1.0), space.uniform_genome(weight=1.0, density=1.0)]
 
 
-def baseline_recipes(cfg: ExperimentConfig) -> dict[str, Recipe]:
-    """Fixed comparison points: the base, each source alone, the uniform average, default TIES."""
+def weights_recipe(cfg: ExperimentConfig, weights: dict[str, float], method: str = "task_arithmetic",
+                   extra: dict | None = None) -> Recipe:
+    """A fixed recipe over the base: ``weights[model]`` per source model, no LoRA."""
     from evo.merge import MergeConfig
 
+    merge = MergeConfig.from_dict({
+        "merge_method": method,
+        "base_model": "base",
+        "models": [{"model": m, "parameters": {"weight": w, **(extra or {})}} for m, w in weights.items()],
+        "parameters": {},
+        "dtype": cfg.dtype,
+    })
+    return Recipe(merge, None, cfg.seed)
+
+
+def baseline_recipes(cfg: ExperimentConfig) -> dict[str, Recipe]:
+    """Fixed comparison points: the base, each source alone, the uniform average, default TIES."""
     names = list(cfg.models.sources)
 
     def ta(weights, method="task_arithmetic", extra=None):
-        return Recipe(
-            MergeConfig.from_dict(
-                {
-                    "merge_method": method,
-                    "base_model": "base",
-                    "models": [{"model": m, "parameters": {"weight": w, **(extra or {})}} for m, w in zip(names, weights)],
-                    "parameters": {},
-                    "dtype": cfg.dtype,
-                }
-            ),
-            None,
-            cfg.seed,
-        )
+        return weights_recipe(cfg, dict(zip(names, weights)), method, extra)
 
     out = {"base": ta([0.0] * len(names))}
     for i, m in enumerate(names):
@@ -235,16 +236,17 @@ class GenerationStep:
             return None
         return objective_values(result["metrics"], self.cfg.objectives, self.set_names, self.task_names)
 
-    def evaluate(self, named: dict[str, Recipe], *, desc: str, should_stop=None, reject_above=None) -> dict[str, str]:
-        """Evaluate ``{candidate name: recipe}`` unless cached; returns name -> cache key."""
+    def evaluate(self, named: dict[str, Recipe], *, desc: str, should_stop=None,
+                 reject_above=None) -> tuple[dict[str, str], set[str]]:
+        """Evaluate ``{candidate name: recipe}`` unless cached; returns (name -> cache key, the
+        keys evaluated now rather than taken from the cache)."""
         keys, todo = {}, {}
         for name, recipe in named.items():
             key = keys[name] = self.key(recipe)
             if key not in self.cache and key not in todo:
                 todo[key] = (name, recipe)
         self.pool.evaluate(todo, self.on_result, desc=desc, reject_above=reject_above, should_stop=should_stop)
-        self._fresh = set(todo)
-        return keys
+        return keys, set(todo)
 
     def run(self, gen: int, *, should_stop=None) -> dict:
         t0 = time.time()
@@ -266,8 +268,9 @@ class GenerationStep:
                 valid[name] = recipe
             recipes.append(recipe)
         threshold = _rejection_threshold(cfg, optimizer, self.lookup)
-        keys = {**self.evaluate(valid, desc=f"generation {gen}", should_stop=should_stop, reject_above=threshold),
-                **invalid}
+        keys, fresh_keys = self.evaluate(valid, desc=f"generation {gen}", should_stop=should_stop,
+                                         reject_above=threshold)
+        keys.update(invalid)
         values, n_failed, n_rejected, work = [], 0, 0, 0.0
         for name, recipe, genome, parent_ids in zip(names, recipes, genomes, parents):
             key = keys[name]
@@ -275,7 +278,7 @@ class GenerationStep:
             vals = self.values(result)
             n_failed += vals is None
             n_rejected += result["status"] == "rejected"
-            fresh = key in self._fresh
+            fresh = key in fresh_keys
             if fresh:
                 work += result.get("evaluated_fraction", 1.0)
             values.append(vals)
@@ -290,7 +293,7 @@ class GenerationStep:
                 }
             )
         optimizer.tell(genomes, values, names)
-        n_fresh = len(self._fresh)
+        n_fresh = len(fresh_keys)
         row = _log_row(gen, values, self.objective_names, n_evals=n_fresh, n_cached=len(genomes) - n_fresh,
                        n_failed=n_failed, best=optimizer.best(), seconds=time.time() - t0)
         row["rejected"] = n_rejected
