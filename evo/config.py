@@ -75,6 +75,9 @@ class EvalConfig:
     # search fitness on this fraction of each set's blocks, picked at difficulty quantiles of the
     # source models (evo.subset); the final comparison and releases use every block
     subset: float = 1.0
+    # search fitness on this many items of each task (evenly spaced over the item order, which
+    # the task files shuffle); the final comparison, releases and `evo verify` score every item
+    task_subset: int | None = None
     early_rejection: EarlyRejection = field(default_factory=EarlyRejection)
 
 
@@ -248,6 +251,10 @@ class ExperimentConfig:
             raise EvoError(f"{where}: ray.threads_per_evaluator: must be >= 1")
         if not 0.0 < self.eval.subset <= 1.0:
             raise EvoError(f"{where}: eval.subset: a fraction in (0, 1], got {self.eval.subset}")
+        if self.eval.task_subset is not None and (isinstance(self.eval.task_subset, bool)
+                                                  or not isinstance(self.eval.task_subset, int)
+                                                  or self.eval.task_subset < 1):
+            raise EvoError(f"{where}: eval.task_subset: a number of items >= 1, got {self.eval.task_subset!r}")
         self._validate_stream()
         if self.eval.seq_len < 2 or self.eval.max_blocks < 1 or self.eval.batch_size < 1:
             raise EvoError(f"{where}: eval: seq_len >= 2, max_blocks >= 1 and batch_size >= 1 are required")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import resource
 import time
 import traceback
 from typing import Mapping
@@ -71,6 +72,7 @@ class Evaluator:
         tasks: Mapping | None = None,
         early_rejection: dict | None = None,
         train: np.ndarray | None = None,
+        task_items: Mapping | None = None,
     ):
         torch.set_num_threads(threads)
         self.name = name
@@ -87,6 +89,7 @@ class Evaluator:
             resident=True,
         )
         self.tasks = dict(tasks or {})
+        self.task_items = dict(task_items or {})  # search ("valid") scores these items; other collections all
         self.train = None if train is None else torch.from_numpy(np.array(train, dtype=np.int64))
         self.early_rejection = early_rejection or {"chunks": 4, "z": 3.0, "margin": 0.0}
         self.eval_sets = {
@@ -146,7 +149,8 @@ class Evaluator:
                 t2 = time.perf_counter()
                 if not rejected:
                     for name, task in self.tasks.items():
-                        value = task.score(model, batch_size=self.batch_size, device=self.device)["value"]
+                        items = self.task_items.get(name) if collection == "valid" else None
+                        value = task.score(model, batch_size=self.batch_size, device=self.device, items=items)["value"]
                         if not math.isfinite(value):
                             raise FloatingPointError(f"non-finite score on task {name!r}")
                         metrics[f"task/{name}"] = value
@@ -162,7 +166,7 @@ class Evaluator:
                 "evaluated_fraction": fraction,
                 "lora": lora_stats,
                 "timings": {"merge_s": t1 - t0, "ppl_s": t2 - t1, "tasks_s": t3 - t2, "eval_s": t3 - t1},
-                "worker": {"pid": os.getpid(), "name": self.name},
+                "worker": {"pid": os.getpid(), "name": self.name, "peak_rss_mb": _peak_rss_mb()},
             }
             if collection == "valid" and not rejected:
                 out["block_nlls"] = {k: [round(float(x), 5) for x in v] for k, v in blocks.items()}
@@ -173,7 +177,7 @@ class Evaluator:
                 "error": f"{type(exc).__name__}: {exc}",
                 "traceback": traceback.format_exc(limit=5),
                 "timings": {"total_s": time.perf_counter() - t0},
-                "worker": {"pid": os.getpid(), "name": self.name},
+                "worker": {"pid": os.getpid(), "name": self.name, "peak_rss_mb": _peak_rss_mb()},
             }
 
     def _fit_lora(self, rec: Recipe):
@@ -230,3 +234,8 @@ class Evaluator:
                 if mean - er["z"] * se > threshold + er["margin"]:
                     return metrics, seen / total, True, done
         return metrics, 1.0, False, done
+
+
+def _peak_rss_mb() -> int:
+    """This process's peak resident set (the object store's shared pages it touched included)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

@@ -106,6 +106,7 @@ class EvaluatorPool:
                     base_ref, deltas_ref, self.sources.model_config, eval_ref,
                     threads=rc.threads_per_evaluator, device=device, batch_size=self.cfg.eval.batch_size, name=name,
                     tasks=tasks_ref, early_rejection={"chunks": er.chunks, "z": er.z, "margin": er.margin}, train=train_ref,
+                    task_items=self.sources.task_items,
                 )
             )
         self._refs = (base_ref, deltas_ref, eval_ref, tasks_ref, train_ref)

@@ -125,10 +125,11 @@ def _run_fitness(cfg: ExperimentConfig, ckpt: dict, store: RunStore) -> dict:
     best = ckpt["best"]
     objectives = ckpt["objectives"]
     values = best["values"]
-    if cfg.eval.subset < 1.0:  # searched on a subset: record (and verify) the full-set values
+    if "task_subset" in ckpt.get("data_inputs", {}).get("settings", {}) or cfg.eval.subset < 1.0:
+        # searched on a subset of blocks or task items: record (and verify) the full-set values
         full = ((ckpt.get("comparison") or {}).get("evolved (best)") or {}).get("valid", {}).get("objectives")
         if not full:
-            raise EvoError(f"{store.root}: a subset run (eval.subset) can be exported once it has finished: "
+            raise EvoError(f"{store.root}: a subset run (eval.subset, eval.task_subset) can be exported once it has finished: "
                            "its full-set fitness is measured in the final comparison")
         values = [full[o["name"]] for o in objectives]
     fitness = {
@@ -153,7 +154,7 @@ def _eval_record(cfg: ExperimentConfig) -> dict:
     return {
         "sets": {k: str(Path(v).resolve()) for k, v in cfg.eval.sets.items()},
         "tasks": {k: str(Path(v).resolve()) for k, v in cfg.eval.tasks.items()},
-        "task_limit": cfg.eval.task_limit,
+        "task_limit": cfg.eval.task_limit, "task_subset": cfg.eval.task_subset,
         "seq_len": cfg.eval.seq_len, "max_blocks": cfg.eval.max_blocks, "batch_size": cfg.eval.batch_size,
     }
 

@@ -27,6 +27,7 @@ class Sources:
     tasks: dict = field(default_factory=dict)  # name -> evo.tasks.Task (pre-tokenised)
     train: np.ndarray | None = None  # token blocks LoRA genes are fitted on (never the eval text)
     version_inputs: dict = field(default_factory=dict)  # files + settings behind data_version (for verify)
+    task_items: dict = field(default_factory=dict)  # task -> item indices the search scores (eval.task_subset)
 
     @property
     def has_report_sets(self) -> bool:
@@ -69,6 +70,14 @@ class Sources:
 
             tasks = {name: load_task(path, tokenizer, limit=cfg.eval.task_limit) for name, path in cfg.eval.tasks.items()}
             settings["task_limit"] = cfg.eval.task_limit
+        task_items = {}
+        if cfg.eval.task_subset and not cfg.streaming:
+            task_items = {name: subset_items(len(task), cfg.eval.task_subset) for name, task in tasks.items()
+                          if cfg.eval.task_subset < len(task)}
+            if task_items:
+                settings["task_subset"] = cfg.eval.task_subset
+                # the final comparison scores every item: it reads the "full" collection
+                eval_sets.setdefault("full", eval_sets["valid"])
         # a stream run trains LoRA genes on the newest data version instead (evo.continual)
         has_lora = _space_has_lora(cfg.search_space) and not cfg.streaming
         train = train_blocks(cfg, tokenizer) if has_lora else None
@@ -80,7 +89,7 @@ class Sources:
                           "settings": {k: v for k, v in settings.items() if k != "tokenizer"}}
         model_config = config.to_dict()
         return cls(to_numpy(base), {m: to_numpy(d) for m, d in deltas.items()}, model_config, eval_sets, version, tasks,
-                   train, version_inputs)
+                   train, version_inputs, task_items)
 
     @staticmethod
     def _report_paths(cfg: ExperimentConfig) -> dict[str, str]:
@@ -103,6 +112,11 @@ class Sources:
                 raise EvoError(f"{path}: {exc}") from None
             out[name] = blocks.numpy()
         return out
+
+
+def subset_items(n: int, k: int) -> list[int]:
+    """``k`` of ``n`` item indices, evenly spaced (deterministic; task files are pre-shuffled)."""
+    return sorted({int(i) for i in np.linspace(0, n - 1, num=min(k, n))})
 
 
 def _space_has_lora(path: str) -> bool:

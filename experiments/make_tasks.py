@@ -176,14 +176,17 @@ def prose_cloze(rng: random.Random, n: int) -> list[dict]:
 
 # --- capitals (optional) ------------------------------------------------------------------------
 
-def capitals(rng: random.Random, n: int) -> list[dict]:
-    """Country -> capital from bsdgames' quiz file (``country:capital`` lines, ``|`` alternatives)."""
+def capitals(rng: random.Random, n: int, quiz_dir: Path = QUIZ_DIR) -> list[dict]:
+    """Country -> capital from bsdgames' quiz files (``country:capital`` lines). In that format
+    ``a|b`` are alternative answers, ``[a|b]`` alternative spellings inside a word and ``{x}``
+    optional text; we keep the first alternative and the optional text."""
     def clean(text: str) -> str:
-        return re.sub(r"[{}\[\]]", "", text.split("|")[0]).strip()
+        text = re.sub(r"\[([^\]|]*)(\|[^\]]*)?\]", r"\1", text)  # Andorra la V[ell|iej]a -> Andorra la Vella
+        return re.sub(r"[{}]", "", text.split("|")[0]).strip()
 
     pairs = []
     for name in ("africa", "america", "asia", "europe"):
-        path = QUIZ_DIR / name
+        path = quiz_dir / name
         if path.is_file():
             for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
                 if ":" in line and not line.startswith("#"):
@@ -207,7 +210,11 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "tasks"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--items", type=int, default=300)
+    parser.add_argument("--quiz-dir", default=str(QUIZ_DIR),
+                        help="bsdgames quiz files (default: %(default)s; or from `apt-get download bsdgames` "
+                             "and `dpkg-deb -x`)")
     args = parser.parse_args()
+    quiz_dir = Path(args.quiz_dir)
     out = Path(args.out)
     meta = {"generator": "experiments/make_tasks.py", "seed": args.seed}
 
@@ -238,15 +245,16 @@ def main() -> None:
             "metadata": {**meta, "source": "pydoc_data/topics.py (valid/test documents of the seed-0 zoo split)",
                          "licence": "PSF-2.0"}}})
 
-    if QUIZ_DIR.is_dir():
-        write_set(out, "capitals", capitals(random.Random(args.seed + 3), args.items), {
+    if quiz_dir.is_dir():
+        write_set(out, "capitals", capitals(random.Random(args.seed + 3), args.items, quiz_dir), {
             "capitals.yaml": {
                 "task": "capitals", "type": "multiple_choice",
                 "doc_to_text": "The capital of {{country}} is", "doc_to_choice": "choices",
                 "doc_to_target": "label", "target_delimiter": " ", "metric": "acc",
-                "metadata": {**meta, "source": str(QUIZ_DIR), "licence": "BSD (Debian bsdgames)"}}})
+                "metadata": {**meta, "source": "Debian bsdgames quiz/{africa,america,asia,europe}",
+                             "licence": "BSD (Debian bsdgames)"}}})
     else:
-        print(f"capitals: skipped ({QUIZ_DIR} not present; apt-get install bsdgames)")
+        print(f"capitals: skipped ({quiz_dir} not present; apt-get install bsdgames)")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -51,6 +53,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--task-weight", type=float, default=1.0,
                    help="weight of each task objective against the mean log-perplexity (weight 1)")
     p.add_argument("--task-limit", type=int, default=None, help="score only the first N items of each task")
+    p.add_argument("--task-subset", type=int, default=None,
+                   help="search on N evenly spaced items of each task; the comparison scores all (eval.task_subset)")
+    p.add_argument("--subset", type=float, default=1.0,
+                   help="search on this fraction of the eval blocks; the comparison uses all (eval.subset)")
     p.add_argument("--object-store-mb", type=int, default=None,
                    help="Ray object store size (default: sized from the zoo's weights)")
     p.add_argument("--seed", type=int, default=0)
@@ -68,7 +74,8 @@ def make_config(args, zoo, space_path: Path) -> dict:
         "name": "smollm2-evolve",
         "zoo": str(zoo.root),
         "search_space": str(space_path),
-        "eval": {"seq_len": args.seq_len, "max_blocks": args.max_blocks, "batch_size": args.eval_batch_size},
+        "eval": {"seq_len": args.seq_len, "max_blocks": args.max_blocks, "batch_size": args.eval_batch_size,
+                 "subset": args.subset},
         "objectives": [{"name": "mean_logppl", "metric": "logppl", "reduce": "mean", "goal": "minimize"}],
         "optimizer": {"name": args.optimizer, "generations": args.generations, "population": args.population},
         "ray": {"evaluators": args.evaluators, "cpus_per_evaluator": 1,
@@ -88,6 +95,8 @@ def make_config(args, zoo, space_path: Path) -> dict:
         config["eval"]["tasks"] = tasks
         if args.task_limit:
             config["eval"]["task_limit"] = args.task_limit
+        if args.task_subset:
+            config["eval"]["task_subset"] = args.task_subset
         config["objectives"] += [{"name": f"task_{n}", "metric": "task", "sets": [n], "goal": "maximize",
                                   "weight": args.task_weight} for n in tasks]
     return config
@@ -117,10 +126,11 @@ def candidate_timing(run_dir: Path, logbook: list[dict], evaluators: int) -> dic
     """Per-candidate cost from the run's fitness cache (each result carries its evaluator's
     merge and scoring seconds) and steady-state wall time from the generations after the first,
     whose wall time includes starting the evaluators and shipping the weights to them."""
-    merge, score = [], []
+    merge, score, rss = [], [], [0]
     with (run_dir / "cache.jsonl").open(encoding="utf-8") as fh:
         for line in fh:
             result = json.loads(line).get("result", {})
+            rss.append((result.get("worker") or {}).get("peak_rss_mb", 0))
             if result.get("status") == "ok" and "timings" in result:
                 merge.append(result["timings"].get("merge_s", 0.0))
                 score.append(result["timings"].get("eval_s", 0.0))
@@ -130,7 +140,38 @@ def candidate_timing(run_dir: Path, logbook: list[dict], evaluators: int) -> dic
     return {"candidates": len(merge), "merge_s": sum(merge) / n, "eval_s": sum(score) / n,
             "first_generation_s": logbook[0].get("seconds") if logbook else None,
             "steady_wall_s_per_candidate": round(steady, 2) if steady is not None else None,
-            "evaluators": evaluators}
+            "evaluators": evaluators, "evaluator_peak_rss_mb": max(rss)}
+
+
+def comparison_table(comparison: dict, domains: list[str], objectives: list[dict]) -> tuple[str, dict]:
+    """The final comparison (test split) as a markdown table: perplexity per domain, mean
+    log-perplexity, task accuracy, and the combined objective the search scalarised:
+    mean log-ppl - sum(weight * task accuracy) (lower is better). Also returns the rows."""
+    tasks = [o for o in objectives if o["metric"] == "task"]
+    weights = {o["name"]: o.get("weight", 1.0) for o in objectives}
+    ppl_weight = weights.get("mean_logppl", 1.0)
+    rows = {}
+    for label, colls in comparison.items():
+        m = colls.get("test") or colls.get("valid") or {}
+        if not m or "error" in m:
+            continue
+        row = {d: math.exp(m[f"logppl/{d}"]) for d in domains}
+        row["mean log-ppl"] = m["mean"]
+        for o in tasks:
+            row[o["name"]] = m[f"task/{o['sets'][0]}"]
+        row["combined"] = ppl_weight * m["mean"] - sum(weights[o["name"]] * row[o["name"]] for o in tasks)
+        rows[label] = row
+    cols = [*domains, "mean log-ppl", *[o["name"] for o in tasks], "combined"]
+    higher = {o["name"] for o in tasks}
+    best = {c: (max if c in higher else min)(r[c] for r in rows.values()) for c in cols}
+
+    def cell(c, v):
+        text = f"{100 * v:.1f}%" if c in higher else (f"{v:.2f}" if c in domains else f"{v:.4f}")
+        return f"**{text}**" if v == best[c] else text
+    lines = ["| model | " + " | ".join(f"{c} ppl" if c in domains else c for c in cols) + " |",
+             "|---|" + "---:|" * len(cols)]
+    lines += [f"| {label} | " + " | ".join(cell(c, r[c]) for c in cols) + " |" for label, r in rows.items()]
+    return "\n".join(lines), rows
 
 
 def generate(release: Path, zoo, max_new_tokens: int) -> dict[str, str]:
@@ -176,7 +217,13 @@ def main(argv=None) -> int:
 
     timing = candidate_timing(run_dir, result.logbook, args.evaluators)
     timing.update(run_seconds=round(t_run, 1), export_seconds=round(t_export, 1),
-                  eval={"seq_len": args.seq_len, "max_blocks": args.max_blocks, "domains": zoo.domains})
+                  eval={"seq_len": args.seq_len, "max_blocks": args.max_blocks, "domains": zoo.domains,
+                        "subset": args.subset, "task_subset": args.task_subset, "task_limit": args.task_limit},
+                  driver_peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+    ckpt = json.loads((run_dir / "checkpoint.json").read_text(encoding="utf-8"))
+    table_md, rows = comparison_table(ckpt.get("comparison", {}), zoo.domains, config["objectives"])
+    (run_dir / "smollm2_table.md").write_text(table_md + "\n", encoding="utf-8")
+    timing["table"] = rows
     best = dict(zip(result.objectives, result.best_values))
     (run_dir / "smollm2_timing.json").write_text(json.dumps({**timing, "samples": samples}, indent=2,
                                                             ensure_ascii=False) + "\n", encoding="utf-8")
@@ -186,6 +233,10 @@ def main(argv=None) -> int:
           f"{timing['merge_s']:.2f}s + perplexity {timing['eval_s']:.2f}s; generation wall time after the first "
           f"(start-up) generation: {timing['steady_wall_s_per_candidate']} s per candidate with "
           f"{args.evaluators} evaluators; run {t_run:.0f}s, export {t_export:.0f}s")
+    print(f"\nComparison (test split; perplexity per domain, task accuracy, combined = mean log-ppl - "
+          f"weight x accuracy, lower is better), also in {run_dir / 'smollm2_table.md'}:\n")
+    print(table_md)
+    print(f"\nevaluator peak RSS {timing['evaluator_peak_rss_mb']} MB, driver {timing['driver_peak_rss_mb']} MB")
     print("\nGreedy continuations from the release (plain transformers):")
     for domain, text in samples.items():
         print(f"--- {domain}\n{text}")

@@ -63,22 +63,22 @@ def zoo_settings(*, model: str, sha256: str, domains, steps: int, lr: float, seq
 def build_smollm2_zoo(out_dir, *, model: str = DEFAULT_MODEL, domains=("de", "fr", "code"), steps: int = 200,
                       lr: float = 5e-5, seq_len: int = 256, batch_size: int = 8, max_chars: int = 1_200_000,
                       doc_chars: int = 4_000, eval_blocks: int = 32, seed: int = 0, cache_dir=None,
-                      progress: bool = True, log=print) -> Zoo:
+                      progress: bool = True, workers: int = 1, log=print) -> Zoo:
     """Build (or reuse) the zoo in ``out_dir`` and return it (see the module docstring)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from evo.fitness import token_blocks
     from evo.gguf import file_sha256, gguf_to_hf_dir, resolve_gguf
-    from evo.zoo import _complete, evaluate, token_stream, train
+    from evo.zoo import _complete, evaluate
 
     started = time.time()
     if not domains or len(set(domains)) != len(domains):
         raise EvoError(f"zoo domains must be distinct and non-empty, got {list(domains)}")
     for name in domains:
         corpus.get_domain(name)
-    if steps < 1 or seq_len < 8 or batch_size < 1 or eval_blocks < 1:
-        raise EvoError("need --steps >= 1, --seq-len >= 8, --batch-size >= 1, --eval-blocks >= 1")
+    if steps < 1 or seq_len < 8 or batch_size < 1 or eval_blocks < 1 or workers < 1:
+        raise EvoError("need --steps >= 1, --seq-len >= 8, --batch-size >= 1, --eval-blocks >= 1, --jobs >= 1")
     out = Path(out_dir).resolve()
     if out.exists() and not out.is_dir():
         raise EvoError(f"{out} exists and is not a directory; refusing to overwrite it")
@@ -141,38 +141,25 @@ def build_smollm2_zoo(out_dir, *, model: str = DEFAULT_MODEL, domains=("de", "fr
     table = {"base": base_info["log_ppl"]}
     timings = {}
 
-    for i, name in enumerate(domains):
-        target = out / "specialists" / name
-        want = {"settings": _train_key(settings), "domain": name}
-        info = _read_json(target / TRAIN_MARKER)
-        if info.get("trained_with") != want or not (target / "model.safetensors").is_file():
-            stream = token_stream(splits[name]["train"], tokenizer)
-            model = AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32)
-            t0, c0 = time.time(), time.process_time()
-            losses = train(model, [stream], steps, lr, preset, seed + 1 + i, desc=f"specialist {name}",
-                           progress=progress)
-            train_s, train_cpu_s = time.time() - t0, time.process_time() - c0
+    jobs = [dict(out=out, name=name, seed=seed + 1 + i, want={"settings": _train_key(settings), "domain": name},
+                 train_docs=splits[name]["train"], tests=tests, eval_key=eval_key, steps=steps, lr=lr,
+                 preset=settings["preset"], batch_size=batch_size, progress=progress)
+            for i, name in enumerate(domains)]
+    if workers > 1 and len(jobs) > 1:
+        # One process per specialist (each with `threads` torch threads): on a CPU the three
+        # fine-tunes are independent, and one-thread processes scale where one process with
+        # more threads does not (see docs/smollm2.md, "Threads").
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
-            def save(d, model=model):
-                model.save_pretrained(d, safe_serialization=True)
-                tokenizer.save_pretrained(d)
-            _atomic_dir(target, save)
-            info = {"trained_with": want, "train_tokens": int(stream.numel()), "train_s": round(train_s, 1),
-                    "s_per_step": round(train_s / steps, 3), "cpu_s_per_step": round(train_cpu_s / steps, 3),
-                    "loss_first": losses[0], "loss_last": losses[-1],
-                    "losses": [round(v, 4) for v in losses]}
-            _write_json(target / TRAIN_MARKER, info)
-            log(f"specialist {name}: {steps} steps in {train_s:.0f}s ({train_s / steps:.2f} s/step wall, "
-                f"{train_cpu_s / steps:.2f} CPU-s/step), "
-                f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-            del model
-        if info.get("eval_key") != eval_key:
-            t0 = time.time()
-            model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
-            info.update(eval_key=eval_key, log_ppl=evaluate(model, tests, batch_size=batch_size),
-                        eval_s=round(time.time() - t0, 1))
-            del model
-            _write_json(target / TRAIN_MARKER, info)
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_worker_init, initargs=(torch.get_num_threads(),)) as pool:
+            infos = list(pool.map(_specialist, jobs))
+    else:
+        infos = [_specialist(job) for job in jobs]
+    for name, (info, message) in zip(domains, infos):
+        if message:
+            log(message)
         log(f"{name} specialist: {_fmt(info['log_ppl'])}")
         table[name] = info["log_ppl"]
         timings[name] = {k: info[k] for k in ("train_s", "s_per_step", "cpu_s_per_step", "eval_s") if k in info}
@@ -193,10 +180,60 @@ def build_smollm2_zoo(out_dir, *, model: str = DEFAULT_MODEL, domains=("de", "fr
         "wall_time_s": round(time.time() - started, 1),  # of the call that finished the zoo
         "cpu_time_s": round(time.process_time(), 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "peak_rss_mb_worker": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024),  # 0: no workers
+        "workers": workers,
         "torch_threads": torch.get_num_threads(),
     }
     _write_json(out / MANIFEST, manifest)  # written last: a directory with a manifest is a complete zoo
     return Zoo.load(out)
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _specialist(job: dict) -> tuple[dict, str | None]:
+    """Train one specialist (unless an identical one is on disk) and score it on the test blocks.
+    Runs in the build's process or in a worker process, so it takes and returns plain data."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evo.zoo import evaluate, token_stream, train
+
+    out, name, steps = job["out"], job["name"], job["steps"]
+    target = out / "specialists" / name
+    info, message = _read_json(target / TRAIN_MARKER), None
+    if info.get("trained_with") != job["want"] or not (target / "model.safetensors").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
+        stream = token_stream(job["train_docs"], tokenizer)
+        model = AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32)
+        t0, c0 = time.time(), time.process_time()
+        losses = train(model, [stream], steps, job["lr"], ZooPreset(**job["preset"]), job["seed"],
+                       desc=f"specialist {name}", progress=job["progress"])
+        train_s, train_cpu_s = time.time() - t0, time.process_time() - c0
+
+        def save(d, model=model):
+            model.save_pretrained(d, safe_serialization=True)
+            tokenizer.save_pretrained(d)
+        _atomic_dir(target, save)
+        info = {"trained_with": job["want"], "train_tokens": int(stream.numel()), "train_s": round(train_s, 1),
+                "s_per_step": round(train_s / steps, 3), "cpu_s_per_step": round(train_cpu_s / steps, 3),
+                "loss_first": losses[0], "loss_last": losses[-1], "losses": [round(v, 4) for v in losses],
+                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+        _write_json(target / TRAIN_MARKER, info)
+        message = (f"specialist {name}: {steps} steps in {train_s:.0f}s ({train_s / steps:.2f} s/step wall, "
+                   f"{train_cpu_s / steps:.2f} CPU-s/step), loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+        del model
+    if info.get("eval_key") != job["eval_key"]:
+        t0 = time.time()
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+        info.update(eval_key=job["eval_key"], log_ppl=evaluate(model, job["tests"], batch_size=job["batch_size"]),
+                    eval_s=round(time.time() - t0, 1))
+        del model
+        _write_json(target / TRAIN_MARKER, info)
+    return info, message
 
 
 def _train_key(settings: dict) -> dict:
@@ -275,6 +312,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--cache-dir", default=None, help="GGUF conversion cache (default: $EVO_CACHE/gguf or ~/.cache/evo/gguf)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="specialists trained at once, one process each (default: 1); with --threads 1, "
+                        "set it to the number of free cores")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -291,7 +331,7 @@ def main(argv=None) -> int:
         zoo = build_smollm2_zoo(args.out, model=args.model, domains=domains, steps=args.steps, lr=args.lr,
                                 seq_len=args.seq_len, batch_size=args.batch_size, max_chars=args.max_chars,
                                 eval_blocks=args.eval_blocks, seed=args.seed, cache_dir=args.cache_dir,
-                                progress=not args.quiet)
+                                progress=not args.quiet, workers=args.jobs)
     except EvoError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

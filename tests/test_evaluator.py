@@ -125,3 +125,36 @@ def test_subset_fitness_picks_blocks_across_difficulty(micro_zoo, repo_root):
     assert plain.data_version != sources.data_version  # cached fitness never mixes the two
     with pytest.raises(EvoError, match=r"eval.subset: a fraction in \(0, 1\]"):
         ExperimentConfig.from_dict({**cfg.to_dict(), "eval": {"subset": 0.0}})
+
+
+def test_task_subset_scores_part_of_the_items_in_search_and_all_in_the_comparison(micro_zoo, repo_root):
+    from evo.sources import subset_items
+
+    assert subset_items(10, 4) == [0, 3, 6, 9] and subset_items(3, 5) == [0, 1, 2]
+    arith = str(repo_root / "tasks" / "arithmetic" / "arithmetic_mc.yaml")
+    raw = {"zoo": str(micro_zoo.root), "search_space": str(repo_root / "search_spaces" / "task_arithmetic_layerwise.yaml"),
+           "eval": {"seq_len": 32, "max_blocks": 4, "batch_size": 8, "task_limit": 40, "task_subset": 8,
+                    "tasks": {"arith": arith}},
+           "objectives": [{"name": "ppl", "metric": "logppl"}, {"name": "arith", "metric": "task", "goal": "maximize"}]}
+    cfg = ExperimentConfig.from_dict(raw)
+    sources = Sources.load(cfg)
+    assert sources.task_items == {"arith": subset_items(40, 8)} and len(sources.tasks["arith"]) == 40
+    assert "full" in sources.eval_sets  # the comparison's collection: every item
+    ev = Evaluator(sources.base, sources.deltas, sources.model_config, sources.eval_sets, tasks=sources.tasks,
+                   task_items=sources.task_items)
+    recipe = baseline_recipes(cfg)["uniform average"].to_dict()
+    search, full = ev.evaluate(recipe), ev.evaluate(recipe, collection="full")
+    import torch
+
+    ev.evaluate(recipe)  # the resident model now holds this merge
+    with torch.no_grad():
+        direct = sources.tasks["arith"].score(ev.model, items=sources.task_items["arith"])["value"]
+        every = sources.tasks["arith"].score(ev.model)["value"]
+    assert search["metrics"]["task/arith"] == pytest.approx(direct)
+    assert full["metrics"]["task/arith"] == pytest.approx(every)
+    assert search["metrics"]["logppl/" + next(iter(cfg.eval.sets))] == pytest.approx(
+        full["metrics"]["logppl/" + next(iter(cfg.eval.sets))])  # same blocks: only the task items differ
+    plain = Sources.load(ExperimentConfig.from_dict({**raw, "eval": {**raw["eval"], "task_subset": None}}))
+    assert plain.data_version != sources.data_version and plain.task_items == {}
+    with pytest.raises(EvoError, match="eval.task_subset: a number of items >= 1"):
+        ExperimentConfig.from_dict({**raw, "eval": {**raw["eval"], "task_subset": 0}})

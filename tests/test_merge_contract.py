@@ -124,3 +124,18 @@ def test_matches_mergekit(merger, name, density, extra):
         else:
             ref = merge_tensors(tensors, name, parameters=params, base_index=0)
         torch.testing.assert_close(ours[n], ref, rtol=1e-5, atol=1e-5, msg=f"{name} differs on {n}")
+
+
+def test_dare_counter_hash_masks_are_independent_across_seeds_and_neighbours():
+    from evo.merge.sparsify import random_prune
+
+    x = torch.ones(400_000)
+    masks = [random_prune(x, 0.5, torch.empty_like(x), seed=s) for s in (1, 2, 2**40 + 1)]
+    for m in masks:
+        assert abs(m.mean().item() - 0.5) < 0.005
+        assert abs((m[:-1] * m[1:]).mean().item() - 0.25) < 0.005   # neighbours
+        assert abs((m[:-2048] * m[2048:]).mean().item() - 0.25) < 0.005  # a row apart
+    for i in range(3):
+        for j in range(i + 1, 3):
+            assert abs((masks[i] * masks[j]).mean().item() - 0.25) < 0.005  # other seeds
+    assert torch.equal(random_prune(x, 0.5, torch.empty_like(x), seed=1), masks[0])

@@ -192,3 +192,51 @@ def test_error_midway_leaves_nothing(zoo, tmp_path, monkeypatch):
     with pytest.raises(EvoError, match="simulated"):
         merge_to_dir(_ties(), tmp_path / "o", resolve=lambda n: zoo / n)
     assert _no_leftovers(tmp_path, "o")
+
+
+def test_streaming_reads_bfloat16_and_sharded_sources(zoo, tmp_path):
+    """Sources stored as bf16 and as a sharded checkpoint merge like the float32 originals would."""
+    from transformers import AutoModelForCausalLM
+
+    src = AutoModelForCausalLM.from_pretrained(zoo / "a")
+    src.to(torch.bfloat16).save_pretrained(tmp_path / "a_bf16", max_shard_size="4KB")
+    assert (tmp_path / "a_bf16" / "model.safetensors.index.json").is_file()
+    cfg = _ties(a="a_bf16")
+    out = merge_to_dir(cfg, tmp_path / "o", resolve=lambda n: zoo / n if n != "a_bf16" else tmp_path / "a_bf16")
+    got = load_file(str(out / "model.safetensors"))
+    base, _ = load_model_dir(zoo / "base")
+    a16 = {n: t.float() for n, t in load_model_dir(tmp_path / "a_bf16")[0].items()}
+    expected = Merger(base, task_vectors(base, {"a_bf16": a16}), num_layers=2).merge(cfg)
+    for name, t in expected.items():
+        assert torch.equal(got[name], t), name
+
+
+@pytest.mark.parametrize("damage", ["truncate", "header"])
+def test_corrupt_safetensors_is_one_line_error(zoo, tmp_path, damage):
+    bad = tmp_path / "bad"
+    shutil.copytree(zoo / "a", bad)
+    f = bad / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2] if damage == "truncate" else data[:8] + b"{not json" + data[17:])
+    with pytest.raises(EvoError) as exc:
+        merge_to_dir(_ties(a="bad"), tmp_path / "o", resolve=lambda n: zoo / n if n != "bad" else bad)
+    msg = str(exc.value)
+    assert "\n" not in msg and str(f) in msg and "cannot read safetensors" in msg
+    assert _no_leftovers(tmp_path, "o")
+
+
+def test_safetensors_writer_round_trips_through_the_library(tmp_path):
+    from evo.merge.safetensors_io import SafetensorsFile, SafetensorsWriter
+
+    sd = {"w": torch.randn(3, 5), "h": torch.randn(4).to(torch.bfloat16), "i": torch.arange(6), "e": torch.zeros(0, 2)}
+    with SafetensorsWriter(tmp_path / "x.safetensors", [(n, t.dtype, t.shape) for n, t in sd.items()],
+                           {"format": "pt"}) as w:
+        for n, t in sd.items():
+            w.write(n, t)
+    back = load_file(str(tmp_path / "x.safetensors"))  # the reference reader
+    assert set(back) == set(sd) and all(torch.equal(back[n], t) and back[n].dtype == t.dtype for n, t in sd.items())
+    view = SafetensorsFile(tmp_path / "x.safetensors")
+    assert all(torch.equal(view.tensor(n), t) for n, t in sd.items())
+    with pytest.raises(RuntimeError, match="expected tensor w, got h"):
+        with SafetensorsWriter(tmp_path / "y.safetensors", [("w", torch.float32, (3, 5)), ("h", torch.float32, (4,))]) as w:
+            w.write("h", torch.zeros(4))

@@ -170,6 +170,7 @@ def test_magnitude_table_is_exact_with_ties_and_any_rank():
 
 
 @pytest.mark.parametrize("method,extra", [
+    ("task_arithmetic", {}),
     ("ties", {"density": 1234 / 4096}),     # on the table's grid: a lookup
     ("ties", {"density": 0.37}),            # off the grid: one band pass
     ("dare_ties", {"density": 0.5}),
@@ -196,5 +197,7 @@ def test_resident_merger_matches_the_one_off_merge(method, extra):
             torch.testing.assert_close(out[name], one_off[name], rtol=1e-6, atol=1e-6)
     import shutil
 
-    if (method.endswith("ties") or method == "della") and any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+    if any(shutil.which(c) for c in ("g++", "c++", "clang++")):
         assert resident.fused.enabled, "the fused kernel fell back to eager although a C++ compiler is present"
+        kernel = "sum" if method in ("task_arithmetic", "breadcrumbs") else "consensus"
+        assert resident.fused.calls[kernel] == 2 * len(shapes)  # every tensor, both merges, in one pass

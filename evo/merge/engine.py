@@ -64,11 +64,13 @@ class Merger:
         out: destination buffers, e.g. a live HF model's ``state_dict()``; names absent from
             ``base`` (a tied lm_head) are left alone. Allocated once when None.
         device: where base/deltas/outputs live (moved once).
+        largest: size the scratch buffers for tensors of this many entries (a streaming merger,
+            created with empty ``base``/``deltas``, knows it from the file headers).
     """
 
     def __init__(self, base: Mapping[str, Tensor], deltas: Mapping[str, Mapping[str, Tensor]], *,
                  num_layers: int, out: Optional[Mapping[str, Tensor]] = None, device="cpu",
-                 resident: bool = False):
+                 resident: bool = False, largest: Optional[int] = None):
         self.device = torch.device(device)
         self.num_layers = int(num_layers)
         self.base = {n: t.to(self.device) for n, t in base.items()}
@@ -90,7 +92,7 @@ class Merger:
                 if out[n].device != self.device:
                     raise EvoError(f"output buffers: tensor {n} is on {out[n].device}, merging on {self.device}")
                 self.out[n] = out[n]
-        largest = max((t.numel() for t in self.base.values()), default=1)
+        largest = largest or max((t.numel() for t in self.base.values()), default=1)
         self.scratch = Scratch(largest, self.device)
         self._t = {n: layer_t(n, self.num_layers) for n in self.base}
         self._cache: dict = {}  # statistics of the fixed sources (norms, dots), reused across merges
@@ -115,52 +117,78 @@ class Merger:
         ``config.models[i].model`` names a key of ``deltas``; an entry naming ``config.base_model``
         is the base itself. Random methods are reproducible for a given ``seed``.
         """
+        plan = self.plan(config, self.deltas)
+        with torch.no_grad():
+            for name, base in self.base.items():
+                self.merge_tensor(plan, name, base, {m: d[name] for m, d in self.deltas.items()},
+                                  self.out[name], seed)
+        return self.out
+
+    def plan(self, config: MergeConfig, available) -> "MergePlan":
+        """Check ``config`` against the loaded (or, streaming, the available) models once."""
         method = METHODS.get(config.merge_method)
         if method is None:
             raise EvoError(f"unknown merge_method '{config.merge_method}'")
-        entries = []
+        entries: list[tuple[ModelEntry, bool]] = []  # (entry, has a task vector)
         for e in config.models:
             if config.base_model is not None and e.model == config.base_model:
                 if method.base_entries_merge:
-                    entries.append((e, None))
+                    entries.append((e, False))
                 continue
-            if e.model not in self.deltas:
+            if e.model not in available:
                 raise EvoError(f"model '{e.model}' is not loaded in this Merger "
-                               f"(loaded: {', '.join(sorted(self.deltas)) or 'none'})")
-            entries.append((e, self.deltas[e.model]))
+                               f"(loaded: {', '.join(sorted(available)) or 'none'})")
+            entries.append((e, True))
         if (method.base_entries_merge and config.base_model is not None
                 and all(e.model != config.base_model for e in config.models)):
             # mergekit makes a named base an input of linear too (weight from the global parameters)
-            entries.insert(0, (ModelEntry(config.base_model, {}), None))
+            entries.insert(0, (ModelEntry(config.base_model, {}), False))
         if len(entries) < method.min_models or (method.max_models and len(entries) > method.max_models):
             raise EvoError(f"merge_method '{method.name}': wrong number of models ({len(entries)})")
-        shared_specs = [p for p in method.params if not p.per_model]
-        model_specs = [p for p in method.params if p.per_model]
+        return MergePlan(config, method, entries)
+
+    def merge_tensor(self, plan: "MergePlan", name: str, base: Tensor, deltas: Mapping[str, Tensor],
+                     out: Tensor, seed: int = 0) -> Tensor:
+        """Merge one tensor: ``base`` and each model's task vector ``deltas[model]`` into ``out``.
+        The resident ``merge`` calls it per tensor; a streaming merge (``merge_to_dir``) calls it
+        with tensors it reads one at a time, so no model is ever held whole."""
+        config, method = plan.config, plan.method
         where = f"merge_method '{method.name}'"
+        t = self._t.get(name)
+        if t is None:
+            t = self._t[name] = layer_t(name, self.num_layers)
+        shared = {p.name: resolve(p, [config.parameters], name, t, where) for p in plan.shared_specs}
+        per_model = [{p.name: resolve(p, [e.parameters, config.parameters], name, t,
+                                      f"{where}, model '{e.model}'") for p in plan.model_specs}
+                     for e, _ in plan.entries]
+        direct = out.dtype == base.dtype
+        target = out if direct else self.scratch.get("result", base.shape, base.dtype)
+        models = [e.model for e, _ in plan.entries]
+        job = TensorJob(
+            name=name, out=target, base=base,
+            deltas=[deltas[e.model] if has_delta else None for e, has_delta in plan.entries],
+            shared=shared, per_model=per_model, scratch=self.scratch,
+            generator=self._generators(seed, name, models),
+            seed=lambda i: tensor_seed(seed, name, models[i]),
+            models=models, has_base=config.base_model is not None,
+            cache=self._cache, resident=self.resident, fused=self.fused,
+        )
         with torch.no_grad():
-            for name, base in self.base.items():
-                t = self._t[name]
-                shared = {p.name: resolve(p, [config.parameters], name, t, where) for p in shared_specs}
-                per_model = [{p.name: resolve(p, [e.parameters, config.parameters], name, t,
-                                              f"{where}, model '{e.model}'") for p in model_specs}
-                             for e, _ in entries]
-                out = self.out[name]
-                direct = out.dtype == base.dtype
-                target = out if direct else self.scratch.get("result", base.shape, base.dtype)
-                job = TensorJob(
-                    name=name, out=target, base=base,
-                    deltas=[None if d is None else d[name] for _, d in entries],
-                    shared=shared, per_model=per_model, scratch=self.scratch,
-                    generator=self._generators(seed, name, [e.model for e, _ in entries]),
-                    models=[e.model for e, _ in entries], has_base=config.base_model is not None,
-                    cache=self._cache, resident=self.resident, fused=self.fused,
-                )
-                method.merge(job)
-                if not direct:
-                    out.copy_(target)
-        return self.out
+            method.merge(job)
+            if not direct:
+                out.copy_(target)
+        return out
 
     def _generators(self, seed: int, name: str, models: list[str]):
         def generator(i: int) -> torch.Generator:
             return torch.Generator(device=self.device).manual_seed(tensor_seed(seed, name, models[i]))
         return generator
+
+
+class MergePlan:
+    """A recipe checked once against the available models: its method and participating entries."""
+
+    def __init__(self, config: MergeConfig, method, entries):
+        self.config, self.method, self.entries = config, method, entries
+        self.shared_specs = [p for p in method.params if not p.per_model]
+        self.model_specs = [p for p in method.params if p.per_model]

@@ -1,11 +1,12 @@
-"""One fused pass for the sign-consensus merges (TIES, DARE-TIES, breadcrumbs-TIES, DELLA).
+"""One fused pass for the task-arithmetic family (TIES, DARE-TIES, breadcrumbs(-TIES), DELLA,
+task arithmetic).
 
 Eagerly, a consensus merge of n models is ~6n+6 elementwise passes over each tensor (scale,
 sign election, agreement masks, weight divisor, base add), each reading and writing a whole
 tensor. ``torch.compile`` (Inductor: a C++/OpenMP loop on CPU, Triton on GPU) fuses them into one
-loop that reads base and each task vector once and writes the output once. The magnitude
-threshold enters as a scalar (``|δ| >= t``, what ``sparsify.magnitude_prune`` keeps), so a
-magnitude-pruned task vector is never materialised either.
+loop that reads base and each task vector once and writes the output once. Magnitude pruning
+enters as two scalars per task vector, a band ``lo <= |δ| <= hi`` (TIES: ``hi`` = no limit;
+breadcrumbs: the outlier cut), so a pruned task vector is never materialised either.
 
 Only resident mergers (evaluators, which merge thousands of candidates) use it: compiling costs
 seconds once per process, more than a one-off ``evo merge`` saves. Results match the eager path
@@ -20,12 +21,33 @@ import os
 import torch
 from torch import Tensor
 
+from evo.merge.sparsify import keep_hash
+
 log = logging.getLogger(__name__)
 
+NO_LIMIT = 3.0e38  # "no upper cut": a finite float, so the compiled kernel sees an ordinary scalar
 
-def _consensus(base: Tensor, xs: list[Tensor], thresholds: list[float], scales: list[float],
-               weights: list[float], lam: float, normalize: bool, out: Tensor) -> None:
-    ys = [torch.where(x.abs() >= t, x, 0.0) * c for x, t, c in zip(xs, thresholds, scales)]
+
+def _band(x: Tensor, lo: float, hi: float, scale: float, key) -> Tensor:
+    """``scale * x`` where ``lo <= |x| <= hi`` and, for DARE (``key`` = (a, b, cut)), where the
+    entry's counter hash falls under ``cut``; 0 elsewhere."""
+    a = x.abs()
+    keep = (a >= lo) & (a <= hi)
+    if key is not None:
+        idx = torch.arange(x.numel(), device=x.device, dtype=torch.int64)
+        keep = keep & (keep_hash(idx, key[0], key[1]) < key[2])
+    return torch.where(keep, x, 0.0) * scale
+
+
+def _kept_l1(x: Tensor, key) -> Tensor:
+    """‖DARE-pruned x‖₁ without the pruned tensor (its L1 rescale factor's denominator)."""
+    idx = torch.arange(x.numel(), device=x.device, dtype=torch.int64)
+    return torch.where(keep_hash(idx, key[0], key[1]) < key[2], x.abs(), 0.0).sum(dtype=torch.float64)
+
+
+def _consensus(base: Tensor, xs: list[Tensor], lows: list[float], highs: list[float], scales: list[float],
+               keys: list, weights: list[float], lam: float, normalize: bool, out: Tensor) -> None:
+    ys = [_band(x, lo, hi, c, k) for x, lo, hi, c, k in zip(xs, lows, highs, scales, keys)]
     total = ys[0]
     for y in ys[1:]:
         total = total + y
@@ -45,29 +67,67 @@ def _consensus(base: Tensor, xs: list[Tensor], thresholds: list[float], scales: 
         out.copy_(base + lam * merged)
 
 
+def _weighted_sum(base: Tensor, xs: list[Tensor], lows: list[float], highs: list[float], scales: list[float],
+                  keys: list, out: Tensor) -> None:
+    acc = _band(xs[0], lows[0], highs[0], scales[0], keys[0])
+    for x, lo, hi, c, k in zip(xs[1:], lows[1:], highs[1:], scales[1:], keys[1:]):
+        acc = acc + _band(x, lo, hi, c, k)
+    out.copy_(base + acc)
+
+
 class FusedConsensus:
-    """Holds the compiled kernel of one merger; falls back to eager (returns False) if unusable."""
+    """The compiled kernels of one merger; each call returns False (caller goes eager) if unusable."""
 
     def __init__(self, enabled: bool | None = None):
         if enabled is None:
             enabled = os.environ.get("EVO_FUSED", "1") != "0"
         self.enabled = enabled
-        self._fn = None
+        self._fns: dict[str, object] = {}
+        self.calls = {"consensus": 0, "sum": 0}  # tensors merged by each kernel (tests, profiling)
 
-    def __call__(self, base: Tensor, xs: list[Tensor], thresholds: list[float], scales: list[float],
-                 weights: list[float], lam: float, normalize: bool, out: Tensor) -> bool:
-        if not self.enabled or not all(t.is_contiguous() for t in (base, out, *xs)) \
-                or any(t.dtype != torch.float32 for t in (base, out, *xs)):
-            return False
-        if self._fn is None:
-            self._fn = torch.compile(_consensus, dynamic=True, fullgraph=True)
-        flat = [x.view(-1) for x in xs]
+    def usable(self, *tensors: Tensor) -> bool:
+        return self.enabled and all(t.is_contiguous() and t.dtype == torch.float32 for t in tensors)
+
+    def __call__(self, base: Tensor, xs: list[Tensor], lows: list[float], highs: list[float], scales: list[float],
+                 keys: list, weights: list[float], lam: float, normalize: bool, out: Tensor) -> bool:
+        """Sign-consensus merge: ``out = base + λ Σ mᵢ cᵢ band(δᵢ) / D``; ``keys[i]`` is None or
+        DARE's (a, b, cut) for task vector i."""
+        return self._run("consensus", _consensus, base, xs, out, lows, highs, scales, keys,
+                         [float(w) for w in weights], float(lam), bool(normalize))
+
+    def weighted_sum(self, base: Tensor, xs: list[Tensor], lows: list[float], highs: list[float],
+                     scales: list[float], keys: list, out: Tensor) -> bool:
+        """Plain sum: ``out = base + Σ cᵢ band(δᵢ)`` (λ and any normaliser folded into ``scales``)."""
+        return self._run("sum", _weighted_sum, base, xs, out, lows, highs, scales, keys)
+
+    def kept_l1(self, x: Tensor, key) -> float | None:
+        """‖DARE-pruned x‖₁ in one compiled reduction, or None (caller goes eager)."""
+        if not self.usable(x):
+            return None
         try:
-            self._fn(base.view(-1), flat, [float(t) for t in thresholds], [float(c) for c in scales],
-                     [float(w) for w in weights], float(lam), bool(normalize), out.view(-1))
+            if "l1" not in self._fns:
+                self._fns["l1"] = torch.compile(_kept_l1, dynamic=True, fullgraph=True)
+            return float(self._fns["l1"](x.view(-1), tuple(int(k) for k in key)))
+        except Exception as exc:
+            self._disable(exc)
+            return None
+
+    def _disable(self, exc: Exception) -> None:
+        log.warning("fused merge kernel unavailable (%s: %s); using the eager path",
+                    type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+        self.enabled = False
+
+    def _run(self, key, fn, base, xs, out, lows, highs, scales, keys, *rest) -> bool:
+        if not self.usable(base, out, *xs):
+            return False
+        if key not in self._fns:
+            self._fns[key] = torch.compile(fn, dynamic=True, fullgraph=True)
+        floats = [[float(v) for v in seq] for seq in (lows, highs, scales)]
+        keys = [None if k is None else tuple(int(v) for v in k) for k in keys]
+        try:
+            self._fns[key](base.view(-1), [x.view(-1) for x in xs], *floats, keys, *rest, out.view(-1))
+            self.calls[key] += 1
         except Exception as exc:  # no compiler, unsupported device: the eager path still works
-            log.warning("fused merge kernel unavailable (%s: %s); using the eager path",
-                        type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
-            self.enabled = False
+            self._disable(exc)
             return False
         return True

@@ -19,7 +19,8 @@ from torch import Tensor
 
 from evo.errors import EvoError
 from evo.merge.config import MergeConfig
-from evo.merge.engine import Merger, _check_same_tensors, task_vectors
+from evo.merge.engine import Merger, _check_same_tensors
+from evo.merge.safetensors_io import SafetensorsWriter, check_finite, open_model_files
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -68,8 +69,7 @@ def load_model_dir(path) -> tuple[dict[str, Tensor], "transformers.PretrainedCon
         except (SafetensorError, OSError) as err:
             raise EvoError(f"{f}: cannot read safetensors ({err})") from None
         for name, t in part.items():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise EvoError(f"{f}: tensor {name} contains NaN or inf")
+            check_finite(t, str(f), name)
         tensors.update(part)
     try:
         config = AutoConfig.from_pretrained(str(path))
@@ -79,7 +79,7 @@ def load_model_dir(path) -> tuple[dict[str, Tensor], "transformers.PretrainedCon
 
 
 def _num_layers(config, tensors) -> int:
-    n = getattr(config, "num_hidden_layers", None)
+    n = config.get("num_hidden_layers") if isinstance(config, dict) else getattr(config, "num_hidden_layers", None)
     if isinstance(n, int) and n > 0:
         return n
     from evo.merge.params import _LAYER_RE
@@ -91,12 +91,13 @@ def merge_to_dir(config: MergeConfig, out_dir, *, resolve: Callable[[str], Path]
                  seed: int = 0) -> Path:
     """Merge ``config`` from model directories into a new HF directory ``out_dir``.
 
-    Writes model.safetensors (in ``config.dtype``; the arithmetic runs in float32), config.json,
-    the tokenizer files of ``tokenizer_source`` (else the base) and generation_config.json when
-    present. Refuses an existing ``out_dir``; on any error nothing is left behind.
+    Streams: every source file is mapped (``safetensors_io``), and each output tensor is merged
+    from the sources' tensors of that name and written before the next is read, so memory holds
+    one tensor per source plus scratch, never a whole model. Writes model.safetensors (in
+    ``config.dtype``; the arithmetic runs in float32), config.json, the tokenizer files of
+    ``tokenizer_source`` (else the base) and generation_config.json when present. Refuses an
+    existing ``out_dir``; on any error nothing is left behind.
     """
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise EvoError(f"{out_dir}: output directory already exists")
@@ -105,29 +106,49 @@ def merge_to_dir(config: MergeConfig, out_dir, *, resolve: Callable[[str], Path]
     # Without a base model (linear, nuslerp) the first model is only the reference the task
     # vectors are taken against; it still gets its own (zero) delta so the recipe is unchanged.
     base_name = config.base_model or config.models[0].model
-    base_dir = resolve(base_name)
-    base, hf_config = load_model_dir(base_dir)
-    base = {n: t.float() if t.is_floating_point() else t for n, t in base.items()}
+    base_dir = Path(resolve(base_name))
+    base = _open_model(base_dir)
+    hf_config = _read_config(base_dir)
     others = {}
     for e in config.models:
-        if e.model != config.base_model:
-            sd = base if e.model == base_name else load_model_dir(resolve(e.model))[0]
-            _check_vocab(base, sd, e.model)
-            others[e.model] = sd
-    for model, sd in others.items():
-        _check_same_tensors(base, sd, model)
-    floats = {n: t for n, t in base.items() if t.is_floating_point()}
-    deltas = task_vectors(floats, {m: {n: sd[n] for n in floats} for m, sd in others.items()})
-    merger = Merger(floats, deltas, num_layers=_num_layers(hf_config, base))
-    merged = merger.merge(config, seed=seed)
-
+        if e.model != config.base_model and e.model not in others:
+            others[e.model] = base if e.model == base_name else _open_model(Path(resolve(e.model)))
+    infos = {n: info for n, (_, info) in base.items()}
+    for model, tensors in others.items():
+        other = {n: info for n, (_, info) in tensors.items()}
+        _check_vocab(infos, other, model)
+        _check_same_tensors(infos, other, model)
+    floats = [n for n, info in infos.items() if info.dtype.is_floating_point]
+    largest = max((infos[n].numel for n in floats), default=1)
+    merger = Merger({}, {}, num_layers=_num_layers(hf_config, infos), largest=largest)
+    plan = merger.plan(config, others)
     dtype = _DTYPES[config.dtype]
+    scratch = merger.scratch
+
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        tensors = {n: (merged[n].to(dtype) if n in merged else t).contiguous() for n, t in base.items()}
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        hf_config.dtype = config.dtype
-        hf_config.save_pretrained(str(tmp))
+        specs = [(n, dtype if n in floats else info.dtype, info.shape) for n, info in infos.items()]
+        with SafetensorsWriter(tmp / "model.safetensors", specs, {"format": "pt"}) as writer:
+            for name, info in infos.items():
+                src, _ = base[name]
+                t = src.tensor(name)
+                check_finite(t, str(src.path), name)
+                if name not in floats:
+                    writer.write(name, t)
+                    continue
+                b = t if t.dtype == torch.float32 else scratch.get("io.base", t.shape).copy_(t)
+                deltas = {}
+                for i, (model, tensors) in enumerate(others.items()):
+                    if tensors is base:
+                        deltas[model] = scratch.get(f"io.delta{i}", t.shape).zero_()
+                        continue
+                    f, _ = tensors[name]
+                    x = f.tensor(name)
+                    check_finite(x, str(f.path), name)
+                    deltas[model] = torch.sub(x, b, out=scratch.get(f"io.delta{i}", t.shape))
+                out = merger.merge_tensor(plan, name, b, deltas, scratch.get("io.out", t.shape), seed)
+                writer.write(name, out if dtype == torch.float32 else out.to(dtype))
+        _write_config(base_dir, tmp, config.dtype)
         tok_dir = resolve(config.tokenizer_source) if config.tokenizer_source else base_dir
         if config.tokenizer_source and not Path(tok_dir).is_dir():
             raise EvoError(f"{tok_dir}: tokenizer_source directory not found")
@@ -141,6 +162,33 @@ def merge_to_dir(config: MergeConfig, out_dir, *, resolve: Callable[[str], Path]
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _open_model(path: Path) -> dict:
+    """name -> (mapped file, tensor info) of an HF model directory, nothing read yet."""
+    if not path.is_dir():
+        raise EvoError(f"{path}: model directory not found")
+    return open_model_files(_weight_files(path))
+
+
+def _read_config(path: Path) -> dict:
+    """config.json as data. transformers' AutoConfig is not needed to merge (and importing it
+    costs seconds); ``evo merge`` copies the base's config with only its dtype changed."""
+    f = path / "config.json"
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as err:
+        raise EvoError(f"{f}: cannot read model config ({str(err).splitlines()[0]})") from None
+    return data
+
+
+def _write_config(base_dir: Path, target: Path, dtype: str) -> None:
+    data = _read_config(base_dir)
+    data.pop("torch_dtype", None)
+    data["dtype"] = dtype
+    (target / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _check_vocab(base: dict, sd: dict, model: str) -> None:

@@ -47,7 +47,8 @@ class TensorJob:
 
     ``deltas[i]`` is θᵢ − θ_base for the i-th participating model entry (None when the entry is
     the base model itself); ``per_model[i]`` its resolved parameters; ``shared`` the resolved
-    global parameters. ``generator(i)`` gives the reproducible RNG for entry i on this tensor.
+    global parameters. ``generator(i)`` gives the reproducible RNG for entry i on this tensor, ``seed(i)`` the
+    integer it is seeded with.
     ``has_base`` is False when the recipe names no base model (``base`` is then only the
     reference the deltas were taken against). ``cached(key, fn)`` memoizes a value that depends
     only on the resident sources (norms, dot products) across merges; ``models[i]`` names entry i
@@ -62,6 +63,7 @@ class TensorJob:
     per_model: list[dict]
     scratch: Scratch
     generator: Callable[[int], torch.Generator]
+    seed: Callable[[int], int] = lambda i: i  # entry i's integer seed on this tensor (counter-based draws)
     models: list[str] = field(default_factory=list)
     has_base: bool = True
     cache: dict = field(default_factory=dict)

@@ -71,8 +71,11 @@ class MagnitudeTable:
     ``k`` mergekit's magnitude pruning uses for density ``j/q``) and how many entries are
     strictly larger. A density on that grid is then a lookup; any other rank needs one pass to
     pull out the ~n/q entries between two knots and a small ``kthvalue``. Memory: 16 bytes per
-    knot; the sort's temporaries are freed at once.
+    knot; the sort's temporaries are freed at once. Off-grid ranks, once answered, are
+    remembered (at most ``MEMO``), so a repeated cut such as breadcrumbs' gamma costs one pass.
     """
+
+    MEMO = 1 << 16  # off-grid ranks remembered (16 bytes each)
 
     def __init__(self, delta: Tensor, q: int = 4096):
         flat = delta.detach().reshape(-1).abs()
@@ -85,6 +88,7 @@ class MagnitudeTable:
         above = n - torch.searchsorted(asc, self.values, right=True)  # entries strictly larger
         self.above = above.to(torch.int64)
         self._index = {int(r): i for i, r in enumerate(ranks.tolist())}
+        self._memo: dict[int, float] = {}  # off-grid ranks already answered
         del asc
 
     def kth_largest(self, k: int, delta: Tensor) -> float:
@@ -92,13 +96,18 @@ class MagnitudeTable:
         i = self._index.get(k)
         if i is not None:
             return self.values[i].item()
+        if k in self._memo:
+            return self._memo[k]
         j = int(torch.searchsorted(self.ranks, torch.tensor(k)))  # ranks[j-1] < k < ranks[j]
         hi, lo = self.values[j - 1].item(), self.values[j].item()
         above = int(self.above[j - 1])                            # entries > hi
         flat = delta.reshape(-1)
         band = flat[(flat.abs() >= lo) & (flat.abs() <= hi)].abs()
         m = k - above                                             # m-th largest inside [lo, hi]
-        return band.kthvalue(band.numel() - m + 1).values.item()
+        value = band.kthvalue(band.numel() - m + 1).values.item()
+        if len(self._memo) < self.MEMO:
+            self._memo[k] = value  # e.g. breadcrumbs' fixed gamma cut: one band pass, then a lookup
+        return value
 
 
 def magnitude_prune(delta: Tensor, density: float, out: Tensor, absbuf: Tensor, flags: Tensor,
@@ -127,16 +136,13 @@ def magnitude_threshold(delta: Tensor, density: float, absbuf: Tensor, flags: Te
     return kth_largest(absbuf.view(-1), k, flags.view(-1))
 
 
-def outlier_prune(delta: Tensor, density: float, gamma: float, out: Tensor, absbuf: Tensor,
-                  flags: Tensor, table: MagnitudeTable | None = None) -> Tensor:
-    """Model Breadcrumbs (mergekit ``magnitude_outliers``): drop the int(gamma·n) largest
-    magnitudes, then the smallest, keeping int(density·n) entries."""
+def outlier_bounds(delta: Tensor, density: float, gamma: float, absbuf: Tensor, flags: Tensor,
+                   table: MagnitudeTable | None = None) -> tuple[float, float]:
+    """The magnitude band ``lo <= |δ| <= hi`` Model Breadcrumbs keeps (0 < density < 1): above
+    the int(gamma·n) largest magnitudes are cut, below the smallest, int(density·n) kept.
+    ``lo`` is 0 when nothing small is dropped, ``hi`` inf when nothing large is."""
     n = delta.numel()
-    if density >= 1:
-        return out.copy_(delta)
     target = int(density * n)
-    if target <= 0:
-        return out.zero_()
     n_top = int(gamma * n)
     n_bot = max(0, n - target - n_top)
     if table is not None:
@@ -148,35 +154,78 @@ def outlier_prune(delta: Tensor, density: float, gamma: float, out: Tensor, absb
 
         def kth(k):
             return kth_largest(flat, k, fl)
-    lo = kth(n - n_bot) if n_bot > 0 else -math.inf
+    lo = kth(n - n_bot) if n_bot > 0 else 0.0
     hi = kth(n - n_bot - target + 1) if n_bot + target < n else math.inf
-    lo_shrink = _below(lo, delta.dtype) if lo > -math.inf else -1.0
-    torch.hardshrink(delta, lo_shrink, out=out)
+    return lo, hi
+
+
+def outlier_prune(delta: Tensor, density: float, gamma: float, out: Tensor, absbuf: Tensor,
+                  flags: Tensor, table: MagnitudeTable | None = None) -> Tensor:
+    """Model Breadcrumbs (mergekit ``magnitude_outliers``): drop the int(gamma·n) largest
+    magnitudes, then the smallest, keeping int(density·n) entries."""
+    if density >= 1:
+        return out.copy_(delta)
+    if int(density * delta.numel()) <= 0:
+        return out.zero_()
+    lo, hi = outlier_bounds(delta, density, gamma, absbuf, flags, table)
+    torch.hardshrink(delta, _below(lo, delta.dtype) if lo > 0 else -1.0, out=out)
     if hi < math.inf:
         out.sub_(torch.hardshrink(delta, hi, out=absbuf))  # absbuf no longer needed
     return out
 
 
-def random_prune(delta: Tensor, density: float, out: Tensor, maskbuf: Tensor, lanes: Tensor,
-                 generator: torch.Generator) -> Tensor:
-    """DARE: keep each entry with probability ``density`` (no 1/p factor; see ``l1_rescale``).
+_M32 = 0xFFFFFFFF
+_HASH_MUL = 0x45D9F3B   # < 2**27, so no product below overflows int64
+KEEP_BITS = 24          # keep probabilities are multiples of 2**-24
+_CHUNK = 1 << 16        # eager hashing works on cache-sized slices
 
-    CPU ``bernoulli_`` draws one 32-bit number per entry (0.28 s for 25M); here one 64-bit draw
-    feeds four 16-bit lanes, so the keep probability is density rounded to a multiple of 2⁻¹⁶.
-    ``lanes`` is an int64 buffer of at least ceil(numel/4) entries; ``maskbuf`` is float.
+
+def dare_key(seed: int) -> tuple[int, int]:
+    """The counter hash's (multiplier, offset) for one (tensor, model) seed; the multiplier is
+    odd, so ``i -> i * a + b (mod 2**32)`` is a permutation of the entry indices."""
+    return (seed & 0x3FFFFFFF) | 1, (seed >> 30) & _M32
+
+
+def keep_hash(idx: Tensor, a: int, b: int) -> Tensor:
+    """A 24-bit hash of each entry index (int64 arithmetic, every product < 2**63).
+
+    Counter-based instead of a generator's stream: entry i's draw depends only on (seed, i), so
+    the compiled kernel (``evo.merge.fused``) computes the very mask this eager path does, inside
+    its one pass, without materialising it.
     """
+    x = (idx * a + b) & _M32
+    x = x ^ (x >> 16)
+    x = (x * _HASH_MUL) & _M32
+    x = x ^ (x >> 16)
+    x = (x * _HASH_MUL) & _M32
+    x = x ^ (x >> 16)
+    return x >> (32 - KEEP_BITS)
+
+
+def keep_cut(density: float) -> int:
+    """Entry i is kept when ``keep_hash(i) < keep_cut(density)``."""
+    return round(min(max(density, 0.0), 1.0) * (1 << KEEP_BITS))
+
+
+def random_prune(delta: Tensor, density: float, out: Tensor, seed: int) -> Tensor:
+    """DARE: keep each entry with probability ``density`` (no 1/p factor; see ``l1_rescale``),
+    drawn by ``keep_hash`` from ``seed``: reproducible, independent of tensor order, and
+    identical in the fused kernel. Hashes cache-sized slices so no index tensor is allocated."""
     n = delta.numel()
     if density >= 1:
         return out.copy_(delta)
     if density <= 0:
         return out.zero_()
-    words = lanes.view(-1)[: (n + 3) // 4]
-    words.random_(-(2**63), 2**63 - 1, generator=generator)
-    lane16 = words.view(torch.int16)[:n].view(delta.shape)
-    cut = round(density * 65536) - 32768
-    maskbuf.copy_(lane16)
-    torch.lt(maskbuf, cut, out=maskbuf)
-    return torch.mul(delta, maskbuf, out=out)
+    if n >= 1 << 32:
+        raise ValueError(f"DARE's counter hash covers tensors up to 2**32 entries, got {n}")
+    a, b = dare_key(seed)
+    cut = keep_cut(density)
+    src, dst = delta.reshape(-1), out.view(-1)
+    for start in range(0, n, _CHUNK):
+        stop = min(n, start + _CHUNK)
+        keep = keep_hash(torch.arange(start, stop, dtype=torch.int64, device=delta.device), a, b) < cut
+        torch.mul(src[start:stop], keep, out=dst[start:stop])
+    return out
 
 
 def della_prune(delta: Tensor, density: float, epsilon: float, out: Tensor,

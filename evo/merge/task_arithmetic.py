@@ -10,6 +10,7 @@ models, mergekit (and this module) by Σ wᵢ mᵢ, and rescales by L1 norm rath
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,6 +19,7 @@ from torch import Tensor
 
 from evo.errors import EvoError
 from evo.merge import sparsify
+from evo.merge.fused import NO_LIMIT
 from evo.merge.method import TensorJob
 from evo.merge.params import ParamSpec
 
@@ -97,8 +99,7 @@ class TaskArithmetic:
         elif self.sparsification == "outliers":
             sparsify.outlier_prune(delta, density, p["gamma"], out, s.get("abs", shape), flags, table)
         elif self.sparsification == "random":
-            sparsify.random_prune(delta, density, out, s.get("mask", shape), s.get("lanes", shape, torch.int64),
-                                  job.generator(i))
+            sparsify.random_prune(delta, density, out, job.seed(i))
         else:
             try:
                 sparsify.della_prune(delta, density, p["epsilon"], out, job.generator(i))
@@ -118,33 +119,64 @@ class TaskArithmetic:
         return job.cached(("magnitude-table", job.models[i]), lambda: sparsify.MagnitudeTable(job.deltas[i]))
 
     def _fused(self, job: TensorJob, weights: list[float], lam: float, normalize: bool) -> bool:
-        """The consensus merge in one compiled pass (resident mergers; see ``evo.merge.fused``)."""
+        """The whole merge in one compiled pass (resident mergers; see ``evo.merge.fused``).
+        Magnitude and outlier pruning become a band per task vector and DARE a counter-hash
+        mask computed in the pass (its L1 rescale one compiled reduction first); DELLA and
+        rescaled magnitude pruning still materialise the pruned vector first."""
         if job.fused is None or any(d is None for d in job.deltas):
             return False
-        xs, thresholds, scales = [], [], []
+        if not job.fused.usable(job.base, job.out, *job.deltas):
+            return False
+        xs, lows, highs, scales, keys = [], [], [], [], []
         s, shape = job.scratch, job.base.shape
         for i, w in enumerate(weights):
-            p = job.per_model[i]
-            density = p["density"]
-            if self.sparsification == "magnitude" and 0 < density < 1 and not job.shared["rescale"]:
-                flags = s.get("flags", (2 * job.deltas[i].numel(),), torch.bool, 2)
-                thr = sparsify.magnitude_threshold(job.deltas[i], density, s.get("abs", shape), flags,
-                                                   self._table(job, i))
-                xs.append(job.deltas[i])
-                thresholds.append(thr)
+            delta, density = job.deltas[i], job.per_model[i]["density"]
+            band, key = None, None
+            if self.sparsification is None or density >= 1:
+                band = (0.0, math.inf)
+            elif self.sparsification == "random" and 0 < density:
+                a, b = sparsify.dare_key(job.seed(i))
+                key = (a, b, sparsify.keep_cut(density))
+                band = (0.0, math.inf)
+                if job.shared["rescale"]:
+                    before = job.cached(("l1", job.models[i]), lambda: torch.linalg.vector_norm(delta, 1).item())
+                    after = job.fused.kept_l1(delta, key)
+                    if after is None:
+                        return False
+                    w = w * (before / after if before >= 1e-7 and after >= 1e-7 else 1.0)
+            elif self.sparsification in ("magnitude", "outliers") and not job.shared["rescale"]:
+                if density <= 0 or int(density * delta.numel()) <= 0:
+                    band = (math.inf, math.inf)  # nothing kept
+                else:
+                    flags = s.get("flags", (2 * delta.numel(),), torch.bool, 2)
+                    if self.sparsification == "magnitude":
+                        band = (sparsify.magnitude_threshold(delta, density, s.get("abs", shape), flags,
+                                                             self._table(job, i)), math.inf)
+                    else:
+                        band = sparsify.outlier_bounds(delta, density, job.per_model[i]["gamma"],
+                                                       s.get("abs", shape), flags, self._table(job, i))
+            if band is not None:
+                xs.append(delta)
                 scales.append(w)
             else:
                 x, factor = self._sparse(job, i, s.get(f"weighted{i}", shape))
                 xs.append(x)
-                thresholds.append(0.0)
+                band = (0.0, math.inf)
                 scales.append(w * factor)
-        return job.fused(job.base, xs, thresholds, scales, weights, lam, normalize, job.out)
+            lows.append(min(band[0], NO_LIMIT))
+            highs.append(min(band[1], NO_LIMIT))
+            keys.append(key)
+        if self.consensus is not None:
+            return job.fused(job.base, xs, lows, highs, scales, keys, weights, lam, normalize, job.out)
+        total = sum(weights) if normalize else 1.0
+        div = 1.0 if abs(total) < 1e-8 else total
+        return job.fused.weighted_sum(job.base, xs, lows, highs, [lam * c / div for c in scales], keys, job.out)
 
     def merge(self, job: TensorJob) -> None:
         lam, normalize = job.shared["lambda"], job.shared["normalize"]
         weights = [p["weight"] for p in job.per_model]
         shape, s = job.base.shape, job.scratch
-        if self.consensus is not None and self._fused(job, weights, lam, normalize):
+        if self._fused(job, weights, lam, normalize):
             return
         if self.consensus is None:
             total = sum(weights) if normalize else 1.0
