@@ -34,14 +34,14 @@ def _band(x: Tensor, lo: float, hi: float, scale: float, key) -> Tensor:
     a = x.abs()
     keep = (a >= lo) & (a <= hi)
     if key is not None:
-        idx = torch.arange(x.numel(), device=x.device, dtype=torch.int64)
+        idx = torch.arange(x.numel(), device=x.device, dtype=torch.int32)
         keep = keep & (keep_hash(idx, key[0], key[1]) < key[2])
     return torch.where(keep, x, 0.0) * scale
 
 
 def _kept_l1(x: Tensor, key) -> Tensor:
     """‖DARE-pruned x‖₁ without the pruned tensor (its L1 rescale factor's denominator)."""
-    idx = torch.arange(x.numel(), device=x.device, dtype=torch.int64)
+    idx = torch.arange(x.numel(), device=x.device, dtype=torch.int32)
     return torch.where(keep_hash(idx, key[0], key[1]) < key[2], x.abs(), 0.0).sum(dtype=torch.float64)
 
 
@@ -107,7 +107,7 @@ class FusedConsensus:
         try:
             if "l1" not in self._fns:
                 self._fns["l1"] = torch.compile(_kept_l1, dynamic=True, fullgraph=True)
-            return float(self._fns["l1"](x.view(-1), tuple(int(k) for k in key)))
+            return float(self._fns["l1"](x.view(-1), _key_tensors(key)))
         except Exception as exc:
             self._disable(exc)
             return None
@@ -123,7 +123,7 @@ class FusedConsensus:
         if key not in self._fns:
             self._fns[key] = torch.compile(fn, dynamic=True, fullgraph=True)
         floats = [[float(v) for v in seq] for seq in (lows, highs, scales)]
-        keys = [None if k is None else tuple(int(v) for v in k) for k in keys]
+        keys = [None if k is None else _key_tensors(k) for k in keys]
         try:
             self._fns[key](base.view(-1), [x.view(-1) for x in xs], *floats, keys, *rest, out.view(-1))
             self.calls[key] += 1
@@ -131,3 +131,9 @@ class FusedConsensus:
             self._disable(exc)
             return False
         return True
+
+
+def _key_tensors(key) -> tuple[Tensor, ...]:
+    """DARE's (a, b, cut) as 0-dim int32 tensors: graph inputs, so a new seed never recompiles
+    and the hash stays in 32-bit arithmetic."""
+    return tuple(torch.tensor(int(v), dtype=torch.int32) for v in key)

@@ -175,31 +175,40 @@ def outlier_prune(delta: Tensor, density: float, gamma: float, out: Tensor, absb
 
 
 _M32 = 0xFFFFFFFF
-_HASH_MUL = 0x45D9F3B   # < 2**27, so no product below overflows int64
+_HASH_MUL = 0x45D9F3B
 KEEP_BITS = 24          # keep probabilities are multiples of 2**-24
 _CHUNK = 1 << 16        # eager hashing works on cache-sized slices
 
 
+def _int32(v: int) -> int:
+    """The signed int32 with the same 32 bits as ``v mod 2**32``."""
+    v &= _M32
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
 def dare_key(seed: int) -> tuple[int, int]:
-    """The counter hash's (multiplier, offset) for one (tensor, model) seed; the multiplier is
-    odd, so ``i -> i * a + b (mod 2**32)`` is a permutation of the entry indices."""
-    return (seed & 0x3FFFFFFF) | 1, (seed >> 30) & _M32
+    """The counter hash's (multiplier, offset) for one (tensor, model) seed, as int32 values; the
+    multiplier is odd, so ``i -> i * a + b (mod 2**32)`` is a permutation of the entry indices."""
+    return (seed & 0x3FFFFFFF) | 1, _int32(seed >> 30)
 
 
-def keep_hash(idx: Tensor, a: int, b: int) -> Tensor:
-    """A 24-bit hash of each entry index (int64 arithmetic, every product < 2**63).
+def keep_hash(idx: Tensor, a, b) -> Tensor:
+    """A 24-bit hash of each int32 entry index: two multiply-xorshift rounds mod 2**32.
 
     Counter-based instead of a generator's stream: entry i's draw depends only on (seed, i), so
     the compiled kernel (``evo.merge.fused``) computes the very mask this eager path does, inside
-    its one pass, without materialising it.
+    its one pass, and every device draws the same. int32 arithmetic wraps mod 2**32 (the shifts
+    are masked to act as logical shifts), which SIMD units do natively: Inductor vectorises it,
+    where an int64 version compiled to scalar code 2.3x slower. ``a``/``b`` are ints or 0-dim
+    int32 tensors (the compiled kernel takes tensors, so a new seed never recompiles).
     """
-    x = (idx * a + b) & _M32
-    x = x ^ (x >> 16)
-    x = (x * _HASH_MUL) & _M32
-    x = x ^ (x >> 16)
-    x = (x * _HASH_MUL) & _M32
-    x = x ^ (x >> 16)
-    return x >> (32 - KEEP_BITS)
+    x = idx * a + b
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _HASH_MUL
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _HASH_MUL
+    x = x ^ ((x >> 16) & 0xFFFF)
+    return (x >> (32 - KEEP_BITS)) & ((1 << KEEP_BITS) - 1)
 
 
 def keep_cut(density: float) -> int:
@@ -216,14 +225,14 @@ def random_prune(delta: Tensor, density: float, out: Tensor, seed: int) -> Tenso
         return out.copy_(delta)
     if density <= 0:
         return out.zero_()
-    if n >= 1 << 32:
-        raise ValueError(f"DARE's counter hash covers tensors up to 2**32 entries, got {n}")
-    a, b = dare_key(seed)
+    if n >= 1 << 31:
+        raise ValueError(f"DARE's counter hash covers tensors up to 2**31 entries, got {n}")
+    a, b = (torch.tensor(v, dtype=torch.int32) for v in dare_key(seed))
     cut = keep_cut(density)
     src, dst = delta.reshape(-1), out.view(-1)
     for start in range(0, n, _CHUNK):
         stop = min(n, start + _CHUNK)
-        keep = keep_hash(torch.arange(start, stop, dtype=torch.int64, device=delta.device), a, b) < cut
+        keep = keep_hash(torch.arange(start, stop, dtype=torch.int32, device=delta.device), a, b) < cut
         torch.mul(src[start:stop], keep, out=dst[start:stop])
     return out
 
