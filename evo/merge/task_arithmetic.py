@@ -129,21 +129,27 @@ class TaskArithmetic:
             return False
         xs, lows, highs, scales, keys = [], [], [], [], []
         s, shape = job.scratch, job.base.shape
+        dare = {}  # entry -> its mask key (a, b, cut)
+        if self.sparsification == "random":
+            dare = {i: (*sparsify.dare_key(job.seed(i)), sparsify.keep_cut(p["density"]))
+                    for i, p in enumerate(job.per_model) if 0 < p["density"] < 1}
+        factors = {}
+        if dare and job.shared["rescale"]:
+            kept = job.fused.kept_l1([job.deltas[i] for i in dare], list(dare.values()))
+            if kept is None:
+                return False
+            for i, after in zip(dare, kept):
+                before = job.cached(("l1", job.models[i]), lambda i=i: torch.linalg.vector_norm(job.deltas[i], 1).item())
+                factors[i] = before / after if before >= 1e-7 and after >= 1e-7 else 1.0
         for i, w in enumerate(weights):
             delta, density = job.deltas[i], job.per_model[i]["density"]
             band, key = None, None
             if self.sparsification is None or density >= 1:
                 band = (0.0, math.inf)
-            elif self.sparsification == "random" and 0 < density:
-                a, b = sparsify.dare_key(job.seed(i))
-                key = (a, b, sparsify.keep_cut(density))
+            elif i in dare:
+                key = dare[i]
                 band = (0.0, math.inf)
-                if job.shared["rescale"]:
-                    before = job.cached(("l1", job.models[i]), lambda: torch.linalg.vector_norm(delta, 1).item())
-                    after = job.fused.kept_l1(delta, key)
-                    if after is None:
-                        return False
-                    w = w * (before / after if before >= 1e-7 and after >= 1e-7 else 1.0)
+                w = w * factors.get(i, 1.0)
             elif self.sparsification in ("magnitude", "outliers") and not job.shared["rescale"]:
                 if density <= 0 or int(density * delta.numel()) <= 0:
                     band = (math.inf, math.inf)  # nothing kept
