@@ -101,6 +101,26 @@ def write_model_dir(path: Path, sd, dims) -> None:
                 architectures=["LlamaForCausalLM"]).save_pretrained(path)
 
 
+def tied_entries(gaps, deltas, density=RECIPE_PARAMS["density"]) -> int:
+    """How many differing entries sit exactly on some source's magnitude threshold that more than
+    one entry shares: TIES output entry i depends only on the sources' entry i, so such an entry
+    differs only because evo keeps every tied magnitude and mergekit's argsort an arbitrary subset."""
+    count = 0
+    for name, gap in gaps.items():
+        idx = (gap > 1e-6).reshape(-1).nonzero().flatten()
+        if not len(idx):
+            continue
+        tied = torch.zeros(len(idx), dtype=torch.bool)
+        for d in deltas.values():
+            mag = d[name].reshape(-1).abs()
+            k = max(1, int(density * mag.numel()))
+            thr = mag.kthvalue(mag.numel() - k + 1).values
+            if int((mag == thr).sum()) > 1:
+                tied |= mag[idx] == thr
+        count += int(tied.sum())
+    return count
+
+
 def end_to_end(methods, dims, base, deltas) -> list[str]:
     from safetensors.torch import load_file
 
@@ -143,8 +163,11 @@ def end_to_end(methods, dims, base, deltas) -> list[str]:
             # shows as a handful of entries; a semantic difference as a whole tensor
             apart = sum(int((g > 1e-6).sum()) for g in gaps.values())
             total = sum(g.numel() for g in gaps.values())
+            note = ""
+            if method == "ties" and apart:
+                note = f" ({tied_entries(gaps, deltas)} on a tied threshold)"
             rows.append(f"| {method} | {t_evo:.2f} | {t_mk:.2f} | {t_mk / t_evo:.1f}x | {diff:.1e} | "
-                        f"{apart} of {total:,} |")
+                        f"{apart} of {total:,}{note} |")
     return rows
 
 
