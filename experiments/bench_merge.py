@@ -101,7 +101,7 @@ def write_model_dir(path: Path, sd, dims) -> None:
                 architectures=["LlamaForCausalLM"]).save_pretrained(path)
 
 
-def tied_entries(gaps, deltas, density=RECIPE_PARAMS["density"]) -> int:
+def tied_entries(gaps, base, deltas, density=RECIPE_PARAMS["density"]) -> int:
     """How many differing entries sit exactly on some source's magnitude threshold that more than
     one entry shares: TIES output entry i depends only on the sources' entry i, so such an entry
     differs only because evo keeps every tied magnitude and mergekit's argsort an arbitrary subset."""
@@ -112,7 +112,8 @@ def tied_entries(gaps, deltas, density=RECIPE_PARAMS["density"]) -> int:
             continue
         tied = torch.zeros(len(idx), dtype=torch.bool)
         for d in deltas.values():
-            mag = d[name].reshape(-1).abs()
+            # the task vector as evo and mergekit see it: (base + d) - base, rounded like the files
+            mag = ((base[name] + d[name]) - base[name]).reshape(-1).abs()
             k = max(1, int(density * mag.numel()))
             thr = mag.kthvalue(mag.numel() - k + 1).values
             if int((mag == thr).sum()) > 1:
@@ -165,7 +166,7 @@ def end_to_end(methods, dims, base, deltas) -> list[str]:
             total = sum(g.numel() for g in gaps.values())
             note = ""
             if method == "ties" and apart:
-                note = f" ({tied_entries(gaps, deltas)} on a tied threshold)"
+                note = f" ({tied_entries(gaps, base, deltas)} on a tied threshold)"
             rows.append(f"| {method} | {t_evo:.2f} | {t_mk:.2f} | {t_mk / t_evo:.1f}x | {diff:.1e} | "
                         f"{apart} of {total:,}{note} |")
     return rows
