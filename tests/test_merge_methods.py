@@ -201,3 +201,17 @@ def test_resident_merger_matches_the_one_off_merge(method, extra):
         assert resident.fused.enabled, "the fused kernel fell back to eager although a C++ compiler is present"
         kernel = "sum" if method in ("task_arithmetic", "breadcrumbs") else "consensus"
         assert resident.fused.calls[kernel] == 2 * len(shapes)  # every tensor, both merges, in one pass
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+def test_resident_merger_matches_at_tiny_densities(method):
+    """int(density·n) = 0: magnitude pruning still keeps the largest entry, breadcrumbs keeps none."""
+    g = torch.Generator().manual_seed(1)
+    base = {"model.norm.weight": torch.randn(64, generator=g)}
+    deltas = {m: {"model.norm.weight": torch.randn(64, generator=g)} for m in "ab"}
+    cfg = MergeConfig.from_dict({"merge_method": method, "base_model": "base",
+                                 "models": [{"model": m, "parameters": {"weight": 1.0, "density": 0.01}} for m in "ab"]})
+    one_off = Merger(base, deltas, num_layers=1).merge(cfg)["model.norm.weight"].clone()
+    resident = Merger(base, deltas, num_layers=1, resident=True).merge(cfg)["model.norm.weight"]
+    torch.testing.assert_close(resident, one_off, rtol=1e-6, atol=1e-6)
+    assert (one_off != base["model.norm.weight"]).any() == (method == "ties")

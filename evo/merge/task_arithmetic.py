@@ -151,8 +151,9 @@ class TaskArithmetic:
                 band = (0.0, math.inf)
                 w = w * factors.get(i, 1.0)
             elif self.sparsification in ("magnitude", "outliers") and not job.shared["rescale"]:
-                if density <= 0 or int(density * delta.numel()) <= 0:
-                    band = (math.inf, math.inf)  # nothing kept
+                # nothing kept (magnitude pruning keeps max(1, int(d·n)) entries once d > 0)
+                if density <= 0 or (self.sparsification == "outliers" and int(density * delta.numel()) <= 0):
+                    band = (math.inf, math.inf)
                 else:
                     flags = s.get("flags", (2 * delta.numel(),), torch.bool, 2)
                     if self.sparsification == "magnitude":
