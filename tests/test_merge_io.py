@@ -211,13 +211,16 @@ def test_streaming_reads_bfloat16_and_sharded_sources(zoo, tmp_path):
         assert torch.equal(got[name], t), name
 
 
-@pytest.mark.parametrize("damage", ["truncate", "header"])
+@pytest.mark.parametrize("damage", ["truncate", "header", "array"])
 def test_corrupt_safetensors_is_one_line_error(zoo, tmp_path, damage):
     bad = tmp_path / "bad"
     shutil.copytree(zoo / "a", bad)
     f = bad / "model.safetensors"
     data = f.read_bytes()
-    f.write_bytes(data[: len(data) // 2] if damage == "truncate" else data[:8] + b"{not json" + data[17:])
+    if damage == "array":  # valid JSON, not a header object
+        f.write_bytes((8).to_bytes(8, "little") + b"[1, 2]  ")
+    else:
+        f.write_bytes(data[: len(data) // 2] if damage == "truncate" else data[:8] + b"{not json" + data[17:])
     with pytest.raises(EvoError) as exc:
         merge_to_dir(_ties(a="bad"), tmp_path / "o", resolve=lambda n: zoo / n if n != "bad" else bad)
     msg = str(exc.value)

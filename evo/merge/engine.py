@@ -101,9 +101,9 @@ class Merger:
         self.resident = resident
         self.fused = None
         if resident:
-            from evo.merge.fused import FusedConsensus
+            from evo.merge.fused import FusedKernels
 
-            self.fused = FusedConsensus()
+            self.fused = FusedKernels()
 
     def set_delta(self, model: str, delta: Mapping[str, Tensor]) -> None:
         """Add or replace one source's task vector (the continual loop's current release)."""

@@ -1,12 +1,13 @@
-"""One fused pass for the task-arithmetic family (TIES, DARE-TIES, breadcrumbs(-TIES), DELLA,
-task arithmetic).
+"""One fused pass for the task-arithmetic family (TIES, DARE, breadcrumbs, DELLA).
 
 Eagerly, a consensus merge of n models is ~6n+6 elementwise passes over each tensor (scale,
 sign election, agreement masks, weight divisor, base add), each reading and writing a whole
 tensor. ``torch.compile`` (Inductor: a C++/OpenMP loop on CPU, Triton on GPU) fuses them into one
 loop that reads base and each task vector once and writes the output once. Magnitude pruning
 enters as two scalars per task vector, a band ``lo <= |δ| <= hi`` (TIES: ``hi`` = no limit;
-breadcrumbs: the outlier cut), so a pruned task vector is never materialised either.
+breadcrumbs: the outlier cut), and DARE's mask as its counter-hash key, so a pruned task vector
+is never materialised either. Sign-consensus methods use ``_consensus``; breadcrumbs and
+dare_linear the plain ``_weighted_sum`` (plain task arithmetic stays eager: nothing to fuse).
 
 Only resident mergers (evaluators, which merge thousands of candidates) use it: compiling costs
 seconds once per process, more than a one-off ``evo merge`` saves. Results match the eager path
@@ -77,7 +78,7 @@ def _weighted_sum(base: Tensor, xs: list[Tensor], lows: list[float], highs: list
     out.copy_(base + acc)
 
 
-class FusedConsensus:
+class FusedKernels:
     """The compiled kernels of one merger; each call returns False (caller goes eager) if unusable."""
 
     def __init__(self, enabled: bool | None = None):

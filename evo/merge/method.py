@@ -68,7 +68,7 @@ class TensorJob:
     has_base: bool = True
     cache: dict = field(default_factory=dict)
     resident: bool = False  # the sources stay for many merges: per-source statistics pay off
-    fused: Optional[Callable] = None  # evo.merge.fused.FusedConsensus of a resident merger
+    fused: Optional[Callable] = None  # evo.merge.fused.FusedKernels of a resident merger
 
     def cached(self, key: tuple, fn: Callable[[], object]):
         full = (self.name, *key)

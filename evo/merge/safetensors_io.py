@@ -59,10 +59,12 @@ class SafetensorsFile:
                 if n > min(_MAX_HEADER, size - 8):
                     raise ValueError(f"header length {n} exceeds the file")
                 header = json.loads(fh.read(n))
+                if not isinstance(header, dict) or not all(isinstance(v, dict) for v in header.values()):
+                    raise ValueError("header is not a JSON object of tensor entries")
                 self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else None
         except (OSError, ValueError, UnicodeDecodeError) as err:
             raise EvoError(f"{self.path}: cannot read safetensors ({err})") from None
-        self.metadata = header.pop("__metadata__", None) or {}
+        header.pop("__metadata__", None)
         self.tensors: dict[str, TensorInfo] = {}
         data = 8 + n
         for name, spec in header.items():

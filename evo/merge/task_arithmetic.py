@@ -99,7 +99,10 @@ class TaskArithmetic:
         elif self.sparsification == "outliers":
             sparsify.outlier_prune(delta, density, p["gamma"], out, s.get("abs", shape), flags, table)
         elif self.sparsification == "random":
-            sparsify.random_prune(delta, density, out, job.seed(i))
+            try:
+                sparsify.random_prune(delta, density, out, job.seed(i))
+            except ValueError as err:
+                raise EvoError(f"{self.name}: tensor {job.name}: {err}") from None
         else:
             try:
                 sparsify.della_prune(delta, density, p["epsilon"], out, job.generator(i))
@@ -175,6 +178,8 @@ class TaskArithmetic:
             keys.append(key)
         if self.consensus is not None:
             return job.fused(job.base, xs, lows, highs, scales, keys, weights, lam, normalize, job.out)
+        if all(k is None for k in keys) and all(lo == 0.0 and hi == NO_LIMIT for lo, hi in zip(lows, highs)):
+            return False  # a plain weighted sum: the eager adds already stream (no compile worth paying)
         total = sum(weights) if normalize else 1.0
         div = 1.0 if abs(total) < 1e-8 else total
         return job.fused.weighted_sum(job.base, xs, lows, highs, [lam * c / div for c in scales], keys, job.out)
