@@ -68,7 +68,8 @@ class ContinualLoop:
         # the zoo's own training text is the oldest rehearsal stratum (never evaluation text)
         from evo.sources import train_blocks
 
-        prior_train = train_blocks(cfg, tokenizer) if cfg.eval.train_sets and st.train_replay > 0 else None
+        self.rehearses = st.train_replay > 0 or "lora.rehearsal" in self.space.spec.genes
+        prior_train = train_blocks(cfg, tokenizer) if cfg.eval.train_sets and self.rehearses else None
         self.prior_train = None if prior_train is None else _sample(
             prior_train, st.replay_train_blocks, np.random.default_rng([cfg.seed, 7]))
         # the static evaluation sets are the oldest data: they feed the replay sample
@@ -235,24 +236,29 @@ class ContinualLoop:
         if not self.quiet:
             print(f"\ndata version {window.version} (shard {st['shard']}): {len(newest)} held-out, "
                   f"{n_replay} replay ({len(replay)} strata) and {len(train)} training blocks "
-                  f"({rehearsal} of them rehearsal from older data); "
+                  f"(+{rehearsal} older ones to rehearse); "
                   f"release slot: {st['release'] or 'base'}")
         return True
 
-    def _training_blocks(self, window, rng) -> np.ndarray:
-        """The newest training split plus a ``stream.train_replay`` share of rehearsal blocks,
-        equally from each older version and the zoo's training text (never held-out text)."""
+    def _training_blocks(self, window, rng):
+        """The newest training split, plus older blocks to rehearse: an equal number from each
+        older version's training split and the zoo's training text (never held-out text).
+
+        Each LoRA batch draws a share of its blocks from the rehearsal pool: the recipe's
+        ``lora.rehearsal`` gene where the search space has one, else ``stream.train_replay``.
+        """
+        from evo.lora import TrainingData
+
         cfg = self.cfg
-        r = cfg.stream.train_replay
+        newest = _sample(window.train, cfg.eval.train_blocks, rng)
         older = [b for b in (self.stream.train_sample(v) for v in window.versions[:-1]) if len(b)]
         if self.prior_train is not None and len(self.prior_train):
             older.append(self.prior_train)
-        if r <= 0 or not older:
-            return _sample(window.train, cfg.eval.train_blocks, rng), 0
-        newest = _sample(window.train, max(1, int(round(cfg.eval.train_blocks * (1 - r)))), rng)
-        each = max(1, int(round(len(newest) * r / (1 - r))) // len(older))
-        parts = [_sample(b, each, rng) for b in older]
-        return np.concatenate([newest, *parts]), sum(len(b) for b in parts)
+        if not older or not self.rehearses:
+            return TrainingData(newest, None, cfg.stream.train_replay), 0
+        each = cfg.stream.replay_train_blocks
+        rehearsal = np.concatenate([_resample(b, each, rng) for b in older])
+        return TrainingData(newest, rehearsal, cfg.stream.train_replay), len(rehearsal)
 
     def _release_delta(self) -> dict[str, np.ndarray]:
         base = self.sources.base
@@ -442,6 +448,15 @@ def _sample(blocks: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     if len(blocks) <= k:
         return blocks
     return blocks[np.sort(rng.choice(len(blocks), size=k, replace=False))]
+
+
+def _resample(blocks: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Exactly ``k`` blocks: a seeded sample, repeating blocks only when there are fewer than ``k``
+    (so every rehearsal stratum weighs the same in a batch, however small it is)."""
+    if len(blocks) >= k:
+        return _sample(blocks, k, rng)
+    extra = blocks[rng.choice(len(blocks), size=k - len(blocks), replace=True)]
+    return np.concatenate([blocks, extra])
 
 
 def run_stream(cfg: ExperimentConfig, store: RunStore, *, quiet: bool = False, follow: bool = False):

@@ -90,7 +90,7 @@ class Evaluator:
         )
         self.tasks = dict(tasks or {})
         self.task_items = dict(task_items or {})  # search ("valid") scores these items; other collections all
-        self.train = None if train is None else torch.from_numpy(np.array(train, dtype=np.int64))
+        self.train = _training_data(train)
         self.early_rejection = early_rejection or {"chunks": 4, "z": 3.0, "margin": 0.0}
         self.eval_sets = {
             coll: {name: torch.from_numpy(np.array(blocks, dtype=np.int64)) for name, blocks in sets.items()}
@@ -108,7 +108,7 @@ class Evaluator:
                 for coll, sets in eval_sets.items()
             }
         if train is not None:
-            self.train = torch.from_numpy(np.array(train, dtype=np.int64)) if len(train) else None
+            self.train = _training_data(train)
         for model, delta in (deltas or {}).items():
             self.merger.set_delta(model, from_numpy(delta))
         self.epoch = epoch
@@ -234,6 +234,15 @@ class Evaluator:
                 if mean - er["z"] * se > threshold + er["margin"]:
                     return metrics, seen / total, True, done
         return metrics, 1.0, False, done
+
+
+def _training_data(train):
+    """LoRA training blocks as int64 tensors (a bare array, or newest + rehearsal); None if empty."""
+    from evo.lora import TrainingData
+
+    if train is None or not len(train.newest if isinstance(train, TrainingData) else train):
+        return None
+    return TrainingData.of(train)
 
 
 def _peak_rss_mb() -> int:

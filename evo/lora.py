@@ -15,6 +15,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,6 +43,9 @@ class LoraGenes:
     lr: float = 1e-3
     steps: int = 20
     batch_size: int = 8
+    # share of each batch drawn from older data (rehearsal against forgetting); None: the
+    # training data's own default (``stream.train_replay``); inert where there is no older data
+    rehearsal: float | None = None
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "lora") -> "LoraGenes":
@@ -65,6 +69,10 @@ class LoraGenes:
             out[name] = _number(kw[name], kind, f"{source}.{name}")
             if not ok(out[name]):
                 raise EvoError(f"{source}.{name}: must be {rule}, got {kw[name]!r}")
+        if kw["rehearsal"] is not None:
+            out["rehearsal"] = _number(kw["rehearsal"], float, f"{source}.rehearsal")
+            if not 0 <= out["rehearsal"] < 1:
+                raise EvoError(f"{source}.rehearsal: must be in [0, 1), got {kw['rehearsal']!r}")
         target = kw["target_modules"]
         if target not in TARGET_PRESETS:
             raise EvoError(f"{source}.target_modules: unknown preset {target!r} (expected one of {', '.join(TARGET_PRESETS)})")
@@ -90,6 +98,38 @@ def _number(value, kind, where):
     return float(value)
 
 
+@dataclass(frozen=True)
+class TrainingData:
+    """What a LoRA gene set trains on: the newest data and, optionally, older blocks to rehearse.
+
+    ``newest`` and ``rehearsal`` are ``[n, seq_len]`` token blocks (numpy or torch; rehearsal
+    blocks come from older training splits, never from held-out text). ``share`` is the share of
+    each batch drawn from ``rehearsal`` for recipes whose genes do not set ``lora.rehearsal``.
+    """
+
+    newest: Any
+    rehearsal: Any = None
+    share: float = 0.0
+
+    @classmethod
+    def of(cls, data) -> "TrainingData":
+        """``data`` as int64 torch blocks (a bare array is newest data, nothing to rehearse)."""
+        if not isinstance(data, TrainingData):
+            data = TrainingData(data)
+        rehearsal = None if data.rehearsal is None or not len(data.rehearsal) else _blocks(data.rehearsal, "rehearsal")
+        return cls(_blocks(data.newest, "train_blocks"), rehearsal, float(data.share))
+
+    def __len__(self) -> int:
+        return len(self.newest)
+
+
+def _blocks(data, what: str) -> torch.Tensor:
+    blocks = data if torch.is_tensor(data) else torch.from_numpy(np.ascontiguousarray(data))
+    if blocks.ndim != 2 or blocks.shape[0] == 0 or blocks.shape[1] < 2:
+        raise EvoError(f"fit_lora: {what} must be [n >= 1, seq_len >= 2], got shape {tuple(blocks.shape)}")
+    return blocks.long()
+
+
 def lora_config(genes: LoraGenes):
     """The peft ``LoraConfig`` of ``genes``."""
     from peft import LoraConfig
@@ -102,26 +142,28 @@ def fit_lora(model, train_blocks, genes: LoraGenes, *, seed: int, device="cpu"):
     """Wrap ``model`` (a HF causal LM, already on ``device``) with LoRA and train it.
 
     ``genes.steps`` AdamW steps on batches of ``genes.batch_size`` blocks drawn with replacement
-    from ``train_blocks`` ([n, seq_len] int64, numpy or torch) by a ``torch.Generator(seed)``;
-    the adapter's initialisation and dropout use the same seed inside a forked RNG, so the same
-    seed gives identical adapter weights and the global RNG is left as it was.
+    by a ``torch.Generator(seed)``; with rehearsal, each slot of a batch is an older block with
+    probability ``genes.rehearsal`` (or the data's default share). The adapter's initialisation
+    and dropout use the same seed inside a forked RNG, so the same seed gives identical adapter
+    weights and the global RNG is left as it was.
 
     Args:
         model: the resident model; modified in place (LoRA layers injected) until :func:`unload`.
-        train_blocks: token blocks to train on.
-        genes: rank, alpha, dropout, target modules, learning rate, steps, batch size.
+        train_blocks: token blocks to train on ([n, seq_len], numpy or torch), or a
+            :class:`TrainingData` with older blocks to rehearse.
+        genes: rank, alpha, dropout, target modules, learning rate, steps, batch size, rehearsal.
         seed: drives initialisation, dropout and batch order.
     Returns:
         ``(peft_model, stats)``; ``stats`` has ``loss_start``, ``loss_end`` (mean of the first and
-        last up-to-5 steps), ``steps``, ``trainable_params`` and ``seconds``. On an error the
+        last up-to-5 steps), ``steps``, ``trainable_params``, ``rehearsal_share`` (the share
+        used; 0 without older blocks) and ``seconds``. On an error the
         LoRA layers are removed again before it propagates.
     """
     from peft import get_peft_model
 
-    blocks = torch.as_tensor(np.asarray(train_blocks) if not torch.is_tensor(train_blocks) else train_blocks)
-    if blocks.ndim != 2 or blocks.shape[0] == 0 or blocks.shape[1] < 2:
-        raise EvoError(f"fit_lora: train_blocks must be [n >= 1, seq_len >= 2], got shape {tuple(blocks.shape)}")
-    blocks = blocks.long()
+    data = TrainingData.of(train_blocks)
+    share = data.share if genes.rehearsal is None else genes.rehearsal
+    share = share if data.rehearsal is not None else 0.0
     t0 = time.perf_counter()
     device = torch.device(device)
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -133,7 +175,7 @@ def fit_lora(model, train_blocks, genes: LoraGenes, *, seed: int, device="cpu"):
         peft_model._evo_restore = (requires_grad, was_training)  # read back by unload()
         try:
             peft_model.to(device)
-            losses = _train(peft_model, blocks, genes, seed, device)
+            losses = _train(peft_model, data, share, genes, seed, device)
         except BaseException:
             unload(peft_model)
             raise
@@ -144,20 +186,25 @@ def fit_lora(model, train_blocks, genes: LoraGenes, *, seed: int, device="cpu"):
         "loss_end": float(np.mean(losses[-k:])),
         "steps": len(losses),
         "trainable_params": sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
+        "rehearsal_share": float(share),
         "seconds": time.perf_counter() - t0,
     }
     return peft_model, stats
 
 
-def _train(peft_model, blocks: torch.Tensor, genes: LoraGenes, seed: int, device) -> list[float]:
+def _train(peft_model, data: TrainingData, share: float, genes: LoraGenes, seed: int, device) -> list[float]:
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=genes.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     peft_model.train()
     losses = []
+    blocks, older, bs = data.newest, data.rehearsal, genes.batch_size
     for step in range(genes.steps):
-        idx = torch.randint(blocks.shape[0], (genes.batch_size,), generator=gen)
-        batch = blocks[idx].to(device)
+        batch = blocks[torch.randint(blocks.shape[0], (bs,), generator=gen)]
+        if share > 0:  # draws only with rehearsal, so a share of 0 keeps the plain batch order
+            pick = torch.rand(bs, generator=gen) < share
+            batch = torch.where(pick[:, None], older[torch.randint(older.shape[0], (bs,), generator=gen)], batch)
+        batch = batch.to(device)
         loss = peft_model(input_ids=batch, labels=batch).loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"LoRA fit: non-finite loss at step {step} (lr {genes.lr:g})")

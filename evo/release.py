@@ -172,15 +172,13 @@ def _materialise(recipe: Recipe, paths: dict[str, str], target: Path) -> None:
 
 def _apply_lora(recipe: Recipe, train, target: Path, mode: str) -> None:
     """Re-fit the recipe's LoRA on the merged model exactly as the evaluator did (same seed, data)."""
-    import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
     from evo.lora import LoraGenes, fit_lora, merged_state_dict, save_adapter
 
     model = AutoModelForCausalLM.from_pretrained(target, trust_remote_code=False)
-    peft_model, _ = fit_lora(model, torch.from_numpy(np.asarray(train, dtype=np.int64)),
-                             LoraGenes.from_dict(recipe.lora), seed=recipe.seed)
+    peft_model, _ = fit_lora(model, train, LoraGenes.from_dict(recipe.lora), seed=recipe.seed)
     if mode == "adapter":
         save_adapter(peft_model, target / "adapter")
         return

@@ -49,7 +49,8 @@ def stream_config(zoo, space, folder, **over):
         "zoo": str(zoo.root), "search_space": str(space), "seed": 3,
         "eval": {"seq_len": 32, "max_blocks": 4, "batch_size": 4, "train_blocks": 16},
         "optimizer": {"name": "ga", "population": 4, "options": {"elites": 1}},
-        "stream": {"folder": str(folder), "generations": 1, "replay_blocks": 6, "heldout_frac": 0.2, "poll_s": 0.3},
+        "stream": {"folder": str(folder), "generations": 1, "replay_blocks": 6, "heldout_frac": 0.2, "poll_s": 0.3,
+                   "replay_train_blocks": 24},
         "release": {"tolerance": 10.0},
         "ray": {"evaluators": 2, "cpus_per_evaluator": 0.5, "candidate_timeout_s": 120},
     }
@@ -98,10 +99,13 @@ def test_each_new_shard_reevaluates_elites_adapts_and_releases(micro_zoo, ray_se
     # LoRA genes trained on the newest data: every fresh candidate reports its fit
     fresh = [c for c in store.candidates() if c["data_version"] == second and not c["cached"] and c.get("lora")]
     assert fresh and all(c["lora"]["steps"] >= 3 for c in fresh)
-    # LoRA rehearses older text: a quarter of the training blocks come from the zoo's train split
-    # (and, for the second version, from the first version's training split)
+    # LoRA rehearses older text: an equal number of blocks from the zoo's train split and, for the
+    # second version, the first version's training split; each candidate's rehearsal gene sets the
+    # share of its batches drawn from them
     installed = [e for e in events if e["event"] == "version_installed"]
-    assert all(0 < e["rehearsal_blocks"] < e["train_blocks"] for e in installed)
+    assert [e["rehearsal_blocks"] for e in installed] == [24, 48]
+    assert all(c["lora"]["rehearsal_share"] == pytest.approx(c["recipe"]["lora"]["rehearsal"]) for c in fresh)
+    assert len({round(c["lora"]["rehearsal_share"], 6) for c in fresh}) > 1
     # retention is measured per older stratum: the zoo's sets (prior) and the first version
     first_version = result.versions[0]["version"]
     assert {"logppl/newest", "logppl/replay:prior", f"logppl/replay:{first_version}"} == set(fresh[0]["metrics"])
