@@ -142,6 +142,12 @@ class ReleaseConfig:
     run, on every older data version separately). The first release has nothing shipped to
     guard: it is the best weighted sum of the objectives (their declared weights), released if
     that beats the base's.
+
+    ``guard: anchored`` (default) holds each older version to ``tolerance`` against its
+    *anchor*, the release that was current when that version was first guarded, rather than
+    against the current release alone: the drift of every release since is summed (each step
+    paired on the same blocks), so many small losses cannot add up to forgetting. ``current``
+    compares with the current release only.
     """
 
     auto: bool = True
@@ -150,6 +156,7 @@ class ReleaseConfig:
     tolerance: float = 0.02
     min_improvement: float = 0.0
     lora: str = "merged"            # or "adapter"
+    guard: str = "anchored"         # or "current"
 
 
 STREAM_SETS = ("newest", "replay")
@@ -274,6 +281,8 @@ class ExperimentConfig:
             raise EvoError(f"{where}: release.lora: must be 'merged' or 'adapter', got {rel.lora!r}")
         if rel.tolerance < 0:
             raise EvoError(f"{where}: release.tolerance: must be >= 0")
+        if rel.guard not in ("anchored", "current"):
+            raise EvoError(f"{where}: release.guard: must be 'anchored' or 'current', got {rel.guard!r}")
         if not self.streaming:
             return
         if rel.lora != "merged":

@@ -325,79 +325,32 @@ class ContinualLoop:
 
     def _release(self) -> None:
         """Apply the release rule to every candidate evaluated on this version; export if met."""
+        from evo.release_rule import decide
+
         cfg, st = self.cfg, self.state
-        objective, retention = cfg.release_objectives()
-        names = self.objective_names
-        oi = names.index(objective)
-        ri = names.index(retention) if retention else None
-        sign = {o.name: (1.0 if o.goal == "minimize" else -1.0) for o in cfg.objectives}
         ref = (st.get("reference") or {}).get("values")
         ref_metrics = self.cache[st["reference"]["key"]].get("metrics", {}) if st.get("reference") else {}
-        strata = [k for k in ref_metrics if k.startswith("logppl/replay:")]
-        per_stratum = bool(strata) and retention is not None and \
-            next(o for o in cfg.objectives if o.name == retention).sets == ["replay"]
-        first = not st["release"]
-        weights = [o.weight * sign[o.name] for o in cfg.objectives]
-
-        def weighted(values):  # lower is better
-            return float(np.dot(weights, values))
-
-        best, best_loss = None, np.inf
-        for c in self.store.candidates():
-            if c.get("data_version") != self.data_key or c.get("status") != "ok" or not c.get("values"):
-                continue
-            if c.get("reference"):
-                continue
-            v = c["values"]
-            if first:  # nothing shipped to guard against: the best trade-off by the declared weights
-                if weighted(v) < best_loss:
-                    best, best_loss = c, weighted(v)
-                continue
-            if ri is not None and ref is not None and st["release"]:
-                if per_stratum:  # every older version (and the prior) on its own
-                    worst = max(c["metrics"][k] - ref_metrics[k] for k in strata)
-                else:
-                    worst = sign[retention] * (v[ri] - ref[ri])
-                if worst > cfg.release.tolerance:
-                    continue  # forgets too much against the current release
-            loss = sign[objective] * v[oi]
-            if loss < best_loss:
-                best, best_loss = c, loss
-        if retention and st["release"]:
-            what = f"log-perplexity on every older version (and the prior)" if per_stratum else retention
-            rule = (f"best {objective} among candidates whose {what} is within {cfg.release.tolerance} of "
-                    f"the current release's, improving {objective} by more than {cfg.release.min_improvement}")
-        elif first:
-            rule = ("first release: best weighted sum of the objectives ("
-                    + " + ".join(f"{o.weight:g}·{o.name}" for o in cfg.objectives)
-                    + f"), improving on the base's by more than {cfg.release.min_improvement}")
-        else:
-            rule = f"best {objective}, improving on the current release's by more than {cfg.release.min_improvement}"
+        candidates = [c for c in self.store.candidates()
+                      if c.get("data_version") == self.data_key and c.get("status") == "ok" and c.get("values")
+                      and not c.get("reference")]
+        anchored = cfg.release.guard == "anchored"
+        d = decide(cfg, candidates, ref, ref_metrics, first=not st["release"], drift=st.get("drift"))
         entry = {"version": st["version"], "shard": st["shard"], "released": False, "release": st["release"],
-                 "reference": ref, "rule": rule}
-        if best is None:
-            entry["decision"] = "no candidate passed the retention guard" if ri is not None else "no successful candidate"
-        elif first and ref is not None and not (weighted(ref) - best_loss > cfg.release.min_improvement):
-            entry["decision"] = f"best weighted sum {best_loss:.4f} does not improve on the base's {weighted(ref):.4f}"
-            entry["candidate"] = best["candidate"]
-        elif not first and ref is not None and \
-                not (sign[objective] * (ref[oi] - best["values"][oi]) > cfg.release.min_improvement):
-            entry["decision"] = f"best {objective} {best['values'][oi]:.4f} does not improve on {ref[oi]:.4f}"
-            entry["candidate"] = best["candidate"]
-        elif not cfg.release.auto:
-            entry["decision"] = "rule met; release.auto is off"
-            entry["candidate"] = best["candidate"]
-        else:
-            out = self._export(best, rule)
-            entry.update(released=True, release=out.name, candidate=best["candidate"], values=best["values"],
-                         decision=f"released {out.name}")
+                 "reference": ref, "rule": d.rule, "decision": d.decision}
+        if d.candidate is not None:
+            entry["candidate"] = d.candidate["candidate"]
+        if d.release:
+            out = self._export(d.candidate, d.rule, d.drift if anchored else None)
+            entry.update(released=True, release=out.name, values=d.candidate["values"], decision=f"released {out.name}")
             st["release"], st["release_dir"] = out.name, str(out)
+            if anchored:
+                st["drift"] = entry["drift"] = d.drift
         st["history"].append(entry)
         self.store.event("release" if entry["released"] else "release_skipped", **entry)
         if not self.quiet:
             print(f"version {st['version']}: {entry['decision']}")
 
-    def _export(self, cand: dict, rule: str) -> Path:
+    def _export(self, cand: dict, rule: str, drift: dict | None) -> Path:
         from evo.release import next_release_dir, write_release
         from evo.reporting import lineage
 
@@ -416,7 +369,9 @@ class ContinualLoop:
                      "max_blocks": cfg.eval.max_blocks, "batch_size": cfg.eval.batch_size},
             "objective_specs": specs,
             "stream": {"folder": cfg.stream.folder, "version": st["version"], "shard": st["shard"],
-                       "versions": list(self.window.versions), "parent_release": st["release"], "rule": rule},
+                       "versions": list(self.window.versions), "parent_release": st["release"], "rule": rule,
+                       # retention lost since each guarded version's anchor (nats; negative: gained)
+                       "retention_drift": drift},
             "current_release_same_data": {
                 "name": st["release"] or "base",
                 "objectives": dict(zip(self.objective_names, st["reference"]["values"] or [])),
