@@ -125,10 +125,11 @@ class StreamConfig:
     order: str = "name"             # or "mtime"
     poll_s: float = 5.0             # how often --follow looks for new shards
     max_versions: int | None = None  # stop after this many versions (benchmarks, tests)
-    # share of LoRA training blocks drawn from older versions' training splits (and the zoo's
-    # train split): rehearsal against forgetting; 0 trains on the newest version only
+    # share of each LoRA batch drawn from older versions' training splits (and the zoo's train
+    # split): rehearsal against forgetting, for recipes without a ``lora.rehearsal`` gene (which
+    # wins where the search space has one); 0 trains on the newest version only
     train_replay: float = 0.25
-    replay_train_blocks: int = 256  # training blocks kept per version for that rehearsal
+    replay_train_blocks: int = 256  # rehearsal pool: blocks per older version (and from the zoo)
 
 
 @dataclass

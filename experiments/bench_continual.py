@@ -71,24 +71,44 @@ def measure(model, versions, k) -> dict:
             "first": earlier[0] if earlier else newest}
 
 
-def sequential(zoo, versions, args) -> list[dict]:
+def rehearsal_pool(zoo, tokenizer, versions, k, args):
+    """Older training blocks for version ``k``, as the loop builds its pool: the same number
+    (``--replay-train-blocks``) from each older version's training split and the zoo's."""
+    import numpy as np
+
+    from evo.data import read_texts
+    from evo.fitness import token_blocks
+
+    rng = np.random.default_rng([args.seed, k])
+    prior = np.concatenate([token_blocks(read_texts(zoo.data_dir(d, "train")), tokenizer, args.seq_len,
+                                         args.replay_train_blocks).numpy() for d in zoo.domains])
+    n = args.replay_train_blocks
+    return np.concatenate([b[rng.choice(len(b), n, replace=len(b) < n)]
+                           for b in [prior, *(versions[j]["train"] for j in range(k))]])
+
+
+def sequential(zoo, versions, args, tokenizer=None, share: float = 0.0) -> list[dict]:
+    """LoRA on each new shard in turn, merged into the weights; with ``share`` > 0 each batch
+    rehearses that share of older training blocks (the loop's pool) at a fixed rate."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from evo.lora import LoraGenes, fit_lora, merged_state_dict, unload
+    from evo.lora import LoraGenes, TrainingData, fit_lora, merged_state_dict, unload
 
     model = AutoModelForCausalLM.from_pretrained(zoo.base_dir).eval()
-    genes = LoraGenes(rank=args.rank, alpha=2.0 * args.rank, target_modules="all", lr=args.lr, steps=args.steps)
+    genes = LoraGenes(rank=args.rank, alpha=2.0 * args.rank, target_modules="all", lr=args.lr, steps=args.steps,
+                      rehearsal=share)
     rows = []
     for k, v in enumerate(versions):
         t0 = time.time()
-        peft_model, stats = fit_lora(model, torch.from_numpy(v["train"]), genes, seed=args.seed + k)
+        data = TrainingData(v["train"], rehearsal_pool(zoo, tokenizer, versions, k, args) if share else None)
+        peft_model, stats = fit_lora(model, data, genes, seed=args.seed + k)
         weights = merged_state_dict(peft_model)
         model = unload(peft_model)
         model.load_state_dict(weights, strict=False)
         model.eval()
         rows.append({**measure(model, versions, k), "seconds": time.time() - t0})
-        print(f"  sequential after {v['shard']}: newest {rows[-1]['newest']:.4f}  earlier {rows[-1]['earlier']:.4f}", flush=True)
+        print(f"  sequential{f' + rehearsal {share:g}' if share else ''} after {v['shard']}: newest {rows[-1]['newest']:.4f}  earlier {rows[-1]['earlier']:.4f}", flush=True)
     return rows
 
 
@@ -108,7 +128,7 @@ def evolve(zoo, folder, versions, args) -> tuple[list[dict], dict]:
         "eval": {"seq_len": args.seq_len, "max_blocks": args.eval_blocks, "batch_size": 16, "train_blocks": 100_000},
         "optimizer": {"name": "nsga2", "population": args.population},
         "stream": {"folder": str(folder), "generations": args.generations, "replay_blocks": args.replay_blocks,
-                   "heldout_frac": args.heldout_frac},
+                   "heldout_frac": args.heldout_frac, "replay_train_blocks": args.replay_train_blocks},
         "release": {"tolerance": args.tolerance},
         "ray": {"evaluators": 2, "cpus_per_evaluator": 1, "threads_per_evaluator": 1, "dashboard": False,
                 "object_store_mb": 512},
@@ -146,7 +166,25 @@ def table(versions, base_rows, seq, ev) -> str:
     return "\n".join(lines)
 
 
-def plot(versions, base_rows, seq, ev, path: Path) -> None:
+def rehearsal_table(versions, base_rows, seq, rep, ev, share: float) -> str:
+    """evo against sequential LoRA that rehearses at a fixed share: what the search adds."""
+    def ppl(x):
+        return "-" if x is None or math.isnan(x) else f"{math.exp(x):.1f}"
+
+    lines = [f"| version | shard | sequential+rehearsal {share:g} newest | its share of gain | evo share of gain | "
+             "sequential+rehearsal earlier | evo earlier | sequential+rehearsal first | evo first |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for k, v in enumerate(versions):
+        gain = base_rows[k]["newest"] - seq[k]["newest"]
+        shares = [(base_rows[k]["newest"] - r[k]["newest"]) / gain if gain > 1e-9 else math.nan for r in (rep, ev)]
+        lines.append(f"| {k} | {v['shard']} | {ppl(rep[k]['newest'])} | "
+                     + " | ".join("-" if math.isnan(x) else f"{x:.0%}" for x in shares)
+                     + f" | {ppl(rep[k]['earlier'])} | {ppl(ev[k]['earlier'])} | {ppl(rep[k]['first'])} | "
+                     f"{ppl(ev[k]['first'])} |")
+    return "\n".join(lines)
+
+
+def plot(versions, base_rows, seq, ev, path: Path, rep=None, share: float = 0.0) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -160,6 +198,8 @@ def plot(versions, base_rows, seq, ev, path: Path) -> None:
         if key == "newest":
             ax.plot(x, [math.exp(r[key]) for r in base_rows], "k:", marker="o", label="base")
         ax.plot(x, [math.exp(r[key]) for r in seq], "C1-", marker="s", label="sequential LoRA")
+        if rep:
+            ax.plot(x, [math.exp(r[key]) for r in rep], "C2--", marker="d", label=f"sequential + rehearsal {share:g}")
         ax.plot(x, [math.exp(r[key]) for r in ev], "C0-", marker="^", label="evo releases")
         ax.set_title(title)
         ax.set_xticks(x, labels)
@@ -189,6 +229,10 @@ def main(argv=None) -> int:
     p.add_argument("--eval-blocks", type=int, default=32, help="held-out and replay blocks per candidate")
     p.add_argument("--heldout-frac", type=float, default=0.15)
     p.add_argument("--replay-blocks", type=int, default=64, help="replay blocks per candidate (retention)")
+    p.add_argument("--replay-train-blocks", type=int, default=256,
+                   help="rehearsal pool: training blocks per older version and from the zoo")
+    p.add_argument("--rehearsal-share", type=float, default=0.5,
+                   help="the second baseline: sequential LoRA rehearsing this share of each batch (0: skip it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "runs" / "bench_continual"))
     p.add_argument("--verbose", action="store_true", help="show the loop's own progress")
@@ -223,14 +267,18 @@ def main(argv=None) -> int:
     t0 = time.time()
     seq = sequential(zoo, versions, args)
     seq_s = time.time() - t0
+    rep = sequential(zoo, versions, args, tokenizer, args.rehearsal_share) if args.rehearsal_share > 0 else None
     ev, info = evolve(zoo, folder, versions, args)
     print()
     text = table(versions, base_rows, seq, ev)
+    if rep:
+        text += "\n\n" + rehearsal_table(versions, base_rows, seq, rep, ev, args.rehearsal_share)
     print(text)
     print(f"\nsequential LoRA: {seq_s:.0f}s; evo loop: {info['seconds']:.0f}s "
           f"({args.population} per generation, {args.generations} generations per version)")
-    plot(versions, base_rows, seq, ev, out / "bench_continual.png")
+    plot(versions, base_rows, seq, ev, out / "bench_continual.png", rep, args.rehearsal_share)
     (out / "results.json").write_text(json.dumps({"args": vars(args), "base": base_rows, "sequential": seq, "evo": ev,
+                                                  "sequential_rehearsal": rep,
                                                   "seconds": {"sequential": seq_s, "evo": info["seconds"]}}, indent=2))
     (out / "table.md").write_text(text + "\n")
     print(f"plot: {out / 'bench_continual.png'}")
