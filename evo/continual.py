@@ -78,11 +78,11 @@ class ContinualLoop:
         self.sources.deltas[RELEASE] = {k: np.zeros_like(v) for k, v in self.sources.base.items()}
         ckpt = store.load_checkpoint()
         if ckpt is None:
-            from evo.runner import _initial_genomes
+            from evo.runner import initial_genomes
 
             options = {"population": cfg.optimizer.population, **cfg.optimizer.options}
             options.setdefault("weights", [o.weight for o in cfg.objectives])
-            options.setdefault("initial", [g.tolist() for g in _initial_genomes(cfg, self.space)])
+            options.setdefault("initial", [g.tolist() for g in initial_genomes(cfg, self.space)])
             self.optimizer = make_optimizer(cfg.optimizer.name, self.space.dim, directions=[o.goal for o in cfg.objectives],
                                             seed=cfg.seed, options=options)
             self.logbook: list[dict] = []
@@ -100,7 +100,7 @@ class ContinualLoop:
 
     # ------------------------------------------------------------------------------ driver
     def run(self, *, follow: bool = False):
-        from evo.runner import GenerationStep, RunResult, _print_row
+        from evo.runner import GenerationStep, RunResult, print_generation_row
 
         cfg, st = self.cfg, self.state
         stopped = False
@@ -146,7 +146,7 @@ class ContinualLoop:
                         self.store.event("generation_done", **row)
                         self.metrics.generation_done(row, st["version"])
                         if not self.quiet:
-                            _print_row(row, self.objective_names, header=first)
+                            print_generation_row(row, self.objective_names, header=first)
                         first = False
                     if st["phase"] == "evolve":
                         st["phase"] = "release"
@@ -392,9 +392,9 @@ class ContinualLoop:
         return out
 
     def _checkpoint(self) -> None:
-        from evo.runner import _checkpoint
+        from evo.runner import checkpoint_state
 
-        ckpt = _checkpoint(self.cfg, self.optimizer, self.logbook, self.space, self.data_key or "")
+        ckpt = checkpoint_state(self.cfg, self.optimizer, self.logbook, self.space, self.data_key or "")
         self.store.save_checkpoint({**ckpt, "stream": self.state, "pid": os.getpid()})
 
 

@@ -104,7 +104,7 @@ def make_space(cfg: ExperimentConfig) -> SearchSpace:
     return SearchSpace.load(cfg.search_space, list(cfg.models.sources), "base", seed=cfg.seed, dtype=cfg.dtype)
 
 
-def _initial_genomes(cfg: ExperimentConfig, space: SearchSpace) -> list[np.ndarray]:
+def initial_genomes(cfg: ExperimentConfig, space: SearchSpace) -> list[np.ndarray]:
     """Known-good starting points: the uniform average and plain task arithmetic."""
     if not cfg.optimizer.seed_baselines or "weight" not in space.spec.genes:
         return []
@@ -149,7 +149,7 @@ def _loop(cfg: ExperimentConfig, store: RunStore, *, quiet: bool, stop_after: in
     if ckpt is None:
         options = {"population": cfg.optimizer.population, **cfg.optimizer.options}
         options.setdefault("weights", [o.weight for o in cfg.objectives])
-        options.setdefault("initial", [g.tolist() for g in _initial_genomes(cfg, space)])
+        options.setdefault("initial", [g.tolist() for g in initial_genomes(cfg, space)])
         optimizer = make_optimizer(cfg.optimizer.name, space.dim, directions=directions, seed=cfg.seed, options=options)
         logbook: list[dict] = []
     else:
@@ -180,12 +180,12 @@ def _loop(cfg: ExperimentConfig, store: RunStore, *, quiet: bool, stop_after: in
                     break
                 row = step.run(gen, should_stop=stop.requested)
                 logbook.append(row)
-                store.save_checkpoint({**_checkpoint(cfg, optimizer, logbook, space, sources.data_version),
+                store.save_checkpoint({**checkpoint_state(cfg, optimizer, logbook, space, sources.data_version),
                                        "data_inputs": sources.version_inputs})
                 store.event("generation_done", **row)
                 metrics.generation_done(row, sources.data_version)
                 if not quiet:
-                    _print_row(row, objective_names, header=(gen == start))
+                    print_generation_row(row, objective_names, header=(gen == start))
         except Interrupted as exc:  # SIGINT/SIGTERM mid-generation: finished candidates are cached
             stopped = True
             store.event("run_stopped", reason=str(exc))
@@ -267,7 +267,7 @@ class GenerationStep:
             else:
                 valid[name] = recipe
             recipes.append(recipe)
-        threshold = _rejection_threshold(cfg, optimizer, self.lookup)
+        threshold = rejection_threshold(cfg, optimizer, self.lookup)
         keys, fresh_keys = self.evaluate(valid, desc=f"generation {gen}", should_stop=should_stop,
                                          reject_above=threshold)
         keys.update(invalid)
@@ -310,7 +310,7 @@ class GenerationStep:
             return None
 
 
-def _rejection_threshold(cfg: ExperimentConfig, optimizer, lookup=None):
+def rejection_threshold(cfg: ExperimentConfig, optimizer, lookup=None):
     """The current k-th best of the population, when early rejection applies: its per-block
     scores for a paired test (``lookup(genome)`` finds its cached result), else its value."""
     if not early_rejection_active(cfg):
@@ -372,7 +372,7 @@ def print_comparison(table: dict, set_names: list[str]) -> None:
               + "".join(f"{m[f'task/{t}']:>16.4f}" for t in tasks))
 
 
-def _checkpoint(cfg, optimizer, logbook, space, data_version) -> dict:
+def checkpoint_state(cfg, optimizer, logbook, space, data_version) -> dict:
     best = optimizer.best()
     return {
         "version": 1,
@@ -405,7 +405,7 @@ def _log_row(gen, values, names, *, n_evals, n_cached, n_failed, best, seconds) 
     return row
 
 
-def _print_row(row: dict, names: list[str], header: bool) -> None:
+def print_generation_row(row: dict, names: list[str], header: bool) -> None:
     # DEAP's Logbook formats the same columns; we keep rows as plain dicts for JSON checkpoints.
     book = tools.Logbook()
     book.header = ["gen", "evals", "cached", "failed", "rejected"] + [f"{n}/{s}" for n in names for s in ("min", "mean")] + ["seconds"]

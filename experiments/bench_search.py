@@ -19,7 +19,7 @@ blocks x 128 tokens; the quickstart uses 48 blocks). Outputs ``experiments/out/b
 Sections:
 1. ``ga``, ``cmaes``, ``random`` (and with ``--nsga2`` a 2-objective run) over ``--seeds`` seeds.
 2. Early rejection: the GA again with ``reject_above`` = the k-th best (k=4) of the current
-   population (as ``evo.runner._rejection_threshold``), default chunks/z/margin from
+   population (as ``evo.runner.rejection_threshold``), default chunks/z/margin from
    ``evo.config.EarlyRejection``; evaluation work saved and change in the final best.
 3. Subset fitness: 25% of the valid blocks picked at difficulty quantiles (difficulty = mean block
    NLL of the base and the specialists), Spearman correlation of subset vs full scores over random
@@ -77,7 +77,7 @@ class Bench:
 
     def __init__(self, zoo: str):
         from evo.evaluator import Evaluator
-        from evo.runner import _initial_genomes, make_space
+        from evo.runner import initial_genomes, make_space
         from evo.sources import Sources
 
         self.cfg = make_config(zoo)
@@ -89,7 +89,7 @@ class Bench:
                             early_rejection={"chunks": er.chunks, "z": er.z, "margin": er.margin})
         torch.set_num_threads(1)
         self.space = make_space(self.cfg)
-        self.initial = [g.tolist() for g in _initial_genomes(self.cfg, self.space)]
+        self.initial = [g.tolist() for g in initial_genomes(self.cfg, self.space)]
         self.domains = list(self.cfg.eval.sets)
         self.memo: dict[str, dict] = {}  # recipe key -> full result (valid split)
         self.eval_seconds = 0.0
@@ -131,7 +131,7 @@ def search(bench: Bench, name: str, seed: int, budget: int, population: int, *, 
            kind: str = "mean") -> dict:
     """Ask/tell until ``budget`` distinct recipes have been evaluated; best-so-far after each one."""
     from evo.optim import make_optimizer
-    from evo.runner import _rejection_threshold
+    from evo.runner import rejection_threshold
 
     n_obj = 1 if kind == "mean" else 2
     options = {"population": population, "initial": bench.initial}
@@ -144,7 +144,7 @@ def search(bench: Bench, name: str, seed: int, budget: int, population: int, *, 
         genomes = opt.ask()
         threshold = None
         if reject:  # as the runner does: the k-th best, paired on its per-block scores when known
-            threshold = _rejection_threshold(bench.cfg, opt, lambda g: bench.memo.get(bench.space.decode(g).key()))
+            threshold = rejection_threshold(bench.cfg, opt, lambda g: bench.memo.get(bench.space.decode(g).key()))
         values, full = [], False
         new = 0
         for g in genomes:
