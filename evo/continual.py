@@ -52,22 +52,19 @@ class ContinualLoop:
     """One stream run: the optimizer, the stream, the evaluator pool and where the loop is."""
 
     def __init__(self, cfg: ExperimentConfig, store: RunStore, *, quiet: bool = False):
-        from transformers import AutoTokenizer
+        from evo.sources import load_tokenizer, train_blocks
 
         self.cfg, self.store, self.quiet = cfg, store, quiet
         self.space = make_stream_space(cfg)
         self.objective_names = [o.name for o in cfg.objectives]
-        tok_dir = cfg.eval.tokenizer or cfg.models.base
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=False)
+        tokenizer = load_tokenizer(cfg)
         st = cfg.stream
         self.stream = DataStream(st.folder, tokenizer, seq_len=cfg.eval.seq_len, heldout_frac=st.heldout_frac,
                                  replay_blocks=st.replay_blocks, seed=cfg.seed, min_chars=st.min_chars,
                                  near_dup_threshold=st.near_dup_threshold, order=st.order,
                                  state_path=store.root / STREAM_STATE, replay_train_blocks=st.replay_train_blocks)
-        self.sources = Sources.load(cfg)
+        self.sources = Sources.load(cfg, tokenizer)
         # the zoo's own training text is the oldest rehearsal stratum (never evaluation text)
-        from evo.sources import train_blocks
-
         self.rehearses = st.train_replay > 0 or "lora.rehearsal" in self.space.spec.genes
         prior_train = train_blocks(cfg, tokenizer) if cfg.eval.train_sets and self.rehearses else None
         self.prior_train = None if prior_train is None else _sample(

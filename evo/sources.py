@@ -38,17 +38,15 @@ class Sources:
         return sum(a.nbytes for a in self.base.values()) + sum(a.nbytes for d in self.deltas.values() for a in d.values())
 
     @classmethod
-    def load(cls, cfg: ExperimentConfig) -> "Sources":
+    def load(cls, cfg: ExperimentConfig, tokenizer=None) -> "Sources":
+        """Everything evaluators need, from the config; ``tokenizer``: one already loaded by
+        :func:`load_tokenizer` (loaded here otherwise)."""
         from evo.merge import load_model_dir, task_vectors
 
         base, config = load_model_dir(cfg.models.base)
         models = {name: load_model_dir(path)[0] for name, path in cfg.models.sources.items()}
         deltas = task_vectors(base, models)
-        tok_dir = cfg.eval.tokenizer or cfg.models.base
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=False)
-        except Exception as exc:  # transformers raises many types for a missing/broken tokenizer
-            raise EvoError(f"{tok_dir}: cannot load tokenizer ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg)
         settings = dict(seq_len=cfg.eval.seq_len, max_blocks=cfg.eval.max_blocks, tokenizer=tokenizer.vocab_size)
         eval_sets = {"valid": cls._blocks(cfg.eval.sets, tokenizer, cfg)}
         subset = None
@@ -123,6 +121,15 @@ def _space_has_lora(path: str) -> bool:
     from evo.space import SearchSpaceSpec
 
     return any(name.startswith("lora.") for name in SearchSpaceSpec.from_yaml(path).genes)
+
+
+def load_tokenizer(cfg: ExperimentConfig):
+    """The run's tokenizer (``eval.tokenizer``, else the base model's); a one-line error if unreadable."""
+    tok_dir = cfg.eval.tokenizer or cfg.models.base
+    try:
+        return AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=False)
+    except Exception as exc:  # transformers raises many types for a missing/broken tokenizer
+        raise EvoError(f"{tok_dir}: cannot load tokenizer ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
 
 
 def train_blocks(cfg: ExperimentConfig, tokenizer) -> np.ndarray | None:
