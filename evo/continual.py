@@ -308,7 +308,11 @@ class ContinualLoop:
         st["reference"] = {"key": keys[f"{tag}-reference"], "values": step.values(ref)}
         seeds = []
         if st["release"]:  # "release + LoRA on the newest data": the sequential fine-tune, as a candidate
-            seeds.append(self.space.uniform_genome(per_model={RELEASE: {"weight": 1.0}}, weight=0.0, density=1.0))
+            release_only = {"per_model": {RELEASE: {"weight": 1.0}}, "weight": 0.0, "density": 1.0}
+            shipped = self._shipped_lora()
+            if shipped:  # warm start: the LoRA genes that made the current release
+                seeds.append(self.space.uniform_genome(**release_only, **shipped))
+            seeds.append(self.space.uniform_genome(**release_only))
         best = self.optimizer.best()
         if best is not None and best.values is not None:
             seeds.append(np.asarray(best.genome))
@@ -319,6 +323,16 @@ class ContinualLoop:
             what = st["release"] or "base"
             vals = ", ".join(f"{n}={v:.4f}" for n, v in zip(self.objective_names, st["reference"]["values"]))
             print(f"re-evaluated {len(rescored)} remembered candidates; {what} on this version: {vals}")
+
+    def _shipped_lora(self) -> dict:
+        """``lora.*`` gene values of the candidate the current release was made from."""
+        name = next((h.get("candidate") for h in reversed(self.state["history"]) if h.get("released")), None)
+        if name is None:
+            return {}
+        recipe = next((c["recipe"] for c in reversed(self.store.candidates())
+                       if c["candidate"] == name and c.get("recipe")), {})
+        genes = self.space.spec.genes
+        return {f"lora.{k}": v for k, v in (recipe.get("lora") or {}).items() if f"lora.{k}" in genes and v is not None}
 
     def _release(self) -> None:
         """Apply the release rule to every candidate evaluated on this version; export if met."""

@@ -105,7 +105,9 @@ def test_each_new_shard_reevaluates_elites_adapts_and_releases(micro_zoo, ray_se
     installed = [e for e in events if e["event"] == "version_installed"]
     assert [e["rehearsal_blocks"] for e in installed] == [24, 48]
     assert all(c["lora"]["rehearsal_share"] == pytest.approx(c["recipe"]["lora"]["rehearsal"]) for c in fresh)
-    assert len({round(c["lora"]["rehearsal_share"], 6) for c in fresh}) > 1
+    trained = [c for c in store.candidates() if not c["cached"] and c.get("lora")]
+    assert all(c["lora"]["rehearsal_share"] == pytest.approx(c["recipe"]["lora"]["rehearsal"]) for c in trained)
+    assert len({round(c["lora"]["rehearsal_share"], 6) for c in trained}) > 1
     # retention is measured per older stratum: the zoo's sets (prior) and the first version
     first_version = result.versions[0]["version"]
     assert {"logppl/newest", "logppl/replay:prior", f"logppl/replay:{first_version}"} == set(fresh[0]["metrics"])
@@ -118,6 +120,12 @@ def test_each_new_shard_reevaluates_elites_adapts_and_releases(micro_zoo, ray_se
     assert fit["stream"]["parent_release"] is None and fit["stream"]["shard"] == "000.jsonl"
     assert verify(first)["adaptation"] == pytest.approx(fit["objectives"]["adaptation"]["value"], abs=1e-3)
     assert result.releases == ["v0001", "v0002"]  # seeded: LoRA on the newest shard beats the release
+    # the second version's first generation holds "v0001 + the LoRA genes that made v0001"
+    made_v1 = next(c for c in store.candidates() if c["candidate"] == result.versions[0]["candidate"])
+    warm = [c for c in store.candidates() if c["data_version"] == second and not c.get("reevaluated")
+            and c["recipe"].get("lora") == made_v1["recipe"]["lora"]]
+    assert warm and all(m["parameters"]["weight"] == (1.0 if m["model"] == "release" else 0.0)
+                        for m in warm[0]["recipe"]["merge"]["models"])
     second_release = tmp_path / "run" / "releases" / "v0002"
     fit2 = json.loads((second_release / "fitness.json").read_text())
     assert fit2["stream"]["parent_release"] == "v0001"
