@@ -240,6 +240,10 @@ def _card(recipe: Recipe, paths: dict, fitness: dict, cfg: ExperimentConfig) -> 
                   *[f"- `{v}`" for v in stream["versions"]], "",
                   f"Parent release: {stream['parent_release'] or 'none (the first release; the release slot was the base)'}.",
                   f"Release rule: {stream['rule']}"]
+        if stream.get("retention_drift"):
+            lines += ["", "Retention lost since each older version's anchor (nats of log-perplexity, summed over "
+                      "releases; negative: gained):", "",
+                      *[f"- `{k.removeprefix('logppl/replay:')}`: {v:+.4f}" for k, v in sorted(stream["retention_drift"].items())]]
     prev = fitness.get("previous_release")
     same = fitness.get("current_release_same_data")
     if same:  # a stream release: the release it replaces, re-measured on this release's data

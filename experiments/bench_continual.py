@@ -13,7 +13,7 @@ methods get the same LoRA training steps per shard on the same training split:
 After each version, both are measured on the full held-out split of every shard so far (the
 same split evo uses): the newest shard, the mean over earlier shards, and the first shard.
 
-    python experiments/bench_continual.py      # ~10-15 min on 2 cores; builds the tiny zoo if missing
+    python experiments/bench_continual.py      # ~25 min on 2 cores; builds the tiny zoo if missing
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def measure(model, versions, k) -> dict:
     newest = logppl(model, versions[k]["heldout"])
     earlier = [logppl(model, versions[j]["heldout"]) for j in range(k)]
     return {"newest": newest, "earlier": sum(earlier) / len(earlier) if earlier else math.nan,
-            "first": earlier[0] if earlier else newest}
+            "first": earlier[0] if earlier else newest, "shards": [*earlier, newest]}
 
 
 def rehearsal_pool(zoo, tokenizer, versions, k, args):
@@ -184,6 +184,23 @@ def rehearsal_table(versions, base_rows, seq, rep, ev, share: float) -> str:
     return "\n".join(lines)
 
 
+def retention_table(versions, methods: dict[str, list[dict]]) -> str:
+    """Each older shard: perplexity when it was the newest, the worst at any later version and
+    at the last one, relative to the first (what "forgetting" means per shard)."""
+    def cell(rows, j):
+        then = rows[j]["shards"][j]
+        later = [r["shards"][j] for r in rows[j + 1:]]
+        worst, last = max(later), later[-1]
+        return (f"{math.exp(then):.1f} / {math.exp(worst):.1f} ({math.exp(worst - then) - 1:+.0%}) / "
+                f"{math.exp(last):.1f} ({math.exp(last - then) - 1:+.0%})")
+
+    lines = ["| shard | " + " | ".join(f"{m}: when newest / worst later / last" for m in methods) + " |",
+             "|---|" + "---|" * len(methods)]
+    for j, v in enumerate(versions[:-1]):
+        lines.append(f"| {v['shard']} | " + " | ".join(cell(rows, j) for rows in methods.values()) + " |")
+    return "\n".join(lines)
+
+
 def plot(versions, base_rows, seq, ev, path: Path, rep=None, share: float = 0.0) -> None:
     import matplotlib
 
@@ -202,6 +219,7 @@ def plot(versions, base_rows, seq, ev, path: Path, rep=None, share: float = 0.0)
             ax.plot(x, [math.exp(r[key]) for r in rep], "C2--", marker="d", label=f"sequential + rehearsal {share:g}")
         ax.plot(x, [math.exp(r[key]) for r in ev], "C0-", marker="^", label="evo releases")
         ax.set_title(title)
+        ax.set_yscale("log")
         ax.set_xticks(x, labels)
         ax.set_ylabel("perplexity (held-out)")
         ax.grid(alpha=0.3)
@@ -222,7 +240,7 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=2e-3, help="sequential LoRA learning rate (evo searches its own)")
     p.add_argument("--rank", type=int, default=8, help="sequential LoRA rank (evo searches its own)")
     p.add_argument("--population", type=int, default=8)
-    p.add_argument("--generations", type=int, default=2, help="generations per data version")
+    p.add_argument("--generations", type=int, default=3, help="generations per data version")
     p.add_argument("--tolerance", type=float, default=0.05,
                    help="retention tolerance of the release rule (nats, per older shard and the prior)")
     p.add_argument("--seq-len", type=int, default=128)
@@ -273,6 +291,8 @@ def main(argv=None) -> int:
     text = table(versions, base_rows, seq, ev)
     if rep:
         text += "\n\n" + rehearsal_table(versions, base_rows, seq, rep, ev, args.rehearsal_share)
+    methods = {"evo": ev, "sequential": seq, **({f"sequential+rehearsal {args.rehearsal_share:g}": rep} if rep else {})}
+    text += "\n\n" + retention_table(versions, methods)
     print(text)
     print(f"\nsequential LoRA: {seq_s:.0f}s; evo loop: {info['seconds']:.0f}s "
           f"({args.population} per generation, {args.generations} generations per version)")

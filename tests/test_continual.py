@@ -132,6 +132,9 @@ def test_each_new_shard_reevaluates_elites_adapts_and_releases(micro_zoo, ray_se
     assert fit2["stream"]["versions"] == [v["version"] for v in result.versions]
     assert str(first.resolve()) in (second_release / "mergekit.yaml").read_text()
     assert "Parent release: v0001" in (second_release / "README.md").read_text()
+    # the anchored guard's account: what v0002 lost (or gained) on each older stratum, in the card too
+    assert set(fit2["stream"]["retention_drift"]) == {"logppl/replay:prior", f"logppl/replay:{result.versions[0]['version']}"}
+    assert "Retention lost since each older version's anchor" in (second_release / "README.md").read_text()
     assert fit2["objectives"]["adaptation"]["value"] < fit2["current_release_same_data"]["objectives"]["adaptation"]
     verify(second_release)
 
