@@ -154,7 +154,7 @@ class ReleaseConfig:
     auto: bool = True
     objective: str | None = None    # default: the first objective
     retention: str | None = None    # default: an objective named "retention", if declared
-    tolerance: float = 0.02
+    tolerance: float = 0.05          # nats (~5% perplexity) per older stratum
     min_improvement: float = 0.0
     lora: str = "merged"            # or "adapter"
     guard: str = "anchored"         # or "current"
