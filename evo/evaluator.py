@@ -240,7 +240,7 @@ def _training_data(train):
     """LoRA training blocks as int64 tensors (a bare array, or newest + rehearsal); None if empty."""
     from evo.lora import TrainingData
 
-    if train is None or not len(train.newest if isinstance(train, TrainingData) else train):
+    if train is None or not len(train):  # a TrainingData's length is its newest blocks'
         return None
     return TrainingData.of(train)
 

@@ -71,17 +71,23 @@ def measure(model, versions, k) -> dict:
             "first": earlier[0] if earlier else newest, "shards": [*earlier, newest]}
 
 
-def rehearsal_pool(zoo, tokenizer, versions, k, args):
-    """Older training blocks for version ``k``, as the loop builds its pool: the same number
-    (``--replay-train-blocks``) from each older version's training split and the zoo's."""
+def zoo_train_blocks(zoo, tokenizer, args):
+    """The zoo's own training text, the oldest rehearsal stratum (as the loop's prior)."""
     import numpy as np
 
     from evo.data import read_texts
     from evo.fitness import token_blocks
 
+    return np.concatenate([token_blocks(read_texts(zoo.data_dir(d, "train")), tokenizer, args.seq_len,
+                                        args.replay_train_blocks).numpy() for d in zoo.domains])
+
+
+def rehearsal_pool(prior, versions, k, args):
+    """Older training blocks for version ``k``, as the loop builds its pool: the same number
+    (``--replay-train-blocks``) from each older version's training split and the zoo's."""
+    import numpy as np
+
     rng = np.random.default_rng([args.seed, k])
-    prior = np.concatenate([token_blocks(read_texts(zoo.data_dir(d, "train")), tokenizer, args.seq_len,
-                                         args.replay_train_blocks).numpy() for d in zoo.domains])
     n = args.replay_train_blocks
     return np.concatenate([b[rng.choice(len(b), n, replace=len(b) < n)]
                            for b in [prior, *(versions[j]["train"] for j in range(k))]])
@@ -98,10 +104,11 @@ def sequential(zoo, versions, args, tokenizer=None, share: float = 0.0) -> list[
     model = AutoModelForCausalLM.from_pretrained(zoo.base_dir).eval()
     genes = LoraGenes(rank=args.rank, alpha=2.0 * args.rank, target_modules="all", lr=args.lr, steps=args.steps,
                       rehearsal=share)
+    prior = zoo_train_blocks(zoo, tokenizer, args) if share else None
     rows = []
     for k, v in enumerate(versions):
         t0 = time.time()
-        data = TrainingData(v["train"], rehearsal_pool(zoo, tokenizer, versions, k, args) if share else None)
+        data = TrainingData(v["train"], rehearsal_pool(prior, versions, k, args) if share else None)
         peft_model, stats = fit_lora(model, data, genes, seed=args.seed + k)
         weights = merged_state_dict(peft_model)
         model = unload(peft_model)
