@@ -161,7 +161,7 @@ class EvaluatorPool:
         idle = list(range(len(self.actors)))
         inflight: dict = {}  # ref -> (key, name, recipe, attempt, actor index, start time)
         timeout = self.cfg.ray.candidate_timeout_s
-        failed = stale_updates = 0
+        failed = rejected = stale_updates = 0
         bar = tqdm(total=len(queue), desc=desc, disable=self.quiet or not queue, leave=False, unit="cand")
         try:
             while queue or inflight:
@@ -194,10 +194,12 @@ class EvaluatorPool:
                         queue.insert(0, (key, name, recipe, attempt))
                         continue
                     result["attempts"] = attempt + 1
-                    failed += result["status"] != "ok"
+                    # an early rejection is a verdict on the candidate, not a failure to evaluate it
+                    failed += result["status"] == "failed"
+                    rejected += result["status"] == "rejected"
                     on_result(key, result)
                     bar.update(1)
-                    bar.set_postfix(failed=failed, running=len(inflight))
+                    bar.set_postfix(failed=failed, rejected=rejected, running=len(inflight))
                 for ref, (key, name, recipe, attempt, a, start) in list(inflight.items()):
                     if now - start > timeout:
                         # a hung candidate: restart its actor (Ray re-creates it) and count an attempt
