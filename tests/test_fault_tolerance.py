@@ -102,12 +102,15 @@ def test_killed_evaluator_loses_no_candidate(slow_sources, ray_session, tmp_path
     assert retried, "the killed candidate should have been re-run"
 
 
-def _wait(predicate, timeout=240):
+def _wait(predicate, child, timeout=240):
+    """Poll until ``predicate()``; False at the timeout or as soon as ``child`` has exited."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if predicate():
             return True
-        time.sleep(0.05)
+        if child.poll() is not None:
+            return predicate()
+        time.sleep(0.01)
     return False
 
 
@@ -121,31 +124,47 @@ def _cached(run_dir):
     return sum(1 for _ in open(path)) if path.exists() else 0
 
 
-@pytest.mark.parametrize("kill_at", ["mid-generation-1", "after-generation-2"])
-def test_killed_driver_resumes_to_the_same_best(micro_zoo, ray_session, tmp_path, repo_root, kill_at):
-    cfg = {"zoo": str(micro_zoo.root), "search_space": _space(tmp_path, repo_root), "seed": 5,
-           "eval": {"seq_len": 32, "max_blocks": 8, "batch_size": 8},
+@pytest.fixture(scope="module")
+def driver_run(micro_zoo, ray_session, tmp_path_factory, repo_root):
+    """The killed-driver experiment and its uninterrupted reference run (shared by both kill
+    points). 64 one-block batches per set make a candidate last ~0.3 s, so a generation's
+    second half is a window of a second, not of the few milliseconds a micro model takes."""
+    root = tmp_path_factory.mktemp("driver")
+    cfg = {"zoo": str(micro_zoo.root), "search_space": _space(root, repo_root), "seed": 5,
+           "eval": {"seq_len": 64, "max_blocks": 64, "batch_size": 1},
            "optimizer": {"name": "ga", "generations": 4, "population": 8, "options": {"elites": 2}},
            "ray": {"evaluators": 2, "cpus_per_evaluator": 0.5,
                    # the child driver joins this session's Ray instead of starting its own
                    "address": ray_session.get_runtime_context().gcs_address}}
-    reference = evo.run({**cfg, "ray": {**cfg["ray"], "address": None}}, tmp_path / "reference", quiet=True)
+    reference = evo.run({**cfg, "ray": {**cfg["ray"], "address": None}}, root / "reference", quiet=True)
+    # generation 1 re-uses the 2 elites and evaluates the rest: those are what a mid-generation
+    # kill interrupts, so the test below needs at least 2 of them
+    gen1 = RunStore.open(root / "reference").load_checkpoint()["logbook"][1]
+    assert gen1["evals"] >= 2, gen1
+    return cfg, reference, gen1["evals"]
 
+
+@pytest.mark.parametrize("kill_at", ["mid-generation-1", "after-generation-2"])
+def test_killed_driver_resumes_to_the_same_best(driver_run, tmp_path, kill_at):
+    cfg, reference, gen1_evals = driver_run
     run_dir = tmp_path / "killed"
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(cfg))
     child = subprocess.Popen([sys.executable, "-m", "evo.cli", "run", str(tmp_path / "exp.yaml"),
                               "--run-dir", str(run_dir), "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        if kill_at == "mid-generation-1":
-            reached = _wait(lambda: _generation(run_dir) == 1 and _cached(run_dir) > 8 + 1)
+        if kill_at == "mid-generation-1":  # generation 0's 8 results are in, and 1 of generation 1's
+            reached = _wait(lambda: _cached(run_dir) > 8 and _generation(run_dir) == 1, child)
         else:
-            reached = _wait(lambda: _generation(run_dir) >= 2)
+            reached = _wait(lambda: _generation(run_dir) >= 2, child)
         assert reached, child.stderr.read().decode()[-2000:] if child.poll() is not None else "timeout"
     finally:
         child.kill()
         child.wait()
-    assert _generation(run_dir) < 4
     cached_before = _cached(run_dir)
+    if kill_at == "mid-generation-1":  # killed with part of generation 1 evaluated
+        assert _generation(run_dir) == 1 and 8 < cached_before < 8 + gen1_evals
+    else:
+        assert _generation(run_dir) < 4
     resumed = evo.resume(run_dir, quiet=True)
     assert resumed.best_recipe.key() == reference.best_recipe.key()
     assert resumed.best_values == pytest.approx(reference.best_values, abs=1e-9)

@@ -190,7 +190,7 @@ def test_resident_merger_matches_the_one_off_merge(method, extra):
         "models": [{"model": m, "parameters": {"weight": w, **extra}} for m, w in zip("abc", (0.5, 0.8, 0.3))],
     })
     one_off = {k: v.clone() for k, v in Merger(base, deltas, num_layers=2).merge(cfg, seed=3).items()}
-    resident = Merger(base, deltas, num_layers=2, resident=True)
+    resident = Merger(base, deltas, num_layers=2, resident=True, fused=True)  # tiny: fused only when asked
     for _ in range(2):  # the second merge reuses the tables and the compiled kernel
         out = resident.merge(cfg, seed=3)
         for name in shapes:
@@ -204,6 +204,28 @@ def test_resident_merger_matches_the_one_off_merge(method, extra):
         else:
             kernel = "sum" if method == "breadcrumbs" else "consensus"
             assert resident.fused.calls[kernel] == 2 * len(shapes)  # every tensor, both merges, in one pass
+
+
+def test_fused_kernel_is_compiled_only_where_it_pays(monkeypatch):
+    """A small model's resident merger stays eager (its compile would outlast the search);
+    EVO_FUSED forces either way."""
+    from evo.merge.fused import FUSED_MIN_ENTRIES, fused_by_default
+
+    monkeypatch.delenv("EVO_FUSED", raising=False)
+    assert not fused_by_default(FUSED_MIN_ENTRIES - 1) and fused_by_default(FUSED_MIN_ENTRIES)
+    base = {"model.norm.weight": torch.ones(64)}
+    deltas = {m: {"model.norm.weight": torch.full((64,), v)} for m, v in (("a", 0.5), ("b", -0.2))}
+    cfg = MergeConfig.from_dict({"merge_method": "ties", "base_model": "base", "parameters": {},
+                                 "models": [{"model": m, "parameters": {"weight": 1.0, "density": 1.0}} for m in "ab"]})
+    small = Merger(base, deltas, num_layers=1, resident=True)
+    assert not small.fused.enabled
+    out = small.merge(cfg)["model.norm.weight"]
+    assert small.fused.calls == {"consensus": 0, "sum": 0}
+    torch.testing.assert_close(out, torch.full((64,), 1.5))  # sign election keeps a's +0.5 only
+    monkeypatch.setenv("EVO_FUSED", "1")
+    assert fused_by_default(10) and Merger(base, deltas, num_layers=1, resident=True).fused.enabled
+    monkeypatch.setenv("EVO_FUSED", "0")
+    assert not fused_by_default(FUSED_MIN_ENTRIES * 10)
 
 
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])

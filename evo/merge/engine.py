@@ -58,6 +58,8 @@ class Merger:
     Args:
         resident: the sources serve many merges (an evaluator): build per-source magnitude
             tables (``sparsify.MagnitudeTable``) and use the fused consensus kernel.
+        fused: compile the fused kernel (resident only); None decides by model size and
+            ``EVO_FUSED`` (``evo.merge.fused.fused_by_default``).
         base: base-model tensors. Never written to (they may be read-only object-store views).
         deltas: model name -> task vector (same names/shapes as ``base``). Never written to.
         num_layers: the model's layer count, for per-layer ("gradient") parameter values.
@@ -70,7 +72,7 @@ class Merger:
 
     def __init__(self, base: Mapping[str, Tensor], deltas: Mapping[str, Mapping[str, Tensor]], *,
                  num_layers: int, out: Optional[Mapping[str, Tensor]] = None, device="cpu",
-                 resident: bool = False, largest: Optional[int] = None):
+                 resident: bool = False, largest: Optional[int] = None, fused: Optional[bool] = None):
         self.device = torch.device(device)
         self.num_layers = int(num_layers)
         self.base = {n: t.to(self.device) for n, t in base.items()}
@@ -103,7 +105,7 @@ class Merger:
         if resident:
             from evo.merge.fused import FusedKernels
 
-            self.fused = FusedKernels()
+            self.fused = FusedKernels(fused, entries=sum(t.numel() for t in self.base.values()))
 
     def set_delta(self, model: str, delta: Mapping[str, Tensor]) -> None:
         """Add or replace one source's task vector (the continual loop's current release)."""

@@ -9,10 +9,12 @@ breadcrumbs: the outlier cut), and DARE's mask as its counter-hash key, so a pru
 is never materialised either. Sign-consensus methods use ``_consensus``; breadcrumbs and
 dare_linear the plain ``_weighted_sum`` (plain task arithmetic stays eager: nothing to fuse).
 
-Only resident mergers (evaluators, which merge thousands of candidates) use it: compiling costs
-seconds once per process, more than a one-off ``evo merge`` saves. Results match the eager path
-to float rounding (a fused multiply-add may round once instead of twice). ``EVO_FUSED=0`` turns
-it off; a machine where compiling fails falls back to the eager path with one warning.
+Only resident mergers (evaluators, which merge many candidates) use it, and only for models of
+at least ``FUSED_MIN_ENTRIES`` entries: compiling costs seconds once per process (4-7 s per kernel
+on 2 CPU cores), more than a one-off ``evo merge`` or a small model's whole search saves.
+Results match the eager path to float rounding (a fused multiply-add may round once instead of
+twice). ``EVO_FUSED=0`` turns it off, ``EVO_FUSED=1`` on at any size; a machine where compiling
+fails falls back to the eager path with one warning.
 """
 from __future__ import annotations
 
@@ -26,6 +28,12 @@ from evo.merge.sparsify import keep_hash
 
 log = logging.getLogger(__name__)
 
+# Below this many entries per model the kernel does not pay for its compile within a search.
+# Measured per merge of 3 sources on 2 cores (eager -> fused, against ~7 s of compiling TIES'
+# kernel and ~4 s for DARE's): 1.6M entries (the tiny zoo) TIES 51 -> 30 ms, DARE-TIES 101 -> 38
+# ms, i.e. 60-350 merges to pay back, more than an evaluator runs in the quickstart; 15M (the
+# small zoo) 181 -> 52 ms and 412 -> 118 ms, 13-55 merges.
+FUSED_MIN_ENTRIES = 8_000_000
 NO_LIMIT = 3.0e38  # "no upper cut": a finite float, so the compiled kernel sees an ordinary scalar
 
 
@@ -81,10 +89,12 @@ def _weighted_sum(base: Tensor, xs: list[Tensor], lows: list[float], highs: list
 class FusedKernels:
     """The compiled kernels of one merger; each call returns False (caller goes eager) if unusable."""
 
-    def __init__(self, enabled: bool | None = None):
+    def __init__(self, enabled: bool | None = None, entries: int | None = None):
+        """``enabled``: True/False decides; None follows ``EVO_FUSED`` (``0``/``1``) or, unset,
+        whether the model (``entries`` per source) is large enough to pay for the compile."""
         if enabled is None:
-            enabled = os.environ.get("EVO_FUSED", "1") != "0"
-        self.enabled = enabled
+            enabled = fused_by_default(entries)
+        self.enabled = bool(enabled)
         self._fns: dict[str, object] = {}
         self.calls = {"consensus": 0, "sum": 0}  # tensors merged by each kernel (tests, profiling)
 
@@ -135,6 +145,14 @@ class FusedKernels:
             self._disable(exc)
             return False
         return True
+
+
+def fused_by_default(entries: int | None) -> bool:
+    """``EVO_FUSED=0``/``1`` forces off/on; otherwise on for models of ``FUSED_MIN_ENTRIES``+."""
+    env = os.environ.get("EVO_FUSED", "").strip()
+    if env in ("0", "1"):
+        return env == "1"
+    return entries is None or entries >= FUSED_MIN_ENTRIES
 
 
 def _key_tensors(key) -> tuple[Tensor, ...]:
