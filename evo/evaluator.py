@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from evo.errors import EvoError
 from evo.fitness import block_nlls
 from evo.merge import Merger
 from evo.space import Recipe
@@ -49,7 +50,8 @@ class Evaluator:
     """Merges recipes into a resident model and measures them on fixed token blocks.
 
     Args:
-        base: base-model tensors by name.
+        base: base-model tensors by name; None when the sources arrive with :meth:`update`
+            (the pool's actors: see ``evo.pool``).
         deltas: task vectors, ``deltas[model][tensor]``.
         model_config: ``config.to_dict()`` of the base model.
         eval_sets: ``{collection: {set name: int64 blocks [n, seq_len]}}``, e.g. ``valid`` (search
@@ -60,10 +62,10 @@ class Evaluator:
 
     def __init__(
         self,
-        base: Mapping[str, np.ndarray],
-        deltas: Mapping[str, Mapping[str, np.ndarray]],
+        base: Mapping[str, np.ndarray] | None,
+        deltas: Mapping[str, Mapping[str, np.ndarray]] | None,
         model_config: dict,
-        eval_sets: Mapping[str, Mapping[str, np.ndarray]],
+        eval_sets: Mapping[str, Mapping[str, np.ndarray]] | None = None,
         *,
         threads: int = 1,
         device: str = "cpu",
@@ -79,34 +81,49 @@ class Evaluator:
         self.device = device
         self.batch_size = batch_size
         self.model = build_model(model_config, device=device)
-        num_layers = int(model_config.get("num_hidden_layers", 1))
+        self.num_layers = int(model_config.get("num_hidden_layers", 1))
+        self.merger = None
+        self.task_items = dict(task_items or {})  # search ("valid") scores these items; other collections all
+        self.early_rejection = early_rejection or {"chunks": 4, "z": 3.0, "margin": 0.0}
+        self.tasks: dict = {}
+        self.train = None
+        self.eval_sets: dict = {}
+        if base is not None:
+            self._load(base, deltas or {}, eval_sets or {}, tasks, train)
+
+    epoch = 0  # which data update this evaluator holds (0: the constructor's)
+
+    def _load(self, base, deltas, eval_sets, tasks, train) -> None:
         self.merger = Merger(
             from_numpy(base),
             {m: from_numpy(d) for m, d in deltas.items()},
-            num_layers=num_layers,
+            num_layers=self.num_layers,
             out=self.model.state_dict(),
-            device=device,
+            device=self.device,
             resident=True,
         )
         self.tasks = dict(tasks or {})
-        self.task_items = dict(task_items or {})  # search ("valid") scores these items; other collections all
         self.train = _training_data(train)
-        self.early_rejection = early_rejection or {"chunks": 4, "z": 3.0, "margin": 0.0}
+        self._set_eval_sets(eval_sets)
+
+    def _set_eval_sets(self, eval_sets) -> None:
         self.eval_sets = {
             coll: {name: torch.from_numpy(np.array(blocks, dtype=np.int64)) for name, blocks in sets.items()}
             for coll, sets in eval_sets.items()
         }
 
-    epoch = 0  # which data update this evaluator holds (0: the constructor's)
-
-    def update(self, epoch: int, eval_sets=None, train=None, deltas=None) -> int:
+    def update(self, epoch: int, eval_sets=None, train=None, deltas=None, *, base=None, sources=None,
+               tasks=None) -> int:
         """Swap in new data without restarting: evaluation blocks, LoRA training blocks and
-        replaced task vectors (``{model: {tensor: array}}``). Returns the pid (a readiness probe)."""
+        replaced task vectors (``{model: {tensor: array}}``). ``base``/``sources``/``tasks``: the
+        run's fixed sources, loaded by an evaluator that has none yet (a new actor, or one Ray
+        restarted) and ignored by one that has them. Returns the pid (a readiness probe)."""
+        if self.merger is None:
+            if base is None:
+                raise EvoError(f"{self.name}: the first update must carry the base model and sources")
+            self._load(base, sources or {}, eval_sets or {}, tasks, train)
         if eval_sets is not None:
-            self.eval_sets = {
-                coll: {name: torch.from_numpy(np.array(blocks, dtype=np.int64)) for name, blocks in sets.items()}
-                for coll, sets in eval_sets.items()
-            }
+            self._set_eval_sets(eval_sets)
         if train is not None:
             self.train = _training_data(train)
         for model, delta in (deltas or {}).items():
@@ -134,7 +151,7 @@ class Evaluator:
         ``stale``. Results on ``valid`` carry ``block_nlls`` (per set), the paired reference
         for later candidates.
         """
-        if epoch != self.epoch:
+        if epoch != self.epoch or self.merger is None:
             return {"status": "stale", "epoch": self.epoch}
         t0 = time.perf_counter()
         try:

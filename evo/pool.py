@@ -84,11 +84,14 @@ class EvaluatorPool:
     def __enter__(self) -> "EvaluatorPool":
         self.started_ray, self.dashboard_url = start_ray(self.cfg)
         rc = self.cfg.ray
-        base_ref = ray.put(self.sources.base)
-        deltas_ref = ray.put(self.sources.deltas)
-        eval_ref = ray.put(self.sources.eval_sets)
-        tasks_ref = ray.put(self.sources.tasks)
-        train_ref = ray.put(self.sources.train)
+        # The sources go through the object store once and reach each actor with its first
+        # update(), not as constructor arguments: Ray restarts an actor by re-running its
+        # constructor, and constructor arguments in the object store are not kept for that
+        # (ray-project/ray#53727), so a restarted actor comes up empty, answers "stale" and is
+        # sent the same update again from the references this pool holds.
+        refs = {"base": ray.put(self.sources.base), "sources": ray.put(self.sources.deltas),
+                "eval_sets": ray.put(self.sources.eval_sets), "tasks": ray.put(self.sources.tasks),
+                "train": ray.put(self.sources.train)}
         er = self.cfg.eval.early_rejection
         device = "cuda" if rc.gpus_per_evaluator > 0 else "cpu"
         actor_cls = ray.remote(Evaluator)
@@ -103,28 +106,29 @@ class EvaluatorPool:
                     max_restarts=max(rc.retries, 0) + 1,
                     max_task_retries=0,  # we retry ourselves, to count and bound retries per candidate
                 ).remote(
-                    base_ref, deltas_ref, self.sources.model_config, eval_ref,
+                    None, None, self.sources.model_config,
                     threads=rc.threads_per_evaluator, device=device, batch_size=self.cfg.eval.batch_size, name=name,
-                    tasks=tasks_ref, early_rejection={"chunks": er.chunks, "z": er.z, "margin": er.margin}, train=train_ref,
+                    early_rejection={"chunks": er.chunks, "z": er.z, "margin": er.margin},
                     task_items=self.sources.task_items,
                 )
             )
-        self._refs = (base_ref, deltas_ref, eval_ref, tasks_ref, train_ref)
-        self.epoch = 0
-        self._update_refs: dict = {}
+        self.epoch = 1
+        self._update_refs: dict = refs
+        for actor in self.actors:  # not awaited: an actor runs its calls in order, so it loads first
+            self._send_update(actor)
         return self
 
     def update(self, *, eval_sets=None, train=None, deltas=None) -> None:
         """Ship new data to every evaluator (once through the object store) and wait for it.
 
-        Later calls to :meth:`evaluate` carry the new epoch; an actor that Ray restarted from its
-        constructor (old data) answers ``stale`` and is updated again before it retries.
+        Later calls to :meth:`evaluate` carry the new epoch; an actor that Ray restarted (empty)
+        answers ``stale`` and is sent the sources and every change since before it retries.
         """
         self.epoch += 1
         refs = {"eval_sets": None if eval_sets is None else ray.put(eval_sets),
                 "train": None if train is None else ray.put(train),
                 "deltas": None if deltas is None else ray.put(deltas)}
-        # an actor restarted later needs everything since its constructor, not just this change
+        # an actor restarted later needs everything since the start, not just this change
         self._update_refs = {**self._update_refs, **{k: v for k, v in refs.items() if v is not None}}
         ray.get([self._send_update(a) for a in self.actors])
 

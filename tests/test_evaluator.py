@@ -158,3 +158,23 @@ def test_task_subset_scores_part_of_the_items_in_search_and_all_in_the_compariso
     assert plain.data_version != sources.data_version and plain.task_items == {}
     with pytest.raises(EvoError, match="eval.task_subset: a number of items >= 1"):
         ExperimentConfig.from_dict({**raw, "eval": {**raw["eval"], "task_subset": 0}})
+
+
+def test_an_evaluator_without_sources_answers_stale_until_its_first_update(setup, micro_zoo, repo_root):
+    """The pool's actors (and any Ray restarts) are built empty and loaded by update(): the
+    result must equal that of an evaluator built with its sources."""
+    cfg, ev, recipes = setup
+    sources = Sources.load(cfg)
+    empty = Evaluator(None, None, sources.model_config, early_rejection=ev.early_rejection)
+    recipe = recipes["uniform average"].to_dict()
+    assert empty.evaluate(recipe, epoch=1) == {"status": "stale", "epoch": 0}
+    assert empty.evaluate(recipe) == {"status": "stale", "epoch": 0}  # no sources, whatever the epoch
+    with pytest.raises(EvoError, match="first update must carry the base model"):
+        empty.update(1, eval_sets=sources.eval_sets)
+    empty.update(1, eval_sets=sources.eval_sets, base=sources.base, sources=sources.deltas, tasks=sources.tasks)
+    loaded = empty.evaluate(recipe, epoch=1)
+    assert loaded["status"] == "ok"
+    assert loaded["metrics"] == pytest.approx(ev.evaluate(recipe)["metrics"], abs=1e-6)
+    # a later update leaves the loaded sources alone (base is ignored once loaded)
+    empty.update(2, base={})
+    assert empty.evaluate(recipe, epoch=2)["metrics"] == pytest.approx(loaded["metrics"], abs=1e-6)
