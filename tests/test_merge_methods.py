@@ -195,6 +195,8 @@ def test_resident_merger_matches_the_one_off_merge(method, extra):
         out = resident.merge(cfg, seed=3)
         for name in shapes:
             torch.testing.assert_close(out[name], one_off[name], rtol=1e-6, atol=1e-6)
+    if method == "della":  # each source's per-row ranks were sorted once, not per merge
+        assert len([k for k in resident._cache if k[1] == "della-ranks"]) == 3 * len(shapes)
     import shutil
 
     if any(shutil.which(c) for c in ("g++", "c++", "clang++")):

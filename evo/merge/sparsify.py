@@ -237,13 +237,34 @@ def random_prune(delta: Tensor, density: float, out: Tensor, seed: int) -> Tenso
     return out
 
 
+def _della_rows(delta: Tensor) -> Tensor:
+    """DELLA ranks within the last dimension (a vector is one row)."""
+    return delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(-1, delta.shape[-1])
+
+
+def della_ranks(delta: Tensor) -> Tensor:
+    """Each entry's magnitude rank within its row (0 = smallest), the part of DELLA that depends
+    only on the task vector: a resident merger computes it once per source instead of sorting
+    every row on every merge (the sort was ~80% of a DELLA merge). int16 where rows are short
+    enough (half the memory of the task vector), else int32."""
+    rows = _della_rows(delta)
+    cols = rows.shape[1]
+    order = rows.abs().argsort(dim=1)
+    dtype = torch.int16 if cols <= torch.iinfo(torch.int16).max else torch.int32
+    ranks = torch.empty(rows.shape, dtype=dtype, device=delta.device)
+    return ranks.scatter_(1, order, torch.arange(cols, dtype=dtype, device=delta.device).expand_as(ranks))
+
+
 def della_prune(delta: Tensor, density: float, epsilon: float, out: Tensor,
-                generator: torch.Generator) -> Tensor:
+                generator: torch.Generator, ranks: Tensor | None = None, keep_prob: Tensor | None = None,
+                flags: Tensor | None = None) -> Tensor:
     """DELLA MagPrune (mergekit ``della_magprune``): per row, keep probability rises linearly with
     magnitude rank from density−ε (smallest) to density+ε (largest), then a Bernoulli draw.
 
-    Ranking needs a sort per row; this allocates O(numel) index scratch, unlike the others.
-    Raises ValueError when density ± ε leaves (0, 1); the engine turns it into an EvoError.
+    ``ranks``: :func:`della_ranks` of ``delta`` if known (else sorted here, with O(numel) index
+    scratch); ``keep_prob`` (float32) and ``flags`` (bool), delta-sized scratch, are allocated
+    when None. Raises ValueError when density ± ε leaves (0, 1); the engine turns it into an
+    EvoError.
     """
     if density >= 1:
         return out.copy_(delta)
@@ -251,16 +272,19 @@ def della_prune(delta: Tensor, density: float, epsilon: float, out: Tensor,
         return out.zero_()
     if density + epsilon >= 1 or density - epsilon <= 0:
         raise ValueError(f"density {density} ± epsilon {epsilon} must stay inside (0, 1)")
-    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(-1, delta.shape[-1])
+    rows = _della_rows(delta)
     cols = rows.shape[1]
-    order = rows.abs().argsort(dim=1)
-    ranks = torch.empty(rows.shape, dtype=torch.float32, device=delta.device)
-    ranks.scatter_(1, order, torch.arange(cols, dtype=torch.float32, device=delta.device).expand_as(ranks))
+    if ranks is None:
+        ranks = della_ranks(delta)
+    prob = torch.empty(rows.shape, device=delta.device) if keep_prob is None else keep_prob.view(rows.shape)
+    prob.copy_(ranks)  # integer ranks are exact in float32 (< 2**24)
     # rank 0..cols-1 normalised to [0, 1]; a one-column row has no spread (mergekit: 0/0).
-    ranks.mul_(2 * epsilon / max(cols - 1, 1)).add_(density - epsilon)
-    draw = torch.rand(rows.shape, generator=generator, device=delta.device)
-    torch.lt(draw, ranks, out=draw)
-    return torch.mul(rows, draw, out=out.view(rows.shape)).view(delta.shape)
+    prob.mul_(2 * epsilon / max(cols - 1, 1)).add_(density - epsilon)
+    draw = out.view(rows.shape)
+    torch.rand(rows.shape, generator=generator, device=delta.device, out=draw)
+    keep = torch.empty(rows.shape, dtype=torch.bool, device=delta.device) if flags is None else flags.view(rows.shape)
+    torch.lt(draw, prob, out=keep)
+    return torch.mul(rows, keep, out=draw).view(delta.shape)
 
 
 def l1_rescale(delta: Tensor, pruned: Tensor, eps: float = 1e-7, before: float | None = None) -> float:

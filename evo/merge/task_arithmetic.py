@@ -105,7 +105,11 @@ class TaskArithmetic:
                 raise EvoError(f"{self.name}: tensor {job.name}: {err}") from None
         else:
             try:
-                sparsify.della_prune(delta, density, p["epsilon"], out, job.generator(i))
+                # a resident source's per-row ranks are fixed: sorted once, then only drawn against
+                ranks = job.cached(("della-ranks", job.models[i]), lambda: sparsify.della_ranks(delta)) \
+                    if job.resident else None
+                sparsify.della_prune(delta, density, p["epsilon"], out, job.generator(i), ranks,
+                                     s.get("abs", shape), flags[: delta.numel()].view(shape))
             except ValueError as err:
                 raise EvoError(f"{self.name}: tensor {job.name}: {err}") from None
         factor = 1.0
@@ -136,6 +140,9 @@ class TaskArithmetic:
         if self.sparsification == "random":
             dare = {i: (*sparsify.dare_key(job.seed(i)), sparsify.keep_cut(p["density"]))
                     for i, p in enumerate(job.per_model) if 0 < p["density"] < 1}
+        banded = self.sparsification in ("magnitude", "outliers") and not job.shared["rescale"]
+        if self.consensus is None and not dare and not banded:
+            return False  # a plain weighted sum (e.g. della_linear): decided before any pruning
         factors = {}
         if dare and job.shared["rescale"]:
             kept = job.fused.kept_l1([job.deltas[i] for i in dare], list(dare.values()))
