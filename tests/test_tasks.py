@@ -290,3 +290,31 @@ def test_lm_eval_adapter_refuses_cleanly_without_lm_eval(byte_tok):
         pytest.skip("lm-eval is installed; the refusal path is not reachable")
     with pytest.raises(EvoError, match="pip install lm-eval"):
         evaluate_lm_eval(None, byte_tok, ["arc_easy"])
+
+
+def test_multiple_choice_scores_match_lm_eval(micro_zoo, repo_root, tmp_path, monkeypatch):
+    """The same lm-eval-style task file, the same model: evo's acc and acc_norm equal
+    lm-evaluation-harness's (runs only where ``pip install -e '.[lm-eval]'`` was done)."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # local JSON only; never the hub
+        monkeypatch.setenv(var, "1")
+    pytest.importorskip("lm_eval")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evo.tasks.lm_eval_adapter import evaluate_lm_eval
+
+    data = repo_root / "tasks" / "arithmetic" / "arithmetic.jsonl"
+    spec = {"task": "evo_parity_arith", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+            "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "{{question}} Answer:",
+            "doc_to_choice": "choices", "doc_to_target": "label", "target_delimiter": " ",
+            "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}]}
+    (tmp_path / "evo_parity_arith.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    tok = AutoTokenizer.from_pretrained(micro_zoo.base_dir)
+    model = AutoModelForCausalLM.from_pretrained(micro_zoo.specialist_dirs["code"]).eval()
+    theirs = evaluate_lm_eval(model, tok, ["evo_parity_arith"], include_path=tmp_path, limit=60,
+                              batch_size=4)["evo_parity_arith"]
+    for metric in ("acc", "acc_norm"):
+        one = tmp_path / f"{metric}.yaml"
+        one.write_text(yaml.safe_dump({**spec, "metric_list": [{"metric": metric}]}, sort_keys=False))
+        ours = load_task(one, tok, limit=60).score(model, batch_size=4)["value"]
+        assert ours == pytest.approx(theirs[metric], abs=1e-9), (metric, ours, theirs)
+    assert 0.0 < theirs["acc"] < 1.0  # not a degenerate all-right / all-wrong comparison

@@ -39,5 +39,6 @@ def evaluate_lm_eval(model, tokenizer, tasks: Sequence[str], *, include_path: st
     results: dict[str, dict[str, float]] = {}
     for task, metrics in (out or {}).get("results", {}).items():
         results[task] = {key.split(",")[0]: float(value) for key, value in metrics.items()
-                         if "_stderr" not in key and isinstance(value, (int, float)) and not isinstance(value, bool)}
+                         if "_stderr" not in key and key != "sample_len"  # a count, not a metric
+                         and isinstance(value, (int, float)) and not isinstance(value, bool)}
     return results
