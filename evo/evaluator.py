@@ -91,7 +91,7 @@ class Evaluator:
         if base is not None:
             self._load(base, deltas or {}, eval_sets or {}, tasks, train)
 
-    epoch = 0  # which data update this evaluator holds (0: the constructor's)
+    epoch = 0  # which data update this evaluator holds (0: the constructor's, or none yet)
 
     def _load(self, base, deltas, eval_sets, tasks, train) -> None:
         self.merger = Merger(
@@ -122,10 +122,11 @@ class Evaluator:
             if base is None:
                 raise EvoError(f"{self.name}: the first update must carry the base model and sources")
             self._load(base, sources or {}, eval_sets or {}, tasks, train)
-        if eval_sets is not None:
-            self._set_eval_sets(eval_sets)
-        if train is not None:
-            self.train = _training_data(train)
+        else:
+            if eval_sets is not None:
+                self._set_eval_sets(eval_sets)
+            if train is not None:
+                self.train = _training_data(train)
         for model, delta in (deltas or {}).items():
             self.merger.set_delta(model, from_numpy(delta))
         self.epoch = epoch
