@@ -139,3 +139,27 @@ def test_dare_counter_hash_masks_are_independent_across_seeds_and_neighbours():
         for j in range(i + 1, 3):
             assert abs((masks[i] * masks[j]).mean().item() - 0.25) < 0.005  # other seeds
     assert torch.equal(random_prune(x, 0.5, torch.empty_like(x), seed=1), masks[0])
+
+
+@pytest.mark.parametrize("shape", [(64, 4096), (40_000,)], ids=["rows", "one-wide-row"])
+def test_della_keep_probability_rises_with_magnitude_rank_within_each_row(shape):
+    """density 0.5, ε 0.3: the smallest tenth of each row is kept at ~0.23, the largest at ~0.77
+    (linear in rank); rows longer than 2^15 + 1 take the int64 path and obey the same rule."""
+    from evo.merge.sparsify import della_prune, della_ranks
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    cols = shape[-1]
+    kept = della_prune(x, 0.5, 0.3, torch.empty_like(x), seed=7) != 0
+    ranks = della_ranks(x).reshape(shape).long()
+    tenth = cols // 10
+    expect = lambda lo, hi: 0.2 + 0.6 * (lo + hi - 1) / 2 / (cols - 1)  # noqa: E731 (mean p over ranks lo..hi-1)
+    assert abs(kept.float().mean().item() - 0.5) < 0.01
+    assert abs(kept[ranks < tenth].float().mean().item() - expect(0, tenth)) < 0.015
+    assert abs(kept[ranks >= cols - tenth].float().mean().item() - expect(cols - tenth, cols)) < 0.015
+    again = della_prune(x, 0.5, 0.3, torch.empty_like(x), seed=7) != 0
+    other = della_prune(x, 0.5, 0.3, torch.empty_like(x), seed=8) != 0
+    # another seed draws independently: P(both) = E[p²] = 0.5² + 0.6²/12 for p uniform on [0.2, 0.8]
+    assert torch.equal(kept, again) and abs((kept & other).float().mean().item() - 0.28) < 0.01
+    # one-column rows have no spread: every entry at density − ε
+    col = della_prune(torch.randn(20_000, 1), 0.5, 0.3, torch.empty(20_000, 1), seed=3) != 0
+    assert abs(col.float().mean().item() - 0.2) < 0.015

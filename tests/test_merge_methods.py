@@ -177,6 +177,7 @@ def test_magnitude_table_is_exact_with_ties_and_any_rank():
     ("breadcrumbs_ties", {"density": 0.6, "gamma": 0.05}),
     ("breadcrumbs", {"density": 0.6, "gamma": 0.05}),
     ("della", {"density": 0.5, "epsilon": 0.1}),
+    ("della_linear", {"density": 0.6, "epsilon": 0.2}),
 ])
 def test_resident_merger_matches_the_one_off_merge(method, extra):
     """Magnitude tables and the fused consensus kernel (evaluators) change speed, not tensors."""
@@ -195,7 +196,7 @@ def test_resident_merger_matches_the_one_off_merge(method, extra):
         out = resident.merge(cfg, seed=3)
         for name in shapes:
             torch.testing.assert_close(out[name], one_off[name], rtol=1e-6, atol=1e-6)
-    if method == "della":  # each source's per-row ranks were sorted once, not per merge
+    if method.startswith("della"):  # each source's per-row ranks were sorted once, not per merge
         assert len([k for k in resident._cache if k[1] == "della-ranks"]) == 3 * len(shapes)
     import shutil
 
@@ -204,7 +205,7 @@ def test_resident_merger_matches_the_one_off_merge(method, extra):
         if method == "task_arithmetic":  # a plain weighted sum stays eager: no compile to pay for
             assert resident.fused.calls == {"consensus": 0, "sum": 0}
         else:
-            kernel = "sum" if method == "breadcrumbs" else "consensus"
+            kernel = "sum" if method in ("breadcrumbs", "della_linear") else "consensus"
             assert resident.fused.calls[kernel] == 2 * len(shapes)  # every tensor, both merges, in one pass
 
 

@@ -5,8 +5,8 @@ sign election, agreement masks, weight divisor, base add), each reading and writ
 tensor. ``torch.compile`` (Inductor: a C++/OpenMP loop on CPU, Triton on GPU) fuses them into one
 loop that reads base and each task vector once and writes the output once. Magnitude pruning
 enters as two scalars per task vector, a band ``lo <= |δ| <= hi`` (TIES: ``hi`` = no limit;
-breadcrumbs: the outlier cut), and DARE's mask as its counter-hash key, so a pruned task vector
-is never materialised either. Sign-consensus methods use ``_consensus``; breadcrumbs and
+breadcrumbs: the outlier cut), and DARE's and DELLA's masks as counter-hash keys (DELLA's with
+the source's per-row magnitude ranks), so a pruned task vector is never materialised either. Sign-consensus methods use ``_consensus``; breadcrumbs and
 dare_linear the plain ``_weighted_sum`` (plain task arithmetic stays eager: nothing to fuse).
 
 Only resident mergers (evaluators, which merge many candidates) use it, and only for models of
@@ -24,7 +24,7 @@ import os
 import torch
 from torch import Tensor
 
-from evo.merge.sparsify import keep_hash
+from evo.merge.sparsify import della_keep, keep_hash
 
 log = logging.getLogger(__name__)
 
@@ -37,22 +37,30 @@ FUSED_MIN_ENTRIES = 8_000_000
 NO_LIMIT = 3.0e38  # "no upper cut": a finite float, so the compiled kernel sees an ordinary scalar
 
 
+def _keep(idx: Tensor, key) -> Tensor:
+    """The counter-hash mask of one task vector: DARE (``key`` = (a, b, cut)) or DELLA
+    ((a, b, c0m, e, m, ranks); see ``sparsify.della_key``), exactly as the eager path draws it."""
+    h = keep_hash(idx, key[0], key[1])
+    if len(key) == 3:
+        return h < key[2]
+    return della_keep(h, key[5], key[2], key[3], key[4])
+
+
 def _band(x: Tensor, lo: float, hi: float, scale: float, key) -> Tensor:
-    """``scale * x`` where ``lo <= |x| <= hi`` and, for DARE (``key`` = (a, b, cut)), where the
-    entry's counter hash falls under ``cut``; 0 elsewhere."""
+    """``scale * x`` where ``lo <= |x| <= hi`` and, for DARE or DELLA (``key``), where the entry's
+    counter-hash draw keeps it; 0 elsewhere."""
     a = x.abs()
     keep = (a >= lo) & (a <= hi)
     if key is not None:
-        idx = torch.arange(x.numel(), device=x.device, dtype=torch.int32)
-        keep = keep & (keep_hash(idx, key[0], key[1]) < key[2])
+        keep = keep & _keep(torch.arange(x.numel(), device=x.device, dtype=torch.int32), key)
     return torch.where(keep, x, 0.0) * scale
 
 
 def _kept_l1(xs: list[Tensor], keys: list) -> Tensor:
-    """‖DARE-pruned x‖₁ of each x without the pruned tensors (the L1 rescale denominators), in
-    one call per output tensor: per-call overhead is a visible share of a 25M merge."""
+    """‖DARE/DELLA-pruned x‖₁ of each x without the pruned tensors (the L1 rescale denominators),
+    in one call per output tensor: per-call overhead is a visible share of a 25M merge."""
     idx = torch.arange(xs[0].numel(), device=xs[0].device, dtype=torch.int32)
-    return torch.stack([torch.where(keep_hash(idx, k[0], k[1]) < k[2], x.abs(), 0.0).sum(dtype=torch.float64)
+    return torch.stack([torch.where(_keep(idx, k), x.abs(), 0.0).sum(dtype=torch.float64)
                         for x, k in zip(xs, keys)])
 
 
@@ -156,6 +164,6 @@ def fused_by_default(entries: int | None) -> bool:
 
 
 def _key_tensors(key) -> tuple[Tensor, ...]:
-    """DARE's (a, b, cut) as 0-dim int32 tensors: graph inputs, so a new seed never recompiles
-    and the hash stays in 32-bit arithmetic."""
-    return tuple(torch.tensor(int(v), dtype=torch.int32) for v in key)
+    """A mask key's integers as 0-dim int32 tensors: graph inputs, so a new seed never recompiles
+    and the hash stays in 32-bit arithmetic; DELLA's ranks tensor passes flattened."""
+    return tuple(v.reshape(-1) if isinstance(v, Tensor) else torch.tensor(int(v), dtype=torch.int32) for v in key)

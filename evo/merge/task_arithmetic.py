@@ -105,11 +105,7 @@ class TaskArithmetic:
                 raise EvoError(f"{self.name}: tensor {job.name}: {err}") from None
         else:
             try:
-                # a resident source's per-row ranks are fixed: sorted once, then only drawn against
-                ranks = job.cached(("della-ranks", job.models[i]), lambda: sparsify.della_ranks(delta)) \
-                    if job.resident else None
-                sparsify.della_prune(delta, density, p["epsilon"], out, job.generator(i), ranks,
-                                     s.get("abs", shape), flags[: delta.numel()].view(shape))
+                sparsify.della_prune(delta, density, p["epsilon"], out, job.seed(i), self._della_ranks(job, i))
             except ValueError as err:
                 raise EvoError(f"{self.name}: tensor {job.name}: {err}") from None
         factor = 1.0
@@ -125,21 +121,40 @@ class TaskArithmetic:
             return None
         return job.cached(("magnitude-table", job.models[i]), lambda: sparsify.MagnitudeTable(job.deltas[i]))
 
+    def _della_ranks(self, job: TensorJob, i: int):
+        """A resident source's per-row magnitude ranks: fixed, so sorted once (else None)."""
+        if not job.resident:
+            return None
+        return job.cached(("della-ranks", job.models[i]), lambda: sparsify.della_ranks(job.deltas[i]))
+
     def _fused(self, job: TensorJob, weights: list[float], lam: float, normalize: bool) -> bool:
         """The whole merge in one compiled pass (resident mergers; see ``evo.merge.fused``).
-        Magnitude and outlier pruning become a band per task vector and DARE a counter-hash
-        mask computed in the pass (its L1 rescale one compiled reduction first); DELLA and
-        rescaled magnitude pruning still materialise the pruned vector first."""
+        Magnitude and outlier pruning become a band per task vector, DARE and DELLA a
+        counter-hash mask computed in the pass (DELLA's against each source's cached ranks;
+        their L1 rescale one compiled reduction first); rescaled magnitude pruning still
+        materialises the pruned vector first."""
         if job.fused is None or any(d is None for d in job.deltas):
             return False
         if not job.fused.usable(job.base, job.out, *job.deltas):
             return False
         xs, lows, highs, scales, keys = [], [], [], [], []
         s, shape = job.scratch, job.base.shape
-        dare = {}  # entry -> its mask key (a, b, cut)
+        dare = {}  # entry -> its mask key: DARE (a, b, cut), DELLA (a, b, c0m, e, m, ranks)
         if self.sparsification == "random":
             dare = {i: (*sparsify.dare_key(job.seed(i)), sparsify.keep_cut(p["density"]))
                     for i, p in enumerate(job.per_model) if 0 < p["density"] < 1}
+        elif self.sparsification == "della":
+            cols = job.base.shape[-1] if job.base.dim() >= 2 else job.base.numel()
+            if not sparsify.della_fits_int32(cols):
+                return False  # the eager path computes the same mask in int64
+            for i, p in enumerate(job.per_model):
+                if 0 < p["density"] < 1:
+                    try:
+                        sparsify.check_della(p["density"], p["epsilon"])
+                    except ValueError as err:
+                        raise EvoError(f"{self.name}: tensor {job.name}: {err}") from None
+                    dare[i] = (*sparsify.dare_key(job.seed(i)), *sparsify.della_key(p["density"], p["epsilon"], cols),
+                               self._della_ranks(job, i))
         banded = self.sparsification in ("magnitude", "outliers") and not job.shared["rescale"]
         if self.consensus is None and not dare and not banded:
             return False  # a plain weighted sum (e.g. della_linear): decided before any pruning
