@@ -242,6 +242,11 @@ def _della_rows(delta: Tensor) -> Tensor:
     return delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(-1, delta.shape[-1])
 
 
+def della_cols(delta: Tensor) -> int:
+    """The length of the rows DELLA ranks within."""
+    return _della_rows(delta).shape[1]
+
+
 def della_ranks(delta: Tensor) -> Tensor:
     """Each entry's magnitude rank within its row (0 = smallest), the part of DELLA that depends
     only on the task vector: a resident merger computes it once per source instead of sorting
@@ -304,7 +309,7 @@ def della_prune(delta: Tensor, density: float, epsilon: float, out: Tensor, seed
     n = delta.numel()
     if n >= 1 << 31:
         raise ValueError(f"DELLA's counter hash covers tensors up to 2**31 entries, got {n}")
-    cols = _della_rows(delta).shape[1]
+    cols = della_cols(delta)
     if ranks is None:
         ranks = della_ranks(delta)
     c0m, e, m = della_key(density, epsilon, cols)

@@ -144,7 +144,7 @@ class TaskArithmetic:
             dare = {i: (*sparsify.dare_key(job.seed(i)), sparsify.keep_cut(p["density"]))
                     for i, p in enumerate(job.per_model) if 0 < p["density"] < 1}
         elif self.sparsification == "della":
-            cols = job.base.shape[-1] if job.base.dim() >= 2 else job.base.numel()
+            cols = sparsify.della_cols(job.base)
             if not sparsify.della_fits_int32(cols):
                 return False  # the eager path computes the same mask in int64
             for i, p in enumerate(job.per_model):
