@@ -29,6 +29,8 @@ from evo.merge import METHODS, MergeConfig, Merger, merge_to_dir  # noqa: E402
 SIZES = {  # name -> (hidden, intermediate, layers, vocab)
     "125M": (768, 3072, 10, 16384),
     "25M": (384, 1536, 8, 8192),
+    "15M": (320, 896, 8, 8192),    # the small zoo's shape
+    "1.6M": (128, 384, 4, 3072),   # the tiny zoo's shape
 }
 RECIPE_PARAMS = {"weight": 0.5, "density": 0.5}
 EXTRA = {"slerp": {"t": 0.4}, "della": {"epsilon": 0.1}, "della_linear": {"epsilon": 0.1}}

@@ -29,10 +29,11 @@ from evo.merge.sparsify import della_keep, keep_hash
 log = logging.getLogger(__name__)
 
 # Below this many entries per model the kernel does not pay for its compile within a search.
-# Measured per merge of 3 sources on 2 cores (eager -> fused, against ~7 s of compiling TIES'
-# kernel and ~4 s for DARE's): 1.6M entries (the tiny zoo) TIES 51 -> 30 ms, DARE-TIES 101 -> 38
-# ms, i.e. 60-350 merges to pay back, more than an evaluator runs in the quickstart; 15M (the
-# small zoo) 181 -> 52 ms and 412 -> 118 ms, 13-55 merges.
+# `EVO_FUSED=1` vs `0 python experiments/bench_merge.py --sizes 1.6M,15M --methods ties,dare_ties
+# --modes resident --reps 5 --e2e-methods ""` (3 sources, 2 cores), fused vs eager per merge,
+# against ~7 s of compiling TIES' kernel and ~3-4 s for DARE's: 1.6M entries (the tiny zoo) TIES
+# 53 -> 17 ms, DARE-TIES 109 -> 29 ms, i.e. 50-200 merges to pay back, more than an evaluator
+# runs in the quickstart; 15M (the small zoo) 151 -> 51 ms and 604 -> 120 ms, 8-70 merges.
 FUSED_MIN_ENTRIES = 8_000_000
 NO_LIMIT = 3.0e38  # "no upper cut": a finite float, so the compiled kernel sees an ordinary scalar
 
