@@ -56,6 +56,26 @@ class EarlyRejection:
 
 
 @dataclass
+class SelectionConfig:
+    """Choosing the release on data the search never optimised on (see docs/heldout.md).
+
+    Each evaluation set's documents are split by a hash of their content: ``fraction`` of them
+    become the *selection* split, the rest the pool the search draws its blocks from (or give
+    ``sets``: one selection file per evaluation set). After the search, the ``top_k`` best
+    recipes of the hall of fame and the simple baselines (uniform average, task arithmetic at
+    every ``lambdas`` value, TIES and DARE-TIES defaults) are scored on ``blocks`` blocks of
+    every selection set; the release is the best of them there, a baseline when no evolved
+    recipe beats it.
+    """
+
+    fraction: float = 0.5
+    sets: dict[str, str] = field(default_factory=dict)
+    blocks: int = 64
+    top_k: int = 8
+    lambdas: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+
+
+@dataclass
 class ModelsConfig:
     base: str = ""
     sources: dict[str, str] = field(default_factory=dict)
@@ -66,8 +86,14 @@ class EvalConfig:
     sets: dict[str, str] = field(default_factory=dict)  # name -> JSONL ({"text": ...}) or .txt
     tokenizer: str | None = None  # default: the base model directory
     seq_len: int = 128
-    max_blocks: int = 16
+    max_blocks: int = 16  # blocks per set each candidate is scored on (one draw per generation)
     batch_size: int = 8
+    # draw the search blocks afresh each generation from a pool of the search split, so no
+    # recipe is fitted to a fixed handful of blocks; false: the same blocks every generation
+    redraw: bool = True
+    pool_blocks: int | None = None  # blocks per set in the search pool (default 8 x max_blocks)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    test_blocks: int = 64  # blocks per set of the test split (a zoo's test.jsonl), report only
     tasks: dict[str, str] = field(default_factory=dict)  # name -> task YAML (evo.tasks)
     train_sets: dict[str, str] = field(default_factory=dict)  # LoRA genes train on these (default: zoo train split)
     train_blocks: int = 256
@@ -266,6 +292,28 @@ class ExperimentConfig:
         self._validate_stream()
         if self.eval.seq_len < 2 or self.eval.max_blocks < 1 or self.eval.batch_size < 1:
             raise EvoError(f"{where}: eval: seq_len >= 2, max_blocks >= 1 and batch_size >= 1 are required")
+        if self.eval.pool_blocks is not None and self.eval.pool_blocks < self.eval.max_blocks:
+            raise EvoError(f"{where}: eval.pool_blocks: must be >= eval.max_blocks ({self.eval.max_blocks}), "
+                           f"got {self.eval.pool_blocks}")
+        if self.eval.test_blocks < 1:
+            raise EvoError(f"{where}: eval.test_blocks: must be >= 1")
+        sel = self.eval.selection
+        if not 0.0 <= sel.fraction < 1.0:
+            raise EvoError(f"{where}: eval.selection.fraction: a share of documents in [0, 1), got {sel.fraction}")
+        if sel.blocks < 1 or sel.top_k < 1:
+            raise EvoError(f"{where}: eval.selection: blocks >= 1 and top_k >= 1 are required")
+        if any(not 0.0 < lam <= 2.0 for lam in sel.lambdas):
+            raise EvoError(f"{where}: eval.selection.lambdas: task-arithmetic scales in (0, 2], got {sel.lambdas}")
+        for name, path in sel.sets.items():
+            if name not in self.eval.sets:
+                raise EvoError(f"{where}: eval.selection.sets.{name}: no evaluation set of that name "
+                               f"(known: {', '.join(self.eval.sets)})")
+            if not Path(path).is_file():
+                raise EvoError(f"{where}: eval.selection.sets.{name}: file not found: {path}")
+        if sel.sets and set(sel.sets) != set(self.eval.sets):
+            missing = sorted(set(self.eval.sets) - set(sel.sets))
+            raise EvoError(f"{where}: eval.selection.sets: give a selection file for every evaluation set "
+                           f"(missing: {', '.join(missing)}), or none to split them by document hash")
 
     @property
     def streaming(self) -> bool:
@@ -334,6 +382,7 @@ class ExperimentConfig:
         self.eval.sets = {k: fix(v) for k, v in self.eval.sets.items()}
         self.eval.tasks = {k: fix(v) for k, v in self.eval.tasks.items()}
         self.eval.train_sets = {k: fix(v) for k, v in self.eval.train_sets.items()}
+        self.eval.selection.sets = {k: fix(v) for k, v in self.eval.selection.sets.items()}
         self.eval.tokenizer = fix(self.eval.tokenizer)
         self.stream.folder = fix(self.stream.folder)
 

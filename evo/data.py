@@ -123,6 +123,22 @@ def is_heldout(text: str, seed: int, frac: float) -> bool:
     return int.from_bytes(digest, "big") / 2**64 < frac
 
 
+def selection_split(docs: list[str], fraction: float) -> tuple[list[str], list[str]]:
+    """(search documents, selection documents) of one evaluation file, by content hash.
+
+    The ``round(fraction * n)`` documents with the smallest hashes of their canonical text are
+    held out for selection (at least one on each side when there are two or more), so the split
+    does not depend on the file's order and a document never lands on both sides. Order is kept.
+    """
+    if fraction <= 0 or len(docs) < 2:
+        return list(docs), []
+    rank = sorted(range(len(docs)), key=lambda i: hashlib.blake2b(
+        f"selection\x00{canonical(docs[i])}".encode("utf-8"), digest_size=8).digest())
+    k = min(len(docs) - 1, max(1, round(fraction * len(docs))))
+    held = set(rank[:k])
+    return [d for i, d in enumerate(docs) if i not in held], [d for i, d in enumerate(docs) if i in held]
+
+
 def shingles(text: str, n: int = 3) -> set[bytes]:
     """Word n-grams (lower-cased) of a document, the sets MinHash compares."""
     words = _WORD.findall(text.lower())

@@ -12,7 +12,7 @@ import os
 import resource
 import time
 import traceback
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -139,7 +139,7 @@ class Evaluator:
         return os.getpid()
 
     def evaluate(self, recipe: dict, collection: str = "valid", reject_above: float | None = None,
-                 epoch: int = 0) -> dict:
+                 epoch: int = 0, blocks: Mapping[str, Sequence[int]] | None = None) -> dict:
         """Score one recipe. Never raises for a bad candidate: returns ``status: failed``.
 
         ``reject_above``: early rejection against the current k-th best (see
@@ -149,8 +149,9 @@ class Evaluator:
         candidate is recognised after far fewer blocks). A rejected candidate comes back
         ``rejected`` with its estimate as its metrics. ``epoch``: the data update the caller
         expects; an evaluator holding another (one Ray restarted from its constructor) answers
-        ``stale``. Results on ``valid`` carry ``block_nlls`` (per set), the paired reference
-        for later candidates.
+        ``stale``. ``blocks``: ``{set: row indices}`` of the collection to score (a generation's
+        draw from the search pool); default every block. Results that were not rejected carry
+        ``block_nlls`` (per set): paired references and confidence intervals are built from them.
         """
         if epoch != self.epoch or self.merger is None:
             return {"status": "stale", "epoch": self.epoch}
@@ -163,7 +164,10 @@ class Evaluator:
                 model, lora_stats = self._fit_lora(rec)
             t1 = time.perf_counter()
             try:
-                metrics, fraction, rejected, blocks = self._perplexities(model, self.eval_sets[collection], reject_above)
+                sets = self.eval_sets[collection]
+                if blocks is not None:
+                    sets = {name: b[torch.as_tensor(list(blocks[name]), dtype=torch.long)] for name, b in sets.items()}
+                metrics, fraction, rejected, nlls = self._perplexities(model, sets, reject_above)
                 t2 = time.perf_counter()
                 if not rejected:
                     for name, task in self.tasks.items():
@@ -186,8 +190,8 @@ class Evaluator:
                 "timings": {"merge_s": t1 - t0, "ppl_s": t2 - t1, "tasks_s": t3 - t2, "eval_s": t3 - t1},
                 "worker": {"pid": os.getpid(), "name": self.name, "peak_rss_mb": _peak_rss_mb()},
             }
-            if collection == "valid" and not rejected:
-                out["block_nlls"] = {k: [round(float(x), 5) for x in v] for k, v in blocks.items()}
+            if not rejected:
+                out["block_nlls"] = {k: [round(float(x), 6) for x in v] for k, v in nlls.items()}
             return out
         except Exception as exc:  # a candidate's own failure is data, not a crash
             return {

@@ -154,12 +154,14 @@ class EvaluatorPool:
 
     # ------------------------------------------------------------------ dispatch
     def evaluate(self, todo: dict, on_result: Callable[[str, dict], None], *, desc: str = "", collection: str = "valid",
-                 reject_above: float | None = None, should_stop: Callable[[], bool] | None = None) -> None:
+                 reject_above: float | None = None, should_stop: Callable[[], bool] | None = None,
+                 blocks: dict[str, list[int]] | None = None) -> None:
         """Evaluate ``todo = {key: (task name, Recipe)}``, calling ``on_result(key, result)`` as each ends.
 
         ``should_stop``: polled about once a second; when it turns true, candidates still
         running are abandoned (their actors are killed on exit) and :class:`Interrupted` is
         raised. Results already delivered stay delivered, so nothing finished is lost.
+        ``blocks``: the rows of each set of ``collection`` to score (a generation's draw).
         """
         queue = [(key, name, recipe.to_dict(), 0) for key, (name, recipe) in todo.items()]
         idle = list(range(len(self.actors)))
@@ -174,7 +176,7 @@ class EvaluatorPool:
                 while queue and idle:
                     key, name, recipe, attempt = queue.pop(0)
                     a = idle.pop(0)
-                    ref = self.actors[a].evaluate.options(name=name).remote(recipe, collection, reject_above, self.epoch)
+                    ref = self.actors[a].evaluate.options(name=name).remote(recipe, collection, reject_above, self.epoch, blocks)
                     inflight[ref] = (key, name, recipe, attempt, a, time.time())
                 if not ray.is_initialized():
                     raise EvoError("Ray was shut down while candidates were running")

@@ -58,19 +58,22 @@ def export(run_dir: str | Path, out: str | Path | None = None, *, lora: str = "m
     if cfg.streaming:
         raise EvoError(f"{store.root}: a stream run writes its releases itself (see {store.releases_dir}); "
                        "copy the newest one to ship it")
-    recipe = Recipe.from_dict(ckpt["best"]["recipe"], source=str(store.root / RunStore.CHECKPOINT))
+    selection = ckpt.get("selection")
+    if not selection or not selection.get("release_recipe"):
+        raise EvoError(f"{store.root}: the run has not finished: its release is chosen on the selection split after "
+                       f"the last generation; continue it with `evo resume {store.root}`")
+    recipe = Recipe.from_dict(selection["release_recipe"], source=str(store.root / RunStore.CHECKPOINT))
     paths = {"base": cfg.models.base, **cfg.models.sources}
-    train = None
-    if recipe.lora:
-        from transformers import AutoTokenizer
+    from evo.sources import load_tokenizer, search_and_selection, train_blocks
 
-        from evo.sources import train_blocks
-
-        tok = AutoTokenizer.from_pretrained(cfg.eval.tokenizer or cfg.models.base, trust_remote_code=False)
-        train = train_blocks(cfg, tok)
+    tok = load_tokenizer(cfg)
+    train = train_blocks(cfg, tok) if recipe.lora else None
+    # the blocks the release's recorded fitness was measured on, so `evo verify` re-measures exactly those
+    search, held = search_and_selection(cfg, tok)
+    blocks = held if selection.get("split") == "selection" else search
     fitness = _run_fitness(cfg, ckpt, store)
-    out = write_release(store, cfg, recipe, paths, fitness, out=out, lora=lora, train=train)
-    store.event("exported", release=str(out), recipe_key=recipe.key(), values=ckpt["best"]["values"])
+    out = write_release(store, cfg, recipe, paths, fitness, out=out, lora=lora, train=train, eval_blocks=blocks)
+    store.event("exported", release=str(out), recipe_key=recipe.key(), values=fitness["objectives"])
     return out
 
 
@@ -119,34 +122,43 @@ def write_release(store: RunStore, cfg: ExperimentConfig, recipe: Recipe, paths:
 
 
 def _run_fitness(cfg: ExperimentConfig, ckpt: dict, store: RunStore) -> dict:
-    """fitness.json of a fixed-data run's best: its values, data, comparison and lineage."""
+    """fitness.json of a fixed-data run's release: its values on the selection split (what
+    ``evo verify`` re-measures), beside its search and test values, the margins over the best
+    simple baseline, the comparison and the lineage."""
     from evo.reporting import lineage
 
-    best = ckpt["best"]
+    sel = ckpt["selection"]
     objectives = ckpt["objectives"]
-    values = best["values"]
-    if "task_subset" in ckpt.get("data_inputs", {}).get("settings", {}) or cfg.eval.subset < 1.0:
-        # searched on a subset of blocks or task items: record (and verify) the full-set values
-        full = ((ckpt.get("comparison") or {}).get("evolved (best)") or {}).get("valid", {}).get("objectives")
-        if not full:
-            raise EvoError(f"{store.root}: a subset run (eval.subset, eval.task_subset) can be exported once it has finished: "
-                           "its full-set fitness is measured in the final comparison")
-        values = [full[o["name"]] for o in objectives]
+    split = sel.get("split") or "valid"
+    row = sel["table"].get(sel["release"], {})
+    measured = row.get("selection") or row.get(split) or {}
+    if "objectives" not in measured:
+        raise EvoError(f"{store.root}: the release {sel['release']!r} has no {split} values: "
+                       f"its evaluation failed ({measured.get('error')})")
+    values = [measured["objectives"][o["name"]] for o in objectives]
     fitness = {
         "objectives": {o["name"]: {"value": v, "goal": o["goal"]} for o, v in zip(objectives, values)},
+        "measured_on": split,
+        "values_by_split": {k: row[k] if k == "search" else row[k].get("objectives")
+                            for k in ("search", "selection", "test") if k in row},
+        "release": {"label": sel["release"], "kind": sel["release_kind"], "reason": sel["reason"],
+                    "best_baseline": sel.get("best_baseline"), "best_lambda": sel.get("best_lambda")},
+        "margins": sel.get("margins", {}),
         "data_version": ckpt["data_version"],
         "generation": ckpt["generation"],
         "run": str(store.root.resolve()),
         "eval": _eval_record(cfg),
         "objective_specs": objectives,
         "data_inputs": ckpt.get("data_inputs", {}),
+        "comparison": sel["table"],
     }
-    if "comparison" in ckpt:
-        fitness["comparison"] = ckpt["comparison"]
+    best_id = (ckpt.get("best") or {}).get("id")
+    if sel["release_kind"] == "evolved":
+        best_id = sel["release"].rsplit("(", 1)[-1].rstrip(")")
     fitness["lineage"] = [
         {"candidate": c["candidate"], "generation": c["generation"], "parents": c.get("parents") or [], "values": c.get("values")}
-        for c in lineage(store.candidates(), best.get("id"))
-    ]
+        for c in lineage(store.candidates(), best_id)
+    ] if sel["release_kind"] == "evolved" else []
     return fitness
 
 
@@ -258,9 +270,28 @@ def _card(recipe: Recipe, paths: dict, fitness: dict, cfg: ExperimentConfig) -> 
         for n, o in fitness["objectives"].items():
             old = prev["objectives"].get(n, {}).get("value")
             lines.append(f"| {n} | {'-' if old is None else f'{old:.4f}'} | {o['value']:.4f} |")
+    rel = fitness.get("release")
+    if rel:
+        lines += ["", "## How this release was chosen", "",
+                  f"Candidates were scored on search blocks drawn afresh each generation; the best recipes and the "
+                  f"simple baselines were then re-scored on a selection split the search never saw. Released: "
+                  f"**{rel['label']}** ({rel['kind']}): {rel['reason']}.", "",
+                  "| split | " + " | ".join(fitness["objectives"]) + " |", "|---|" + "---|" * len(fitness["objectives"])]
+        for split, vals in fitness.get("values_by_split", {}).items():
+            if vals:
+                note = " (adjusted to the first draw; not comparable across splits)" if split == "search" else ""
+                lines.append(f"| {split}{note} | " + " | ".join(f"{vals.get(n, float('nan')):.4f}" for n in fitness["objectives"]) + " |")
+        margins = {k: m for k, m in (fitness.get("margins") or {}).items() if m}
+        if margins:
+            lines += ["", f"Margin in mean log-perplexity (nats; negative: this release is better), paired over the same "
+                      f"blocks, with a normal 95% interval over blocks:", ""]
+            for key, m in margins.items():
+                what, split = key.split("/")
+                lines.append(f"- {what.replace('_', ' ')} ({rel['best_baseline'] if 'baseline' in what else 'uniform average'}), "
+                             f"{split} split: {m['mean']:+.4f} [{m['lo']:+.4f}, {m['hi']:+.4f}] over {m['blocks']} blocks")
     comp = fitness.get("comparison")
     if comp:
-        coll = "test" if any("test" in v for v in comp.values()) else "valid"
+        coll = next((c for c in ("test", "selection", "valid") if any(c in v for v in comp.values())), "valid")
         sets = fitness.get("comparison_sets") or list(cfg.eval.sets)
         lines += ["", f"## Comparison (log-perplexity, {coll} split)", "",
                   "| model | " + " | ".join(sets) + " | mean |", "|---" * (len(sets) + 2) + "|"]

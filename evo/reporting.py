@@ -209,7 +209,7 @@ def _html(cfg, ckpt, cands, store, images, names) -> str:
             parts.append(f"<h2>{title}</h2><img alt='{key}' src='data:image/png;base64,{images[key]}'>")
     comp = ckpt.get("comparison")
     if comp:
-        coll = "test" if any("test" in v for v in comp.values()) else "valid"
+        coll = next((c for c in ("test", "selection", "valid") if any(c in v for v in comp.values())), "valid")
         sets = list(cfg.eval.sets)
         parts.append(f"<h2>Comparison ({coll} split, log-perplexity)</h2><table><tr><th>model</th>"
                      + "".join(f"<th>{esc(s)}</th>" for s in sets) + "<th>mean</th></tr>")

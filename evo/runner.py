@@ -25,11 +25,13 @@ import numpy as np
 from deap import tools
 
 from evo.config import ExperimentConfig, early_rejection_active
+from evo.draws import BlockDraws, adjust_metrics, paired_difference
 from evo.errors import EvoError
 from evo.fitness import objective_values
 from evo.metrics import RunMetrics
 from evo.optim import make_optimizer, restore_optimizer
 from evo.pool import EvaluatorPool, Interrupted, Sources
+from evo.selection import Selection, baseline_recipes, control_recipe, print_selection, weights_recipe  # noqa: F401
 from evo.signals import StopSignals
 from evo.space import Recipe, SearchSpace
 from evo.store import RunStore
@@ -46,6 +48,14 @@ class RunResult:
     dashboard_url: str | None = None
     releases: list[str] = field(default_factory=list)   # stream runs: releases written so far
     versions: list[dict] = field(default_factory=list)   # stream runs: one entry per data version
+    selection: dict | None = None  # fixed-data runs: the release chosen on the selection split (evo.selection)
+
+    @property
+    def release_recipe(self) -> Recipe | None:
+        """What ``evo export`` ships: the selection stage's choice (else the search's best)."""
+        if self.selection and self.selection.get("release_recipe"):
+            return Recipe.from_dict(self.selection["release_recipe"])
+        return self.best_recipe
 
 
 def _as_config(config) -> ExperimentConfig:
@@ -112,36 +122,6 @@ def initial_genomes(cfg: ExperimentConfig, space: SearchSpace) -> list[np.ndarra
     return [space.uniform_genome(weight=1.0 / n, density=1.0), space.uniform_genome(weight=1.0, density=1.0)]
 
 
-def weights_recipe(cfg: ExperimentConfig, weights: dict[str, float], method: str = "task_arithmetic",
-                   extra: dict | None = None) -> Recipe:
-    """A fixed recipe over the base: ``weights[model]`` per source model, no LoRA."""
-    from evo.merge import MergeConfig
-
-    merge = MergeConfig.from_dict({
-        "merge_method": method,
-        "base_model": "base",
-        "models": [{"model": m, "parameters": {"weight": w, **(extra or {})}} for m, w in weights.items()],
-        "parameters": {},
-        "dtype": cfg.dtype,
-    })
-    return Recipe(merge, None, cfg.seed)
-
-
-def baseline_recipes(cfg: ExperimentConfig) -> dict[str, Recipe]:
-    """Fixed comparison points: the base, each source alone, the uniform average, default TIES."""
-    names = list(cfg.models.sources)
-
-    def ta(weights, method="task_arithmetic", extra=None):
-        return weights_recipe(cfg, dict(zip(names, weights)), method, extra)
-
-    out = {"base": ta([0.0] * len(names))}
-    for i, m in enumerate(names):
-        out[f"specialist:{m}"] = ta([1.0 if j == i else 0.0 for j in range(len(names))])
-    out["uniform average"] = ta([1.0 / len(names)] * len(names))
-    out["ties (w=1, density=0.5)"] = ta([1.0] * len(names), "ties", {"density": 0.5})
-    return out
-
-
 def _loop(cfg: ExperimentConfig, store: RunStore, *, quiet: bool, stop_after: int | None) -> RunResult:
     space = make_space(cfg)
     directions = objective_directions(cfg)
@@ -164,6 +144,7 @@ def _loop(cfg: ExperimentConfig, store: RunStore, *, quiet: bool, stop_after: in
     task_names = list(cfg.eval.tasks)
 
     comparison: dict = {}
+    selection: dict | None = None
     best = optimizer.best()
     with EvaluatorPool(cfg, sources, run_name=store.root.name, quiet=quiet) as pool, StopSignals() as stop:
         if not quiet and pool.dashboard_url:
@@ -171,7 +152,8 @@ def _loop(cfg: ExperimentConfig, store: RunStore, *, quiet: bool, stop_after: in
         store.event("ray_started", dashboard=pool.dashboard_url, evaluators=pool.size, data_version=sources.data_version)
         metrics = RunMetrics(store.root.name, objective_names)
         step = GenerationStep(cfg, space, optimizer, pool, store, cache, metrics, data_key=sources.data_version,
-                              set_names=set_names, task_names=task_names)
+                              set_names=set_names, task_names=task_names, draws=search_draws(cfg, sources),
+                              evidence=(ckpt or {}).get("evidence"), quiet=quiet)
         stopped = False
         try:
             for gen in range(start, cfg.optimizer.generations):
@@ -181,7 +163,7 @@ def _loop(cfg: ExperimentConfig, store: RunStore, *, quiet: bool, stop_after: in
                 row = step.run(gen, should_stop=stop.requested)
                 logbook.append(row)
                 store.save_checkpoint({**checkpoint_state(cfg, optimizer, logbook, space, sources.data_version),
-                                       "data_inputs": sources.version_inputs})
+                                       "data_inputs": sources.version_inputs, "evidence": step.evidence})
                 store.event("generation_done", **row)
                 metrics.generation_done(row, sources.data_version)
                 if not quiet:
@@ -192,7 +174,8 @@ def _loop(cfg: ExperimentConfig, store: RunStore, *, quiet: bool, stop_after: in
         best = optimizer.best()
         if not stopped and best is not None:
             done = True
-            comparison = _compare(cfg, pool, space, best, store, quiet)
+            selection = select_release(cfg, pool, space, optimizer, store, quiet)
+            comparison = selection["table"]
         elif stopped and not quiet:
             print(f"stopped after generation {optimizer.generation - 1}; continue with `evo resume {store.root}`")
     if done:
@@ -205,6 +188,7 @@ def _loop(cfg: ExperimentConfig, store: RunStore, *, quiet: bool, stop_after: in
         logbook,
         comparison,
         pool.dashboard_url,
+        selection=selection,
     )
 
 
@@ -213,15 +197,29 @@ class GenerationStep:
 
     Shared by the fixed-data loop here and the continual loop (``evo.continual``), which passes
     its own ``data_key`` (data version and current release) and evaluation set names.
+
+    With ``draws`` (fixed-data runs), generation ``g`` scores every candidate on draw ``g`` of
+    the search pool, after the control recipe (``evo.selection.control_recipe``) and, for an
+    optimizer with elites, the surviving elites: values told to the optimizer are adjusted to
+    the first draw's scale through the control (``evo.draws``), and an elite's value is the mean
+    of its adjusted values over every draw it was scored on (``evidence``), so a lucky draw does
+    not keep a recipe alive.
     """
 
     def __init__(self, cfg, space, optimizer, pool, store, cache, metrics, *, data_key: str,
-                 set_names: list[str], task_names: list[str], extra: dict | None = None):
+                 set_names: list[str], task_names: list[str], extra: dict | None = None,
+                 draws: BlockDraws | None = None, evidence: dict | None = None, quiet: bool = True):
         self.cfg, self.space, self.optimizer, self.pool = cfg, space, optimizer, pool
         self.store, self.cache, self.metrics = store, cache, metrics
         self.data_key, self.set_names, self.task_names = data_key, set_names, task_names
         self.extra = extra or {}  # fields added to every candidate record (e.g. the stream version)
         self.objective_names = [o.name for o in cfg.objectives]
+        self.draws = draws
+        self.control = control_recipe(cfg) if draws is not None else None
+        self.evidence: dict[str, list[list[float]]] = dict(evidence or {})  # recipe key -> adjusted values per draw
+        self.quiet = quiet
+        self.warned_noise = False
+        self._draw_key = data_key
 
     def on_result(self, key: str, result: dict) -> None:
         self.cache[key] = result
@@ -229,7 +227,7 @@ class GenerationStep:
         self.metrics.candidate(result["status"])
 
     def key(self, recipe: Recipe) -> str:
-        return f"{recipe.key()}|{self.data_key}"
+        return f"{recipe.key()}|{self._draw_key}"
 
     def values(self, result: dict) -> list[float] | None:
         if result["status"] not in ("ok", "rejected"):  # rejected: its partial estimate
@@ -237,7 +235,7 @@ class GenerationStep:
         return objective_values(result["metrics"], self.cfg.objectives, self.set_names, self.task_names)
 
     def evaluate(self, named: dict[str, Recipe], *, desc: str, should_stop=None,
-                 reject_above=None) -> tuple[dict[str, str], set[str]]:
+                 reject_above=None, blocks=None) -> tuple[dict[str, str], set[str]]:
         """Evaluate ``{candidate name: recipe}`` unless cached; returns (name -> cache key, the
         keys evaluated now rather than taken from the cache)."""
         keys, todo = {}, {}
@@ -245,12 +243,112 @@ class GenerationStep:
             key = keys[name] = self.key(recipe)
             if key not in self.cache and key not in todo:
                 todo[key] = (name, recipe)
-        self.pool.evaluate(todo, self.on_result, desc=desc, reject_above=reject_above, should_stop=should_stop)
+        self.pool.evaluate(todo, self.on_result, desc=desc, reject_above=reject_above, should_stop=should_stop,
+                           blocks=blocks)
         return keys, set(todo)
 
+    # ------------------------------------------------------------------ draws and the control
+    def _use_draw(self, gen: int) -> dict[str, list[int]] | None:
+        if self.draws is None:
+            self._draw_key = self.data_key
+            return None
+        self._draw_key = f"{self.data_key}|b{self.draws.draw_id(gen)}"
+        return self.draws.draw(gen)
+
+    def _control(self, gen: int, should_stop) -> dict:
+        """The control's result on generation ``gen``'s draw (evaluated once, then cached)."""
+        blocks = self._use_draw(gen)
+        keys, _ = self.evaluate({f"g{gen:04d}-control": self.control}, desc=f"generation {gen} control",
+                                should_stop=should_stop, blocks=blocks)
+        result = self.cache[keys[f"g{gen:04d}-control"]]
+        if result["status"] != "ok":
+            raise EvoError(f"the control recipe (uniform average) failed on generation {gen}'s blocks: "
+                           f"{result.get('error')}")
+        return result
+
+    def adjusted(self, result: dict, control: dict | None, anchor: dict | None) -> dict:
+        if control is None or result["status"] not in ("ok", "rejected"):
+            return result.get("metrics") or {}
+        return adjust_metrics(result["metrics"], control["metrics"], anchor["metrics"])
+
+    def _rescore_elites(self, gen: int, control, anchor, blocks, should_stop) -> None:
+        """Score the optimizer's surviving elites on this draw; their value becomes the mean of
+        their adjusted values over every draw so far."""
+        n = getattr(self.optimizer, "elites", 0)
+        if not n or not self.optimizer.population:
+            return
+        elites = sorted((e for e in self.optimizer.population if e.values is not None),
+                        key=self.optimizer.score, reverse=True)[:n]
+        named = {}
+        for i, e in enumerate(elites):
+            try:
+                named[f"g{gen:04d}-e{i:02d}"] = self.space.decode(e.genome)
+            except EvoError:
+                continue
+        keys, _ = self.evaluate(named, desc=f"generation {gen} elites", should_stop=should_stop, blocks=blocks)
+        update = {}
+        for name, e in zip(named, elites):
+            result = self.cache[keys[name]]
+            if result["status"] != "ok":
+                continue
+            vals = objective_values(self.adjusted(result, control, anchor), self.cfg.objectives, self.set_names,
+                                    self.task_names)
+            rkey = named[name].key()
+            history = self.evidence.setdefault(rkey, [list(map(float, e.values))])
+            if len(history) < gen + 1 and (not history or history[-1] != vals):
+                history.append(vals)
+            update[tuple(map(float, e.genome))] = list(np.mean(np.asarray(history), axis=0))
+        if update:
+            self.optimizer.rescore(update)
+
+    def _threshold(self, control, anchor):
+        """Early rejection against the k-th best (adjusted value A_k): on this draw, its expected
+        per-block NLLs are the control's plus (A_k - the control's adjusted value)."""
+        threshold = rejection_threshold(self.cfg, self.optimizer, self.lookup if control is None else None)
+        if control is None or threshold is None:
+            return threshold
+        value = threshold["value"] if isinstance(threshold, dict) else threshold
+        ctrl_adj = objective_values(anchor["metrics"], self.cfg.objectives, self.set_names, self.task_names)[0]
+        ctrl_now = objective_values(control["metrics"], self.cfg.objectives, self.set_names, self.task_names)[0]
+        shift = value - ctrl_adj
+        if not self.cfg.eval.early_rejection.paired or not control.get("block_nlls"):
+            return ctrl_now + shift
+        return {"value": ctrl_now + shift,
+                "blocks": {s: [x + shift for x in v] for s, v in control["block_nlls"].items()}}
+
+    def _noise_check(self, gen: int, values, ses) -> dict | None:
+        """Warn once when the differences the search acts on are within one candidate's noise."""
+        ok = sorted(v[0] for v in values if v is not None and math.isfinite(v[0]))
+        ses = [x for x in ses if x is not None]
+        if len(ok) < 4 or not ses or len(self.objective_names) != 1:
+            return None
+        spread = float(np.median(ok) - ok[0]) if self.cfg.objectives[0].goal == "minimize" else float(ok[-1] - np.median(ok))
+        se = float(np.median(ses))
+        noisy = spread < 2 * se
+        if noisy and not self.warned_noise:
+            self.warned_noise = True
+            blocks = self.draws.size if self.draws else self.cfg.eval.max_blocks
+            msg = (f"evo: warning: generation {gen}: the search acts on differences within noise (best {spread:.4f} "
+                   f"nats ahead of the median; one candidate's standard error {se:.4f} with {blocks} blocks per set, "
+                   f"{self.space.dim} genes). More blocks per set (eval.max_blocks) or fewer genes (coarser layer "
+                   "groups) make its choices meaningful; the release is still chosen on the selection split.")
+            self.store.event("noise_warning", generation=gen, spread=spread, se=se, blocks=blocks, genes=self.space.dim)
+            if not self.quiet:
+                import sys
+
+                print(msg, file=sys.stderr, flush=True)
+        return {"spread": round(spread, 5), "se": round(se, 5), "noisy": noisy}
+
+    # ------------------------------------------------------------------ one generation
     def run(self, gen: int, *, should_stop=None) -> dict:
         t0 = time.time()
         optimizer, space, cfg = self.optimizer, self.space, self.cfg
+        control = anchor = None
+        if self.draws is not None:
+            anchor = self._control(0, should_stop)
+            control = self._control(gen, should_stop)
+            self._rescore_elites(gen, control, anchor, self.draws.draw(gen), should_stop)
+        blocks = self._use_draw(gen)
         genomes = optimizer.ask()
         parents = optimizer.parents()
         names = [f"g{gen:04d}-c{i:03d}" for i in range(len(genomes))]
@@ -262,20 +360,26 @@ class GenerationStep:
                 recipe = space.decode(genome)
             except EvoError as exc:  # e.g. a method gene picked slerp for three models
                 recipe = None
-                key = invalid[name] = f"invalid-{name}|{self.data_key}"
+                key = invalid[name] = f"invalid-{name}|{self._draw_key}"
                 self.cache[key] = {"status": "failed", "error": f"invalid recipe: {exc}"}
             else:
                 valid[name] = recipe
             recipes.append(recipe)
-        threshold = rejection_threshold(cfg, optimizer, self.lookup)
+        threshold = self._threshold(control, anchor)
         keys, fresh_keys = self.evaluate(valid, desc=f"generation {gen}", should_stop=should_stop,
-                                         reject_above=threshold)
+                                         reject_above=threshold, blocks=blocks)
         keys.update(invalid)
-        values, n_failed, n_rejected, work = [], 0, 0, 0.0
+        values, ses, n_failed, n_rejected, work = [], [], 0, 0, 0.0
         for name, recipe, genome, parent_ids in zip(names, recipes, genomes, parents):
             key = keys[name]
             result = self.cache[key]
-            vals = self.values(result)
+            raw = self.values(result)
+            vals = raw if raw is None or control is None else objective_values(
+                self.adjusted(result, control, anchor), cfg.objectives, self.set_names, self.task_names)
+            se = None
+            if control is not None and result.get("block_nlls") and control.get("block_nlls"):
+                se = paired_difference(result["block_nlls"], control["block_nlls"], self.set_names)["se"]
+            ses.append(se)
             n_failed += vals is None
             n_rejected += result["status"] == "rejected"
             fresh = key in fresh_keys
@@ -286,9 +390,11 @@ class GenerationStep:
                 {
                     "generation": gen, "candidate": name, "parents": parent_ids, "key": key,
                     "cached": not fresh, "status": result["status"], "error": result.get("error"),
-                    "values": vals, "metrics": result.get("metrics"), "timings": result.get("timings"),
+                    "values": vals, "raw_values": raw, "se": se, "metrics": result.get("metrics"),
+                    "timings": result.get("timings"),
                     "genome": list(map(float, genome)), "recipe": recipe.to_dict() if recipe else None,
-                    "data_version": self.data_key, "evaluated_fraction": result.get("evaluated_fraction"),
+                    "data_version": self.data_key, "draw": self.draws.draw_id(gen) if self.draws else None,
+                    "evaluated_fraction": result.get("evaluated_fraction"),
                     "lora": result.get("lora"), **self.extra,
                 }
             )
@@ -300,6 +406,10 @@ class GenerationStep:
         row["eval_work"] = round(work, 3)  # candidates' worth of evaluation actually done
         row["threshold"] = threshold["value"] if isinstance(threshold, dict) else threshold
         row["paired"] = isinstance(threshold, dict)
+        if control is not None:
+            row["control"] = objective_values(control["metrics"], cfg.objectives, self.set_names, self.task_names)
+            row["se"] = float(np.median([x for x in ses if x is not None])) if any(x is not None for x in ses) else None
+            row["noise"] = self._noise_check(gen, values, ses)
         return row
 
     def lookup(self, genome) -> dict | None:
@@ -308,6 +418,16 @@ class GenerationStep:
             return self.cache.get(self.key(self.space.decode(genome)))
         except EvoError:
             return None
+
+
+def search_draws(cfg: ExperimentConfig, sources: Sources) -> BlockDraws | None:
+    """The search pool's per-generation draws (fixed-data runs): ``eval.max_blocks`` blocks per
+    set (``eval.subset`` of them, stratified by difficulty, when below 1)."""
+    pool = sources.eval_sets.get("valid") or {}
+    if not pool:
+        return None
+    size = cfg.eval.max_blocks if cfg.eval.subset >= 1.0 else max(1, round(cfg.eval.subset * cfg.eval.max_blocks))
+    return BlockDraws({s: len(b) for s, b in pool.items()}, size, cfg.seed, cfg.eval.redraw, sources.difficulty)
 
 
 def rejection_threshold(cfg: ExperimentConfig, optimizer, lookup=None):
@@ -327,49 +447,27 @@ def rejection_threshold(cfg: ExperimentConfig, optimizer, lookup=None):
     return kth.values[0]
 
 
-def _compare(cfg, pool, space, best, store, quiet) -> dict[str, dict]:
-    """Evaluate the baselines and the best recipe on the report sets; store and print the table."""
-    recipes = {**baseline_recipes(cfg), "evolved (best)": space.decode(best.genome)}
-    collections = ["valid"] + (["test"] if pool.sources.has_report_sets else [])
-    table: dict[str, dict] = {label: {} for label in recipes}
-    for coll in collections:
-        todo = {label: (f"compare-{coll}-{i:02d}", r) for i, (label, r) in enumerate(recipes.items())}
-        results = {}
-        # a subset run searched on part of the valid blocks: compare on all of them
-        source = "full" if coll == "valid" and "full" in pool.sources.eval_sets else coll
-        pool.evaluate(todo, lambda k, r: results.__setitem__(k, r), desc=f"comparison ({coll})", collection=source)
-        for label, result in results.items():
-            if result["status"] != "ok":
-                table[label][coll] = {"error": result.get("error")}
-                continue
-            metrics = dict(result["metrics"])
-            names = list(cfg.eval.sets)
-            metrics["mean"] = float(np.mean([metrics[f"logppl/{s}"] for s in names]))
-            metrics["objectives"] = dict(zip([o.name for o in cfg.objectives],
-                                             objective_values(metrics, cfg.objectives, names, list(cfg.eval.tasks))))
-            table[label][coll] = metrics
-    store.save_checkpoint({**store.load_checkpoint(), "comparison": table})
-    store.event("comparison", table=table)
-    if not quiet:
-        print_comparison(table, list(cfg.eval.sets))
-    return table
+def select_release(cfg, pool, space, optimizer, store, quiet) -> dict:
+    """The selection stage (``evo.selection``) on the pool; stored in the checkpoint."""
+    def evaluate(named: dict[str, Recipe], collection: str) -> dict[str, dict]:
+        todo = {label: (f"{collection}-{i:02d}", r) for i, (label, r) in enumerate(named.items())}
+        results: dict[str, dict] = {}
+        pool.evaluate(todo, lambda k, r: results.__setitem__(k, r), desc=f"{collection} split", collection=collection)
+        return results
 
-
-def print_comparison(table: dict, set_names: list[str]) -> None:
-    """Log-perplexity per set (lower is better), then task scores (higher is better) if any."""
-    coll = "test" if any("test" in v for v in table.values()) else "valid"
-    rows = {label: colls.get(coll, {}) for label, colls in table.items()}
-    tasks = sorted({k[5:] for m in rows.values() for k in m if k.startswith("task/")})
-    print(f"\nHeld-out log-perplexity ({coll} split; lower is better)" + (" and task scores" if tasks else ""))
-    header = f"{'model':<28}" + "".join(f"{s:>10}" for s in set_names) + f"{'mean':>10}" + "".join(f"{t[:14]:>16}" for t in tasks)
-    print(header)
-    print("-" * len(header))
-    for label, m in rows.items():
-        if "error" in m or not m:
-            print(f"{label:<28}  failed: {m.get('error')}")
+    evolved = []
+    for e in optimizer.hall_of_fame:
+        try:
+            evolved.append((e.id or "?", space.decode(e.genome), e.values))
+        except EvoError:
             continue
-        print(f"{label:<28}" + "".join(f"{m[f'logppl/{s}']:>10.4f}" for s in set_names) + f"{m['mean']:>10.4f}"
-              + "".join(f"{m[f'task/{t}']:>16.4f}" for t in tasks))
+    stage = Selection(cfg, evaluate, has_selection=pool.sources.has_selection, has_test=pool.sources.has_report_sets)
+    record = stage.run(evolved)
+    store.save_checkpoint({**store.load_checkpoint(), "selection": record, "comparison": record["table"]})
+    store.event("selection", release=record["release"], reason=record["reason"], margins=record["margins"])
+    if not quiet:
+        print_selection(record, list(cfg.eval.sets))
+    return record
 
 
 def checkpoint_state(cfg, optimizer, logbook, space, data_version) -> dict:

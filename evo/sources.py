@@ -11,7 +11,7 @@ import numpy as np
 from transformers import AutoTokenizer
 
 from evo.config import ExperimentConfig
-from evo.data import data_version, read_texts
+from evo.data import data_version, read_texts, selection_split
 from evo.errors import EvoError
 from evo.evaluator import to_numpy
 from evo.fitness import token_blocks
@@ -28,10 +28,15 @@ class Sources:
     train: np.ndarray | None = None  # token blocks LoRA genes are fitted on (never the eval text)
     version_inputs: dict = field(default_factory=dict)  # files + settings behind data_version (for verify)
     task_items: dict = field(default_factory=dict)  # task -> item indices the search scores (eval.task_subset)
+    difficulty: dict | None = None  # set -> mean NLL of base and sources per pool block (eval.subset < 1)
 
     @property
     def has_report_sets(self) -> bool:
         return "test" in self.eval_sets
+
+    @property
+    def has_selection(self) -> bool:
+        return bool(self.eval_sets.get("selection"))
 
     @property
     def nbytes(self) -> int:
@@ -48,20 +53,28 @@ class Sources:
         deltas = task_vectors(base, models)
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg)
         settings = dict(seq_len=cfg.eval.seq_len, max_blocks=cfg.eval.max_blocks, tokenizer=tokenizer.vocab_size)
-        eval_sets = {"valid": cls._blocks(cfg.eval.sets, tokenizer, cfg)}
-        subset = None
-        if cfg.eval.subset < 1.0 and not cfg.streaming:
-            from evo.subset import choose_subset
+        eval_sets: dict[str, dict[str, np.ndarray]] = {"valid": {}}
+        difficulty = None
+        if cfg.streaming:  # the continual loop installs its own blocks per data version
+            eval_sets["valid"] = cls._blocks(cfg.eval.sets, tokenizer, cfg)
+        else:
+            eval_sets["valid"], selection = search_and_selection(cfg, tokenizer)
+            if selection:
+                eval_sets["selection"] = selection
+            settings.update(pool_blocks=pool_size(cfg), redraw=cfg.eval.redraw,
+                            selection={"fraction": cfg.eval.selection.fraction, "blocks": cfg.eval.selection.blocks,
+                                       "files": sorted(cfg.eval.selection.sets.values())})
+            if cfg.eval.subset < 1.0:
+                from evo.subset import block_difficulty
 
-            # chosen once for this data version; the full blocks stay for the final comparison
-            subset = choose_subset(to_numpy(base), {m: to_numpy(d) for m, d in deltas.items()}, config.to_dict(),
-                                   eval_sets["valid"], cfg.eval.subset, cfg.eval.batch_size)
-            eval_sets["full"] = eval_sets["valid"]
-            eval_sets["valid"] = {n: b[subset[n]] for n, b in eval_sets["full"].items()}
-            settings["subset"] = cfg.eval.subset
+                # measured once per data version; each generation's draw is stratified by it
+                difficulty = block_difficulty(to_numpy(base), {m: to_numpy(d) for m, d in deltas.items()},
+                                              config.to_dict(), eval_sets["valid"], cfg.eval.batch_size)
+                settings["subset"] = cfg.eval.subset
         report = cls._report_paths(cfg)
-        if report:
-            eval_sets["test"] = cls._blocks(report, tokenizer, cfg)
+        if report and not cfg.streaming:
+            eval_sets["test"] = cls._blocks(report, tokenizer, cfg, cfg.eval.test_blocks)
+            settings["test_blocks"] = cfg.eval.test_blocks
         tasks = {}
         if cfg.eval.tasks:
             from evo.tasks import load_task
@@ -72,14 +85,13 @@ class Sources:
         if cfg.eval.task_subset and not cfg.streaming:
             task_items = {name: subset_items(len(task), cfg.eval.task_subset) for name, task in tasks.items()
                           if cfg.eval.task_subset < len(task)}
-            if task_items:
+            if task_items:  # the search scores these items; selection and test score every item
                 settings["task_subset"] = cfg.eval.task_subset
-                # the final comparison scores every item: it reads the "full" collection
-                eval_sets.setdefault("full", eval_sets["valid"])
         # a stream run trains LoRA genes on the newest data version instead (evo.continual)
         has_lora = _space_has_lora(cfg.search_space) and not cfg.streaming
         train = train_blocks(cfg, tokenizer) if has_lora else None
-        files = [*cfg.eval.sets.values(), *cfg.eval.tasks.values(), *(cfg.eval.train_sets.values() if has_lora else [])]
+        files = [*cfg.eval.sets.values(), *cfg.eval.tasks.values(), *(cfg.eval.train_sets.values() if has_lora else []),
+                 *cfg.eval.selection.sets.values(), *(report.values() if report and not cfg.streaming else [])]
         if has_lora:
             settings["train_blocks"] = cfg.eval.train_blocks
         version = data_version(files, **settings)
@@ -87,7 +99,7 @@ class Sources:
                           "settings": {k: v for k, v in settings.items() if k != "tokenizer"}}
         model_config = config.to_dict()
         return cls(to_numpy(base), {m: to_numpy(d) for m, d in deltas.items()}, model_config, eval_sets, version, tasks,
-                   train, version_inputs, task_items)
+                   train, version_inputs, task_items, difficulty)
 
     @staticmethod
     def _report_paths(cfg: ExperimentConfig) -> dict[str, str]:
@@ -101,15 +113,55 @@ class Sources:
         return out if len(out) == len(cfg.eval.sets) else {}
 
     @staticmethod
-    def _blocks(paths: dict[str, str], tokenizer, cfg) -> dict[str, np.ndarray]:
-        out = {}
-        for name, path in paths.items():
-            try:
-                blocks = token_blocks(read_texts(path), tokenizer, cfg.eval.seq_len, cfg.eval.max_blocks)
-            except ValueError as exc:
-                raise EvoError(f"{path}: {exc}") from None
-            out[name] = blocks.numpy()
-        return out
+    def _blocks(paths: dict[str, str], tokenizer, cfg, max_blocks: int | None = None) -> dict[str, np.ndarray]:
+        return {name: _file_blocks(read_texts(path), tokenizer, cfg.eval.seq_len, max_blocks or cfg.eval.max_blocks, path)
+                for name, path in paths.items()}
+
+
+def _file_blocks(texts: list[str], tokenizer, seq_len: int, max_blocks: int | None, where: str) -> np.ndarray:
+    try:
+        return token_blocks(texts, tokenizer, seq_len, max_blocks).numpy()
+    except ValueError as exc:
+        raise EvoError(f"{where}: {exc}") from None
+
+
+def pool_size(cfg: ExperimentConfig) -> int:
+    """Blocks per set in the search pool: ``eval.pool_blocks``, by default 8 draws' worth (only
+    the draw itself without ``eval.redraw``)."""
+    if not cfg.eval.redraw:
+        return cfg.eval.max_blocks
+    return cfg.eval.pool_blocks or 8 * cfg.eval.max_blocks
+
+
+def search_and_selection(cfg: ExperimentConfig, tokenizer) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Per evaluation set, the search pool's blocks and the selection split's blocks.
+
+    Without ``eval.selection.sets``, each file's documents are split by content hash
+    (:func:`evo.data.selection_split`); a file of a single document (plain text) is split by
+    position instead: its last ``fraction`` of blocks are held out for selection.
+    """
+    sel = cfg.eval.selection
+    seq_len, pool = cfg.eval.seq_len, pool_size(cfg)
+    search, selection = {}, {}
+    for name, path in cfg.eval.sets.items():
+        docs = read_texts(path)
+        if sel.sets:
+            search[name] = _file_blocks(docs, tokenizer, seq_len, pool, path)
+            selection[name] = _file_blocks(read_texts(sel.sets[name]), tokenizer, seq_len, sel.blocks, sel.sets[name])
+            continue
+        search_docs, held_docs = selection_split(docs, sel.fraction)
+        if sel.fraction > 0 and not held_docs:  # one document: split its blocks by position
+            blocks = _file_blocks(docs, tokenizer, seq_len, None, path)
+            k = max(1, round(sel.fraction * len(blocks)))
+            if len(blocks) < 2:
+                raise EvoError(f"{path}: too little text to hold out a selection split "
+                               f"({len(blocks)} block of {seq_len} tokens); add text or set eval.selection.fraction: 0")
+            search[name], selection[name] = blocks[: len(blocks) - k][:pool], blocks[len(blocks) - k:][: sel.blocks]
+            continue
+        search[name] = _file_blocks(search_docs, tokenizer, seq_len, pool, f"{path} (search documents)")
+        if held_docs:
+            selection[name] = _file_blocks(held_docs, tokenizer, seq_len, sel.blocks, f"{path} (selection documents)")
+    return search, selection
 
 
 def subset_items(n: int, k: int) -> list[int]:

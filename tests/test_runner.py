@@ -15,6 +15,7 @@ from evo.data import read_texts
 from evo.errors import EvoError
 from evo.fitness import mean_nll, token_blocks
 from evo.release import verify_manifest
+from evo.sources import search_and_selection
 from evo.store import RunStore
 
 
@@ -55,14 +56,29 @@ def test_run_export_load_and_resume_matches_uninterrupted(micro_zoo, ray_session
     assert all(c["status"] in ("ok", "rejected") for c in cands) and any(c["status"] == "ok" for c in cands)
     assert ckpt["logbook"][1]["evals"] + ckpt["logbook"][1]["cached"] == 5  # population - elites
 
-    # best never gets worse across generations (elitism + hall of fame)
-    bests = [row["best"][0] for row in ckpt["logbook"]]
-    assert bests == sorted(bests, reverse=True)
+    # every generation scored the control on its own draw, and re-scored the surviving elite on it
+    draws = {c["generation"]: c["draw"] for c in cands}
+    assert draws == {0: 0, 1: 1, 2: 2}
+    elites = [c for c in cands if c["candidate"].startswith("g0001-e")]
+    assert not elites  # elites are not candidates: their re-scores live in the cache, keyed by draw
+    cache = store.cache_load()
+    assert sum(k.endswith("|b1") for k in cache) > ckpt["logbook"][1]["evals"]  # candidates + control + elite
+    ses = [c["se"] for c in cands if c["se"] is not None]  # paired to the control: 0 for the control itself
+    assert ses and all(x >= 0 for x in ses) and sum(x > 0 for x in ses) >= len(ses) - 1
 
-    # the comparison covers base, each specialist, uniform average, and the evolved best
+    # the comparison: base, each specialist, the simple baselines and the evolved best, with
+    # selection and test values; the release is chosen on the selection split
     comp = full.comparison
-    assert {"base", "uniform average", "evolved (best)"} <= set(comp)
+    assert {"base", "uniform average", "ties (w=1, density=0.5)", "dare_ties (w=1, density=0.5)"} <= set(comp)
     assert {f"specialist:{d}" for d in micro_zoo.domains} <= set(comp)
+    assert any(k.startswith("evolved #1") for k in comp) and any(k.startswith("task arithmetic (lambda=") for k in comp)
+    sel = full.selection
+    assert sum(row["released"] for row in comp.values()) == 1 and comp[sel["release"]]["released"]
+    scores = {k: v["selection"]["mean"] for k, v in comp.items() if "selection" in v}
+    simple = [k for k in scores if k == "uniform average" or k.startswith(("task arithmetic", "ties", "dare_ties"))]
+    assert scores[sel["release"]] == min(scores[k] for k in simple + [k for k in scores if k.startswith("evolved")])
+    assert all("test" in row for row in comp.values())
+    assert sel["margins"]["release_vs_uniform/test"]["blocks"] > 0
 
     # stop after one generation, then resume: same final best recipe and values
     part = evo.run(cfg, tmp_path / "part", quiet=True, stop_after=1)
@@ -70,6 +86,7 @@ def test_run_export_load_and_resume_matches_uninterrupted(micro_zoo, ray_session
     resumed = evo.resume(tmp_path / "part", quiet=True)
     assert resumed.best_recipe.key() == full.best_recipe.key()
     assert resumed.best_values == pytest.approx(full.best_values, abs=1e-9)
+    assert resumed.release_recipe.key() == full.release_recipe.key()
 
     # export: a loadable HF model whose perplexity is the recorded fitness
     release = evo.export(tmp_path / "full")
@@ -78,13 +95,16 @@ def test_run_export_load_and_resume_matches_uninterrupted(micro_zoo, ray_session
     model = AutoModelForCausalLM.from_pretrained(release).eval()
     tok = AutoTokenizer.from_pretrained(release)
     config = ExperimentConfig.from_dict(store.config())
-    nlls = [
-        mean_nll(model, token_blocks(read_texts(path), tok, 32, 6), batch_size=6)
-        for path in config.eval.sets.values()
-    ]
-    assert float(np.mean(nlls)) == pytest.approx(full.best_values[0], abs=1e-4)
+    _, selection_blocks = search_and_selection(config, tok)
+    nlls = [mean_nll(model, torch.from_numpy(b), batch_size=6) for b in selection_blocks.values()]
+    recorded = comp[sel["release"]]["selection"]["mean"]
+    assert float(np.mean(nlls)) == pytest.approx(recorded, abs=1e-4)  # the selection split, not the search's
     assert not list(release.glob("*.bin"))
-    assert json.loads((release / "fitness.json").read_text())["objectives"]["mean_logppl"]["value"] == pytest.approx(full.best_values[0])
+    fitness = json.loads((release / "fitness.json").read_text())
+    assert fitness["objectives"]["mean_logppl"]["value"] == pytest.approx(recorded)
+    assert fitness["measured_on"] == "selection" and set(fitness["values_by_split"]) >= {"selection", "test"}
+    assert fitness["release"]["label"] == sel["release"]
+    assert "95% interval" in (release / "README.md").read_text()
     assert yaml.safe_load((release / "mergekit.yaml").read_text())["merge_method"] == "task_arithmetic"
 
     # releases are never overwritten; the next export is v0002
@@ -116,13 +136,34 @@ def test_failing_candidate_is_recorded_and_generation_goes_on(micro_zoo, ray_ses
 def test_fitness_cache_skips_repeated_recipes(micro_zoo, ray_session, space_file, tmp_path):
     cfg = micro_config(micro_zoo, space_file, optimizer={"name": "ga", "generations": 2, "population": 4,
                                                           "options": {"elites": 0, "mutpb": 0.0, "cxpb": 0.0}})
+    cfg["eval"] = {**cfg["eval"], "redraw": False}  # the same blocks every generation
     evo.run(cfg, tmp_path / "run", quiet=True)
     cands = RunStore.open(tmp_path / "run").candidates()
     # without variation, generation 1 re-asks recipes already evaluated in generation 0
     gen1 = [c for c in cands if c["generation"] == 1]
     assert gen1 and all(c["cached"] for c in gen1)
     cache = RunStore.open(tmp_path / "run").cache_load()
-    assert len(cache) == len({c["key"] for c in cands})
+    assert len(cache) == len({c["key"] for c in cands}) + 1  # and the control, on the one draw
+
+
+def test_fresh_draws_re_score_repeated_recipes_on_new_blocks(micro_zoo, ray_session, space_file, tmp_path):
+    """With redraw (the default) a recipe asked again in the next generation is scored on that
+    generation's blocks, and values stay comparable through the control (evo.draws)."""
+    cfg = micro_config(micro_zoo, space_file, optimizer={"name": "ga", "generations": 2, "population": 4,
+                                                          "options": {"elites": 0, "mutpb": 0.0, "cxpb": 0.0}})
+    evo.run(cfg, tmp_path / "run", quiet=True)
+    cands = RunStore.open(tmp_path / "run").candidates()
+    gen0 = {c["recipe"]["key"] if "key" in (c["recipe"] or {}) else json.dumps(c["recipe"], sort_keys=True): c
+            for c in cands if c["generation"] == 0}
+    gen1 = [c for c in cands if c["generation"] == 1]
+    assert gen1 and not any(c["cached"] for c in gen1)
+    for c in gen1:
+        before = gen0[json.dumps(c["recipe"], sort_keys=True)]
+        assert before["key"] != c["key"] and c["key"].endswith("|b1")
+        if c["status"] == before["status"] == "ok":  # same recipe, other blocks: raw values differ ...
+            assert c["raw_values"] != before["raw_values"]
+            # ... but adjusted by the control they agree to within a few standard errors
+            assert abs(c["values"][0] - before["values"][0]) < 4 * (c["se"] + before["se"]) + 1e-3
 
 
 def test_export_refuses_unfinished_run(tmp_path):

@@ -1,0 +1,190 @@
+"""Held-out benchmark: does the evolved release beat the best simple baseline on text the search
+never saw? (``python experiments/bench_search.py --heldout`` runs this too.)
+
+    python experiments/bench_heldout.py                          # blocks 4,8,16 x 5 seeds x 2 modes
+    python experiments/bench_heldout.py --blocks 8 --seeds 2     # a quick look
+
+Each run goes through the public API exactly as a user's would (``evo.run`` on a local Ray,
+2 evaluators, CMA-ES, ``search_spaces/task_arithmetic_layerwise.yaml``, 8 generations x 16):
+
+- ``redraw`` (evo's default): search blocks drawn afresh each generation from the search pool,
+  control-adjusted values, release chosen on the selection split among the hall of fame's top
+  k and the simple baselines (uniform, best task-arithmetic lambda on selection, TIES, DARE-TIES).
+- ``fixed``: the same blocks every generation (``eval.redraw: false``), as evo did before.
+
+From each run's comparison (test split: the zoo's ``test.jsonl``, never read by the search or
+the selection) the table takes the release, the search's own best ("evolved #1"), the best
+simple baseline (chosen on selection) and the uniform average. Outputs
+``experiments/out/bench_heldout.md`` / ``.json`` and ``docs/img/bench_heldout.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SPACE = ROOT / "search_spaces" / "task_arithmetic_layerwise.yaml"
+
+
+def run_one(zoo: str, blocks: int, seed: int, redraw: bool, args) -> dict:
+    import evo
+
+    config = {
+        "name": f"heldout-b{blocks}-s{seed}-{'redraw' if redraw else 'fixed'}",
+        "zoo": zoo, "search_space": str(SPACE),
+        "eval": {"seq_len": 128, "max_blocks": blocks, "batch_size": 16, "redraw": redraw,
+                 "selection": {"blocks": args.heldout_blocks}, "test_blocks": args.heldout_blocks},
+        "optimizer": {"name": args.optimizer, "generations": args.generations, "population": args.population},
+        "ray": {"evaluators": args.evaluators, "dashboard": False},
+        "seed": seed,
+    }
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        result = evo.run(config, Path(tmp) / "run", quiet=True)
+    sel = result.selection
+    table = sel["table"]
+
+    def test_mean(label):
+        return table[label]["test"]["mean"] if label and "test" in table.get(label, {}) else None
+
+    search_best = next(k for k in table if k.startswith("evolved #1"))
+    margin = sel["margins"].get("release_vs_best_baseline/test")
+    return {
+        "blocks": blocks, "seed": seed, "mode": "redraw" if redraw else "fixed", "seconds": time.time() - t0,
+        "release": sel["release"], "release_kind": sel["release_kind"], "best_baseline": sel["best_baseline"],
+        "test": {"release": test_mean(sel["release"]), "search_best": test_mean(search_best),
+                 "best_baseline": test_mean(sel["best_baseline"]), "uniform": test_mean("uniform average")},
+        "selection": {"release": table[sel["release"]].get("selection", {}).get("mean"),
+                      "search_best": table[search_best].get("selection", {}).get("mean"),
+                      "best_baseline": table[sel["best_baseline"]].get("selection", {}).get("mean")},
+        "search_best_search_value": next(iter(table[search_best].get("search", {}).values()), None),
+        "margin_test": margin,
+    }
+
+
+def spread(xs) -> str:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "–"
+    return f"{statistics.median(xs):.4f} [{min(xs):.4f}–{max(xs):.4f}]"
+
+
+def signed(xs) -> str:
+    xs = [x for x in xs if x is not None]
+    return f"{statistics.median(xs):+.4f} [{min(xs):+.4f}…{max(xs):+.4f}]" if xs else "–"
+
+
+def table(runs: list[dict], args) -> str:
+    lines = [
+        f"Tiny zoo (en, de, code), CMA-ES {args.generations} generations x {args.population}, {args.evaluators} "
+        f"evaluators; test = mean log-perplexity on {args.heldout_blocks} blocks x 128 tokens per domain of the zoo's "
+        f"test split (never seen by search or selection); median [min–max] over seeds {args.seeds_list}. "
+        "Δ = release − best simple baseline on test (negative: the release is better).",
+        "",
+        "| blocks/set | mode | release (test) | search's best (test) | best simple baseline (test) | uniform (test) "
+        "| Δ release − best baseline | release beats best baseline | release ≤ uniform | evolved released |",
+        "|---:|---|---|---|---|---|---|---|---|---|",
+    ]
+    for blocks in args.blocks_list:
+        for mode in ("fixed", "redraw"):
+            group = [r for r in runs if r["blocks"] == blocks and r["mode"] == mode]
+            if not group:
+                continue
+            t = lambda k: [r["test"][k] for r in group]
+            delta = [r["test"]["release"] - r["test"]["best_baseline"] for r in group]
+            beats = sum(d < 0 for d in delta)
+            le_uniform = sum(r["test"]["release"] <= r["test"]["uniform"] + 1e-12 for r in group)
+            evolved = sum(r["release_kind"] == "evolved" for r in group)
+            lines.append(f"| {blocks} | {mode} | {spread(t('release'))} | {spread(t('search_best'))} | "
+                         f"{spread(t('best_baseline'))} | {spread(t('uniform'))} | {signed(delta)} | {beats}/{len(group)} | "
+                         f"{le_uniform}/{len(group)} | {evolved}/{len(group)} |")
+    lines += ["", "Search's own best vs the release, same runs: Δ test (search's best − release), median [min…max]:", ""]
+    for blocks in args.blocks_list:
+        for mode in ("fixed", "redraw"):
+            group = [r for r in runs if r["blocks"] == blocks and r["mode"] == mode]
+            if group:
+                lines.append(f"- {blocks} blocks, {mode}: "
+                             + signed([r["test"]["search_best"] - r["test"]["release"] for r in group]))
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: list[dict], args, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, mode in enumerate(("fixed", "redraw")):
+        for j, blocks in enumerate(args.blocks_list):
+            d = [r["test"]["release"] - r["test"]["best_baseline"] for r in runs if r["blocks"] == blocks and r["mode"] == mode]
+            if d:
+                x = j + (i - 0.5) * 0.3
+                ax.scatter([x] * len(d), d, color=f"C{i}", label=mode if j == 0 else None, alpha=0.8)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(range(len(args.blocks_list)), [f"{b} blocks/set" for b in args.blocks_list])
+    ax.set_ylabel("test Δ: release − best simple baseline (nats)")
+    ax.set_title("Held-out margin per seed (below 0: evolved release wins)")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--zoo", default=str(ROOT / "zoo"))
+    p.add_argument("--blocks", default="4,8,16", help="search blocks per set per candidate, comma-separated")
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--modes", default="fixed,redraw")
+    p.add_argument("--optimizer", default="cmaes")
+    p.add_argument("--generations", type=int, default=8)
+    p.add_argument("--population", type=int, default=16)
+    p.add_argument("--evaluators", type=int, default=2)
+    p.add_argument("--heldout-blocks", type=int, default=64, help="selection and test blocks per set")
+    p.add_argument("--out", default=str(ROOT / "experiments" / "out"))
+    p.add_argument("--plot", default=str(ROOT / "docs" / "img" / "bench_heldout.png"))
+    args = p.parse_args(argv)
+    args.blocks_list = [int(b) for b in args.blocks.split(",")]
+    args.seeds_list = list(range(args.seeds))
+    if not (Path(args.zoo) / "zoo.json").is_file():
+        print(f"bench_heldout: no zoo at {args.zoo} (python experiments/make_zoo.py --out zoo)", file=sys.stderr)
+        return 2
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs, t0 = [], time.time()
+    try:
+        for blocks in args.blocks_list:
+            for seed in args.seeds_list:
+                for mode in args.modes.split(","):
+                    r = run_one(args.zoo, blocks, seed, mode == "redraw", args)
+                    runs.append(r)
+                    print(f"blocks {blocks:2d} seed {seed} {r['mode']:6s}: release {r['release'][:40]:40s} test "
+                          f"{r['test']['release']:.4f}  search-best {r['test']['search_best']:.4f}  best baseline "
+                          f"{r['test']['best_baseline']:.4f} ({r['best_baseline']})  uniform {r['test']['uniform']:.4f}  "
+                          f"{r['seconds']:.0f}s", flush=True)
+                    (out / "bench_heldout.json").write_text(json.dumps({"args": {k: v for k, v in vars(args).items()},
+                                                                        "runs": runs}, indent=1))
+    finally:
+        ray.shutdown()
+    text = table(runs, args) + f"\nWall time {time.time() - t0:.0f} s on this machine.\n"
+    print()
+    print(text)
+    (out / "bench_heldout.md").write_text(text)
+    plot(runs, args, Path(args.plot))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
