@@ -31,6 +31,13 @@ def _print_best(result) -> None:
         print("no candidate evaluated successfully")
         return
     values = ", ".join(f"{n}={v:.4f}" for n, v in zip(result.objectives, result.best_values))
+    sel = result.selection
+    if sel and sel.get("release"):
+        print(f"search's best: {values} (search blocks, adjusted)")
+        chosen = sel.get("release_values", {})
+        shown = "; ".join(f"{split}: " + ", ".join(f"{n}={v:.4f}" for n, v in vals.items()) for split, vals in chosen.items())
+        print(f"release: {sel['release']} ({shown}); export with `evo export {result.run_dir}`")
+        return
     print(f"best: {values}  (recipe {result.best_recipe.key()}; export with `evo export {result.run_dir}`)")
 
 

@@ -271,7 +271,7 @@ class ContinualLoop:
 
     def reference_recipe(self) -> Recipe:
         """The current release exactly (the base before the first release), no LoRA."""
-        from evo.runner import weights_recipe
+        from evo.selection import weights_recipe
 
         return weights_recipe(self.cfg, {RELEASE: 1.0})
 

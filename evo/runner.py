@@ -506,7 +506,10 @@ def _log_row(gen, values, names, *, n_evals, n_cached, n_failed, best, seconds) 
 def print_generation_row(row: dict, names: list[str], header: bool) -> None:
     # DEAP's Logbook formats the same columns; we keep rows as plain dicts for JSON checkpoints.
     book = tools.Logbook()
-    book.header = ["gen", "evals", "cached", "failed", "rejected"] + [f"{n}/{s}" for n in names for s in ("min", "mean")] + ["seconds"]
+    # "se": median standard error of one candidate's (control-adjusted) value on this draw: the
+    # noise the search's choices must beat
+    book.header = ["gen", "evals", "cached", "failed", "rejected"] + [f"{n}/{s}" for n in names for s in ("min", "mean")] \
+        + (["se"] if row.get("se") is not None else []) + ["seconds"]
     book.record(**{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k in book.header})
     text = book.stream
     print(text if header else text.splitlines()[-1], flush=True)

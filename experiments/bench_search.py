@@ -4,6 +4,7 @@ rejection, and subset fitness.
     python experiments/bench_search.py                      # 160 evaluations x 5 seeds (~15-25 min, 1 core)
     python experiments/bench_search.py --quick              # 48 evaluations x 2 seeds, population 8
     python experiments/bench_search.py --nsga2              # also the 2-objective NSGA-II comparison
+    python experiments/bench_search.py --heldout            # held-out study (experiments/bench_heldout.py)
 
 One process, one torch thread, no Ray and no run store: a single resident
 ``evo.evaluator.Evaluator`` built from ``evo.sources.Sources.load(cfg)`` scores every candidate,
@@ -50,7 +51,9 @@ torch.set_num_threads(1)
 SPACE = ROOT / "search_spaces" / "task_arithmetic_layerwise.yaml"
 # 12 blocks per domain (the quickstart evaluates 48): 4x cheaper, so 3 optimizers x 5 seeds x 160
 # evaluations fit in ~20 min on one core; --max-blocks 48 matches the quickstart exactly.
-EVAL = {"seq_len": 128, "max_blocks": 12, "batch_size": 12}
+# redraw off: these sections compare optimizers on one fixed set of blocks (bench_heldout.py measures
+# what the fresh draws and the selection split give on held-out text)
+EVAL = {"seq_len": 128, "max_blocks": 12, "batch_size": 12, "redraw": False}
 OPTIMIZERS = ("ga", "cmaes", "random")
 
 
@@ -333,6 +336,12 @@ def plot(runs, rej_runs, base_values, budget, path: Path) -> None:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--heldout" in argv:  # evolved vs the best simple baseline on the test split, via evo.run
+        sys.path.insert(0, str(ROOT / "experiments"))
+        from bench_heldout import main as heldout_main
+
+        return heldout_main([a for a in argv if a != "--heldout"])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--zoo", default=str(ROOT / "zoo"))
     p.add_argument("--budget", type=int, default=160, help="evaluations per run")
@@ -355,7 +364,7 @@ def main(argv=None) -> int:
     if not (Path(args.zoo) / "zoo.json").is_file():
         print(f"bench_search: no zoo at {args.zoo} (python experiments/make_zoo.py --out zoo)", file=sys.stderr)
         return 2
-    from evo.runner import baseline_recipes
+    from evo.selection import baseline_recipes
 
     if args.reject_z is None:
         from evo.config import EarlyRejection

@@ -57,7 +57,9 @@ def main(argv=None) -> int:
         print(f"quickstart: error: {exc}", file=sys.stderr)
         return 2
     best = dict(zip(result.objectives, result.best_values))
-    print(f"\nbest mean log-perplexity (valid): {best['mean_logppl']:.4f}")
+    print(f"\nsearch's best mean log-perplexity (search blocks, adjusted to the first draw): {best['mean_logppl']:.4f}")
+    for split, values in result.selection["release_values"].items():
+        print(f"release ({result.selection['release']}) on the {split} split: {values['mean_logppl']:.4f}")
     print(f"release: {release}")
     print(f"total time: {time.time() - t0:.0f}s")
     return 0

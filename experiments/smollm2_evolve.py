@@ -152,7 +152,7 @@ def comparison_table(comparison: dict, domains: list[str], objectives: list[dict
     ppl_weight = weights.get("mean_logppl", 1.0)
     rows = {}
     for label, colls in comparison.items():
-        m = colls.get("test") or colls.get("valid") or {}
+        m = colls.get("test") or colls.get("selection") or colls.get("valid") or {}
         if not m or "error" in m:
             continue
         row = {d: math.exp(m[f"logppl/{d}"]) for d in domains}
@@ -227,7 +227,7 @@ def main(argv=None) -> int:
     best = dict(zip(result.objectives, result.best_values))
     (run_dir / "smollm2_timing.json").write_text(json.dumps({**timing, "samples": samples}, indent=2,
                                                             ensure_ascii=False) + "\n", encoding="utf-8")
-    print(f"\nbest mean log-perplexity (valid): {best['mean_logppl']:.4f}")
+    print(f"\nsearch's best mean log-perplexity (search blocks, adjusted): {best['mean_logppl']:.4f}")
     print(f"release: {release}")
     print(f"{timing['candidates']} candidates evaluated; per candidate on one evaluator: merge "
           f"{timing['merge_s']:.2f}s + perplexity {timing['eval_s']:.2f}s; generation wall time after the first "
