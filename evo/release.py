@@ -331,26 +331,61 @@ def _card(recipe: Recipe, paths: dict, fitness: dict, cfg: ExperimentConfig) -> 
     return "\n".join(lines)
 
 
+MANIFEST_FOOTER = "# files: "  # last line: how many files, and the sha256 of the sorted list of paths
+
+
+def _release_files(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def _listing_digest(paths: list[str]) -> str:
+    return hashlib.sha256("\n".join(paths).encode("utf-8")).hexdigest()
+
+
 def write_manifest(root: Path) -> None:
-    entries = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST):
-        entries.append(f"{_sha256(path)}  {path.relative_to(root).as_posix()}")
+    """``sha256  path`` for every file of the release, then a footer line with the number of files
+    and the sha256 of their sorted paths, so a manifest that lost lines is recognised as such."""
+    files = _release_files(root)
+    entries = [f"{_sha256(root / rel)}  {rel}" for rel in files]
+    entries.append(f"{MANIFEST_FOOTER}{len(files)} {_listing_digest(files)}")
     atomic_write_text(root / MANIFEST, "\n".join(entries) + "\n")
 
 
 def verify_manifest(root: str | Path) -> None:
-    """Raise EvoError naming the first missing or altered file."""
+    """Raise EvoError naming the first problem: a manifest without its footer (emptied or
+    truncated), a footer that disagrees with the listed files, a listed file missing or altered,
+    or a file in the release the manifest does not list.
+
+    This proves the files are the ones the manifest lists, not who wrote them: anyone can re-hash
+    an edited release. For provenance, sign MANIFEST.sha256 (e.g. ``gpg --detach-sign`` or
+    ``ssh-keygen -Y sign``) and verify that signature before ``evo verify``."""
     root = Path(root)
     manifest = root / MANIFEST
     if not manifest.is_file():
         raise EvoError(f"{root}: no {MANIFEST}")
-    for line in manifest.read_text().splitlines():
-        digest, _, rel = line.partition("  ")
+    lines = [ln for ln in manifest.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+    if not lines or not lines[-1].startswith(MANIFEST_FOOTER):
+        raise EvoError(f"{manifest}: incomplete manifest (no '{MANIFEST_FOOTER.strip()}' footer line): "
+                       "it was emptied, truncated or written by an older evo")
+    count, _, digest = lines[-1][len(MANIFEST_FOOTER):].partition(" ")
+    listed = []
+    for line in lines[:-1]:
+        expected, _, rel = line.partition("  ")
+        if not rel or rel.startswith("/") or ".." in Path(rel).parts:
+            raise EvoError(f"{manifest}: malformed line {line[:80]!r}")
+        listed.append((rel, expected))
+    paths = [rel for rel, _ in listed]
+    if not count.isdigit() or int(count) != len(paths) or digest != _listing_digest(sorted(paths)):
+        raise EvoError(f"{manifest}: the file list does not match its footer (lines were removed or added)")
+    for rel, expected in listed:
         path = root / rel
         if not path.is_file():
             raise EvoError(f"{path}: listed in {MANIFEST} but missing")
-        if _sha256(path) != digest:
+        if _sha256(path) != expected:
             raise EvoError(f"{path}: sha256 does not match {MANIFEST}")
+    extra = sorted(set(_release_files(root)) - set(paths))
+    if extra:
+        raise EvoError(f"{root / extra[0]}: not listed in {MANIFEST} (a file was added to the release)")
 
 
 def _sha256(path: Path) -> str:
@@ -375,8 +410,17 @@ def verify(release: str | Path, tolerance: float = 1e-3) -> dict[str, float]:
     if not root.is_dir():
         raise EvoError(f"{root}: release directory not found")
     verify_manifest(root)
-    fitness = json.loads((root / "fitness.json").read_text())
-    ev = fitness["eval"]
+    try:
+        fitness = json.loads((root / "fitness.json").read_text(encoding="utf-8"))
+        ev = fitness["eval"]
+        if not isinstance(fitness.get("objectives"), dict) or not isinstance(fitness.get("objective_specs"), list):
+            raise KeyError("objectives")
+    except FileNotFoundError:
+        raise EvoError(f"{root / 'fitness.json'}: missing (the release records its fitness there)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EvoError(f"{root / 'fitness.json'}: not valid JSON ({exc})") from None
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise EvoError(f"{root / 'fitness.json'}: missing field {exc}") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(root, trust_remote_code=False).eval()
         tokenizer = AutoTokenizer.from_pretrained(root, trust_remote_code=False)

@@ -72,6 +72,65 @@ def test_verify_re_measures_fitness(finished_run, tmp_path):
         verify(release)
 
 
+def test_verify_checks_the_manifest_is_complete_and_the_only_files(finished_run, tmp_path, capsys):
+    """Emptied manifest, removed lines with edited files, an unlisted file, a broken
+    fitness.json: each fails verify with one line."""
+    import shutil
+
+    from evo.release import MANIFEST, write_manifest
+
+    release = evo.export(finished_run, tmp_path / "rel")
+    verify(release)
+
+    def fresh(name):
+        d = tmp_path / name
+        shutil.copytree(release, d)
+        return d
+
+    emptied = fresh("emptied")
+    (emptied / MANIFEST).write_text("")
+    with pytest.raises(EvoError, match="incomplete manifest"):
+        verify(emptied)
+
+    # a line removed and that file edited (the footer no longer matches the listing)
+    cut = fresh("cut")
+    lines = (cut / MANIFEST).read_text().splitlines()
+    (cut / MANIFEST).write_text("\n".join(ln for ln in lines if not ln.endswith("  recipe.yaml")) + "\n")
+    (cut / "recipe.yaml").write_text("tampered: true\n")
+    with pytest.raises(EvoError, match="does not match its footer"):
+        verify(cut)
+
+    # every line removed but a footer forged for the empty list: the files are then unlisted
+    forged = fresh("forged")
+    import hashlib
+
+    (forged / MANIFEST).write_text(f"# files: 0 {hashlib.sha256(b'').hexdigest()}\n")
+    with pytest.raises(EvoError, match="not listed in"):
+        verify(forged)
+
+    extra = fresh("extra")
+    (extra / "evil.py").write_text("import os\n")
+    with pytest.raises(EvoError, match="evil.py: not listed in"):
+        verify(extra)
+    capsys.readouterr()
+    assert cli(["verify", str(extra)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+    for name, content, match in (("nofit", None, "fitness.json: missing"), ("badjson", "{not json", "not valid JSON"),
+                                 ("nofield", "{}", "missing field")):
+        d = fresh(name)
+        if content is None:
+            (d / "fitness.json").unlink()
+        else:
+            (d / "fitness.json").write_text(content)
+        write_manifest(d)
+        with pytest.raises(EvoError, match=match):
+            verify(d)
+        capsys.readouterr()
+        assert cli(["verify", str(d)]) == 2
+        assert capsys.readouterr().err.count("\n") == 1
+
+
 def test_interrupted_export_leaves_no_release(finished_run, tmp_path, monkeypatch):
     import evo.release as rel
 
