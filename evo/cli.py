@@ -9,27 +9,52 @@ from pathlib import Path
 
 from evo.errors import EvoError
 
+# exit codes of `evo run` / `evo resume` (and every verb for the first three)
+EXIT_OK = 0          # finished (a stream run: every data version present was processed)
+EXIT_ERROR = 2       # bad input or environment: one line on stderr naming the file, field or path
+EXIT_STOPPED = 3     # stopped by SIGINT/SIGTERM after checkpointing: `evo resume RUN` continues
+EXIT_ALL_FAILED = 4  # no candidate evaluated successfully; stderr names the first failure
+EXIT_NO_DATA = 5     # a stream run found no usable data version
+EXIT_ABORTED = 130   # a second Ctrl-C: aborted at once (the last checkpoint still resumes)
+EXIT_CODES = {"finished": EXIT_OK, "stopped": EXIT_STOPPED, "all_failed": EXIT_ALL_FAILED, "no_data": EXIT_NO_DATA}
+EXIT_HELP = """exit codes:
+  0    finished (a stream run: every data version present was processed)
+  2    bad input or environment (one line on stderr names the file, field or path)
+  3    stopped by SIGINT/SIGTERM after checkpointing; `evo resume RUN_DIR` continues it
+  4    every candidate failed (stderr gives the first failure)
+  5    a stream run found no usable data version
+  130  aborted by a second Ctrl-C (the last checkpoint still resumes)"""
 
-def _cmd_run(args) -> None:
+
+def _cmd_run(args) -> int:
     from evo.runner import run
 
-    result = run(args.config, args.run_dir, quiet=args.quiet, follow=args.follow)
-    _print_best(result)
+    return _print_best(run(args.config, args.run_dir, quiet=args.quiet, follow=args.follow))
 
 
-def _cmd_resume(args) -> None:
+def _cmd_resume(args) -> int:
     from evo.runner import resume
 
-    _print_best(resume(args.run_dir, quiet=args.quiet, follow=args.follow))
+    return _print_best(resume(args.run_dir, quiet=args.quiet, follow=args.follow))
 
 
-def _print_best(result) -> None:
+def _print_best(result) -> int:
+    """Print how the run ended; return its exit code."""
+    code = EXIT_CODES[result.outcome]
+    if result.outcome in ("all_failed", "no_data"):
+        what = "every candidate failed; first failure" if result.outcome == "all_failed" else "no data"
+        print(f"evo: error: {what}: {result.reason}", file=sys.stderr)
+        return code
     if result.versions:
         released = ", ".join(result.releases) or "none"
         print(f"data versions processed: {len(result.versions)}; releases: {released}")
+        if result.release_dir:
+            print(f"current release: {result.release_dir} (a stream run writes its releases itself)")
+        return code
     if result.best_recipe is None:
-        print("no candidate evaluated successfully")
-        return
+        return code
+    if result.outcome == "stopped":
+        return code  # the loop printed how to continue
     values = ", ".join(f"{n}={v:.4f}" for n, v in zip(result.objectives, result.best_values))
     sel = result.selection
     if sel and sel.get("release"):
@@ -37,8 +62,9 @@ def _print_best(result) -> None:
         chosen = sel.get("release_values", {})
         shown = "; ".join(f"{split}: " + ", ".join(f"{n}={v:.4f}" for n, v in vals.items()) for split, vals in chosen.items())
         print(f"release: {sel['release']} ({shown}); export with `evo export {result.run_dir}`")
-        return
+        return code
     print(f"best: {values}  (recipe {result.best_recipe.key()}; export with `evo export {result.run_dir}`)")
+    return code
 
 
 def _cmd_status(args) -> None:
@@ -84,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="evo", description="Evolutionary model merging on Ray")
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("run", help="start an experiment")
+    r = sub.add_parser("run", help="start an experiment", epilog=EXIT_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("config", help="experiment YAML")
     r.add_argument("--run-dir", required=True, help="new run directory")
     r.add_argument("--quiet", action="store_true", help="no progress bars or tables (for logs)")
@@ -92,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stream runs: keep waiting for new shards and releasing until SIGINT/SIGTERM")
     r.set_defaults(fn=_cmd_run)
 
-    r = sub.add_parser("resume", help="continue a stopped or killed run")
+    r = sub.add_parser("resume", help="continue a stopped or killed run", epilog=EXIT_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("run_dir")
     r.add_argument("--quiet", action="store_true")
     r.add_argument("--follow", action="store_true", help="stream runs: keep following the shard folder")
@@ -133,14 +161,23 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     args = build_parser().parse_args(argv)
     try:
-        args.fn(args)
+        code = args.fn(args) or EXIT_OK
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler below
+        return code
     except EvoError as exc:
         print(f"evo: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
+    except BrokenPipeError:  # `evo status RUN | head -3`: the reader left; end quietly like other tools
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
+    except OSError as exc:  # a full disk, a read-only or vanished folder: nothing was half-written
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"evo: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("evo: interrupted", file=sys.stderr)
-        return 130
-    return 0
+        return EXIT_ABORTED
 
 
 if __name__ == "__main__":

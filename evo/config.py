@@ -16,6 +16,9 @@ from typing import Any
 
 from evo.errors import EvoError
 
+# what a merged model and a release can be stored as (the merge arithmetic itself is fp32)
+DTYPES = ("float32", "bfloat16", "float16")
+
 
 METRICS = ("logppl", "task")
 
@@ -276,6 +279,13 @@ class ExperimentConfig:
             for s in obj.sets or []:
                 if s not in known:
                     raise EvoError(f"{at}.sets: unknown {'evaluation set' if obj.metric == 'logppl' else 'task'} {s!r} (known: {', '.join(known)})")
+        from evo.optim import OPTIMIZERS
+
+        if self.optimizer.name not in OPTIMIZERS:
+            raise EvoError(f"{where}: optimizer.name: unknown optimizer {self.optimizer.name!r} "
+                           f"(known: {', '.join(sorted(OPTIMIZERS))})")
+        if self.dtype not in DTYPES:
+            raise EvoError(f"{where}: dtype: must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         for key in ("generations", "population"):
             if getattr(self.optimizer, key) < 1:
                 raise EvoError(f"{where}: optimizer.{key}: must be >= 1")

@@ -164,6 +164,13 @@ class ContinualLoop:
                            best.values if best else None, self.objective_names, self.logbook, {}, pool.dashboard_url)
         result.releases = [h["release"] for h in st["history"] if h.get("released")]
         result.versions = list(st["history"])
+        if stopped:
+            result.outcome = "stopped"
+        elif not st["history"]:
+            result.outcome, result.reason = "no_data", f"no data version in {cfg.stream.folder} (no usable shard)"
+        elif best is None:
+            result.outcome, result.reason = "all_failed", self.store.first_failure()
+        result.release_dir = st.get("release_dir")
         return result
 
     # ------------------------------------------------------------------------------ steps

@@ -33,11 +33,11 @@ def start_ray(cfg: ExperimentConfig) -> tuple[bool, str | None]:
     (a notebook, a test session) is reused as is.
     """
     if ray.is_initialized():
-        return False, _dashboard_url()
+        return False, _dashboard_url(None)
     rc = cfg.ray
     address = rc.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ctx = ray.init(address=address, log_to_driver=False)
     else:
         kwargs = dict(
             address="local",
@@ -53,14 +53,18 @@ def start_ray(cfg: ExperimentConfig) -> tuple[bool, str | None]:
             kwargs["_metrics_export_port"] = rc.metrics_export_port  # evo_* metrics: /metrics there
         if rc.temp_dir:
             kwargs["_temp_dir"] = rc.temp_dir
-        ray.init(**kwargs)
-    return True, _dashboard_url()
+        ctx = ray.init(**kwargs)
+    return True, _dashboard_url(ctx)
 
 
-def _dashboard_url() -> str | None:
+def _dashboard_url(ctx) -> str | None:
+    """The dashboard's URL: from ``ray.init``'s context, else (a Ray this process had already
+    started) from the node's address info. None when the dashboard is off."""
     try:
-        url = ray.get_runtime_context().dashboard_url if hasattr(ray.get_runtime_context(), "dashboard_url") else None
-        url = url or ray._private.worker.global_worker.node.dashboard_url  # noqa: SLF001
+        url = getattr(ctx, "dashboard_url", None) if ctx is not None else None
+        if not url:
+            info = ray._private.worker.global_worker.node.address_info  # noqa: SLF001 (no public accessor)
+            url = info.get("webui_url")
     except Exception:
         return None
     if url and not url.startswith("http"):

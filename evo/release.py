@@ -17,6 +17,7 @@ import yaml
 
 from evo.config import ExperimentConfig
 from evo.errors import EvoError
+from evo.gguf import MARKER as GGUF_MARKER
 from evo.space import Recipe
 from evo.store import RunStore, atomic_write_text
 
@@ -56,8 +57,10 @@ def export(run_dir: str | Path, out: str | Path | None = None, *, lora: str = "m
         raise EvoError(f"{store.root}: no complete generation to export yet")
     cfg = ExperimentConfig.from_dict(store.config(), source=str(store.root / RunStore.CONFIG))
     if cfg.streaming:
-        raise EvoError(f"{store.root}: a stream run writes its releases itself (see {store.releases_dir}); "
-                       "copy the newest one to ship it")
+        current = (ckpt.get("stream") or {}).get("release_dir")
+        raise EvoError(f"{store.root}: a stream run writes its releases itself; "
+                       + (f"the current release is {current}: ship that folder" if current
+                          else f"none was released yet (see {store.releases_dir})"))
     selection = ckpt.get("selection")
     if not selection or not selection.get("release_recipe"):
         raise EvoError(f"{store.root}: the run has not finished: its release is chosen on the selection split after "
@@ -216,14 +219,36 @@ def _write_release_files(root: Path, recipe: Recipe, paths: dict, cfg: Experimen
                                                    "data_version": previous["data_version"]}}
     atomic_write_text(root / "fitness.json", json.dumps(fitness, indent=2))
     atomic_write_text(root / "recipe.yaml", yaml.safe_dump({**recipe.to_dict(), "key": recipe.key()}, sort_keys=False))
-    # mergekit form: the same merge with model names replaced by their directories
+    # mergekit form: the same merge with model names replaced by portable names of their
+    # directories (the builder's paths stay out of a shipped release; point them at local copies)
     mk = recipe.merge.to_dict()
-    mk["base_model"] = str(Path(paths["base"]).resolve())
+    mk["base_model"] = portable_name(paths["base"], cfg)
     for entry in mk["models"]:
-        entry["model"] = str(Path(paths[entry["model"]]).resolve())
-    atomic_write_text(root / "mergekit.yaml", yaml.safe_dump(mk, sort_keys=False))
+        entry["model"] = portable_name(paths[entry["model"]], cfg)
+    atomic_write_text(root / "mergekit.yaml", "# model paths are portable names: replace them with your local copies\n"
+                      + yaml.safe_dump(mk, sort_keys=False))
     atomic_write_text(root / "README.md", _card(recipe, paths, fitness, cfg))
     write_manifest(root)
+
+
+def portable_name(path: str, cfg: ExperimentConfig) -> str:
+    """A parent model's name that does not leak the builder's directory layout: its path inside
+    the zoo (``zoo/specialists/de``), the GGUF file it was converted from, or its folder name."""
+    p = Path(path)
+    marker = p / GGUF_MARKER
+    if marker.is_file():
+        try:
+            info = json.loads(marker.read_text(encoding="utf-8"))
+            return f"{info['file']} (GGUF, sha256 {info['sha256'][:16]})"
+        except (ValueError, KeyError, TypeError):
+            pass
+    if cfg.zoo:
+        zoo = Path(cfg.zoo).resolve()
+        try:
+            return f"{zoo.name}/{p.resolve().relative_to(zoo).as_posix()}"
+        except ValueError:
+            pass
+    return p.name
 
 
 def _card(recipe: Recipe, paths: dict, fitness: dict, cfg: ExperimentConfig) -> str:
@@ -235,8 +260,8 @@ def _card(recipe: Recipe, paths: dict, fitness: dict, cfg: ExperimentConfig) -> 
         "",
         "## Parent models",
         "",
-        f"- base: `{paths['base']}`",
-        *[f"- {e.model}: `{paths[e.model]}`" for e in recipe.merge.models],
+        f"- base: `{portable_name(paths['base'], cfg)}`",
+        *[f"- {e.model}: `{portable_name(paths[e.model], cfg)}`" for e in recipe.merge.models],
         "",
         f"## Fitness (data version `{fitness['data_version']}`, generation {fitness['generation']})",
         "",

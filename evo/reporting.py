@@ -183,9 +183,19 @@ def _plot_pareto(cands, ckpt, names, goals):
 
 
 # ------------------------------------------------------------------------------------- html
+def _share(fraction) -> str:
+    return f"{fraction:.0%}" if isinstance(fraction, (int, float)) else "-"
+
+
+def _first_value(cand: dict) -> str:
+    values = cand.get("values") or []
+    return f"{values[0]:.4f}" if values and values[0] is not None else "-"
+
+
 def _html(cfg, ckpt, cands, store, images, names) -> str:
     esc = html.escape
-    failed = [c for c in cands if c["status"] != "ok"]
+    failed = [c for c in cands if c["status"] not in ("ok", "rejected")]
+    rejected = [c for c in cands if c["status"] == "rejected"]
     versions = sorted({c.get("data_version") for c in cands if c.get("data_version")})
     best = ckpt.get("best") or {}
     parts = [
@@ -196,7 +206,7 @@ def _html(cfg, ckpt, cands, store, images, names) -> str:
         "th{background:#f3f3f3}img{max-width:100%}code{background:#f6f6f6}</style></head><body>",
         f"<h1>evo report: {esc(cfg.name)}</h1>",
         f"<p>run <code>{esc(str(store.root))}</code> &middot; generation {ckpt['generation']}"
-        f"{'' if ckpt.get('stream') else ' of ' + str(ckpt['generations'])} &middot; {len(cands)} candidates ({len(failed)} failed) &middot; optimizer "
+        f"{'' if ckpt.get('stream') else ' of ' + str(ckpt['generations'])} &middot; {len(cands)} candidates ({len(failed)} failed, {len(rejected)} stopped early by rejection) &middot; optimizer "
         f"<code>{esc(cfg.optimizer.name)}</code> &middot; search space <code>{esc(Path(cfg.search_space).name)}</code></p>",
     ]
     if best:
@@ -219,11 +229,21 @@ def _html(cfg, ckpt, cands, store, images, names) -> str:
                 parts.append(f"<tr><td>{esc(label)}</td>" + "".join(f"<td>{m[f'logppl/{s}']:.4f}</td>" for s in sets)
                              + f"<td>{m['mean']:.4f}</td></tr>")
         parts.append("</table>")
-    parts.append("<h2>Failures and rejections</h2>")
+    parts.append("<h2>Failures</h2>")
     if failed:
         parts.append("<table><tr><th>candidate</th><th>status</th><th>error</th></tr>")
         parts += [f"<tr><td>{esc(c['candidate'])}</td><td>{esc(c['status'])}</td><td style='text-align:left'>"
                   f"{esc(str(c.get('error')))}</td></tr>" for c in failed[:50]]
+        parts.append("</table>")
+    else:
+        parts.append("<p>none</p>")
+    parts.append("<h2>Stopped early by rejection</h2>")
+    if rejected:
+        parts.append("<p>Not failures: each was clearly worse than the reference on the blocks it had scored, "
+                     "so its remaining blocks were skipped.</p><table><tr><th>candidate</th><th>share of blocks scored</th>"
+                     "<th>value when stopped</th></tr>")
+        parts += [f"<tr><td>{esc(c['candidate'])}</td><td>{_share(c.get('evaluated_fraction'))}</td>"
+                  f"<td>{esc(_first_value(c))}</td></tr>" for c in rejected[:50]]
         parts.append("</table>")
     else:
         parts.append("<p>none</p>")

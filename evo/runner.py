@@ -49,6 +49,12 @@ class RunResult:
     releases: list[str] = field(default_factory=list)   # stream runs: releases written so far
     versions: list[dict] = field(default_factory=list)   # stream runs: one entry per data version
     selection: dict | None = None  # fixed-data runs: the release chosen on the selection split (evo.selection)
+    # how the run ended: "finished", "stopped" (a signal or stop_after; `evo resume` continues),
+    # "all_failed" (no candidate evaluated; ``reason`` is the first failure) or "no_data" (a
+    # stream run that found no data version); ``evo run`` maps each to its exit code
+    outcome: str = "finished"
+    reason: str | None = None
+    release_dir: str | None = None  # stream runs: the current release's folder
 
     @property
     def release_recipe(self) -> Recipe | None:
@@ -77,9 +83,35 @@ def run(config, run_dir: str | Path, *, quiet: bool = False, stop_after: int | N
     """
     cfg = _as_config(config)
     _check_follow(cfg, follow)
+    if not cfg.streaming:
+        _preflight(cfg)
     store = RunStore.create(run_dir, cfg.to_dict())
-    store.event("run_started", name=cfg.name, pid=os.getpid(), follow=follow)
-    return _dispatch(cfg, store, quiet=quiet, stop_after=stop_after, follow=follow)
+    try:
+        store.event("run_started", name=cfg.name, pid=os.getpid(), follow=follow)
+        return _dispatch(cfg, store, quiet=quiet, stop_after=stop_after, follow=follow)
+    except BaseException:
+        # a start that failed before any work leaves no run directory behind for a rerun to
+        # refuse; once a candidate is cached or a generation checkpointed, `evo resume` continues
+        store.discard_if_unstarted()
+        raise
+
+
+def _preflight(cfg: ExperimentConfig) -> None:
+    """Fail on what the config alone can show (search space, optimizer options) before the run
+    directory exists."""
+    space = make_space(cfg)
+    try:
+        make_optimizer(cfg.optimizer.name, space.dim, directions=objective_directions(cfg), seed=cfg.seed,
+                       options=_optimizer_options(cfg, space))
+    except EvoError as exc:
+        raise EvoError(f"{cfg.source}: {exc}") from None
+
+
+def _optimizer_options(cfg: ExperimentConfig, space: SearchSpace) -> dict:
+    options = {"population": cfg.optimizer.population, **cfg.optimizer.options}
+    options.setdefault("weights", [o.weight for o in cfg.objectives])
+    options.setdefault("initial", [g.tolist() for g in initial_genomes(cfg, space)])
+    return options
 
 
 def resume(run_dir: str | Path, *, quiet: bool = False, stop_after: int | None = None, follow: bool = False) -> RunResult:
@@ -127,10 +159,8 @@ def _loop(cfg: ExperimentConfig, store: RunStore, *, quiet: bool, stop_after: in
     directions = objective_directions(cfg)
     ckpt = store.load_checkpoint()
     if ckpt is None:
-        options = {"population": cfg.optimizer.population, **cfg.optimizer.options}
-        options.setdefault("weights", [o.weight for o in cfg.objectives])
-        options.setdefault("initial", [g.tolist() for g in initial_genomes(cfg, space)])
-        optimizer = make_optimizer(cfg.optimizer.name, space.dim, directions=directions, seed=cfg.seed, options=options)
+        optimizer = make_optimizer(cfg.optimizer.name, space.dim, directions=directions, seed=cfg.seed,
+                                   options=_optimizer_options(cfg, space))
         logbook: list[dict] = []
     else:
         optimizer = restore_optimizer(ckpt["optimizer"])
@@ -180,6 +210,9 @@ def _loop(cfg: ExperimentConfig, store: RunStore, *, quiet: bool, stop_after: in
             print(f"stopped after generation {optimizer.generation - 1}; continue with `evo resume {store.root}`")
     if done:
         store.event("run_finished", generations=cfg.optimizer.generations)
+    outcome, reason = ("stopped", None) if stopped else ("finished", None)
+    if not stopped and best is None:
+        outcome, reason = "all_failed", store.first_failure()
     return RunResult(
         store.root,
         space.decode(best.genome) if best else None,
@@ -189,6 +222,8 @@ def _loop(cfg: ExperimentConfig, store: RunStore, *, quiet: bool, stop_after: in
         comparison,
         pool.dashboard_url,
         selection=selection,
+        outcome=outcome,
+        reason=reason,
     )
 
 

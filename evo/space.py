@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -296,6 +297,11 @@ class SearchSpace:
             if not any(name in acc for acc in self._accepts.values()):
                 where = f"genes.{name}" if name in spec.genes else f"parameters.{name}"
                 raise EvoError(f"{spec.source}: {where}: no merge method of this space takes a parameter {name!r}")
+        for name in merge_params:  # accepted but inert under every method the space can choose
+            if all(name in getattr(METHODS[m], "inert", ()) for m in methods):
+                warnings.warn(f"{spec.source}: genes.{name}: has no effect with merge method "
+                              f"{' / '.join(methods)} (the search would spend {name!r} genes on noise)",
+                              UserWarning, stacklevel=2)
 
     @classmethod
     def load(cls, path, models, base_model, **kw) -> "SearchSpace":

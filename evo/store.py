@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -28,11 +29,23 @@ import yaml
 from evo.errors import EvoError
 
 
+def umask_mode(directory: bool = False) -> int:
+    """The mode ``open``/``mkdir`` would give a new file or folder under the current umask.
+
+    ``mkstemp``/``mkdtemp`` create 0600/0700 whatever the umask; what evo renames into place
+    (releases, merged models, run files) is meant to be shared like any other output, so it
+    gets this mode before the rename."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` via a temp file in the same folder and ``os.replace``."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, umask_mode())
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
             fh.flush()
@@ -66,15 +79,20 @@ class RunStore:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        self.created = False  # whether ``create`` made the folder (not just filled an empty one)
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
     def create(cls, root: str | Path, config: dict) -> "RunStore":
         root = Path(root)
+        if root.exists() and not root.is_dir():
+            raise EvoError(f"{root}: --run-dir names an existing file, not a directory")
         if root.exists() and any(root.iterdir()):
             raise EvoError(f"{root}: run directory exists and is not empty (use `evo resume {root}`)")
+        created = not root.exists()
         root.mkdir(parents=True, exist_ok=True)
         store = cls(root)
+        store.created = created
         atomic_write_text(root / cls.CONFIG, yaml.safe_dump(config, sort_keys=False))
         return store
 
@@ -84,6 +102,19 @@ class RunStore:
         if not (root / cls.CONFIG).is_file():
             raise EvoError(f"{root}: not a run directory (no {cls.CONFIG})")
         return cls(root)
+
+    def discard_if_unstarted(self) -> bool:
+        """Remove a run directory whose start failed before any work (no checkpoint, nothing in
+        the fitness cache): everything in it was written by this start (``create`` wants an empty
+        or new folder). Returns whether it was removed."""
+        if (self.root / self.CHECKPOINT).exists() or any(True for _ in read_jsonl(self.root / "cache.jsonl")):
+            return False
+        if self.created:
+            shutil.rmtree(self.root, ignore_errors=True)
+        else:
+            for child in self.root.iterdir():
+                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+        return True
 
     def config(self) -> dict:
         return yaml.safe_load((self.root / self.CONFIG).read_text())
@@ -118,6 +149,13 @@ class RunStore:
 
     def candidates(self) -> list[dict]:
         return list(read_jsonl(self.root / "candidates.jsonl"))
+
+    def first_failure(self) -> str:
+        """The first failed candidate's id and error (for a run in which none succeeded)."""
+        for rec in self.candidates():
+            if rec.get("status") == "failed":
+                return f"{rec.get('candidate')}: {rec.get('error')}"
+        return "no candidate was evaluated"
 
     # ------------------------------------------------------------------ fitness cache
     def cache_put(self, key: str, result: dict) -> None:

@@ -13,6 +13,8 @@ import urllib.request
 import pytest
 import yaml
 
+from evo.store import RunStore
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -58,6 +60,9 @@ def test_state_api_lists_named_candidate_tasks(micro_zoo, repo_root, tmp_path):
         assert any(n.startswith("g0000-c000") or n.startswith("g0001-c") for n in names), child.stdout.read()[-2000:] if child.poll() is not None else names
         one = _get(f"{base}/api/v0/tasks?filter_keys=name&filter_predicates=%3D&filter_values=g0000-c000", token)
         assert [t["name"] for t in one["data"]["result"]["result"]] == ["g0000-c000"]
+        # the run records (and, without --quiet, prints) where its dashboard listens
+        started = [e for e in RunStore(tmp_path / "run").events() if e["event"] == "ray_started"]
+        assert started and started[0]["dashboard"] == base, started
         actors = _get(f"{base}/api/v0/actors?limit=100", token)["data"]["result"]["result"]
         assert any("evaluator-0" in (a.get("name") or "") for a in actors)
         # the run's own metrics (ray.util.metrics) are on the node's Prometheus port
@@ -86,9 +91,10 @@ def test_state_api_lists_named_candidate_tasks(micro_zoo, repo_root, tmp_path):
     finally:
         child.terminate()
         try:
-            child.wait(30)
+            child.wait(60)
         except subprocess.TimeoutExpired:
             child.kill()
+    assert child.returncode == 3, child.stdout.read()[-2000:]  # SIGTERM: stopped, checkpointed, resumable
 
 
 def test_grafana_dashboard_queries_only_metrics_evo_exports(repo_root):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -40,6 +42,16 @@ def test_export_loads_verifies_and_detects_a_flipped_byte(finished_run, tmp_path
     assert {"model.safetensors", "config.json", "tokenizer.json", "recipe.yaml", "mergekit.yaml",
             "fitness.json", "README.md", "MANIFEST.sha256"} <= names
     assert "ties" in (release / "README.md").read_text()
+    # shipped as any other output: the umask's modes, and parents named without the builder's paths
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(release.stat().st_mode) == 0o777 & ~mask
+    assert {stat.S_IMODE((release / n).stat().st_mode) for n in ("fitness.json", "README.md", "MANIFEST.sha256",
+                                                                  "model.safetensors")} == {0o666 & ~mask}
+    zoo_root = str(Path(yaml.safe_load((finished_run / "config.yaml").read_text())["zoo"]).resolve())
+    for name in ("README.md", "mergekit.yaml"):
+        text = (release / name).read_text()
+        assert zoo_root not in text and "micro/specialists/" in text, name
     AutoModelForCausalLM.from_pretrained(release)
     values = verify(release)
     assert cli(["verify", str(release)]) == 0

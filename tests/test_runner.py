@@ -79,6 +79,11 @@ def test_run_export_load_and_resume_matches_uninterrupted(micro_zoo, ray_session
     assert scores[sel["release"]] == min(scores[k] for k in simple + [k for k in scores if k.startswith("evolved")])
     assert all("test" in row for row in comp.values())
     assert sel["margins"]["release_vs_uniform/test"]["blocks"] > 0
+    # the report counts failures and early rejections apart (a rejection is not a failure)
+    page = evo.report(tmp_path / "full").read_text()
+    n_failed = sum(c["status"] == "failed" for c in cands)
+    n_rejected = sum(c["status"] == "rejected" for c in cands)
+    assert f"{len(cands)} candidates ({n_failed} failed, {n_rejected} stopped early by rejection)" in page
 
     # stop after one generation, then resume: same final best recipe and values
     part = evo.run(cfg, tmp_path / "part", quiet=True, stop_after=1)

@@ -164,3 +164,21 @@ def test_parameter_no_method_takes_is_refused(tmp_path):
     path.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "genes": {"densty": {"type": "float", "low": 0, "high": 1}}}))
     with pytest.raises(EvoError, match="genes.densty: no merge method of this space takes"):
         SearchSpace.load(path, ["a"], "base")
+
+
+def test_a_gene_with_no_effect_for_the_method_warns_once_naming_it(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump({"name": "ta", "merge_method": "task_arithmetic", "layer_groups": 2,
+                                    "genes": {"weight": {"type": "float", "low": 0.0, "high": 1.0, "scope": "model_layer"},
+                                              "density": {"type": "float", "low": 0.1, "high": 1.0, "scope": "model"}}}))
+    with pytest.warns(UserWarning, match=r"genes\.density: has no effect with merge method task_arithmetic"):
+        SearchSpace.load(path, ["a", "b"], "base")
+    # with ties, density prunes: no warning
+    data = yaml.safe_load(path.read_text())
+    data["merge_method"] = "ties"
+    path.write_text(yaml.safe_dump(data))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SearchSpace.load(path, ["a", "b"], "base")

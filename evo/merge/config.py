@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from evo.errors import EvoError
+from evo.store import umask_mode
 
 DTYPES = ("float32", "float16", "bfloat16")
 _TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "tokenizer_source"}
@@ -137,6 +138,7 @@ class MergeConfig:
         path = Path(path)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
         try:
+            os.fchmod(fd, umask_mode())
             with os.fdopen(fd, "w") as f:
                 yaml.safe_dump(self.to_dict(), f, sort_keys=False)
             os.replace(tmp, path)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from evo.errors import EvoError
+from evo.store import umask_mode
 from evo.merge.config import MergeConfig
 from evo.merge.engine import Merger, _check_same_tensors
 from evo.merge.safetensors_io import SafetensorsWriter, check_finite, open_model_files
@@ -126,6 +127,7 @@ def merge_to_dir(config: MergeConfig, out_dir, *, resolve: Callable[[str], Path]
     scratch = merger.scratch
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    os.chmod(tmp, umask_mode(directory=True))  # mkdtemp's 0700 would make the merged model private
     try:
         specs = [(n, dtype if n in floats else info.dtype, info.shape) for n, info in infos.items()]
         with SafetensorsWriter(tmp / "model.safetensors", specs, {"format": "pt"}) as writer:

@@ -70,6 +70,12 @@ class TaskArithmetic:
         return self.sparsification in ("random", "della")
 
     @property
+    def inert(self) -> tuple[str, ...]:
+        """Parameters this method accepts (as mergekit does) that cannot change its result:
+        without sparsification nothing is pruned, so neither density nor rescale acts."""
+        return ("density", "rescale") if self.sparsification is None else ()
+
+    @property
     def params(self) -> tuple[ParamSpec, ...]:
         specs = [
             ParamSpec("int8_mask", bool, False, False),
