@@ -134,6 +134,10 @@ class RayConfig:
     candidate_timeout_s: float = 600.0
     retries: int = 2
     temp_dir: str | None = None
+    connect_timeout_s: float = 30.0  # ray.address: give up (one line) when nothing answers by then
+    # a cluster (ray.address) short of what the evaluators need: wait this long for nodes to join
+    # (an autoscaler), saying what for, then refuse; an embedded Ray never grows, so it refuses at once
+    resources_timeout_s: float = 300.0
 
 
 @dataclass
@@ -291,6 +295,10 @@ class ExperimentConfig:
                 raise EvoError(f"{where}: optimizer.{key}: must be >= 1")
         if self.ray.evaluators < 1:
             raise EvoError(f"{where}: ray.evaluators: must be >= 1")
+        if self.ray.cpus_per_evaluator < 0 or self.ray.gpus_per_evaluator < 0:
+            raise EvoError(f"{where}: ray.cpus_per_evaluator and ray.gpus_per_evaluator: must be >= 0")
+        if self.ray.connect_timeout_s <= 0 or self.ray.resources_timeout_s < 0:
+            raise EvoError(f"{where}: ray.connect_timeout_s must be > 0 and ray.resources_timeout_s >= 0")
         if self.ray.threads_per_evaluator < 1:
             raise EvoError(f"{where}: ray.threads_per_evaluator: must be >= 1")
         if not 0.0 < self.eval.subset <= 1.0:

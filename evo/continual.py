@@ -30,22 +30,20 @@ import numpy as np
 from evo.config import ExperimentConfig
 from evo.data import DataStream
 from evo.errors import EvoError
+from evo.generation import (  # noqa: F401  (RELEASE, make_stream_space: re-exported)
+    RELEASE, GenerationStep, RunResult, checkpoint_state, make_stream_space, new_optimizer, print_generation_row,
+)
 from evo.metrics import RunMetrics
-from evo.optim import make_optimizer, restore_optimizer
+from evo.optim import restore_optimizer
 from evo.pool import EvaluatorPool, Interrupted
 from evo.signals import StopSignals
 from evo.sources import Sources
-from evo.space import Recipe, SearchSpace
+from evo.space import Recipe
 from evo.store import RunStore
 
 log = logging.getLogger(__name__)
 
-RELEASE = "release"  # the source-model slot holding the current release
 STREAM_STATE = "stream.json"
-
-
-def make_stream_space(cfg: ExperimentConfig) -> SearchSpace:
-    return SearchSpace.load(cfg.search_space, [*cfg.models.sources, RELEASE], "base", seed=cfg.seed, dtype=cfg.dtype)
 
 
 class ContinualLoop:
@@ -75,13 +73,7 @@ class ContinualLoop:
         self.sources.deltas[RELEASE] = {k: np.zeros_like(v) for k, v in self.sources.base.items()}
         ckpt = store.load_checkpoint()
         if ckpt is None:
-            from evo.runner import initial_genomes
-
-            options = {"population": cfg.optimizer.population, **cfg.optimizer.options}
-            options.setdefault("weights", [o.weight for o in cfg.objectives])
-            options.setdefault("initial", [g.tolist() for g in initial_genomes(cfg, self.space)])
-            self.optimizer = make_optimizer(cfg.optimizer.name, self.space.dim, directions=[o.goal for o in cfg.objectives],
-                                            seed=cfg.seed, options=options)
+            self.optimizer = new_optimizer(cfg, self.space)
             self.logbook: list[dict] = []
             self.state = {"version": None, "shard": None, "phase": "done", "gen_in_version": 0,
                           "release": None, "release_dir": None, "reference": None, "history": []}
@@ -97,8 +89,6 @@ class ContinualLoop:
 
     # ------------------------------------------------------------------------------ driver
     def run(self, *, follow: bool = False):
-        from evo.runner import GenerationStep, RunResult, print_generation_row
-
         cfg, st = self.cfg, self.state
         stopped = False
         with EvaluatorPool(cfg, self.sources, run_name=self.store.root.name, quiet=self.quiet) as pool, \
@@ -410,8 +400,6 @@ class ContinualLoop:
         return out
 
     def _checkpoint(self) -> None:
-        from evo.runner import checkpoint_state
-
         ckpt = checkpoint_state(self.cfg, self.optimizer, self.logbook, self.space, self.data_key or "")
         self.store.save_checkpoint({**ckpt, "stream": self.state, "pid": os.getpid()})
 

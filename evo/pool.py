@@ -9,6 +9,7 @@ returned as failed by the evaluator itself.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from typing import Callable
 
@@ -37,6 +38,7 @@ def start_ray(cfg: ExperimentConfig) -> tuple[bool, str | None]:
     rc = cfg.ray
     address = rc.address or os.environ.get("RAY_ADDRESS")
     if address:
+        check_reachable(address, rc.connect_timeout_s)
         ctx = ray.init(address=address, log_to_driver=False)
     else:
         kwargs = dict(
@@ -55,6 +57,58 @@ def start_ray(cfg: ExperimentConfig) -> tuple[bool, str | None]:
             kwargs["_temp_dir"] = rc.temp_dir
         ctx = ray.init(**kwargs)
     return True, _dashboard_url(ctx)
+
+
+def check_reachable(address: str, timeout_s: float) -> None:
+    """Fail in one line when nothing listens at a ``host:port`` (or ``ray://host:port``) cluster
+    address: ``ray.init`` itself retries a dead address for minutes. ``auto`` (read from the
+    local node's files) is left to Ray."""
+    target = address.split("://", 1)[-1]
+    host, _, port = target.rpartition(":")
+    if address == "auto" or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise EvoError(f"ray.address: nothing answers at {address} within {timeout_s:g} s "
+                       f"({exc.strerror or exc}); is the cluster up? (ray.connect_timeout_s)") from None
+
+
+def check_resources(cfg: ExperimentConfig, *, wait_s: float, say=print) -> None:
+    """Refuse in one line when no configuration of the cluster's nodes can host the evaluators
+    (an actor that does not fit waits for ever, silently). With ``wait_s`` > 0 (a cluster that
+    may autoscale) wait that long for nodes to join, saying what for."""
+    rc = cfg.ray
+    need = {"CPU": rc.cpus_per_evaluator, "GPU": rc.gpus_per_evaluator}
+    deadline, said = time.monotonic() + wait_s, False
+    while True:
+        problem = _placement_problem(need, rc.evaluators)
+        if problem is None:
+            return
+        if time.monotonic() >= deadline:
+            raise EvoError(f"ray: {problem} (set ray.evaluators, ray.cpus_per_evaluator or ray.gpus_per_evaluator)")
+        if not said:
+            say(f"waiting up to {wait_s:g} s for the cluster to grow: {problem}")
+            said = True
+        time.sleep(min(2.0, max(deadline - time.monotonic(), 0.0)))
+
+
+def _placement_problem(need: dict[str, float], evaluators: int) -> str | None:
+    """Why ``evaluators`` actors needing ``need`` each cannot all be placed on the alive nodes
+    (packed greedily per node), or None."""
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    fits = 0
+    for res in nodes:
+        per_node = [int(res.get(k, 0.0) // v) if v > 0 else evaluators for k, v in need.items()]
+        fits += min(per_node) if per_node else evaluators
+    if fits >= evaluators:
+        return None
+    largest = {k: max((res.get(k, 0.0) for res in nodes), default=0.0) for k in need}
+    total = {k: sum(res.get(k, 0.0) for res in nodes) for k in need}
+    wants = ", ".join(f"{v:g} {k}{'s' if v != 1 else ''}" for k, v in need.items() if v > 0)
+    offers = ", ".join(f"{total[k]:g} {k}s in all, at most {largest[k]:g} on one node" for k, v in need.items() if v > 0)
+    return (f"{evaluators} evaluator{'s need' if evaluators != 1 else ' needs'} {wants} each; the cluster offers "
+            f"{offers} (room for {fits})")
 
 
 def _dashboard_url(ctx) -> str | None:
@@ -88,6 +142,14 @@ class EvaluatorPool:
     def __enter__(self) -> "EvaluatorPool":
         self.started_ray, self.dashboard_url = start_ray(self.cfg)
         rc = self.cfg.ray
+        external = bool(rc.address or os.environ.get("RAY_ADDRESS"))
+        try:
+            check_resources(self.cfg, wait_s=rc.resources_timeout_s if external else 0.0,
+                            say=(lambda msg: None) if self.quiet else print)
+        except BaseException:
+            if self.started_ray:
+                ray.shutdown()
+            raise
         # The sources go through the object store once and reach each actor with its first
         # update(), not as constructor arguments: Ray restarts an actor by re-running its
         # constructor, and constructor arguments in the object store are not kept for that

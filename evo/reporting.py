@@ -38,7 +38,7 @@ def report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     names = [o["name"] for o in ckpt["objectives"]]
     goals = [o["goal"] for o in ckpt["objectives"]]
     if cfg.streaming:  # the continual loop adds the current release as a source model
-        from evo.continual import make_stream_space
+        from evo.generation import make_stream_space
 
         space = make_stream_space(cfg)
     else:

@@ -48,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=256, help="eval block length in tokens")
     p.add_argument("--max-blocks", type=int, default=8, help="eval blocks per domain")
     p.add_argument("--eval-batch-size", type=int, default=8)
+    p.add_argument("--selection-blocks", type=int, default=None,
+                   help="blocks per domain of the selection split the release is chosen on (default: evo's, 64)")
+    p.add_argument("--test-blocks", type=int, default=None, help="blocks per domain of the test split (default: evo's, 64)")
     p.add_argument("--task", action="append", default=[], metavar="NAME=YAML",
                    help="a task (evo.tasks YAML) to score and optimise too (an objective each); repeatable")
     p.add_argument("--task-weight", type=float, default=1.0,
@@ -75,7 +78,9 @@ def make_config(args, zoo, space_path: Path) -> dict:
         "zoo": str(zoo.root),
         "search_space": str(space_path),
         "eval": {"seq_len": args.seq_len, "max_blocks": args.max_blocks, "batch_size": args.eval_batch_size,
-                 "subset": args.subset},
+                 "subset": args.subset,
+                 **({"selection": {"blocks": args.selection_blocks}} if args.selection_blocks else {}),
+                 **({"test_blocks": args.test_blocks} if args.test_blocks else {})},
         "objectives": [{"name": "mean_logppl", "metric": "logppl", "reduce": "mean", "goal": "minimize"}],
         "optimizer": {"name": args.optimizer, "generations": args.generations, "population": args.population},
         "ray": {"evaluators": args.evaluators, "cpus_per_evaluator": 1,

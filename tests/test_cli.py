@@ -153,3 +153,26 @@ def test_a_signal_stops_the_run_with_exit_3_and_resume_finishes_it(micro_zoo, ra
     store = RunStore.open(run_dir)
     assert 1 <= store.load_checkpoint()["generation"] < 50
     assert "run_finished" not in [e["event"] for e in store.events()]
+
+
+def test_evaluators_the_cluster_cannot_host_are_refused_not_waited_for(micro_zoo, ray_session, space_file, tmp_path,
+                                                                        capsys):
+    cfg = config(micro_zoo, space_file)
+    cfg["ray"] = {**cfg["ray"], "cpus_per_evaluator": 64}
+    assert cli(["run", write(tmp_path, cfg), "--run-dir", str(tmp_path / "run")]) == EXIT_ERROR
+    line = one_line_error(capsys)
+    assert "2 evaluators need 64 CPUs each; the cluster offers 2 CPUs in all" in line, line
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_address_where_nothing_listens_fails_in_one_line(micro_zoo, space_file, tmp_path):
+    """A real driver process (the test session's own Ray would otherwise be reused)."""
+    cfg = config(micro_zoo, space_file)
+    cfg["ray"] = {**cfg["ray"], "address": "127.0.0.1:1"}
+    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-m", "evo.cli", "run", write(tmp_path, cfg), "--run-dir",
+                           str(tmp_path / "run")], capture_output=True, text=True, env=env)
+    assert done.returncode == EXIT_ERROR, done.stderr[-2000:]
+    lines = [ln for ln in done.stderr.splitlines() if ln.startswith("evo: ")]
+    assert lines == [lines[0]] and "nothing answers at 127.0.0.1:1" in lines[0] and "Traceback" not in done.stderr
+    assert not (tmp_path / "run").exists()

@@ -198,7 +198,7 @@ def test_follow_picks_up_a_dropped_shard_and_stops_cleanly(micro_zoo, ray_sessio
         if child.poll() is None:
             child.kill()
             child.wait()
-    assert child.returncode == 0, err.decode()[-2000:]
+    assert child.returncode == 3, err.decode()[-2000:]  # stopped by SIGTERM: checkpointed, `evo resume --follow` goes on
     history = _history(run_dir)
     assert [h["shard"] for h in history] == ["000.jsonl", "001.jsonl"]
     assert history[1]["released"] == (run_dir / "releases" / "v0002").is_dir()

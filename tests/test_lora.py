@@ -1,6 +1,8 @@
 """LoRA adaptation with real peft on the micro zoo: reproducible fits, exact unload, merged export."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -45,9 +47,16 @@ def test_fit_changes_outputs_and_unload_restores_exactly(micro_zoo, blocks):
     x = torch.from_numpy(blocks[:2])
     ref = logits(model, x)
     rng_state = torch.get_rng_state()
+    t0 = time.perf_counter()
     peft_model, stats = fit_lora(model, blocks, GENES, seed=0)
+    wall = time.perf_counter() - t0
     assert torch.equal(torch.get_rng_state(), rng_state)  # the global RNG is left alone
-    assert stats["steps"] == 4 and stats["trainable_params"] > 0 and stats["seconds"] > 0
+    # trainable: exactly the LoRA matrices, rank x (in + out) per adapted linear layer
+    from peft.tuners.lora import LoraLayer
+
+    adapted = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
+    assert adapted and stats["trainable_params"] == sum(GENES.rank * (m.in_features + m.out_features) for m in adapted)
+    assert stats["steps"] == 4 and 0 < stats["seconds"] <= wall  # the fit's own time, within the call's
     assert not peft_model.training
     assert (logits(peft_model, x) - ref).abs().max() > 1e-3
     base = unload(peft_model)

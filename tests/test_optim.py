@@ -87,6 +87,13 @@ def test_failed_candidates_never_become_best_and_elites_survive():
     assert opt.best().values is not None
     ranked = [e.values[0] for e in opt.population if e.values]
     assert ranked == sorted(ranked)
+    # a generation of offspring that all fail or are worse: the two elites carry over unchanged
+    elites = [(list(e.genome), e.values) for e in opt.population[:2]]
+    offspring = opt.ask()
+    assert len(offspring) == 4  # population - elites: the elites are not re-evaluated
+    opt.tell(offspring, [None if i % 2 else [100.0 + i] for i in range(len(offspring))])
+    assert [(list(e.genome), e.values) for e in opt.population[:2]] == elites
+    assert opt.best().values == elites[0][1]
 
 
 def test_maximize_direction():

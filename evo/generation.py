@@ -1,0 +1,395 @@
+"""One generation of the search, shared by the fixed-data loop (``evo.runner``) and the continual
+loop (``evo.continual``): ask the optimizer, evaluate candidates on Ray actors, tell.
+
+One generation::
+
+    genomes = optimizer.ask()
+    recipes = [space.decode(g) for g in genomes]
+    results = cache hits + pool.evaluate(the rest)       # named Ray tasks gXXXX-cYYY
+    optimizer.tell(genomes, objective vectors)
+
+Also what both loops build their state from (space, optimizer, checkpoint, the generation row),
+so neither loop imports the other.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from deap import tools
+
+from evo.config import ExperimentConfig, early_rejection_active
+from evo.draws import BlockDraws, adjust_metrics, paired_difference
+from evo.errors import EvoError
+from evo.fitness import objective_values
+from evo.optim import make_optimizer
+from evo.pool import Sources
+from evo.selection import control_recipe
+from evo.space import Recipe, SearchSpace
+
+RELEASE = "release"  # a stream run's name for the current release among the models to merge
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    best_recipe: Recipe | None
+    best_values: list[float] | None
+    objectives: list[str]
+    logbook: list[dict]
+    comparison: dict[str, dict] = field(default_factory=dict)
+    dashboard_url: str | None = None
+    releases: list[str] = field(default_factory=list)   # stream runs: releases written so far
+    versions: list[dict] = field(default_factory=list)   # stream runs: one entry per data version
+    selection: dict | None = None  # fixed-data runs: the release chosen on the selection split (evo.selection)
+    # how the run ended: "finished", "stopped" (a signal or stop_after; `evo resume` continues),
+    # "all_failed" (no candidate evaluated; ``reason`` is the first failure) or "no_data" (a
+    # stream run that found no data version); ``evo run`` maps each to its exit code
+    outcome: str = "finished"
+    reason: str | None = None
+    release_dir: str | None = None  # stream runs: the current release's folder
+
+    @property
+    def release_recipe(self) -> Recipe | None:
+        """What ``evo export`` ships: the selection stage's choice (else the search's best)."""
+        if self.selection and self.selection.get("release_recipe"):
+            return Recipe.from_dict(self.selection["release_recipe"])
+        return self.best_recipe
+
+
+def optimizer_options(cfg: ExperimentConfig, space: SearchSpace) -> dict:
+    options = {"population": cfg.optimizer.population, **cfg.optimizer.options}
+    options.setdefault("weights", [o.weight for o in cfg.objectives])
+    options.setdefault("initial", [g.tolist() for g in initial_genomes(cfg, space)])
+    return options
+
+
+def objective_directions(cfg: ExperimentConfig) -> list[str]:
+    return [o.goal for o in cfg.objectives]
+
+
+def make_space(cfg: ExperimentConfig) -> SearchSpace:
+    return SearchSpace.load(cfg.search_space, list(cfg.models.sources), "base", seed=cfg.seed, dtype=cfg.dtype)
+
+
+def initial_genomes(cfg: ExperimentConfig, space: SearchSpace) -> list[np.ndarray]:
+    """Known-good starting points: the uniform average and plain task arithmetic."""
+    if not cfg.optimizer.seed_baselines or "weight" not in space.spec.genes:
+        return []
+    n = len(space.models)
+    return [space.uniform_genome(weight=1.0 / n, density=1.0), space.uniform_genome(weight=1.0, density=1.0)]
+
+
+class GenerationStep:
+    """One generation: ask, decode, evaluate what the cache lacks, record, tell.
+
+    Shared by the fixed-data loop here and the continual loop (``evo.continual``), which passes
+    its own ``data_key`` (data version and current release) and evaluation set names.
+
+    With ``draws`` (fixed-data runs), generation ``g`` scores every candidate on draw ``g`` of
+    the search pool, after the control recipe (``evo.selection.control_recipe``) and, for an
+    optimizer with elites, the surviving elites: values told to the optimizer are adjusted to
+    the first draw's scale through the control (``evo.draws``), and an elite's value is the mean
+    of its adjusted values over every draw it was scored on (``evidence``), so a lucky draw does
+    not keep a recipe alive.
+    """
+
+    def __init__(self, cfg, space, optimizer, pool, store, cache, metrics, *, data_key: str,
+                 set_names: list[str], task_names: list[str], extra: dict | None = None,
+                 draws: BlockDraws | None = None, evidence: dict | None = None, quiet: bool = True):
+        self.cfg, self.space, self.optimizer, self.pool = cfg, space, optimizer, pool
+        self.store, self.cache, self.metrics = store, cache, metrics
+        self.data_key, self.set_names, self.task_names = data_key, set_names, task_names
+        self.extra = extra or {}  # fields added to every candidate record (e.g. the stream version)
+        self.objective_names = [o.name for o in cfg.objectives]
+        self.draws = draws
+        self.control = control_recipe(cfg) if draws is not None else None
+        self.evidence: dict[str, list[list[float]]] = dict(evidence or {})  # recipe key -> adjusted values per draw
+        self.quiet = quiet
+        self.warned_noise = False
+        self._draw_key = data_key
+
+    def on_result(self, key: str, result: dict) -> None:
+        self.cache[key] = result
+        self.store.cache_put(key, result)  # written at once: a resume never re-evaluates it
+        self.metrics.candidate(result["status"])
+
+    def key(self, recipe: Recipe) -> str:
+        return f"{recipe.key()}|{self._draw_key}"
+
+    def values(self, result: dict) -> list[float] | None:
+        if result["status"] not in ("ok", "rejected"):  # rejected: its partial estimate
+            return None
+        return objective_values(result["metrics"], self.cfg.objectives, self.set_names, self.task_names)
+
+    def evaluate(self, named: dict[str, Recipe], *, desc: str, should_stop=None,
+                 reject_above=None, blocks=None) -> tuple[dict[str, str], set[str]]:
+        """Evaluate ``{candidate name: recipe}`` unless cached; returns (name -> cache key, the
+        keys evaluated now rather than taken from the cache)."""
+        keys, todo = {}, {}
+        for name, recipe in named.items():
+            key = keys[name] = self.key(recipe)
+            if key not in self.cache and key not in todo:
+                todo[key] = (name, recipe)
+        self.pool.evaluate(todo, self.on_result, desc=desc, reject_above=reject_above, should_stop=should_stop,
+                           blocks=blocks)
+        return keys, set(todo)
+
+    # ------------------------------------------------------------------ draws and the control
+    def _use_draw(self, gen: int) -> dict[str, list[int]] | None:
+        if self.draws is None:
+            self._draw_key = self.data_key
+            return None
+        self._draw_key = f"{self.data_key}|b{self.draws.draw_id(gen)}"
+        return self.draws.draw(gen)
+
+    def _control(self, gen: int, should_stop) -> dict:
+        """The control's result on generation ``gen``'s draw (evaluated once, then cached)."""
+        blocks = self._use_draw(gen)
+        keys, _ = self.evaluate({f"g{gen:04d}-control": self.control}, desc=f"generation {gen} control",
+                                should_stop=should_stop, blocks=blocks)
+        result = self.cache[keys[f"g{gen:04d}-control"]]
+        if result["status"] != "ok":
+            raise EvoError(f"the control recipe (uniform average) failed on generation {gen}'s blocks: "
+                           f"{result.get('error')}")
+        return result
+
+    def adjusted(self, result: dict, control: dict | None, anchor: dict | None) -> dict:
+        if control is None or result["status"] not in ("ok", "rejected"):
+            return result.get("metrics") or {}
+        return adjust_metrics(result["metrics"], control["metrics"], anchor["metrics"])
+
+    def _rescore_elites(self, gen: int, control, anchor, blocks, should_stop) -> None:
+        """Score the optimizer's surviving elites on this draw; their value becomes the mean of
+        their adjusted values over every draw so far."""
+        n = getattr(self.optimizer, "elites", 0)
+        if not n or not self.optimizer.population:
+            return
+        elites = sorted((e for e in self.optimizer.population if e.values is not None),
+                        key=self.optimizer.score, reverse=True)[:n]
+        named = {}
+        for i, e in enumerate(elites):
+            try:
+                named[f"g{gen:04d}-e{i:02d}"] = self.space.decode(e.genome)
+            except EvoError:
+                continue
+        keys, _ = self.evaluate(named, desc=f"generation {gen} elites", should_stop=should_stop, blocks=blocks)
+        update = {}
+        for name, e in zip(named, elites):
+            result = self.cache[keys[name]]
+            if result["status"] != "ok":
+                continue
+            vals = objective_values(self.adjusted(result, control, anchor), self.cfg.objectives, self.set_names,
+                                    self.task_names)
+            rkey = named[name].key()
+            history = self.evidence.setdefault(rkey, [list(map(float, e.values))])
+            if len(history) < gen + 1 and (not history or history[-1] != vals):
+                history.append(vals)
+            update[tuple(map(float, e.genome))] = list(np.mean(np.asarray(history), axis=0))
+        if update:
+            self.optimizer.rescore(update)
+
+    def _threshold(self, control, anchor):
+        """Early rejection against the k-th best (adjusted value A_k): on this draw, its expected
+        per-block NLLs are the control's plus (A_k - the control's adjusted value)."""
+        threshold = rejection_threshold(self.cfg, self.optimizer, self.lookup if control is None else None)
+        if control is None or threshold is None:
+            return threshold
+        value = threshold["value"] if isinstance(threshold, dict) else threshold
+        ctrl_adj = objective_values(anchor["metrics"], self.cfg.objectives, self.set_names, self.task_names)[0]
+        ctrl_now = objective_values(control["metrics"], self.cfg.objectives, self.set_names, self.task_names)[0]
+        shift = value - ctrl_adj
+        if not self.cfg.eval.early_rejection.paired or not control.get("block_nlls"):
+            return ctrl_now + shift
+        return {"value": ctrl_now + shift,
+                "blocks": {s: [x + shift for x in v] for s, v in control["block_nlls"].items()}}
+
+    def _noise_check(self, gen: int, values, ses) -> dict | None:
+        """Warn once when the differences the search acts on are within one candidate's noise."""
+        ok = sorted(v[0] for v in values if v is not None and math.isfinite(v[0]))
+        ses = [x for x in ses if x is not None]
+        if len(ok) < 4 or not ses or len(self.objective_names) != 1:
+            return None
+        spread = float(np.median(ok) - ok[0]) if self.cfg.objectives[0].goal == "minimize" else float(ok[-1] - np.median(ok))
+        se = float(np.median(ses))
+        noisy = spread < 2 * se
+        if noisy and not self.warned_noise:
+            self.warned_noise = True
+            blocks = self.draws.size if self.draws else self.cfg.eval.max_blocks
+            msg = (f"evo: warning: generation {gen}: the search acts on differences within noise (best {spread:.4f} "
+                   f"nats ahead of the median; one candidate's standard error {se:.4f} with {blocks} blocks per set, "
+                   f"{self.space.dim} genes). More blocks per set (eval.max_blocks) or fewer genes (coarser layer "
+                   "groups) make its choices meaningful; the release is still chosen on the selection split.")
+            self.store.event("noise_warning", generation=gen, spread=spread, se=se, blocks=blocks, genes=self.space.dim)
+            if not self.quiet:
+                import sys
+
+                print(msg, file=sys.stderr, flush=True)
+        return {"spread": round(spread, 5), "se": round(se, 5), "noisy": noisy}
+
+    # ------------------------------------------------------------------ one generation
+    def run(self, gen: int, *, should_stop=None) -> dict:
+        t0 = time.time()
+        optimizer, space, cfg = self.optimizer, self.space, self.cfg
+        control = anchor = None
+        if self.draws is not None:
+            anchor = self._control(0, should_stop)
+            control = self._control(gen, should_stop)
+            self._rescore_elites(gen, control, anchor, self.draws.draw(gen), should_stop)
+        blocks = self._use_draw(gen)
+        genomes = optimizer.ask()
+        parents = optimizer.parents()
+        names = [f"g{gen:04d}-c{i:03d}" for i in range(len(genomes))]
+        recipes: list[Recipe | None] = []
+        valid: dict[str, Recipe] = {}
+        invalid: dict[str, str] = {}
+        for name, genome in zip(names, genomes):
+            try:
+                recipe = space.decode(genome)
+            except EvoError as exc:  # e.g. a method gene picked slerp for three models
+                recipe = None
+                key = invalid[name] = f"invalid-{name}|{self._draw_key}"
+                self.cache[key] = {"status": "failed", "error": f"invalid recipe: {exc}"}
+            else:
+                valid[name] = recipe
+            recipes.append(recipe)
+        threshold = self._threshold(control, anchor)
+        keys, fresh_keys = self.evaluate(valid, desc=f"generation {gen}", should_stop=should_stop,
+                                         reject_above=threshold, blocks=blocks)
+        keys.update(invalid)
+        values, ses, n_failed, n_rejected, work = [], [], 0, 0, 0.0
+        for name, recipe, genome, parent_ids in zip(names, recipes, genomes, parents):
+            key = keys[name]
+            result = self.cache[key]
+            raw = self.values(result)
+            vals = raw if raw is None or control is None else objective_values(
+                self.adjusted(result, control, anchor), cfg.objectives, self.set_names, self.task_names)
+            se = None
+            if control is not None and result.get("block_nlls") and control.get("block_nlls"):
+                se = paired_difference(result["block_nlls"], control["block_nlls"], self.set_names)["se"]
+            ses.append(se)
+            n_failed += vals is None
+            n_rejected += result["status"] == "rejected"
+            fresh = key in fresh_keys
+            if fresh:
+                work += result.get("evaluated_fraction", 1.0)
+            values.append(vals)
+            self.store.record_candidate(
+                {
+                    "generation": gen, "candidate": name, "parents": parent_ids, "key": key,
+                    "cached": not fresh, "status": result["status"], "error": result.get("error"),
+                    "values": vals, "raw_values": raw, "se": se, "metrics": result.get("metrics"),
+                    "timings": result.get("timings"),
+                    "genome": list(map(float, genome)), "recipe": recipe.to_dict() if recipe else None,
+                    "data_version": self.data_key, "draw": self.draws.draw_id(gen) if self.draws else None,
+                    "evaluated_fraction": result.get("evaluated_fraction"),
+                    "lora": result.get("lora"), **self.extra,
+                }
+            )
+        optimizer.tell(genomes, values, names)
+        n_fresh = len(fresh_keys)
+        row = _log_row(gen, values, self.objective_names, n_evals=n_fresh, n_cached=len(genomes) - n_fresh,
+                       n_failed=n_failed, best=optimizer.best(), seconds=time.time() - t0)
+        row["rejected"] = n_rejected
+        row["eval_work"] = round(work, 3)  # candidates' worth of evaluation actually done
+        row["threshold"] = threshold["value"] if isinstance(threshold, dict) else threshold
+        row["paired"] = isinstance(threshold, dict)
+        if control is not None:
+            row["control"] = objective_values(control["metrics"], cfg.objectives, self.set_names, self.task_names)
+            row["se"] = float(np.median([x for x in ses if x is not None])) if any(x is not None for x in ses) else None
+            row["noise"] = self._noise_check(gen, values, ses)
+        return row
+
+    def lookup(self, genome) -> dict | None:
+        """The cached result of a genome on the current data, if any."""
+        try:
+            return self.cache.get(self.key(self.space.decode(genome)))
+        except EvoError:
+            return None
+
+
+def search_draws(cfg: ExperimentConfig, sources: Sources) -> BlockDraws | None:
+    """The search pool's per-generation draws (fixed-data runs): ``eval.max_blocks`` blocks per
+    set (``eval.subset`` of them, stratified by difficulty, when below 1)."""
+    pool = sources.eval_sets.get("valid") or {}
+    if not pool:
+        return None
+    size = cfg.eval.max_blocks if cfg.eval.subset >= 1.0 else max(1, round(cfg.eval.subset * cfg.eval.max_blocks))
+    return BlockDraws({s: len(b) for s, b in pool.items()}, size, cfg.seed, cfg.eval.redraw, sources.difficulty)
+
+
+def rejection_threshold(cfg: ExperimentConfig, optimizer, lookup=None):
+    """The current k-th best of the population, when early rejection applies: its per-block
+    scores for a paired test (``lookup(genome)`` finds its cached result), else its value."""
+    if not early_rejection_active(cfg):
+        return None
+    ranked = sorted((e for e in optimizer.population if e.values is not None and math.isfinite(e.values[0])),
+                    key=lambda e: e.values[0])
+    k = cfg.eval.early_rejection.k
+    if len(ranked) < k:
+        return None
+    kth = ranked[k - 1]
+    result = lookup(kth.genome) if lookup is not None else None
+    if cfg.eval.early_rejection.paired and result and result.get("status") == "ok" and result.get("block_nlls"):
+        return {"value": kth.values[0], "blocks": result["block_nlls"]}
+    return kth.values[0]
+
+
+def checkpoint_state(cfg, optimizer, logbook, space, data_version) -> dict:
+    best = optimizer.best()
+    return {
+        "version": 1,
+        "generation": optimizer.generation,
+        "generations": cfg.optimizer.generations,
+        "optimizer": optimizer.state(),
+        "logbook": logbook,
+        "data_version": data_version,
+        "objectives": [o.__dict__ for o in cfg.objectives],
+        "space": {"name": space.spec.name, "labels": space.labels},
+        "best": None if best is None else {
+            "id": best.id, "genome": best.genome, "values": best.values, "recipe": space.decode(best.genome).to_dict(),
+        },
+        "hall_of_fame": [
+            {"id": e.id, "genome": e.genome, "values": e.values, "recipe": space.decode(e.genome).to_dict()}
+            for e in optimizer.hall_of_fame
+        ],
+    }
+
+
+def _log_row(gen, values, names, *, n_evals, n_cached, n_failed, best, seconds) -> dict:
+    row: dict[str, Any] = {"gen": gen, "evals": n_evals, "cached": n_cached, "failed": n_failed, "seconds": round(seconds, 2)}
+    ok = [v for v in values if v is not None and all(math.isfinite(x) for x in v)]
+    for j, name in enumerate(names):
+        col = [v[j] for v in ok]
+        row[f"{name}/min"] = min(col) if col else None
+        row[f"{name}/mean"] = float(np.mean(col)) if col else None
+        row[f"{name}/max"] = max(col) if col else None
+    row["best"] = best.values if best else None
+    return row
+
+
+def print_generation_row(row: dict, names: list[str], header: bool) -> None:
+    # DEAP's Logbook formats the same columns; we keep rows as plain dicts for JSON checkpoints.
+    book = tools.Logbook()
+    # "se": median standard error of one candidate's (control-adjusted) value on this draw: the
+    # noise the search's choices must beat
+    book.header = ["gen", "evals", "cached", "failed", "rejected"] + [f"{n}/{s}" for n in names for s in ("min", "mean")] \
+        + (["se"] if row.get("se") is not None else []) + ["seconds"]
+    book.record(**{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k in book.header})
+    text = book.stream
+    print(text if header else text.splitlines()[-1], flush=True)
+
+
+def new_optimizer(cfg: ExperimentConfig, space: SearchSpace):
+    """The configured optimizer over ``space``, seeded with the known-good starting points."""
+    return make_optimizer(cfg.optimizer.name, space.dim, directions=objective_directions(cfg), seed=cfg.seed,
+                          options=optimizer_options(cfg, space))
+
+
+def make_stream_space(cfg: ExperimentConfig) -> SearchSpace:
+    """A stream run's space: the sources plus the current release as one more model to merge."""
+    return SearchSpace.load(cfg.search_space, [*cfg.models.sources, RELEASE], "base", seed=cfg.seed, dtype=cfg.dtype)
