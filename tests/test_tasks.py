@@ -113,6 +113,23 @@ def test_templates_delimiter_and_choice_lists(tmp_path, byte_tok):
     assert task.golds == [1] and task.choice_bytes == [[5, 4]]
 
 
+def test_lm_eval_jinja_idioms(tmp_path, byte_tok):
+    """What lm-eval task files write: a template that renders the choice list as a literal, a
+    string or integer target, filters and conditionals."""
+    spec = {"type": "multiple_choice", "doc_to_text": "{% if ctx %}{{ ctx }} {% endif %}{{ q | upper }}:",
+            "doc_to_choice": "{{choices}}", "doc_to_target": "{{answer}}", "target_delimiter": " "}
+    rows = [{"ctx": "", "q": "sky", "choices": ["blue", "it's red"], "answer": 1},
+            {"ctx": "Grass", "q": "is", "choices": ["green", "blue"], "answer": "green"}]
+    task = load_task(write_task(tmp_path, spec, rows), byte_tok)
+    decode = byte_tok.decode
+    assert [decode(c) for c in task.contexts] == ["SKY:", "Grass IS:"]
+    assert [decode(c) for c in task.continuations[0]] == [" blue", " it's red"]
+    assert task.golds == [1, 0]
+    # a template that renders no list for doc_to_choice is still a one-line error
+    bad = write_task(tmp_path, {**spec, "doc_to_choice": "{{ q }}"}, rows[:1])
+    assert "must give a list of choices" in error_of(bad, byte_tok)
+
+
 def test_multiple_choice_truncates_to_the_model_window(tmp_path, byte_tok):
     table = torch.zeros(len(byte_tok), len(byte_tok))
     model = Bigram(table)
@@ -257,6 +274,7 @@ GOOD = {"q": "Q:", "choices": ["x", "y"], "label": 0}
 
 @pytest.mark.parametrize("spec, data, line, words", [
     (MC, json.dumps(GOOD) + "\n{not json\n", 2, "malformed JSON"),
+    ({**MC, "doc_to_text": "{{ q.__class__.__mro__ }}"}, json.dumps(GOOD) + "\n", 1, "unsafe"),
     (MC, json.dumps(GOOD) + "\n" + json.dumps({"q": "Q:", "label": 0}) + "\n", 2, "names field 'choices'"),
     (MC, json.dumps({**GOOD, "label": 2}) + "\n", 1, "answer index 2 out of range"),
     (MC, json.dumps({**GOOD, "label": "w"}) + "\n", 1, "not one of the choices"),
@@ -292,9 +310,11 @@ def test_lm_eval_adapter_refuses_cleanly_without_lm_eval(byte_tok):
         evaluate_lm_eval(None, byte_tok, ["arc_easy"])
 
 
-def test_multiple_choice_scores_match_lm_eval(micro_zoo, repo_root, tmp_path, monkeypatch):
+@pytest.mark.parametrize("style", ["fields", "jinja"])
+def test_multiple_choice_scores_match_lm_eval(micro_zoo, repo_root, tmp_path, monkeypatch, style):
     """The same lm-eval-style task file, the same model: evo's acc and acc_norm equal
-    lm-evaluation-harness's (runs only where ``pip install -e '.[lm-eval]'`` was done)."""
+    lm-evaluation-harness's (runs only where ``pip install -e '.[lm-eval]'`` was done), with bare
+    field names and with the Jinja idiom ``doc_to_choice: "{{choices}}"`` (a rendered list literal)."""
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # local JSON only; never the hub
         monkeypatch.setenv(var, "1")
     pytest.importorskip("lm_eval")
@@ -307,6 +327,8 @@ def test_multiple_choice_scores_match_lm_eval(micro_zoo, repo_root, tmp_path, mo
             "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "{{question}} Answer:",
             "doc_to_choice": "choices", "doc_to_target": "label", "target_delimiter": " ",
             "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}]}
+    if style == "jinja":
+        spec.update(doc_to_text="{{ question | trim }} Answer:", doc_to_choice="{{choices}}", doc_to_target="{{label}}")
     (tmp_path / "evo_parity_arith.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     tok = AutoTokenizer.from_pretrained(micro_zoo.base_dir)
     model = AutoModelForCausalLM.from_pretrained(micro_zoo.specialist_dirs["code"]).eval()

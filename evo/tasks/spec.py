@@ -1,11 +1,16 @@
 """Task files: a small YAML, in the spirit of lm-evaluation-harness, naming a JSONL file beside it.
 
-A record's text comes from ``{{field}}`` templates. They are substituted here rather than by
-Jinja: a task file is data, and a template that can only name fields cannot run code or loop.
-Every error is one line that names the file and the line (YAML key or JSONL record).
+A record's text comes from templates written as lm-evaluation-harness writes them: Jinja
+(``{{field}}``, ``{{field.key}}``, ``{{choices[0]}}``, filters, ``{% if %}``), rendered with the
+record's fields as variables. A task file is data from someone else, so templates run in Jinja's
+immutable sandbox (no attribute access to internals, no mutation) with undefined names an error.
+A bare field name gives the field's raw value (a list of choices, an answer index); a template
+for ``doc_to_choice`` that renders a list literal (``"{{choices}}"``) is read back as that list,
+as lm-eval does. Every error is one line that names the file and the line (YAML key or JSONL record).
 """
 from __future__ import annotations
 
+import ast
 import json
 import re
 from dataclasses import dataclass
@@ -13,11 +18,15 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
+from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError, UndefinedError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from evo.errors import EvoError
 
-# {{ name }}, {{ name.sub }}, {{ name[0] }} or {{ name.0 }}; nothing else.
-_PLACEHOLDER = re.compile(r"\{\{\s*(.*?)\s*\}\}")
+_JINJA = ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True)
+_UNDEFINED = re.compile(r"'([^']+)' is undefined|has no attribute '([^']+)'")
+LIST_KEYS = ("doc_to_choice", "choices")  # a rendered "[...]" is read back as a list
+
 _PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+|\[\d+\])*\Z")
 _STEP = re.compile(r"\.?([A-Za-z0-9_]+)|\[(\d+)\]")
 
@@ -152,19 +161,38 @@ class Template:
         self.where = task_file.where(key)
         if isinstance(value, bool) or not isinstance(value, (str, int)):
             raise EvoError(f"{self.where}: {key} must be a template string, a field name or an int, got {value!r}")
-        self.fields = _PLACEHOLDER.findall(value) if isinstance(value, str) else []
-        self.is_template = isinstance(value, str) and bool(self.fields)
-        for name in self.fields if self.is_template else ([value] if isinstance(value, str) else []):
-            if not _PATH.match(name):
-                raise EvoError(f"{self.where}: {key} names {name!r}, which is not a field name "
-                               "(templates only substitute {{field}}, {{field.key}} or {{field[0]}})")
+        self.is_template = isinstance(value, str) and ("{{" in value or "{%" in value)
+        if self.is_template:
+            try:
+                self._compiled = _JINJA.from_string(value)
+            except TemplateSyntaxError as exc:
+                raise EvoError(f"{self.where}: {key}: invalid template ({exc.message})") from None
+        elif isinstance(value, str) and not _PATH.match(value):
+            raise EvoError(f"{self.where}: {key} names {value!r}, which is not a field name "
+                           "(a field, a {{template}}, or an int)")
 
     def render(self, record: Record) -> Any:
         if isinstance(self.value, int):
             return self.value
         if not self.is_template:
             return self._lookup(self.value, record)
-        return _PLACEHOLDER.sub(lambda m: str(self._lookup(m.group(1), record)), self.value)
+        doc = record.doc if isinstance(record.doc, dict) else {}
+        try:
+            text = self._compiled.render(**doc)
+        except UndefinedError as exc:
+            m = _UNDEFINED.search(str(exc))
+            name = (m.group(1) or m.group(2)) if m else str(exc)
+            raise EvoError(f"{record.where}: {self.key} ({self.value!r}) names field {name!r}, "
+                           "missing from the record") from None
+        except TemplateError as exc:  # the sandbox's SecurityError included
+            raise EvoError(f"{record.where}: {self.key} ({self.value!r}): {exc}") from None
+        if self.key in LIST_KEYS and text.strip().startswith("[") and text.strip().endswith("]"):
+            try:
+                value = ast.literal_eval(text.strip())  # literals only: never code
+            except (ValueError, SyntaxError):
+                return text
+            return value if isinstance(value, list) else text
+        return text
 
     def text(self, record: Record) -> str:
         value = self.render(record)
