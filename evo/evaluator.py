@@ -188,7 +188,7 @@ class Evaluator:
                 "evaluated_fraction": fraction,
                 "lora": lora_stats,
                 "timings": {"merge_s": t1 - t0, "ppl_s": t2 - t1, "tasks_s": t3 - t2, "eval_s": t3 - t1},
-                "worker": {"pid": os.getpid(), "name": self.name, "peak_rss_mb": _peak_rss_mb()},
+                "worker": self._worker(),
             }
             if not rejected:
                 out["block_nlls"] = {k: [round(float(x), 6) for x in v] for k, v in nlls.items()}
@@ -199,8 +199,18 @@ class Evaluator:
                 "error": f"{type(exc).__name__}: {exc}",
                 "traceback": traceback.format_exc(limit=5),
                 "timings": {"total_s": time.perf_counter() - t0},
-                "worker": {"pid": os.getpid(), "name": self.name, "peak_rss_mb": _peak_rss_mb()},
+                "worker": self._worker(),
             }
+
+    def _worker(self) -> dict:
+        """Where a result was computed: process, evaluator, Ray node (None outside Ray), memory."""
+        try:
+            import ray
+
+            node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        except Exception:
+            node = None
+        return {"pid": os.getpid(), "name": self.name, "node": node, "peak_rss_mb": _peak_rss_mb()}
 
     def _fit_lora(self, rec: Recipe):
         from evo.lora import LoraGenes, fit_lora

@@ -137,6 +137,7 @@ class EvaluatorPool:
         self.started_ray = False
         self.dashboard_url = None
         self.actors = []
+        self.lost: set[int] = set()  # evaluators Ray could not restart (out of restarts)
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> "EvaluatorPool":
@@ -230,8 +231,12 @@ class EvaluatorPool:
         ``blocks``: the rows of each set of ``collection`` to score (a generation's draw).
         """
         queue = [(key, name, recipe.to_dict(), 0) for key, (name, recipe) in todo.items()]
-        idle = list(range(len(self.actors)))
+        idle = [a for a in range(len(self.actors)) if a not in self.lost]
         inflight: dict = {}  # ref -> (key, name, recipe, attempt, actor index, start time)
+        # an actor whose worker or node died is pinged; it takes work again once Ray has restarted
+        # it (its ping answers), so a retry goes to a live evaluator instead of queueing behind a
+        # restart that may never be placed (its node gone): ping ref -> actor index
+        recovering: dict = {}
         timeout = self.cfg.ray.candidate_timeout_s
         failed = rejected = stale_updates = 0
         bar = tqdm(total=len(queue), desc=desc, disable=self.quiet or not queue, leave=False, unit="cand")
@@ -246,14 +251,29 @@ class EvaluatorPool:
                     inflight[ref] = (key, name, recipe, attempt, a, time.time())
                 if not ray.is_initialized():
                     raise EvoError("Ray was shut down while candidates were running")
-                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+                if queue and not idle and not inflight and not recovering:
+                    raise EvoError(f"every evaluator was lost ({len(self.lost)} of {len(self.actors)}); "
+                                   f"{len(queue)} candidate(s) of {desc or 'this batch'} could not run")
+                ready, _ = ray.wait([*inflight, *recovering], num_returns=1, timeout=1.0)
                 now = time.time()
                 for ref in ready:
+                    if ref in recovering:
+                        a = recovering.pop(ref)
+                        try:
+                            ray.get(ref)
+                            idle.append(a)
+                        except (RayActorError, WorkerCrashedError, RayTaskError):
+                            self.lost.add(a)  # out of restarts: gone for this run
+                        continue
                     key, name, recipe, attempt, a, _ = inflight.pop(ref)
-                    idle.append(a)
                     try:
                         result = ray.get(ref)
+                        idle.append(a)
                     except (RayActorError, WorkerCrashedError, RayTaskError) as exc:
+                        if isinstance(exc, RayTaskError) and not isinstance(exc, RayActorError):
+                            idle.append(a)  # the task died, the actor did not
+                        else:
+                            recovering[self.actors[a].pid.remote()] = a
                         if attempt < self.cfg.ray.retries:
                             queue.append((key, name, recipe, attempt + 1))
                             continue
