@@ -166,7 +166,7 @@ def build_zoo(out_dir: str | os.PathLike, *, domains: Sequence[str] = ("en", "de
         if (out / MANIFEST).is_file():
             try:
                 existing = Zoo.load(out)
-                if existing.manifest.get("settings") == settings and _complete(existing):
+                if existing.manifest.get("settings") == settings and is_complete(existing):
                     return existing
             except EvoError:
                 pass  # a broken zoo is rebuilt like one with other settings
@@ -190,7 +190,7 @@ def build_zoo(out_dir: str | os.PathLike, *, domains: Sequence[str] = ("en", "de
     return Zoo.load(out)
 
 
-def _complete(zoo: Zoo) -> bool:
+def is_complete(zoo: Zoo) -> bool:
     dirs = [zoo.tokenizer_dir, zoo.base_dir, *zoo.specialist_dirs.values()]
     data = [zoo.data_dir(d, s) for d in zoo.domains for s in SPLITS]
     return set(zoo.specialist_dirs) == set(zoo.domains) \
@@ -212,7 +212,7 @@ def _build_into(root: Path, settings: dict, progress: bool) -> None:
         for split in SPLITS:
             if not splits[name][split]:
                 raise EvoError(f"domain {name!r} has no {split} documents at this budget; use a larger zoo size")
-            _write_jsonl(root / "data" / name / f"{split}.jsonl", splits[name][split])
+            write_jsonl(root / "data" / name / f"{split}.jsonl", splits[name][split])
 
     tokenizer = train_tokenizer([splits[d]["train"] for d in domains], preset.vocab_size)
     tokenizer.save_pretrained(root / "tokenizer")
@@ -363,7 +363,7 @@ def _save(model, tokenizer, path: Path) -> None:
     tokenizer.save_pretrained(path)
 
 
-def _write_jsonl(path: Path, texts: list[str]) -> None:
+def write_jsonl(path: Path, texts: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as fh:
         for text in texts:

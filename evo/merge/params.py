@@ -12,7 +12,7 @@ from typing import Any
 
 from evo.errors import EvoError
 
-_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 REQUIRED = object()
 
@@ -40,7 +40,7 @@ def layer_t(tensor_name: str, num_layers: int) -> float:
 
     A single-layer model gives t=1, as mergekit's planner does.
     """
-    m = _LAYER_RE.search(tensor_name)
+    m = LAYER_RE.search(tensor_name)
     if m is None:
         return 0.0
     if num_layers <= 1:

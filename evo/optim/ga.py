@@ -157,7 +157,7 @@ class GeneticAlgorithm:
         fitness_cls = type("Fitness", (base.Fitness,), {"weights": (1.0,)})
         parents = []
         for i, e in enumerate(self.population):
-            ind = _Individual(e.genome)
+            ind = Individual(e.genome)
             ind.fitness = fitness_cls()
             score = self.score(e)
             ind.fitness.values = (score if math.isfinite(score) else -1e300,)
@@ -169,7 +169,7 @@ class GeneticAlgorithm:
         """Select, then SBX crossover in pairs and polynomial mutation, all bounded to [0, 1]."""
         with deap_random(self.random):
             picked = self._select(n + (n % 2))
-            chosen = [_Individual(self.population[i].genome) for i in picked]
+            chosen = [Individual(self.population[i].genome) for i in picked]
             lineage = [[i] for i in picked]
             for j in range(0, len(chosen) - 1, 2):
                 if _rand() < self.cxpb:
@@ -219,7 +219,7 @@ class GeneticAlgorithm:
         return opt
 
 
-class _Individual(list):
+class Individual(list):
     """A plain list with a ``fitness`` slot, local to this module (no ``deap.creator`` globals)."""
 
 

@@ -12,7 +12,7 @@ import numpy as np
 from deap import base, tools
 
 from evo.optim.base import Evaluated, evaluated, register, signs
-from evo.optim.ga import GeneticAlgorithm, _Individual
+from evo.optim.ga import GeneticAlgorithm, Individual
 
 _WORST = 1e300  # DEAP's crowding distance arithmetic needs finite values
 
@@ -30,7 +30,7 @@ class NSGA2(GeneticAlgorithm):
         fitness_cls = type("Fitness", (base.Fitness,), {"weights": signs(self.directions)})
         out = []
         for e in items:
-            ind = _Individual(e.genome)
+            ind = Individual(e.genome)
             ind.fitness = fitness_cls()
             if e.values is None or not all(math.isfinite(v) for v in e.values):
                 ind.fitness.values = tuple(-s * _WORST for s in signs(self.directions))

@@ -1,0 +1,82 @@
+"""The package's import graph: no cycles (function-level imports included) and no private names
+imported across modules, so each layer can change without reaching into another's internals."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "evo"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path) -> list[tuple[str, list[str]]]:
+    """(module, names) for every ``import evo.x`` / ``from evo.x import a, b`` anywhere in the file."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("evo") and node.level == 0:
+            out.append((node.module, [a.name for a in node.names]))
+        elif isinstance(node, ast.Import):
+            out += [(a.name, []) for a in node.names if a.name.startswith("evo")]
+    return out
+
+
+def graph() -> dict[str, set[str]]:
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    edges: dict[str, set[str]] = {m: set() for m in modules}
+    for name, path in modules.items():
+        for target, names in imports(path):
+            # "from evo.optim import ga" names a submodule; otherwise the module itself
+            for n in names or [""]:
+                sub = f"{target}.{n}" if n else target
+                dep = sub if sub in modules else target
+                if dep in modules and dep != name and not name.startswith(dep + "."):
+                    edges[name].add(dep)
+    return edges
+
+
+def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1 on the stack, 2 done
+    stack: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        stack.append(m)
+        for d in sorted(edges[m]):
+            if state.get(d) == 1:
+                return stack[stack.index(d):] + [d]
+            if d not in state and (cycle := visit(d)):
+                return cycle
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(edges):
+        if m not in state and (cycle := visit(m)):
+            return cycle
+    return None
+
+
+def test_the_package_has_no_import_cycle():
+    edges = graph()
+    assert len(edges) > 30 and edges["evo.runner"] >= {"evo.generation", "evo.pool"}  # the walk sees the package
+    cycle = find_cycle(edges)
+    assert cycle is None, " -> ".join(cycle)
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_private_name_is_imported_across_modules():
+    offenders = []
+    for path in [*PACKAGE.rglob("*.py"), *(ROOT / "experiments").glob("*.py")]:
+        for target, names in imports(path):
+            offenders += [f"{path.relative_to(ROOT)}: {target}.{n}" for n in names
+                          if n.startswith("_") and not n.startswith("__")]
+    assert not offenders, offenders
