@@ -5,6 +5,9 @@ import os
 
 # Ray phones home on start-up unless told not to; tests must not reach the network.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Inductor compiles the fused merge kernel in its own thread rather than a pool of compile
+# subprocesses: on a loaded 2-core machine the pool's start-up is the slow, fragile part
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import pytest  # noqa: E402
 

@@ -81,25 +81,42 @@ def test_killed_evaluator_loses_no_candidate(slow_sources, ray_session, tmp_path
            "ray": {"evaluators": 2, "cpus_per_evaluator": 0.5, "retries": 2}}
     killed = []
 
+    finished = threading.Event()
+
     def killer():  # the driver must run in the main thread; the test's hand runs beside it
-        deadline = time.time() + 240
-        while not killed and time.time() < deadline:
-            busy = _busy_evaluators()
-            if busy:
-                busy[0].send_signal(signal.SIGKILL)
-                killed.append(busy[0].pid)
+        # waits on the run (a busy evaluator, or the run's end), never on a clock
+        while not killed and not finished.is_set():
+            for proc in _busy_evaluators():
+                try:
+                    cmd = " ".join(proc.cmdline())
+                    proc.send_signal(signal.SIGKILL)
+                except psutil.Error:
+                    continue
+                killed.append((proc.pid, re.match(r"ray::(g\d{4}-c\d{3})", cmd).group(1)))
+                break
             time.sleep(0.01)
 
     hand = threading.Thread(target=killer, daemon=True)
     hand.start()
-    evo.run(cfg, tmp_path / "run", quiet=True)
-    hand.join(5)
+    try:
+        evo.run(cfg, tmp_path / "run", quiet=True)
+    finally:
+        finished.set()
+        hand.join()
     assert killed, "no evaluator was seen running a candidate"
     store = RunStore.open(tmp_path / "run")
     cands = store.candidates()
     assert len(cands) == 12 and not [c for c in cands if c["status"] == "failed"]
-    retried = [r for r in store.cache_load().values() if r.get("attempts", 1) > 1]
-    assert retried, "the killed candidate should have been re-run"
+    # the candidate whose worker was killed was re-run, unless the kill landed in the instant
+    # between its result leaving the worker and the worker's title changing (a loaded machine
+    # widens that instant): then the restarted, empty evaluator was re-sent the sources and the
+    # next candidate ran on it; either way nothing was lost and the worker was replaced
+    cache = store.cache_load()
+    victim = next(c for c in cands if c["candidate"] == killed[0][1])
+    workers = [r.get("worker") or {} for r in cache.values()]
+    actor = {w.get("name") for w in workers if w.get("pid") == killed[0][0]}  # the killed worker's evaluator
+    replaced = any(w.get("name") in actor and w.get("pid") != killed[0][0] for w in workers)
+    assert cache[victim["key"]].get("attempts", 1) > 1 or replaced, (killed, victim)
 
 
 def _wait(predicate, child, timeout=240):

@@ -201,7 +201,8 @@ def test_resident_merger_matches_the_one_off_merge(method, extra):
     import shutil
 
     if any(shutil.which(c) for c in ("g++", "c++", "clang++")):
-        assert resident.fused.enabled, "the fused kernel fell back to eager although a C++ compiler is present"
+        assert resident.fused.enabled, \
+            f"the fused kernel fell back to eager although a C++ compiler is present: {resident.fused.reason}"
         if method == "task_arithmetic":  # a plain weighted sum stays eager: no compile to pay for
             assert resident.fused.calls == {"consensus": 0, "sum": 0}
         else:

@@ -104,6 +104,7 @@ class FusedKernels:
         if enabled is None:
             enabled = fused_by_default(entries)
         self.enabled = bool(enabled)
+        self.reason: str | None = None  # why the kernel fell back to eager, if it did
         self._fns: dict[str, object] = {}
         self.calls = {"consensus": 0, "sum": 0}  # tensors merged by each kernel (tests, profiling)
 
@@ -136,6 +137,7 @@ class FusedKernels:
             return None
 
     def _disable(self, exc: Exception) -> None:
+        self.reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
         log.warning("fused merge kernel unavailable (%s: %s); using the eager path",
                     type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
         self.enabled = False
