@@ -38,6 +38,9 @@ def from_numpy(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(v) for k, v in arrays.items()}
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def build_model(model_config: dict, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """An empty model of the sources' architecture; the merge writes its weights."""
     config = AutoConfig.for_model(**model_config)
@@ -58,6 +61,7 @@ class Evaluator:
             fitness) and ``test`` (final report).
         tasks: ``{name: evo.tasks.Task}`` scored after perplexity (pre-tokenised, picklable).
         early_rejection: ``{"chunks", "z", "margin"}`` (see ``evo.config.EarlyRejection``).
+        dtype: the resident model's dtype (``float32``, ``bfloat16``, ``float16``).
     """
 
     def __init__(
@@ -75,12 +79,16 @@ class Evaluator:
         early_rejection: dict | None = None,
         train: np.ndarray | None = None,
         task_items: Mapping | None = None,
+        dtype: str = "float32",
     ):
         torch.set_num_threads(threads)
         self.name = name
         self.device = device
         self.batch_size = batch_size
-        self.model = build_model(model_config, device=device)
+        # the resident model in the experiment's dtype: each tensor is merged in float32 from the
+        # float32 sources and rounded once into it (as the exported release is), so a bf16 run
+        # measures exactly the weights it will ship, with bf16 forward passes
+        self.model = build_model(model_config, dtype=DTYPES[dtype], device=device)
         self.num_layers = int(model_config.get("num_hidden_layers", 1))
         self.merger = None
         self.task_items = dict(task_items or {})  # search ("valid") scores these items; other collections all

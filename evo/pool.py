@@ -176,7 +176,7 @@ class EvaluatorPool:
                     None, None, self.sources.model_config,
                     threads=rc.threads_per_evaluator, device=device, batch_size=self.cfg.eval.batch_size, name=name,
                     early_rejection={"chunks": er.chunks, "z": er.z, "margin": er.margin},
-                    task_items=self.sources.task_items,
+                    task_items=self.sources.task_items, dtype=self.cfg.dtype,
                 )
             )
         self.epoch = 1

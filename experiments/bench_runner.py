@@ -180,6 +180,48 @@ def bench_ray(zoo: str, recipes, warmup, repeats: int) -> list[dict]:
     return out
 
 
+# ----------------------------------------------------------------------------- dtype
+def bench_dtype(zoo: str, recipes, dtypes: list[str], seq_len: int) -> str:
+    """The same recipes on one resident evaluator per dtype (one thread each, interleaved so
+    machine load hits every dtype alike): mean log-perplexity per recipe and seconds per candidate.
+    Every dtype merges in float32 and rounds each tensor once into its resident model."""
+    from evo.evaluator import Evaluator
+    from evo.sources import Sources
+
+    EVAL.update(seq_len=seq_len)
+    cfg = make_config(zoo)
+    sources = Sources.load(cfg)
+    evs = {d: Evaluator(sources.base, sources.deltas, sources.model_config, sources.eval_sets, threads=1,
+                        batch_size=cfg.eval.batch_size, dtype=d) for d in dtypes}
+    for ev in evs.values():  # warm-up: first-call allocations and kernels, in no dtype's favour
+        ev.evaluate(recipes[0].to_dict())
+    values = {d: [] for d in dtypes}
+    seconds = {d: [] for d in dtypes}
+    for r in recipes:
+        for d, ev in evs.items():
+            t0 = time.perf_counter()
+            res = ev.evaluate(r.to_dict())
+            seconds[d].append(time.perf_counter() - t0)
+            values[d].append(mean_logppl(res["metrics"]))
+    ref = dtypes[0]
+    lines = [f"| dtype | candidates/min (1 thread) | speed vs {ref} | mean \\|Δ mean log-ppl\\| vs {ref} | max \\|Δ\\| | "
+             "rank agreement (Spearman) |", "|---|---:|---:|---:|---:|---:|"]
+    for d in dtypes:
+        rate = 60.0 / statistics.median(seconds[d])
+        delta = [abs(a - b) for a, b in zip(values[d], values[ref])]
+        rho = _spearman(values[d], values[ref])
+        lines.append(f"| {d} | {rate:.2f} | {statistics.median(seconds[ref]) / statistics.median(seconds[d]):.2f}× | "
+                     f"{statistics.mean(delta):.4f} | {max(delta):.4f} | {rho:.3f} |")
+    n_blocks = sum(len(b) for b in sources.eval_sets["valid"].values())
+    return (f"{len(recipes)} random recipes, {n_blocks} blocks × {seq_len} tokens per candidate, batch "
+            f"{cfg.eval.batch_size}:\n\n" + "\n".join(lines) + "\n")
+
+
+def _spearman(a, b) -> float:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1]) if len(a) > 1 else 1.0
+
+
 # ----------------------------------------------------------------------------- resident vs reload
 def bench_reload(zoo: str, recipes) -> dict:
     from evo.evaluator import Evaluator, build_model
@@ -285,6 +327,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-blocks", type=int, default=EVAL["max_blocks"], help="evaluation blocks per domain")
     p.add_argument("--batch-size", type=int, default=EVAL["batch_size"])
     p.add_argument("--quick", action="store_true", help="12 candidates, 1 repeat")
+    p.add_argument("--dtypes", default=None,
+                   help="compare resident-model dtypes instead, e.g. float32,bfloat16 (first = reference)")
+    p.add_argument("--seq-len", type=int, default=EVAL["seq_len"], help="tokens per block (--dtypes)")
     p.add_argument("--out", default=str(ROOT / "experiments" / "out"))
     args = p.parse_args(argv)
     if args.quick:
@@ -298,6 +343,13 @@ def main(argv=None) -> int:
     t0 = time.time()
     cfg = make_config(args.zoo)
     recipes = random_recipes(cfg, args.candidates, args.seed)
+    if args.dtypes:
+        text = bench_dtype(args.zoo, recipes, args.dtypes.split(","), args.seq_len)
+        text += f"\nWall time {time.time() - t0:.0f} s; load average at the end: {os.getloadavg()[0]:.2f}.\n"
+        print(text)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "bench_dtype.md").write_text(text)
+        return 0
     warmup = list(baseline_recipes(cfg).values())
     print(f"load average at start: {os.getloadavg()[0]:.2f}")
     print("Ray throughput:", flush=True)

@@ -183,3 +183,22 @@ def test_an_evaluator_without_sources_answers_stale_until_its_first_update(setup
     # a later update leaves the loaded sources alone (base is ignored once loaded)
     empty.update(2, base={})
     assert empty.evaluate(recipe, epoch=2)["metrics"] == pytest.approx(loaded["metrics"], abs=1e-6)
+
+
+def test_a_bfloat16_evaluator_holds_the_float32_merge_rounded_once(setup):
+    """dtype: bfloat16 is a bf16 resident model whose weights are the float32 merge rounded once
+    (what the release ships), measured with bf16 forward passes: close to, not equal to, float32."""
+    import torch
+
+    cfg, ev, recipes = setup
+    sources = Sources.load(cfg)
+    bf = Evaluator(sources.base, sources.deltas, sources.model_config, sources.eval_sets, dtype="bfloat16")
+    recipe = recipes["uniform average"].to_dict()
+    fp_result, bf_result = ev.evaluate(recipe), bf.evaluate(recipe)
+    fp_params = dict(ev.model.named_parameters())
+    for name, p in bf.model.named_parameters():
+        assert p.dtype == torch.bfloat16
+        assert torch.equal(p, fp_params[name].to(torch.bfloat16)), name  # one rounding, from the fp32 merge
+    fp = [fp_result["metrics"][f"logppl/{s}"] for s in cfg.eval.sets]
+    bfv = [bf_result["metrics"][f"logppl/{s}"] for s in cfg.eval.sets]
+    assert fp != bfv and max(abs(a - b) for a, b in zip(fp, bfv)) < 0.05
