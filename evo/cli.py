@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from evo.errors import EvoError
@@ -106,6 +107,10 @@ def _cmd_report(args) -> None:
     print(report(args.run_dir, args.out))
 
 
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="evo", description="Evolutionary model merging on Ray")
     sub = p.add_subparsers(dest="command", required=True)
@@ -160,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     args = build_parser().parse_args(argv)
+    previous = None
+    if args.command in ("run", "resume") and threading.current_thread() is threading.main_thread():
+        # SIGTERM before the loop installs its own handler (loading sources, starting Ray and the
+        # evaluators) ends the start-up the way Ctrl-C does: cleanly, with nothing half-made
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         code = args.fn(args) or EXIT_OK
         sys.stdout.flush()  # a closed pipe shows here, inside the handler below
@@ -178,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("evo: interrupted", file=sys.stderr)
         return EXIT_ABORTED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -176,3 +177,29 @@ def test_an_address_where_nothing_listens_fails_in_one_line(micro_zoo, space_fil
     lines = [ln for ln in done.stderr.splitlines() if ln.startswith("evo: ")]
     assert lines == [lines[0]] and "nothing answers at 127.0.0.1:1" in lines[0] and "Traceback" not in done.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_sigterm_during_start_up_ends_cleanly(micro_zoo, space_file, tmp_path):
+    """SIGTERM as soon as the run has started (sources loading, Ray starting): the driver ends
+    like a Ctrl-C, without a traceback, leaving no half-made run directory behind."""
+    import signal
+
+    cfg = config(micro_zoo, space_file)
+    cfg["ray"] = {**cfg["ray"], "dashboard": False}
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
+    child = subprocess.Popen([sys.executable, "-m", "evo.cli", "run", write(tmp_path, cfg), "--run-dir", str(run_dir),
+                              "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    events = run_dir / "events.jsonl"
+    try:
+        while child.poll() is None and not (events.exists() and "run_started" in events.read_text()):
+            time.sleep(0.01)  # polling for the event, not a deadline: the run has begun its start-up
+        child.send_signal(signal.SIGTERM)
+        err = child.communicate()[1]
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode in (130, EXIT_STOPPED), err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    if child.returncode == 130:  # stopped before any work: nothing left to refuse a rerun
+        assert not run_dir.exists()
