@@ -9,7 +9,9 @@ returned as failed by the evaluator itself.
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import threading
 import time
 from typing import Callable
 
@@ -35,6 +37,22 @@ def start_ray(cfg: ExperimentConfig) -> tuple[bool, str | None]:
     """
     if ray.is_initialized():
         return False, _dashboard_url(None)
+    # ray.init installs a SIGTERM handler that calls sys.exit(15); keep the caller's (evo's CLI
+    # turns SIGTERM into a clean stop), and treat a SIGTERM inside ray.init as that stop
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        return _init_ray(cfg)
+    except SystemExit as exc:
+        if exc.code == signal.SIGTERM:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        if main and callable(previous):  # a handler someone set (not the default, which Ray's improves on)
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _init_ray(cfg: ExperimentConfig) -> tuple[bool, str | None]:
     rc = cfg.ray
     address = rc.address or os.environ.get("RAY_ADDRESS")
     if address:
