@@ -8,6 +8,7 @@ returned as failed by the evaluator itself.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -73,8 +74,33 @@ def _init_ray(cfg: ExperimentConfig) -> tuple[bool, str | None]:
             kwargs["_metrics_export_port"] = rc.metrics_export_port  # evo_* metrics: /metrics there
         if rc.temp_dir:
             kwargs["_temp_dir"] = rc.temp_dir
-        ctx = ray.init(**kwargs)
+        with _loopback_node():
+            ctx = ray.init(**kwargs)
     return True, _dashboard_url(ctx)
+
+
+@contextlib.contextmanager
+def _loopback_node():
+    """An embedded single-node Ray whose every server listens on 127.0.0.1 only.
+
+    Ray 2.60 gives ``ray.init`` no bind address: GCS, raylet and core workers listen on all
+    interfaces and the agents on the node IP, unless the node IP is localhost, and
+    ``_node_ip_address="127.0.0.1"`` is replaced by the machine's IP (``resolve_ip_for_localhost``).
+    The node IP is localhost when ``ray_constants.ENABLE_RAY_CLUSTER`` (env
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``, read at import) is off, the single-machine mode, so it
+    is switched off for this start only (upstream ray-project/ray#59852 binds to the node IP).
+    A node started this way cannot be joined by other machines, which an embedded Ray never is.
+    """
+    from ray._private import ray_constants  # no public switch (see above)
+
+    previous = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    if previous is not None:
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        if previous is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = previous
 
 
 def check_reachable(address: str, timeout_s: float) -> None:

@@ -203,3 +203,39 @@ def test_sigterm_during_start_up_ends_cleanly(micro_zoo, space_file, tmp_path):
     assert "Traceback" not in err, err[-2000:]
     if child.returncode == 130:  # stopped before any work: nothing left to refuse a rerun
         assert not run_dir.exists()
+
+
+def test_an_embedded_ray_listens_on_loopback_only(micro_zoo, space_file, tmp_path):
+    """Every listening socket of a run's driver and the Ray it started (GCS, raylet, agents,
+    dashboard, evaluator workers) is on 127.0.0.1 / ::1, none on 0.0.0.0, :: or the node IP."""
+    import ipaddress
+    import signal
+
+    import psutil
+
+    cfg = config(micro_zoo, space_file, optimizer={"name": "random", "generations": 500, "population": 4})
+    cfg["ray"] = {**cfg["ray"], "dashboard": True, "dashboard_port": 0}
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
+    child = subprocess.Popen([sys.executable, "-m", "evo.cli", "run", write(tmp_path, cfg), "--run-dir", str(run_dir),
+                              "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    cache = run_dir / "cache.jsonl"
+    try:
+        while child.poll() is None and not (cache.exists() and cache.read_text().count("\n") >= 3):
+            time.sleep(0.05)  # polling for the event: evaluators have scored candidates
+        assert child.poll() is None, child.stderr.read()[-2000:]
+        pids = {child.pid} | {p.pid for p in psutil.Process(child.pid).children(recursive=True)}
+        listening, exposed = 0, []
+        for c in psutil.net_connections(kind="inet"):
+            if c.pid in pids and c.status == psutil.CONN_LISTEN:
+                listening += 1
+                ip = ipaddress.ip_address(c.laddr.ip.split("%")[0])
+                ip = getattr(ip, "ipv4_mapped", None) or ip  # gRPC's ::ffff:127.0.0.1
+                if not ip.is_loopback:
+                    exposed.append((c.laddr, psutil.Process(c.pid).name()))
+        child.send_signal(signal.SIGTERM)
+        child.communicate()
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert listening >= 5 and not exposed, (listening, exposed)  # GCS, raylet, workers, agents at least
