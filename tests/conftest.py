@@ -51,3 +51,20 @@ def ray_session(tmp_path_factory):
     )
     yield ray
     ray.shutdown()
+
+
+def write_layerwise_space(folder, repo_root, groups: int = 2):
+    """The shipped task-arithmetic layer-wise space with fewer layer groups (micro models)."""
+    import yaml
+
+    data = yaml.safe_load((repo_root / "search_spaces" / "task_arithmetic_layerwise.yaml").read_text())
+    data["layer_groups"] = groups
+    path = folder / "space.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture
+def space_file(tmp_path, repo_root):
+    """A 2-group layer-wise space (a test module may define its own ``space_file``)."""
+    return write_layerwise_space(tmp_path, repo_root)

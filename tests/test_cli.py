@@ -17,15 +17,6 @@ from evo.cli import main as cli
 from evo.store import RunStore
 
 
-@pytest.fixture
-def space_file(tmp_path, repo_root):
-    data = yaml.safe_load((repo_root / "search_spaces" / "task_arithmetic_layerwise.yaml").read_text())
-    data["layer_groups"] = 2
-    path = tmp_path / "space.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
 def config(zoo, space, **over) -> dict:
     cfg = {"zoo": str(zoo.root), "search_space": str(space), "seed": 2,
            "eval": {"seq_len": 32, "max_blocks": 4, "batch_size": 4},
@@ -82,7 +73,7 @@ def test_a_failed_start_leaves_no_run_directory(micro_zoo, space_file, tmp_path,
     assert "empty.jsonl" in one_line_error(capsys) and not (tmp_path / "run").exists()
     # a --run-dir that is a file
     (tmp_path / "afile").write_text("x")
-    assert cli(["run", cfg.replace("exp.yaml", "exp.yaml"), "--run-dir", str(tmp_path / "afile")]) == EXIT_ERROR
+    assert cli(["run", cfg, "--run-dir", str(tmp_path / "afile")]) == EXIT_ERROR
     assert "names an existing file" in one_line_error(capsys)
 
 
@@ -97,11 +88,10 @@ def test_unknown_dtype_and_optimizer_fail_at_load_naming_the_file(micro_zoo, spa
 
 @pytest.fixture(scope="module")
 def small_run(micro_zoo, ray_session, tmp_path_factory, repo_root):
+    from conftest import write_layerwise_space
+
     root = tmp_path_factory.mktemp("cli")
-    data = yaml.safe_load((repo_root / "search_spaces" / "task_arithmetic_layerwise.yaml").read_text())
-    data["layer_groups"] = 2
-    (root / "space.yaml").write_text(yaml.safe_dump(data))
-    evo.run(config(micro_zoo, root / "space.yaml"), root / "run", quiet=True)
+    evo.run(config(micro_zoo, write_layerwise_space(root, repo_root)), root / "run", quiet=True)
     return root / "run"
 
 

@@ -19,15 +19,6 @@ from evo.sources import search_and_selection
 from evo.store import RunStore
 
 
-@pytest.fixture
-def space_file(tmp_path, repo_root):
-    data = yaml.safe_load((repo_root / "search_spaces" / "task_arithmetic_layerwise.yaml").read_text())
-    data["layer_groups"] = 2
-    path = tmp_path / "space.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
 def micro_config(zoo, space, **over) -> dict:
     cfg = {
         "name": "micro",
