@@ -77,7 +77,7 @@ def _cmd_status(args) -> None:
 def _cmd_export(args) -> None:
     from evo.release import export
 
-    print(export(args.run_dir, args.out, name=args.name, lora=args.lora))
+    print(export(args.run_dir, args.out, name=args.name, lora=args.lora, candidate=args.candidate))
 
 
 def _cmd_merge(args) -> None:
@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--name", help="release name under RUN_DIR/releases (instead of OUT)")
     r.add_argument("--lora", choices=("merged", "adapter"), default="merged",
                    help="fold a LoRA into the weights, or keep it as a PEFT adapter beside them")
+    r.add_argument("--candidate", choices=("release", "best-evolved"), default="release",
+                   help="the run's release (default), or the best evolved recipe on the selection split "
+                        "even where a simple baseline was released")
     r.set_defaults(fn=_cmd_export)
 
     r = sub.add_parser("merge", help="run a mergekit-style YAML merge")

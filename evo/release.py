@@ -33,8 +33,16 @@ def next_release_dir(store: RunStore) -> Path:
 RELEASE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
-def export(run_dir: str | Path, out: str | Path | None = None, *, lora: str = "merged", name: str | None = None) -> Path:
-    """Materialise the best recipe of ``run_dir`` into ``out`` (default ``RUN_DIR/releases/vNNNN``).
+CANDIDATES = ("release", "best-evolved")
+
+
+def export(run_dir: str | Path, out: str | Path | None = None, *, lora: str = "merged", name: str | None = None,
+           candidate: str = "release") -> Path:
+    """Materialise the run's release into ``out`` (default ``RUN_DIR/releases/vNNNN``).
+
+    ``candidate``: ``"release"`` (what the selection stage chose: an evolved recipe or, when none
+    beat it on the selection split, the best simple baseline) or ``"best-evolved"`` (the best
+    evolved recipe on the selection split even where a baseline was released; its card says so).
 
     A recipe with LoRA genes is re-fitted with its seed on the run's training data; ``lora``
     ``"merged"`` folds the adapter into the weights, ``"adapter"`` keeps the merge as the model and
@@ -43,6 +51,8 @@ def export(run_dir: str | Path, out: str | Path | None = None, *, lora: str = "m
     """
     if lora not in ("merged", "adapter"):
         raise EvoError(f"lora: must be 'merged' or 'adapter', got {lora!r}")
+    if candidate not in CANDIDATES:
+        raise EvoError(f"candidate: must be one of {', '.join(CANDIDATES)}, got {candidate!r}")
     if name is not None:
         if out is not None:
             raise EvoError("give a release directory or a release name, not both")
@@ -65,7 +75,17 @@ def export(run_dir: str | Path, out: str | Path | None = None, *, lora: str = "m
     if not selection or not selection.get("release_recipe"):
         raise EvoError(f"{store.root}: the run has not finished: its release is chosen on the selection split after "
                        f"the last generation; continue it with `evo resume {store.root}`")
-    recipe = Recipe.from_dict(selection["release_recipe"], source=str(store.root / RunStore.CHECKPOINT))
+    label = selection["release"] if candidate == "release" else selection.get("best_evolved")
+    stored = selection["release_recipe"] if candidate == "release" else selection.get("best_evolved_recipe")
+    if not stored:
+        raise EvoError(f"{store.root}: the selection stage recorded no evolved recipe to export "
+                       f"(runs made before evo recorded one: export the release instead)")
+    recipe = Recipe.from_dict(stored, source=str(store.root / RunStore.CHECKPOINT))
+    if lora == "adapter" and not recipe.lora:
+        hint = ("; `--candidate best-evolved` exports the best evolved recipe" if candidate == "release"
+                and selection.get("release_kind") != "evolved" and selection.get("best_evolved") else "")
+        raise EvoError(f"{store.root}: {label} has no LoRA genes, so there is no adapter to write: "
+                       f"export it without --lora adapter{hint}")
     paths = {"base": cfg.models.base, **cfg.models.sources}
     from evo.sources import load_tokenizer, search_and_selection, train_blocks
 
@@ -74,7 +94,7 @@ def export(run_dir: str | Path, out: str | Path | None = None, *, lora: str = "m
     # the blocks the release's recorded fitness was measured on, so `evo verify` re-measures exactly those
     search, held = search_and_selection(cfg, tok)
     blocks = held if selection.get("split") == "selection" else search
-    fitness = _run_fitness(cfg, ckpt, store)
+    fitness = _run_fitness(cfg, ckpt, store, label)
     out = write_release(store, cfg, recipe, paths, fitness, out=out, lora=lora, train=train, eval_blocks=blocks)
     store.event("exported", release=str(out), recipe_key=recipe.key(), values=fitness["objectives"])
     return out
@@ -124,29 +144,38 @@ def write_release(store: RunStore, cfg: ExperimentConfig, recipe: Recipe, paths:
     return out
 
 
-def _run_fitness(cfg: ExperimentConfig, ckpt: dict, store: RunStore) -> dict:
-    """fitness.json of a fixed-data run's release: its values on the selection split (what
-    ``evo verify`` re-measures), beside its search and test values, the margins over the best
-    simple baseline, the comparison and the lineage."""
+def _run_fitness(cfg: ExperimentConfig, ckpt: dict, store: RunStore, label: str | None = None) -> dict:
+    """fitness.json of a fixed-data run's release (or of ``label``, another row of the selection
+    table): its values on the selection split (what ``evo verify`` re-measures), beside its search
+    and test values, the margins over the best simple baseline, the comparison and the lineage."""
     from evo.reporting import lineage
 
     sel = ckpt["selection"]
+    label = label or sel["release"]
     objectives = ckpt["objectives"]
     split = sel.get("split") or "valid"
-    row = sel["table"].get(sel["release"], {})
+    row = sel["table"].get(label) or {}
     measured = row.get("selection") or row.get(split) or {}
     if "objectives" not in measured:
-        raise EvoError(f"{store.root}: the release {sel['release']!r} has no {split} values: "
+        raise EvoError(f"{store.root}: {label!r} has no {split} values: "
                        f"its evaluation failed ({measured.get('error')})")
     values = [measured["objectives"][o["name"]] for o in objectives]
+    if label == sel["release"]:
+        kind, reason, margins = sel["release_kind"], sel["reason"], sel.get("margins", {})
+    else:  # exported on request (evo export --candidate best-evolved); the card keeps the run's verdict
+        kind = "evolved"
+        reason = (f"exported on request as the best evolved recipe on the selection split; the run released "
+                  f"{sel['release']} ({sel['reason']})")
+        margins = {k.replace("best_evolved_vs", "release_vs", 1): m for k, m in (sel.get("margins") or {}).items()
+                   if k.startswith("best_evolved_vs")}
     fitness = {
         "objectives": {o["name"]: {"value": v, "goal": o["goal"]} for o, v in zip(objectives, values)},
         "measured_on": split,
         "values_by_split": {k: row[k] if k == "search" else row[k].get("objectives")
                             for k in ("search", "selection", "test") if k in row},
-        "release": {"label": sel["release"], "kind": sel["release_kind"], "reason": sel["reason"],
+        "release": {"label": label, "kind": kind, "reason": reason,
                     "best_baseline": sel.get("best_baseline"), "best_lambda": sel.get("best_lambda")},
-        "margins": sel.get("margins", {}),
+        "margins": margins,
         "data_version": ckpt["data_version"],
         "generation": ckpt["generation"],
         "run": str(store.root.resolve()),
@@ -156,12 +185,12 @@ def _run_fitness(cfg: ExperimentConfig, ckpt: dict, store: RunStore) -> dict:
         "comparison": sel["table"],
     }
     best_id = (ckpt.get("best") or {}).get("id")
-    if sel["release_kind"] == "evolved":
-        best_id = sel["release"].rsplit("(", 1)[-1].rstrip(")")
+    if kind == "evolved":
+        best_id = label.rsplit("(", 1)[-1].rstrip(")")
     fitness["lineage"] = [
         {"candidate": c["candidate"], "generation": c["generation"], "parents": c.get("parents") or [], "values": c.get("values")}
         for c in lineage(store.candidates(), best_id)
-    ] if sel["release_kind"] == "evolved" else []
+    ] if kind == "evolved" else []
     return fitness
 
 
@@ -449,6 +478,10 @@ def verify(release: str | Path, tolerance: float = 1e-3) -> dict[str, float]:
     try:
         model = AutoModelForCausalLM.from_pretrained(root, trust_remote_code=False).eval()
         tokenizer = AutoTokenizer.from_pretrained(root, trust_remote_code=False)
+        if (root / "adapter" / "adapter_config.json").is_file():  # `--lora adapter`: measured with it applied
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, root / "adapter").eval()
     except Exception as exc:  # any load failure is a broken release
         raise EvoError(f"{root}: model does not load ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})") from None
     if fitness.get("eval_blocks"):  # a stream release carries the exact blocks it was measured on

@@ -150,6 +150,7 @@ class Selection:
             reason = "no selection split (eval.selection.fraction: 0): the search's best, selected on its own blocks"
         recipes = {**labels, **baselines}
         record.update(release=release, release_recipe=recipes[release].to_dict() if release else None,
+                      best_evolved_recipe=recipes[best_evolved].to_dict() if best_evolved else None,
                       release_kind=EVOLVED if release in labels else SIMPLE, reason=reason,
                       best_baseline=best_baseline, best_evolved=best_evolved, best_lambda=best_lambda)
 

@@ -1,6 +1,8 @@
 """LoRA genes through the whole pipeline: evaluator fit + unload, run on Ray, export, verify."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 from peft import PeftModel
@@ -8,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import evo
 from evo.config import ExperimentConfig
+from evo.errors import EvoError
 from evo.evaluator import Evaluator
 from evo.release import verify
 from evo.runner import make_space
@@ -58,7 +61,14 @@ def test_lora_run_exports_merged_and_adapter_releases(lora_config, ray_session, 
     assert result.best_recipe.lora
     merged = evo.export(tmp_path / "run")
     verify(merged)  # re-measures the recorded fitness with the LoRA folded into the weights
-    adapter = evo.export(tmp_path / "run", lora="adapter")
+    selection = json.loads((tmp_path / "run" / "checkpoint.json").read_text())["selection"]
+    if not selection["release_recipe"].get("lora"):  # a simple baseline was released: it has no adapter
+        with pytest.raises(EvoError, match="no LoRA genes.*--candidate best-evolved"):
+            evo.export(tmp_path / "run", lora="adapter")
+    adapter = evo.export(tmp_path / "run", lora="adapter", candidate="best-evolved")
     assert (adapter / "adapter" / "adapter_config.json").is_file()
+    card = json.loads((adapter / "fitness.json").read_text())
+    assert card["release"]["label"] == selection["best_evolved"] and card["release"]["kind"] == "evolved"
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(adapter), adapter / "adapter")
     assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) > 0
+    verify(adapter)  # re-measured with the adapter applied: the recorded selection values
