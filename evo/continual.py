@@ -264,7 +264,13 @@ class ContinualLoop:
         missing = [k for k in base if k not in weights]
         if missing:
             raise EvoError(f"{self.state['release_dir']}: tensor {missing[0]} is missing (present in the base)")
-        return {k: (weights[k].float().numpy() - v).astype(v.dtype) for k, v in base.items()}
+        import torch
+
+        from evo.evaluator import DTYPES, float32_array, to_numpy
+
+        # δ in float32 against the stored base, rounded once into the sources' dtype
+        store = DTYPES[self.cfg.dtype]
+        return to_numpy({k: (weights[k].float() - torch.from_numpy(float32_array(v))).to(store) for k, v in base.items()})
 
     def reference_recipe(self) -> Recipe:
         """The current release exactly (the base before the first release), no LoRA."""

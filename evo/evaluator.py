@@ -25,8 +25,16 @@ from evo.space import Recipe
 
 
 def to_numpy(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """Tensors -> numpy arrays for the object store (Ray shares numpy zero-copy, not torch)."""
-    return {k: v.detach().cpu().contiguous().numpy() for k, v in state.items()}
+    """Tensors -> numpy arrays for the object store (Ray shares numpy zero-copy, not torch).
+
+    numpy has no bfloat16: a bf16 tensor travels as its bit pattern in ``uint16`` (no float
+    tensor of a model is ever uint16, so :func:`from_numpy` can tell)."""
+    return {k: _to_array(v) for k, v in state.items()}
+
+
+def _to_array(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu().contiguous()
+    return t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 
 def from_numpy(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -35,7 +43,27 @@ def from_numpy(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return {k: torch.from_numpy(v) for k, v in arrays.items()}
+        return {k: _from_array(v) for k, v in arrays.items()}
+
+
+def _from_array(a: np.ndarray) -> torch.Tensor:
+    t = torch.from_numpy(a)
+    return t.view(torch.bfloat16) if t.dtype == torch.uint16 else t
+
+
+def _resolve(value):
+    """A value, or the object a nested Ray reference points to (Ray resolves only top-level
+    arguments; the pool sends each source as its own object)."""
+    if type(value).__name__ == "ObjectRef":
+        import ray
+
+        return ray.get(value)
+    return value
+
+
+def float32_array(a: np.ndarray) -> np.ndarray:
+    """A stored source array (float32, float16 or bf16 bits) as float32, for driver-side arithmetic."""
+    return _from_array(a).float().numpy() if a.dtype in (np.uint16, np.float16) else a
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -85,9 +113,9 @@ class Evaluator:
         self.name = name
         self.device = device
         self.batch_size = batch_size
-        # the resident model in the experiment's dtype: each tensor is merged in float32 from the
-        # float32 sources and rounded once into it (as the exported release is), so a bf16 run
-        # measures exactly the weights it will ship, with bf16 forward passes
+        # the resident model in the experiment's dtype: each tensor is merged in float32 (the
+        # stored base and task vectors, in the same dtype, are widened per tensor) and rounded
+        # once into it, as the exported release is, with forward passes in that dtype
         self.model = build_model(model_config, dtype=DTYPES[dtype], device=device)
         self.num_layers = int(model_config.get("num_hidden_layers", 1))
         self.merger = None
@@ -129,7 +157,7 @@ class Evaluator:
         if self.merger is None:
             if base is None:
                 raise EvoError(f"{self.name}: the first update must carry the base model and sources")
-            self._load(base, sources or {}, eval_sets or {}, tasks, train)
+            self._load(_resolve(base), {m: _resolve(d) for m, d in (sources or {}).items()}, eval_sets or {}, tasks, train)
         else:
             if eval_sets is not None:
                 self._set_eval_sets(eval_sets)

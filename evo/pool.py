@@ -173,7 +173,11 @@ def _dashboard_url(ctx) -> str | None:
 class EvaluatorPool:
     """A fixed set of evaluator actors and a dispatch loop that keeps each one busy."""
 
-    def __init__(self, cfg: ExperimentConfig, sources: Sources, *, run_name: str = "run", quiet: bool = False):
+    def __init__(self, cfg: ExperimentConfig, sources: Sources | Callable[..., Sources], *, run_name: str = "run",
+                 quiet: bool = False):
+        """``sources``: loaded :class:`Sources`, or ``loader(put=...) -> Sources`` called once Ray
+        is up, so each task vector goes into the object store as it is made (the driver's peak
+        is then one model, not all of them)."""
         self.cfg = cfg
         self.sources = sources
         self.run_name = run_name
@@ -182,6 +186,7 @@ class EvaluatorPool:
         self.dashboard_url = None
         self.actors = []
         self.lost: set[int] = set()  # evaluators Ray could not restart (out of restarts)
+        self._refs: dict[int, ray.ObjectRef] = {}  # id(view) -> the object it views
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> "EvaluatorPool":
@@ -191,6 +196,11 @@ class EvaluatorPool:
         try:
             check_resources(self.cfg, wait_s=rc.resources_timeout_s if external else 0.0,
                             say=(lambda msg: None) if self.quiet else print)
+            if callable(self.sources):
+                self.sources = self.sources(put=self._put)
+            else:  # loaded before Ray: put them now, and keep views instead of the private copy
+                self.sources.deltas = {m: self._put(d) for m, d in self.sources.deltas.items()}
+                self.sources.base = self._put(self.sources.base)
         except BaseException:
             if self.started_ray:
                 ray.shutdown()
@@ -199,10 +209,13 @@ class EvaluatorPool:
         # update(), not as constructor arguments: Ray restarts an actor by re-running its
         # constructor, and constructor arguments in the object store are not kept for that
         # (ray-project/ray#53727), so a restarted actor comes up empty, answers "stale" and is
-        # sent the same update again from the references this pool holds.
-        refs = {"base": ray.put(self.sources.base), "sources": ray.put(self.sources.deltas),
+        # sent the same update again from the references this pool holds. Each source is its
+        # own object (put as it was loaded); the evaluator resolves the nested references.
+        refs = {"base": self._ref(self.sources.base),
+                "sources": {m: self._ref(d) for m, d in self.sources.deltas.items()},
                 "eval_sets": ray.put(self.sources.eval_sets), "tasks": ray.put(self.sources.tasks),
                 "train": ray.put(self.sources.train)}
+        rc = self.cfg.ray
         er = self.cfg.eval.early_rejection
         device = "cuda" if rc.gpus_per_evaluator > 0 else "cpu"
         actor_cls = ray.remote(Evaluator)
@@ -228,6 +241,18 @@ class EvaluatorPool:
         for actor in self.actors:  # not awaited: an actor runs its calls in order, so it loads first
             self._send_update(actor)
         return self
+
+    def _put(self, arrays: dict) -> dict:
+        """Into the object store; returns the stored object's zero-copy (read-only) views, which
+        replace the caller's copy, so the driver holds no second copy of the sources."""
+        ref = ray.put(arrays)
+        view = ray.get(ref)
+        self._refs[id(view)] = ref
+        return view
+
+    def _ref(self, view: dict) -> "ray.ObjectRef":
+        ref = self._refs.get(id(view))
+        return ref if ref is not None else ray.put(view)
 
     def update(self, *, eval_sets=None, train=None, deltas=None) -> None:
         """Ship new data to every evaluator (once through the object store) and wait for it.

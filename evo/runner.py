@@ -8,6 +8,7 @@ cache, so it is not evaluated again. A config with ``stream.folder`` runs the co
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -102,7 +103,6 @@ def _loop(cfg: ExperimentConfig, store: RunStore, *, quiet: bool, stop_after: in
         logbook = ckpt["logbook"]
     start = optimizer.generation
     done = start >= cfg.optimizer.generations
-    sources = Sources.load(cfg)
     cache = store.cache_load()
     objective_names = [o.name for o in cfg.objectives]
     set_names = list(cfg.eval.sets)
@@ -111,7 +111,10 @@ def _loop(cfg: ExperimentConfig, store: RunStore, *, quiet: bool, stop_after: in
     comparison: dict = {}
     selection: dict | None = None
     best = optimizer.best()
-    with EvaluatorPool(cfg, sources, run_name=store.root.name, quiet=quiet) as pool, StopSignals() as stop:
+    # loaded once Ray is up: each task vector goes into the object store as it is made
+    loader = functools.partial(Sources.load, cfg)
+    with EvaluatorPool(cfg, loader, run_name=store.root.name, quiet=quiet) as pool, StopSignals() as stop:
+        sources = pool.sources
         if not quiet and pool.dashboard_url:
             print(f"Ray dashboard: {pool.dashboard_url}  (token auth: see README)")
         store.event("ray_started", dashboard=pool.dashboard_url, evaluators=pool.size, data_version=sources.data_version)

@@ -43,14 +43,16 @@ class Sources:
         return sum(a.nbytes for a in self.base.values()) + sum(a.nbytes for d in self.deltas.values() for a in d.values())
 
     @classmethod
-    def load(cls, cfg: ExperimentConfig, tokenizer=None) -> "Sources":
+    def load(cls, cfg: ExperimentConfig, tokenizer=None, *, put=None) -> "Sources":
         """Everything evaluators need, from the config; ``tokenizer``: one already loaded by
-        :func:`load_tokenizer` (loaded here otherwise)."""
-        from evo.merge import load_model_dir, task_vectors
+        :func:`load_tokenizer` (loaded here otherwise).
 
-        base, config = load_model_dir(cfg.models.base)
-        models = {name: load_model_dir(path)[0] for name, path in cfg.models.sources.items()}
-        deltas = task_vectors(base, models)
+        The base and task vectors are kept in ``cfg.dtype`` (each δ computed in float32, then
+        rounded once). Models are read one at a time, so the driver's peak is the base, one
+        model and the task vectors so far; ``put(arrays) -> arrays`` (the pool's: into the
+        object store, returning zero-copy views) takes each task vector as it is made, so the
+        driver never holds a private copy of all sources at once."""
+        base, config, deltas = load_task_vectors(cfg, put=put)
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg)
         settings = dict(seq_len=cfg.eval.seq_len, max_blocks=cfg.eval.max_blocks, tokenizer=tokenizer.vocab_size)
         eval_sets: dict[str, dict[str, np.ndarray]] = {"valid": {}}
@@ -68,8 +70,7 @@ class Sources:
                 from evo.subset import block_difficulty
 
                 # measured once per data version; each generation's draw is stratified by it
-                difficulty = block_difficulty(to_numpy(base), {m: to_numpy(d) for m, d in deltas.items()},
-                                              config.to_dict(), eval_sets["valid"], cfg.eval.batch_size)
+                difficulty = block_difficulty(base, deltas, config.to_dict(), eval_sets["valid"], cfg.eval.batch_size)
                 settings["subset"] = cfg.eval.subset
         report = cls._report_paths(cfg)
         if report and not cfg.streaming:
@@ -98,8 +99,7 @@ class Sources:
         version_inputs = {"files": [str(Path(f).resolve()) for f in files],
                           "settings": {k: v for k, v in settings.items() if k != "tokenizer"}}
         model_config = config.to_dict()
-        return cls(to_numpy(base), {m: to_numpy(d) for m, d in deltas.items()}, model_config, eval_sets, version, tasks,
-                   train, version_inputs, task_items, difficulty)
+        return cls(base, deltas, model_config, eval_sets, version, tasks, train, version_inputs, task_items, difficulty)
 
     @staticmethod
     def _report_paths(cfg: ExperimentConfig) -> dict[str, str]:
@@ -116,6 +116,35 @@ class Sources:
     def _blocks(paths: dict[str, str], tokenizer, cfg, max_blocks: int | None = None) -> dict[str, np.ndarray]:
         return {name: _file_blocks(read_texts(path), tokenizer, cfg.eval.seq_len, max_blocks or cfg.eval.max_blocks, path)
                 for name, path in paths.items()}
+
+
+def load_task_vectors(cfg: ExperimentConfig, *, put=None):
+    """(base, config, {source: task vector}) as numpy arrays in ``cfg.dtype`` (bf16 as uint16
+    bits, see :func:`evo.evaluator.to_numpy`); δ = θ − θ_base in float32, rounded once. One
+    source model is in memory at a time; ``put`` (see :meth:`Sources.load`) takes each result."""
+    import torch
+
+    from evo.evaluator import DTYPES
+    from evo.merge import load_model_dir
+    from evo.merge.engine import check_same_tensors
+
+    store = DTYPES[cfg.dtype]
+    put = put or (lambda arrays: arrays)
+    base, config = load_model_dir(cfg.models.base)
+    floats = {n for n, t in base.items() if t.dtype.is_floating_point}
+    deltas = {}
+    for name, path in cfg.models.sources.items():
+        model, _ = load_model_dir(path)
+        check_same_tensors(base, model, name)
+        delta = {}
+        for n in list(model):
+            t = model.pop(n)  # freed tensor by tensor
+            delta[n] = (t.float() - base[n].float()).to(store if n in floats else base[n].dtype)
+        del model
+        deltas[name] = put(to_numpy(delta))
+        del delta
+    stored = put(to_numpy({n: t.to(store) if n in floats else t for n, t in base.items()}))
+    return stored, config, deltas
 
 
 def _file_blocks(texts: list[str], tokenizer, seq_len: int, max_blocks: int | None, where: str) -> np.ndarray:

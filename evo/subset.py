@@ -25,7 +25,7 @@ def quantile_pick(difficulty: np.ndarray, fraction: float) -> list[int]:
 def block_difficulty(base: Mapping[str, np.ndarray], deltas: Mapping[str, Mapping[str, np.ndarray]],
                      model_config: dict, sets: Mapping[str, np.ndarray], batch_size: int = 8) -> dict[str, np.ndarray]:
     """Mean NLL of every block over the base model and each source model (base + its task vector)."""
-    from evo.evaluator import build_model
+    from evo.evaluator import build_model, float32_array
     from evo.fitness import block_nlls
 
     model = build_model(model_config)
@@ -36,9 +36,9 @@ def block_difficulty(base: Mapping[str, np.ndarray], deltas: Mapping[str, Mappin
     with torch.no_grad():
         for source in sources:
             for name, value in base.items():
-                t = torch.from_numpy(np.asarray(value))
+                t = torch.from_numpy(float32_array(np.asarray(value)))
                 if source is not None:
-                    t = t + torch.from_numpy(np.asarray(deltas[source][name]))
+                    t = t + torch.from_numpy(float32_array(np.asarray(deltas[source][name])))
                 params[name].copy_(t)
             for name, b in blocks.items():
                 totals[name] += block_nlls(model, b, batch_size).numpy()

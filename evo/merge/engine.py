@@ -163,9 +163,11 @@ class Merger:
         per_model = [{p.name: resolve(p, [e.parameters, config.parameters], name, t,
                                       f"{where}, model '{e.model}'") for p in plan.model_specs}
                      for e, _ in plan.entries]
+        models = [e.model for e, _ in plan.entries]
+        if base.dtype != torch.float32:  # sources stored in bf16/fp16: the arithmetic is float32
+            base, deltas = self._widen(base, deltas, [e.model for e, has in plan.entries if has])
         direct = out.dtype == base.dtype
         target = out if direct else self.scratch.get("result", base.shape, base.dtype)
-        models = [e.model for e, _ in plan.entries]
         job = TensorJob(
             name=name, out=target, base=base,
             deltas=[deltas[e.model] if has_delta else None for e, has_delta in plan.entries],
@@ -180,6 +182,16 @@ class Merger:
             if not direct:
                 out.copy_(target)
         return out
+
+    def _widen(self, base: Tensor, deltas: Mapping[str, Tensor], used: list[str]):
+        """float32 copies of a low-precision base and of the task vectors this merge uses, in
+        reused scratch buffers (one per source: ``(sources + 1) x`` the largest tensor)."""
+        wide = self.scratch.get("widen.base", base.shape).copy_(base)
+        out = {}
+        for i, m in enumerate(used):
+            d = deltas[m]
+            out[m] = d if d.dtype == torch.float32 else self.scratch.get(f"widen.{i}", d.shape).copy_(d)
+        return wide, out
 
     def _generators(self, seed: int, name: str, models: list[str]):
         def generator(i: int) -> torch.Generator:
