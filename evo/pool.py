@@ -215,7 +215,6 @@ class EvaluatorPool:
                 "sources": {m: self._ref(d) for m, d in self.sources.deltas.items()},
                 "eval_sets": ray.put(self.sources.eval_sets), "tasks": ray.put(self.sources.tasks),
                 "train": ray.put(self.sources.train)}
-        rc = self.cfg.ray
         er = self.cfg.eval.early_rejection
         device = "cuda" if rc.gpus_per_evaluator > 0 else "cpu"
         actor_cls = ray.remote(Evaluator)
