@@ -14,7 +14,7 @@ import sys
 import yaml
 
 SCRIPT = r'''
-import json, sys, threading
+import json, os, signal, sys, threading
 from pathlib import Path
 
 import ray
@@ -48,7 +48,14 @@ removed = threading.Event()
 def remove_worker_node():  # waits on the run's own cache file, not on a clock
     cache = out / "faulted" / "cache.jsonl"
     while not removed.is_set():
-        if cache.exists() and sum(1 for _ in open(cache)) >= 3:
+        lines = cache.read_text().split("\n")[:-1] if cache.exists() else []  # complete lines only
+        done = [json.loads(ln)["result"].get("worker", {}) for ln in lines]
+        on_worker = {w["pid"] for w in done if w.get("node") == worker.node_id}
+        if len(done) >= 3 and on_worker:
+            # a lost machine loses every process on it: the evaluator too, not only Ray's daemons
+            # (remove_node kills the raylet; an actor mid-call can outlive it for a while)
+            for pid in on_worker:
+                os.kill(pid, signal.SIGKILL)
             cluster.remove_node(worker, allow_graceful=False)
             removed.set()
             return
