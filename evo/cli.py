@@ -101,6 +101,21 @@ def _cmd_verify(args) -> None:
     print(f"{args.release}: OK (manifest matches; re-measured {shown})")
 
 
+def _cmd_plan(args) -> int:
+    from evo.config import ExperimentConfig
+    from evo.memory import plan_for, suggestions
+
+    cfg = ExperimentConfig.from_yaml(args.config)
+    plan = plan_for(cfg)
+    print(plan.table())
+    problem = plan.problem()
+    if problem is None:
+        print("fits")
+        return EXIT_OK
+    print(f"does not fit: {problem}{suggestions(cfg)}")
+    return EXIT_ERROR
+
+
 def _cmd_report(args) -> None:
     from evo.reporting import report
 
@@ -152,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("out")
     r.add_argument("--seed", type=int, default=0, help="seed for random methods (DARE, DELLA)")
     r.set_defaults(fn=_cmd_merge)
+
+    r = sub.add_parser("plan", help="print a config's memory plan (per node and per GPU) without running it; "
+                                    "exit 2 if it does not fit")
+    r.add_argument("config", help="experiment YAML")
+    r.set_defaults(fn=_cmd_plan)
 
     r = sub.add_parser("report", help="write an HTML report (and PNGs) of a run")
     r.add_argument("run_dir")

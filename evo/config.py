@@ -138,6 +138,8 @@ class RayConfig:
     # a cluster (ray.address) short of what the evaluators need: wait this long for nodes to join
     # (an autoscaler), saying what for, then refuse; an embedded Ray never grows, so it refuses at once
     resources_timeout_s: float = 300.0
+    # refuse a run whose memory plan (evo.memory, printed by `evo plan`) does not fit the node or GPU
+    memory_check: bool = True
 
 
 @dataclass

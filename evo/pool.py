@@ -23,6 +23,7 @@ from tqdm import tqdm
 from evo.config import ExperimentConfig
 from evo.errors import EvoError
 from evo.evaluator import Evaluator
+from evo.memory import check_plan, object_store_bytes, plan_for
 from evo.sources import Sources
 
 
@@ -30,8 +31,9 @@ class Interrupted(EvoError):
     """A stop was requested (SIGINT/SIGTERM) while candidates were being evaluated."""
 
 
-def start_ray(cfg: ExperimentConfig) -> tuple[bool, str | None]:
-    """Connect to a cluster (``ray.address`` / ``RAY_ADDRESS``) or start an embedded local Ray.
+def start_ray(cfg: ExperimentConfig, object_store: int | None = None) -> tuple[bool, str | None]:
+    """Connect to a cluster (``ray.address`` / ``RAY_ADDRESS``) or start an embedded local Ray
+    (``object_store``: its object store's bytes where ``ray.object_store_mb`` is unset).
 
     Returns (whether we started it, dashboard URL). A Ray already initialised in this process
     (a notebook, a test session) is reused as is.
@@ -43,7 +45,7 @@ def start_ray(cfg: ExperimentConfig) -> tuple[bool, str | None]:
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM) if main else None
     try:
-        return _init_ray(cfg)
+        return _init_ray(cfg, object_store)
     except SystemExit as exc:
         if exc.code == signal.SIGTERM:
             raise KeyboardInterrupt from None
@@ -53,7 +55,7 @@ def start_ray(cfg: ExperimentConfig) -> tuple[bool, str | None]:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _init_ray(cfg: ExperimentConfig) -> tuple[bool, str | None]:
+def _init_ray(cfg: ExperimentConfig, object_store: int | None) -> tuple[bool, str | None]:
     rc = cfg.ray
     address = rc.address or os.environ.get("RAY_ADDRESS")
     if address:
@@ -70,13 +72,33 @@ def _init_ray(cfg: ExperimentConfig) -> tuple[bool, str | None]:
         )
         if rc.object_store_mb:
             kwargs["object_store_memory"] = rc.object_store_mb * 1024**2
+        elif object_store:
+            kwargs["object_store_memory"] = object_store
         if rc.metrics_export_port:
             kwargs["_metrics_export_port"] = rc.metrics_export_port  # evo_* metrics: /metrics there
         if rc.temp_dir:
             kwargs["_temp_dir"] = rc.temp_dir
-        with _loopback_node():
+        with _loopback_node(), normal_priority_workers():
             ctx = ray.init(**kwargs)
     return True, _dashboard_url(ctx)
+
+
+@contextlib.contextmanager
+def normal_priority_workers():
+    """Start Ray's workers at the driver's priority. Ray runs workers at niceness 15 (its
+    ``worker_niceness``) to keep the driver responsive, but evo's workers are its evaluators, the
+    whole workload: beside three busy loops at normal priority they were measured getting ~3 %
+    of a core, so a run on a shared machine (a CI runner) crawled for an hour. ``RAY_worker_niceness``
+    set by the user wins; the raylet reads it from the environment it is started with."""
+    key = "RAY_worker_niceness"
+    mine = key not in os.environ
+    if mine:
+        os.environ[key] = "0"
+    try:
+        yield
+    finally:
+        if mine:
+            os.environ.pop(key, None)
 
 
 @contextlib.contextmanager
@@ -155,6 +177,22 @@ def _placement_problem(need: dict[str, float], evaluators: int) -> str | None:
             f"{offers} (room for {fits})")
 
 
+def cluster_plan(cfg: ExperimentConfig):
+    """The memory plan of the alive node that will host the most evaluators (CPU/GPU packing as
+    :func:`_placement_problem`), against the memory Ray reports for it (its ``memory`` and
+    ``object_store_memory`` resources)."""
+    need = {"CPU": cfg.ray.cpus_per_evaluator, "GPU": cfg.ray.gpus_per_evaluator}
+    best = (0, None)
+    for n in ray.nodes():
+        if not n.get("Alive"):
+            continue
+        res = n.get("Resources", {})
+        k = min([int(res.get(r, 0.0) // v) for r, v in need.items() if v > 0] + [cfg.ray.evaluators])
+        if k > best[0]:
+            best = (k, int(res.get("memory", 0) + res.get("object_store_memory", 0)) or None)
+    return plan_for(cfg, evaluators_per_node=max(best[0], 1), node_available=best[1])
+
+
 def _dashboard_url(ctx) -> str | None:
     """The dashboard's URL: from ``ray.init``'s context, else (a Ray this process had already
     started) from the node's address info. None when the dashboard is off."""
@@ -186,16 +224,28 @@ class EvaluatorPool:
         self.dashboard_url = None
         self.actors = []
         self.lost: set[int] = set()  # evaluators Ray could not restart (out of restarts)
+        self.plan = None  # evo.memory.MemoryPlan, made on entry
         self._refs: dict[int, ray.ObjectRef] = {}  # id(view) -> the object it views
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> "EvaluatorPool":
-        self.started_ray, self.dashboard_url = start_ray(self.cfg)
         rc = self.cfg.ray
         external = bool(rc.address or os.environ.get("RAY_ADDRESS"))
+        embedded = not external and not ray.is_initialized()  # we start Ray here, on this machine
+        say = (lambda msg: None) if self.quiet else print
+        object_store = None
+        if embedded:  # this machine is the node: plan (and size the object store) before starting Ray
+            self.plan = plan_for(self.cfg)
+            say(self.plan.table())
+            check_plan(self.cfg, self.plan)
+            object_store = object_store_bytes(self.plan)
+        self.started_ray, self.dashboard_url = start_ray(self.cfg, object_store=object_store)
         try:
-            check_resources(self.cfg, wait_s=rc.resources_timeout_s if external else 0.0,
-                            say=(lambda msg: None) if self.quiet else print)
+            check_resources(self.cfg, wait_s=rc.resources_timeout_s if external else 0.0, say=say)
+            if not embedded:  # the cluster's largest node, as Ray reports it
+                self.plan = cluster_plan(self.cfg)
+                say(self.plan.table())
+                check_plan(self.cfg, self.plan)
             if callable(self.sources):
                 self.sources = self.sources(put=self._put)
             else:  # loaded before Ray: put them now, and keep views instead of the private copy

@@ -40,15 +40,18 @@ def ray_session(tmp_path_factory):
     """
     import ray
 
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        object_store_memory=200 * 1024**2,
-        log_to_driver=False,
-        configure_logging=False,
-        _temp_dir=str(tmp_path_factory.mktemp("ray")),
-    )
+    from evo.pool import normal_priority_workers
+
+    with normal_priority_workers():  # as evo's own embedded Ray: evaluators are not starved on a busy machine
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            object_store_memory=200 * 1024**2,
+            log_to_driver=False,
+            configure_logging=False,
+            _temp_dir=str(tmp_path_factory.mktemp("ray")),
+        )
     yield ray
     ray.shutdown()
 

@@ -1,0 +1,254 @@
+"""The memory plan: what a run will hold, per node and per GPU, read from the models' safetensors
+headers before anything is loaded, so a run that cannot fit is refused in one line instead of
+being killed by the OOM killer an hour in.
+
+Where the bytes go (``evo.sources``, ``evo.pool``, ``evo.evaluator``, ``evo.merge.engine``):
+
+* **sources**: the base and one task vector per source, in ``cfg.dtype``, once per node in
+  Ray's object store (evaluators on a node map the same pages);
+* **per evaluator**: the resident model (``cfg.dtype``), the merge scratch (reused float32
+  buffers of the largest tensor's size, plus ``sources + 1`` widening buffers when the sources
+  are stored in 16 bits), forward-pass activations (dominated by float32 logits: batch × seq ×
+  vocab), LoRA training activations when the space has LoRA genes, and the worker's runtime;
+  an evaluator on a GPU also moves the sources onto its GPU;
+* **driver**: its runtime, and while loading, the base and one source model as stored on disk;
+* **Ray's daemons** (GCS, raylet, dashboard and its agents).
+
+The runtime figures are measured constants (``RUNTIME``) of this stack (torch 2.13,
+transformers, Ray 2.60) on Linux; ``tests/test_memory.py`` checks the whole plan against the
+proportional set size (PSS) of a real run's processes on two model sizes.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from evo.errors import EvoError
+
+GiB = 1024**3
+MiB = 1024**2
+
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+# Measured on this stack (PSS, Linux): a Python process with torch + transformers + a Ray core
+# worker, idle (evaluator) or with evo's driver imports; Ray's daemons with and without the dashboard.
+RUNTIME = {"evaluator": 330 * MiB, "driver": 420 * MiB, "ray": 260 * MiB, "ray_dashboard": 420 * MiB}
+# merge scratch: method buffers of the largest tensor's size, in float32 (evo.merge.method.Scratch;
+# the most any registered method allocates, found by merging with each)
+SCRATCH_BUFFERS = 4
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the plan needs from a model directory: read from its safetensors headers and config.json."""
+
+    params: int          # floating-point entries
+    largest: int         # entries of the largest tensor
+    file_bytes: int      # bytes of the weights as stored
+    hidden: int
+    layers: int
+    vocab: int
+    intermediate: int
+    heads: int
+
+    @classmethod
+    def read(cls, path: str | Path) -> "ModelShape":
+        from evo.merge.io import _open_model, _read_config
+
+        path = Path(path)
+        tensors = _open_model(path)
+        floats = [info for _, info in tensors.values() if info.dtype.is_floating_point]
+        cfg = _read_config(path)
+        hidden = int(cfg.get("hidden_size") or cfg.get("n_embd") or 0)
+        return cls(
+            params=sum(i.numel for i in floats),
+            largest=max((i.numel for i in floats), default=1),
+            file_bytes=sum(i.end - i.start for _, i in tensors.values()),
+            hidden=hidden,
+            layers=int(cfg.get("num_hidden_layers") or cfg.get("n_layer") or 1),
+            vocab=int(cfg.get("vocab_size") or 0),
+            intermediate=int(cfg.get("intermediate_size") or 4 * hidden),
+            heads=int(cfg.get("num_attention_heads") or cfg.get("n_head") or 1),
+        )
+
+
+@dataclass
+class Item:
+    what: str
+    bytes: int
+    where: str  # "node" (host memory) or "gpu"
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes a run needs on its largest node and on each GPU, against what they have."""
+
+    items: list[Item]
+    evaluators_per_node: int
+    node_available: int | None          # bytes, None when unknown (a remote cluster)
+    gpu_total: int | None = None        # bytes of one GPU, None without one
+    evaluators_per_gpu: int = 0
+    object_store: int = 0               # bytes the sources need in the object store
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def node_bytes(self) -> int:
+        return sum(i.bytes for i in self.items if i.where == "node")
+
+    @property
+    def gpu_bytes(self) -> int:
+        return sum(i.bytes for i in self.items if i.where == "gpu")
+
+    def problem(self) -> str | None:
+        """Why this plan cannot fit, or None."""
+        if self.node_available is not None and self.node_bytes > self.node_available:
+            return (f"needs {self.node_bytes / GiB:.1f} GiB on this node, {self.node_available / GiB:.1f} GiB "
+                    f"available")
+        if self.gpu_total is not None and self.evaluators_per_gpu and self.gpu_bytes > self.gpu_total:
+            return f"needs {self.gpu_bytes / GiB:.1f} GiB per GPU, a GPU has {self.gpu_total / GiB:.1f} GiB"
+        return None
+
+    def table(self) -> str:
+        rows = [f"memory plan ({self.evaluators_per_node} evaluator(s) on the largest node):"]
+        for i in self.items:
+            rows.append(f"  {i.what:<58} {i.bytes / GiB:8.2f} GiB{'  (GPU)' if i.where == 'gpu' else ''}")
+        have = f" of {self.node_available / GiB:.1f} GiB available" if self.node_available is not None else ""
+        rows.append(f"  {'node total':<58} {self.node_bytes / GiB:8.2f} GiB{have}")
+        if self.evaluators_per_gpu:
+            have = f" of {self.gpu_total / GiB:.1f} GiB" if self.gpu_total is not None else " (GPU size unknown here)"
+            rows.append(f"  {'per GPU':<58} {self.gpu_bytes / GiB:8.2f} GiB{have}")
+        rows.extend(f"  note: {n}" for n in self.notes)
+        return "\n".join(rows)
+
+
+def plan_for(cfg, *, evaluators_per_node: int | None = None, node_available: int | None = -1,
+             gpu_total: int | None = -1) -> MemoryPlan:
+    """The plan of ``cfg`` (an :class:`evo.config.ExperimentConfig`). ``evaluators_per_node``:
+    default all (an embedded Ray); ``node_available``/``gpu_total``: default this machine's."""
+    from evo.space import SearchSpaceSpec
+
+    rc, ev = cfg.ray, cfg.eval
+    base = ModelShape.read(cfg.models.base)
+    n_src = len(cfg.models.sources)
+    per = BYTES[cfg.dtype]
+    k = rc.evaluators if evaluators_per_node is None else evaluators_per_node
+    on_gpu = rc.gpus_per_evaluator > 0
+    lora = any(g.startswith("lora.") for g in SearchSpaceSpec.from_yaml(cfg.search_space).genes)
+
+    sources = (1 + n_src) * base.params * per
+    model = base.params * per
+    scratch = SCRATCH_BUFFERS * base.largest * 4
+    if per != 4:
+        scratch += (n_src + 1) * base.largest * 4  # widening 16-bit sources to float32 per tensor
+    act_bytes = 4 if cfg.dtype == "float32" else 2
+    tokens = ev.batch_size * ev.seq_len
+    # logits in the model's dtype, their float32 copy and the cross-entropy's log-softmax, plus
+    # one layer's hidden states and MLP (inference keeps no earlier layer) and the attention scores
+    activations = (tokens * base.vocab * (act_bytes + 8)
+                   + tokens * (6 * base.hidden + 3 * base.intermediate) * act_bytes
+                   + ev.batch_size * base.heads * ev.seq_len**2 * 4)
+    if lora:  # backward keeps every layer's activations and float32 logits and their gradient
+        activations += (tokens * base.layers * (10 * base.hidden + 3 * base.intermediate) * act_bytes
+                        + tokens * base.vocab * 8)
+    where = "gpu" if on_gpu else "node"
+    items = [Item(f"sources: base + {n_src} task vectors in {cfg.dtype} (object store, shared)", sources, "node")]
+    per_eval = [("resident model", model), ("merge scratch (float32)", scratch),
+                (f"activations (batch {ev.batch_size} x seq {ev.seq_len}{', LoRA training' if lora else ''})",
+                 activations)]
+    if on_gpu:
+        per_gpu = max(1, math.floor(1 / rc.gpus_per_evaluator + 1e-9))
+        items.append(Item(f"{per_gpu} evaluator(s) per GPU x sources on the GPU", per_gpu * sources, "gpu"))
+        items.extend(Item(f"{per_gpu} evaluator(s) per GPU x {what}", per_gpu * b, "gpu") for what, b in per_eval)
+    else:
+        per_gpu = 0
+        items.extend(Item(f"{k} evaluator(s) x {what}", k * b, "node") for what, b in per_eval)
+    items.append(Item(f"{k} evaluator(s) x runtime (torch, transformers, Ray worker)", k * RUNTIME["evaluator"], "node"))
+    # the driver reads the base and one source at a time as stored, plus float32 temporaries
+    driver_load = 2 * base.file_bytes + 3 * base.largest * 4
+    items.append(Item("driver: runtime + base and one source while loading", RUNTIME["driver"] + driver_load, "node"))
+    ray = RUNTIME["ray"] + (RUNTIME["ray_dashboard"] if rc.dashboard else 0)
+    items.append(Item("Ray daemons (GCS, raylet" + (", dashboard)" if rc.dashboard else ")"), ray, "node"))
+    if node_available == -1:
+        node_available = available_memory()
+    if gpu_total == -1:
+        gpu_total = _gpu_total() if on_gpu else None
+    plan = MemoryPlan(items, k, node_available, gpu_total, per_gpu, object_store=sources)
+    if on_gpu and gpu_total is None:
+        plan.notes.append("no GPU visible to the driver: the per-GPU figure is not checked")
+    return plan
+
+
+def object_store_bytes(plan: MemoryPlan) -> int:
+    """An embedded object store that holds the sources with room for the evaluation data and a
+    continual run's release delta: Ray's default (30 % of available memory) spills a large
+    model's sources to disk. The store costs only the pages it uses, so it is never made smaller
+    than that default."""
+    need = int(plan.object_store * 1.25) + 256 * MiB
+    default = int(0.3 * (plan.node_available or 0))
+    return max(need, default)
+
+
+def suggestions(cfg) -> str:
+    tips = []
+    if cfg.dtype == "float32":
+        tips.append("dtype: bfloat16 (halves sources and models)")
+    if cfg.ray.evaluators > 1:
+        tips.append(f"ray.evaluators: {cfg.ray.evaluators - 1}")
+    if cfg.eval.batch_size > 1:
+        tips.append(f"eval.batch_size: {max(1, cfg.eval.batch_size // 2)}")
+    if cfg.ray.dashboard:
+        tips.append("ray.dashboard: false")
+    return "; try " + ", ".join(tips) if tips else ""
+
+
+def check_plan(cfg, plan: MemoryPlan) -> None:
+    """Refuse in one line when the plan does not fit (``ray.memory_check: false`` skips this)."""
+    problem = plan.problem()
+    if problem is not None and cfg.ray.memory_check:
+        raise EvoError(f"memory plan: {problem}{suggestions(cfg)} (see the plan with evo plan CONFIG; "
+                       "ray.memory_check: false to run anyway)")
+
+
+def available_memory() -> int:
+    """Bytes this machine can still give (MemAvailable), capped by a cgroup limit if lower."""
+    import psutil
+
+    avail = psutil.virtual_memory().available
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            lim = Path(limit).read_text().strip()
+            if lim.isdigit() and int(lim) < 1 << 60:
+                avail = min(avail, int(lim) - int(Path(usage).read_text().strip()))
+        except OSError:
+            continue
+    return avail
+
+
+def _gpu_total() -> int | None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return int(torch.cuda.get_device_properties(0).total_memory)
+    except Exception:  # a broken CUDA install: the plan simply cannot check the GPU
+        return None
+    return None
+
+
+def tree_pss(pid: int | None = None) -> int:
+    """Proportional set size of a process and all its descendants, in bytes: shared pages (the
+    object store, shared libraries) are counted once across the tree, so the sum is what the tree
+    costs the machine."""
+    import psutil
+
+    root = psutil.Process(pid or os.getpid())
+    total = 0
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            total += p.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return total
