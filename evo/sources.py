@@ -122,28 +122,20 @@ def load_task_vectors(cfg: ExperimentConfig, *, put=None):
     """(base, config, {source: task vector}) as numpy arrays in ``cfg.dtype`` (bf16 as uint16
     bits, see :func:`evo.evaluator.to_numpy`); δ = θ − θ_base in float32, rounded once. One
     source model is in memory at a time; ``put`` (see :meth:`Sources.load`) takes each result."""
-    import torch
-
     from evo.evaluator import DTYPES
     from evo.merge import load_model_dir
-    from evo.merge.engine import check_same_tensors
+    from evo.merge.engine import task_vector
 
     store = DTYPES[cfg.dtype]
     put = put or (lambda arrays: arrays)
     base, config = load_model_dir(cfg.models.base)
-    floats = {n for n, t in base.items() if t.dtype.is_floating_point}
     deltas = {}
     for name, path in cfg.models.sources.items():
         model, _ = load_model_dir(path)
-        check_same_tensors(base, model, name)
-        delta = {}
-        for n in list(model):
-            t = model.pop(n)  # freed tensor by tensor
-            delta[n] = (t.float() - base[n].float()).to(store if n in floats else base[n].dtype)
-        del model
+        delta = task_vector(base, model, name, store, consume=True)  # the model is freed tensor by tensor
         deltas[name] = put(to_numpy(delta))
-        del delta
-    stored = put(to_numpy({n: t.to(store) if n in floats else t for n, t in base.items()}))
+        del model, delta
+    stored = put(to_numpy({n: t.to(store) if t.dtype.is_floating_point else t for n, t in base.items()}))
     return stored, config, deltas
 
 

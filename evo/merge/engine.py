@@ -20,16 +20,29 @@ from evo.merge.params import layer_t, resolve
 from evo.merge.registry import METHODS
 
 
-def task_vectors(base: Mapping[str, Tensor],
-                 models: Mapping[str, Mapping[str, Tensor]]) -> dict[str, dict[str, Tensor]]:
-    """δᵢ = θᵢ − θ_base per tensor, computed in the base's dtype.
+def task_vectors(base: Mapping[str, Tensor], models: Mapping[str, Mapping[str, Tensor]],
+                 dtype: Optional[torch.dtype] = None) -> dict[str, dict[str, Tensor]]:
+    """δᵢ = θᵢ − θ_base per tensor (see :func:`task_vector`), for every model."""
+    return {model: task_vector(base, sd, model, dtype) for model, sd in models.items()}
+
+
+def task_vector(base: Mapping[str, Tensor], sd: dict[str, Tensor], model: str,
+                dtype: Optional[torch.dtype] = None, *, consume: bool = False) -> dict[str, Tensor]:
+    """δ = θ − θ_base per tensor, computed in float32 and rounded once into ``dtype`` (default:
+    the base's dtype); non-float tensors (e.g. integer buffers) keep the base's dtype.
+    ``consume``: pop each tensor of ``sd`` as it is used, so a whole model is freed tensor by
+    tensor (the caller's dict is emptied).
 
     Raises EvoError naming the model and tensor when names or shapes differ from the base.
     """
-    out: dict[str, dict[str, Tensor]] = {}
-    for model, sd in models.items():
-        check_same_tensors(base, sd, model)
-        out[model] = {name: sd[name].to(t.dtype).sub(t) for name, t in base.items()}
+    check_same_tensors(base, sd, model)
+    out = {}
+    for name, b in base.items():
+        t = sd.pop(name) if consume else sd[name]
+        if b.dtype.is_floating_point:
+            out[name] = (t.float() - b.float()).to(dtype or b.dtype)
+        else:
+            out[name] = t.to(b.dtype) - b
     return out
 
 
