@@ -1,5 +1,6 @@
 """merge_to_dir end to end on micro Llama models, and every bad input it must refuse cleanly."""
 
+import math
 import os
 import pickle
 import shutil
@@ -112,6 +113,41 @@ def test_matches_mergekit_yaml_end_to_end(zoo, tmp_path):
     assert set(ref) == set(got)
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
+def test_bfloat16_merge_is_the_float32_merge_rounded_once_and_matches_mergekit(zoo, tmp_path, method):
+    """evo computes every tensor in float32 and rounds once; mergekit rounds its inputs and
+    intermediates in bf16, so against mergekit-yaml the bf16 outputs agree within 2 bf16 steps at
+    each tensor's largest magnitude."""
+    base = f"base_model: {zoo / 'base'}\n" if method == "task_arithmetic" else ""
+    text = (f"merge_method: {method}\n{base}dtype: DTYPE\nmodels:\n"
+            f"  - model: {zoo / 'a'}\n    parameters: {{weight: 0.6}}\n"
+            f"  - model: {zoo / 'b'}\n    parameters: {{weight: 0.7}}\n")
+    got = {}
+    for dtype in ("float32", "bfloat16"):
+        (tmp_path / f"{dtype}.yaml").write_text(text.replace("DTYPE", dtype))
+        out = merge_to_dir(MergeConfig.from_yaml(tmp_path / f"{dtype}.yaml"), tmp_path / f"evo-{dtype}")
+        got[dtype] = load_file(str(out / "model.safetensors"))
+    for name, t in got["float32"].items():
+        assert got["bfloat16"][name].dtype == torch.bfloat16
+        assert torch.equal(got["bfloat16"][name], t.to(torch.bfloat16)), name  # one rounding, exactly
+    pytest.importorskip("mergekit", reason="mergekit is not installed (optional oracle)")
+    exe = shutil.which("mergekit-yaml")
+    if exe is None:
+        pytest.skip("mergekit-yaml entry point not on PATH")
+    subprocess.run([exe, str(tmp_path / "bfloat16.yaml"), str(tmp_path / "mk"), "--no-lazy-unpickle"],
+                   check=True, capture_output=True, timeout=300)
+    ref = {}
+    for f in (tmp_path / "mk").glob("*.safetensors"):
+        ref.update(load_file(str(f)))
+    assert set(ref) == set(got["bfloat16"])
+    for name, r in ref.items():
+        assert r.dtype == torch.bfloat16, name
+        scale = r.float().abs().max().item()
+        step = 2.0 ** (math.floor(math.log2(scale)) - 7) if scale > 0 else 0.0  # one bf16 step at that magnitude
+        diff = (got["bfloat16"][name].float() - r.float()).abs().max().item()
+        assert diff <= 2 * step, (name, diff, scale)
 
 
 def _ties(base="base", a="a"):
