@@ -140,6 +140,7 @@ class RayConfig:
     resources_timeout_s: float = 300.0
     # refuse a run whose memory plan (evo.memory, printed by `evo plan`) does not fit the node or GPU
     memory_check: bool = True
+    node_memory_gb: float | None = None  # plan against this much memory per node (default: what it has free)
 
 
 @dataclass
@@ -299,6 +300,8 @@ class ExperimentConfig:
             raise EvoError(f"{where}: ray.evaluators: must be >= 1")
         if self.ray.cpus_per_evaluator < 0 or self.ray.gpus_per_evaluator < 0:
             raise EvoError(f"{where}: ray.cpus_per_evaluator and ray.gpus_per_evaluator: must be >= 0")
+        if self.ray.node_memory_gb is not None and not self.ray.node_memory_gb > 0:
+            raise EvoError(f"{where}: ray.node_memory_gb must be > 0 (or left out: the node's free memory)")
         if self.ray.connect_timeout_s <= 0 or self.ray.resources_timeout_s < 0:
             raise EvoError(f"{where}: ray.connect_timeout_s must be > 0 and ray.resources_timeout_s >= 0")
         if self.ray.threads_per_evaluator < 1:

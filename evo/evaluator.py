@@ -90,6 +90,8 @@ class Evaluator:
         tasks: ``{name: evo.tasks.Task}`` scored after perplexity (pre-tokenised, picklable).
         early_rejection: ``{"chunks", "z", "margin"}`` (see ``evo.config.EarlyRejection``).
         dtype: the resident model's dtype (``float32``, ``bfloat16``, ``float16``).
+        stream_sources: keep base and task vectors in host memory and copy each tensor to the
+            device as it is merged (a GPU that cannot hold them beside the model).
     """
 
     def __init__(
@@ -108,6 +110,7 @@ class Evaluator:
         train: np.ndarray | None = None,
         task_items: Mapping | None = None,
         dtype: str = "float32",
+        stream_sources: bool = False,
     ):
         torch.set_num_threads(threads)
         self.name = name
@@ -119,6 +122,7 @@ class Evaluator:
         self.model = build_model(model_config, dtype=DTYPES[dtype], device=device)
         self.num_layers = int(model_config.get("num_hidden_layers", 1))
         self.merger = None
+        self.stream_sources = stream_sources  # sources stay in host memory, copied per tensor (evo.memory)
         self.task_items = dict(task_items or {})  # search ("valid") scores these items; other collections all
         self.early_rejection = early_rejection or {"chunks": 4, "z": 3.0, "margin": 0.0}
         self.tasks: dict = {}
@@ -137,6 +141,7 @@ class Evaluator:
             out=self.model.state_dict(),
             device=self.device,
             resident=True,
+            stream_sources=self.stream_sources,
         )
         self.tasks = dict(tasks or {})
         self.train = _training_data(train)

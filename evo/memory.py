@@ -34,7 +34,9 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # Measured on this stack (PSS, Linux): a Python process with torch + transformers + a Ray core
 # worker, idle (evaluator) or with evo's driver imports; Ray's daemons with and without the dashboard.
-RUNTIME = {"evaluator": 330 * MiB, "driver": 420 * MiB, "ray": 260 * MiB, "ray_dashboard": 420 * MiB}
+RUNTIME = {"evaluator": 330 * MiB, "driver": 420 * MiB, "ray": 260 * MiB, "ray_dashboard": 420 * MiB,
+           # host memory of a CUDA context and its libraries: an estimate, not yet measured here (no GPU)
+           "cuda_host": 1024 * MiB}
 # merge scratch: method buffers of the largest tensor's size, in float32 (evo.merge.method.Scratch;
 # the most any registered method allocates, found by merging with each)
 SCRATCH_BUFFERS = 4
@@ -91,6 +93,7 @@ class MemoryPlan:
     gpu_total: int | None = None        # bytes of one GPU, None without one
     evaluators_per_gpu: int = 0
     object_store: int = 0               # bytes the sources need in the object store
+    stream_sources: bool = False        # GPU evaluators keep the sources in host memory (evo.merge.Merger)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -113,12 +116,12 @@ class MemoryPlan:
     def table(self) -> str:
         rows = [f"memory plan ({self.evaluators_per_node} evaluator(s) on the largest node):"]
         for i in self.items:
-            rows.append(f"  {i.what:<58} {i.bytes / GiB:8.2f} GiB{'  (GPU)' if i.where == 'gpu' else ''}")
+            rows.append(f"  {i.what:<66} {i.bytes / GiB:8.2f} GiB{'  (GPU)' if i.where == 'gpu' else ''}")
         have = f" of {self.node_available / GiB:.1f} GiB available" if self.node_available is not None else ""
-        rows.append(f"  {'node total':<58} {self.node_bytes / GiB:8.2f} GiB{have}")
+        rows.append(f"  {'node total':<66} {self.node_bytes / GiB:8.2f} GiB{have}")
         if self.evaluators_per_gpu:
             have = f" of {self.gpu_total / GiB:.1f} GiB" if self.gpu_total is not None else " (GPU size unknown here)"
-            rows.append(f"  {'per GPU':<58} {self.gpu_bytes / GiB:8.2f} GiB{have}")
+            rows.append(f"  {'per GPU':<66} {self.gpu_bytes / GiB:8.2f} GiB{have}")
         rows.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(rows)
 
@@ -152,31 +155,46 @@ def plan_for(cfg, *, evaluators_per_node: int | None = None, node_available: int
     if lora:  # backward keeps every layer's activations and float32 logits and their gradient
         activations += (tokens * base.layers * (10 * base.hidden + 3 * base.intermediate) * act_bytes
                         + tokens * base.vocab * 8)
-    where = "gpu" if on_gpu else "node"
     items = [Item(f"sources: base + {n_src} task vectors in {cfg.dtype} (object store, shared)", sources, "node")]
     per_eval = [("resident model", model), ("merge scratch (float32)", scratch),
                 (f"activations (batch {ev.batch_size} x seq {ev.seq_len}{', LoRA training' if lora else ''})",
                  activations)]
+    if gpu_total == -1:
+        gpu_total = _gpu_total() if on_gpu else None
+    stream = False
     if on_gpu:
         per_gpu = max(1, math.floor(1 / rc.gpus_per_evaluator + 1e-9))
-        items.append(Item(f"{per_gpu} evaluator(s) per GPU x sources on the GPU", per_gpu * sources, "gpu"))
+        rest = per_gpu * sum(b for _, b in per_eval)
+        # the sources live on the GPU when they fit beside the model (10 % headroom for CUDA's own
+        # context and allocator slack); otherwise they stay in host memory and stream per tensor
+        stream = gpu_total is not None and per_gpu * sources + rest > 0.9 * gpu_total
+        if stream:
+            items.append(Item(f"{per_gpu} evaluator(s) per GPU x per-tensor buffers for streamed sources",
+                              per_gpu * (n_src + 1) * base.largest * per, "gpu"))
+        else:
+            items.append(Item(f"{per_gpu} evaluator(s) per GPU x sources on the GPU", per_gpu * sources, "gpu"))
         items.extend(Item(f"{per_gpu} evaluator(s) per GPU x {what}", per_gpu * b, "gpu") for what, b in per_eval)
     else:
         per_gpu = 0
         items.extend(Item(f"{k} evaluator(s) x {what}", k * b, "node") for what, b in per_eval)
-    items.append(Item(f"{k} evaluator(s) x runtime (torch, transformers, Ray worker)", k * RUNTIME["evaluator"], "node"))
+    runtime = RUNTIME["evaluator"] + (RUNTIME["cuda_host"] if on_gpu else 0)
+    items.append(Item(f"{k} evaluator(s) x runtime (torch, transformers, Ray worker{', CUDA' if on_gpu else ''})",
+                      k * runtime, "node"))
     # the driver reads the base and one source at a time as stored, plus float32 temporaries
     driver_load = 2 * base.file_bytes + 3 * base.largest * 4
     items.append(Item("driver: runtime + base and one source while loading", RUNTIME["driver"] + driver_load, "node"))
     ray = RUNTIME["ray"] + (RUNTIME["ray_dashboard"] if rc.dashboard else 0)
     items.append(Item("Ray daemons (GCS, raylet" + (", dashboard)" if rc.dashboard else ")"), ray, "node"))
-    if node_available == -1:
+    if rc.node_memory_gb:
+        node_available = int(rc.node_memory_gb * GiB)
+    elif node_available == -1:
         node_available = available_memory()
-    if gpu_total == -1:
-        gpu_total = _gpu_total() if on_gpu else None
-    plan = MemoryPlan(items, k, node_available, gpu_total, per_gpu, object_store=sources)
+    plan = MemoryPlan(items, k, node_available, gpu_total, per_gpu, object_store=sources, stream_sources=stream)
     if on_gpu and gpu_total is None:
-        plan.notes.append("no GPU visible to the driver: the per-GPU figure is not checked")
+        plan.notes.append("no GPU visible to the driver: the per-GPU figure is not checked; sources live on the GPU")
+    elif on_gpu:
+        plan.notes.append("task vectors stream to the GPU per tensor from host memory (they do not fit beside the "
+                          "model)" if stream else "task vectors live on the GPU")
     return plan
 
 
@@ -236,6 +254,46 @@ def _gpu_total() -> int | None:
     except Exception:  # a broken CUDA install: the plan simply cannot check the GPU
         return None
     return None
+
+
+class PeakSampler:
+    """The peak PSS of a process tree (a child ``evo run``: driver, Ray daemons, evaluators)
+    while it lives, and each process's own peak, sampled from a thread of the caller."""
+
+    def __init__(self, pid: int, period_s: float = 0.5):
+        import threading
+
+        self.pid, self.period_s = pid, period_s
+        self.peak = 0
+        self.per_pid: dict[int, int] = {}
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._done.is_set():
+            try:
+                root = psutil.Process(self.pid)
+                procs = [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                return
+            total = 0
+            for p in procs:
+                try:
+                    pss = p.memory_full_info().pss
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    continue
+                total += pss
+                self.per_pid[p.pid] = max(self.per_pid.get(p.pid, 0), pss)
+            self.peak = max(self.peak, total)
+            self._done.wait(self.period_s)  # a sampling period; the end is the caller's stop()
+
+    def stop(self) -> "PeakSampler":
+        self._done.set()
+        self._thread.join()
+        return self
 
 
 def tree_pss(pid: int | None = None) -> int:

@@ -283,6 +283,7 @@ class EvaluatorPool:
                     threads=rc.threads_per_evaluator, device=device, batch_size=self.cfg.eval.batch_size, name=name,
                     early_rejection={"chunks": er.chunks, "z": er.z, "margin": er.margin},
                     task_items=self.sources.task_items, dtype=self.cfg.dtype,
+                    stream_sources=bool(self.plan and self.plan.stream_sources),
                 )
             )
         self.epoch = 1

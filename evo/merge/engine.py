@@ -78,24 +78,31 @@ class Merger:
         num_layers: the model's layer count, for per-layer ("gradient") parameter values.
         out: destination buffers, e.g. a live HF model's ``state_dict()``; names absent from
             ``base`` (a tied lm_head) are left alone. Allocated once when None.
-        device: where base/deltas/outputs live (moved once).
+        device: where the outputs live and the arithmetic runs; base/deltas are moved there once,
+            unless ``stream_sources``.
+        stream_sources: leave base and task vectors where they are (host memory: the object
+            store's pages) and copy each tensor to ``device`` as it is merged, into reused buffers;
+            for a GPU too small to hold every source beside the model (``evo.memory`` decides).
         largest: size the scratch buffers for tensors of this many entries (a streaming merger,
             created with empty ``base``/``deltas``, knows it from the file headers).
     """
 
     def __init__(self, base: Mapping[str, Tensor], deltas: Mapping[str, Mapping[str, Tensor]], *,
                  num_layers: int, out: Optional[Mapping[str, Tensor]] = None, device="cpu",
-                 resident: bool = False, largest: Optional[int] = None, fused: Optional[bool] = None):
+                 resident: bool = False, largest: Optional[int] = None, fused: Optional[bool] = None,
+                 stream_sources: bool = False):
         self.device = torch.device(device)
         self.num_layers = int(num_layers)
-        self.base = {n: t.to(self.device) for n, t in base.items()}
+        self.stream_sources = stream_sources
+        self._home = (lambda t: t) if stream_sources else (lambda t: t.to(self.device))
+        self.base = {n: self._home(t) for n, t in base.items()}
         self.deltas = {}
         for model, sd in deltas.items():
             check_same_tensors(self.base, sd, model)
-            self.deltas[model] = {n: sd[n].to(self.device) for n in self.base}
+            self.deltas[model] = {n: self._home(sd[n]) for n in self.base}
         if out is None:
             # zero_() touches the pages now, so the first merge is not the slow one
-            self.out = {n: torch.empty_like(t).zero_() for n, t in self.base.items()}
+            self.out = {n: torch.empty_like(t, device=self.device).zero_() for n, t in self.base.items()}
         else:
             self.out = {}
             for n, t in self.base.items():
@@ -104,7 +111,7 @@ class Merger:
                 if tuple(out[n].shape) != tuple(t.shape):
                     raise EvoError(f"output buffers: tensor {n} has shape {tuple(out[n].shape)}, "
                                    f"the sources have {tuple(t.shape)}")
-                if out[n].device != self.device:
+                if out[n].device.type != self.device.type:
                     raise EvoError(f"output buffers: tensor {n} is on {out[n].device}, merging on {self.device}")
                 self.out[n] = out[n]
         largest = largest or max((t.numel() for t in self.base.values()), default=1)
@@ -123,7 +130,7 @@ class Merger:
     def set_delta(self, model: str, delta: Mapping[str, Tensor]) -> None:
         """Add or replace one source's task vector (the continual loop's current release)."""
         check_same_tensors(self.base, delta, model)
-        self.deltas[model] = {n: delta[n].to(self.device) for n in self.base}
+        self.deltas[model] = {n: self._home(delta[n]) for n in self.base}
         self._cache.clear()  # cached norms and dot products may involve the old vector
 
     def merge(self, config: MergeConfig, seed: int = 0) -> dict[str, Tensor]:
@@ -177,6 +184,8 @@ class Merger:
                                       f"{where}, model '{e.model}'") for p in plan.model_specs}
                      for e, _ in plan.entries]
         models = [e.model for e, _ in plan.entries]
+        if self.stream_sources:  # this tensor's inputs onto the device
+            base, deltas = self._fetch(base, deltas, [e.model for e, has in plan.entries if has])
         if base.dtype != torch.float32:  # sources stored in bf16/fp16: the arithmetic is float32
             base, deltas = self._widen(base, deltas, [e.model for e, has in plan.entries if has])
         direct = out.dtype == base.dtype
@@ -195,6 +204,16 @@ class Merger:
             if not direct:
                 out.copy_(target)
         return out
+
+    def _fetch(self, base: Tensor, deltas: Mapping[str, Tensor], used: list[str]):
+        """Device copies of one tensor's base and the task vectors this merge uses, in reused
+        buffers (``sources + 1`` x the largest tensor, in the stored dtype). A pageable host
+        tensor is staged through pinned memory by the CUDA driver; pinning the sources instead
+        would take a private host copy of all of them per evaluator."""
+        dev = self.scratch.get("stream.base", base.shape, base.dtype).copy_(base)
+        out = {m: self.scratch.get(f"stream.{i}", deltas[m].shape, deltas[m].dtype).copy_(deltas[m])
+               for i, m in enumerate(used)}
+        return dev, out
 
     def _widen(self, base: Tensor, deltas: Mapping[str, Tensor], used: list[str]):
         """float32 copies of a low-precision base and of the task vectors this merge uses, in
