@@ -57,12 +57,12 @@ class ModelShape:
 
     @classmethod
     def read(cls, path: str | Path) -> "ModelShape":
-        from evo.merge.io import _open_model, _read_config
+        from evo.merge.io import open_model, read_config
 
         path = Path(path)
-        tensors = _open_model(path)
+        tensors = open_model(path)
         floats = [info for _, info in tensors.values() if info.dtype.is_floating_point]
-        cfg = _read_config(path)
+        cfg = read_config(path)
         hidden = int(cfg.get("hidden_size") or cfg.get("n_embd") or 0)
         return cls(
             params=sum(i.numel for i in floats),
@@ -81,6 +81,7 @@ class Item:
     what: str
     bytes: int
     where: str  # "node" (host memory) or "gpu"
+    phase: str = "all"  # "load": only while the driver loads the sources, before any evaluator starts
 
 
 @dataclass
@@ -98,7 +99,12 @@ class MemoryPlan:
 
     @property
     def node_bytes(self) -> int:
-        return sum(i.bytes for i in self.items if i.where == "node")
+        """The node's peak: what stays for the whole run, plus the larger of the loading phase
+        (the driver's transient copies) and the evaluation phase (the evaluators)."""
+        node = [i for i in self.items if i.where == "node"]
+        load = sum(i.bytes for i in node if i.phase == "load")
+        run = sum(i.bytes for i in node if i.phase == "run")
+        return sum(i.bytes for i in node if i.phase == "all") + max(load, run)
 
     @property
     def gpu_bytes(self) -> int:
@@ -116,7 +122,8 @@ class MemoryPlan:
     def table(self) -> str:
         rows = [f"memory plan ({self.evaluators_per_node} evaluator(s) on the largest node):"]
         for i in self.items:
-            rows.append(f"  {i.what:<66} {i.bytes / GiB:8.2f} GiB{'  (GPU)' if i.where == 'gpu' else ''}")
+            tag = {"gpu": "  (GPU)"}.get(i.where, "") + {"load": "  (loading only)"}.get(i.phase, "")
+            rows.append(f"  {i.what:<66} {i.bytes / GiB:8.2f} GiB{tag}")
         have = f" of {self.node_available / GiB:.1f} GiB available" if self.node_available is not None else ""
         rows.append(f"  {'node total':<66} {self.node_bytes / GiB:8.2f} GiB{have}")
         if self.evaluators_per_gpu:
@@ -176,13 +183,15 @@ def plan_for(cfg, *, evaluators_per_node: int | None = None, node_available: int
         items.extend(Item(f"{per_gpu} evaluator(s) per GPU x {what}", per_gpu * b, "gpu") for what, b in per_eval)
     else:
         per_gpu = 0
-        items.extend(Item(f"{k} evaluator(s) x {what}", k * b, "node") for what, b in per_eval)
+        items.extend(Item(f"{k} evaluator(s) x {what}", k * b, "node", "run") for what, b in per_eval)
     runtime = RUNTIME["evaluator"] + (RUNTIME["cuda_host"] if on_gpu else 0)
     items.append(Item(f"{k} evaluator(s) x runtime (torch, transformers, Ray worker{', CUDA' if on_gpu else ''})",
-                      k * runtime, "node"))
-    # the driver reads the base and one source at a time as stored, plus float32 temporaries
-    driver_load = 2 * base.file_bytes + 3 * base.largest * 4
-    items.append(Item("driver: runtime + base and one source while loading", RUNTIME["driver"] + driver_load, "node"))
+                      k * runtime, "node", "run"))
+    items.append(Item("driver: runtime (holds only views of the sources)", RUNTIME["driver"], "node"))
+    # before the evaluators start, the driver reads the base and one source at a time as stored
+    # (plus float32 temporaries of one tensor); the task vectors go to the object store as made
+    items.append(Item("driver: base and one source as stored, while loading", 2 * base.file_bytes + 3 * base.largest * 4,
+                      "node", "load"))
     ray = RUNTIME["ray"] + (RUNTIME["ray_dashboard"] if rc.dashboard else 0)
     items.append(Item("Ray daemons (GCS, raylet" + (", dashboard)" if rc.dashboard else ")"), ray, "node"))
     if rc.node_memory_gb:

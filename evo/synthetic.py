@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from evo.merge.io import _DTYPES
+from evo.merge.io import DTYPES
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ def write_family(out: str | Path, shape: LlamaShape, *, sources: int = 3, dtype:
     dirs = {n: out / n for n in names}
     if all((d / "model.safetensors").is_file() for d in dirs.values()):
         return dirs["base"], {n: dirs[n] for n in names[1:]}
-    store = _DTYPES[dtype]
+    store = DTYPES[dtype]
     gen = torch.Generator().manual_seed(seed)
     base = {}
     for name, shp in shape.tensors().items():

@@ -26,7 +26,7 @@ from evo.merge.safetensors_io import SafetensorsWriter, check_finite, open_model
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "vocab.txt")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -108,12 +108,12 @@ def merge_to_dir(config: MergeConfig, out_dir, *, resolve: Callable[[str], Path]
     # vectors are taken against; it still gets its own (zero) delta so the recipe is unchanged.
     base_name = config.base_model or config.models[0].model
     base_dir = Path(resolve(base_name))
-    base = _open_model(base_dir)
-    hf_config = _read_config(base_dir)
+    base = open_model(base_dir)
+    hf_config = read_config(base_dir)
     others = {}
     for e in config.models:
         if e.model != config.base_model and e.model not in others:
-            others[e.model] = base if e.model == base_name else _open_model(Path(resolve(e.model)))
+            others[e.model] = base if e.model == base_name else open_model(Path(resolve(e.model)))
     infos = {n: info for n, (_, info) in base.items()}
     for model, tensors in others.items():
         other = {n: info for n, (_, info) in tensors.items()}
@@ -123,7 +123,7 @@ def merge_to_dir(config: MergeConfig, out_dir, *, resolve: Callable[[str], Path]
     largest = max((infos[n].numel for n in floats), default=1)
     merger = Merger({}, {}, num_layers=_num_layers(hf_config, infos), largest=largest)
     plan = merger.plan(config, others)
-    dtype = _DTYPES[config.dtype]
+    dtype = DTYPES[config.dtype]
     scratch = merger.scratch
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -166,14 +166,14 @@ def merge_to_dir(config: MergeConfig, out_dir, *, resolve: Callable[[str], Path]
     return out_dir
 
 
-def _open_model(path: Path) -> dict:
+def open_model(path: Path) -> dict:
     """name -> (mapped file, tensor info) of an HF model directory, nothing read yet."""
     if not path.is_dir():
         raise EvoError(f"{path}: model directory not found")
     return open_model_files(_weight_files(path))
 
 
-def _read_config(path: Path) -> dict:
+def read_config(path: Path) -> dict:
     """config.json as data. transformers' AutoConfig is not needed to merge (and importing it
     costs seconds); ``evo merge`` copies the base's config with only its dtype changed."""
     f = path / "config.json"
@@ -187,7 +187,7 @@ def _read_config(path: Path) -> dict:
 
 
 def _write_config(base_dir: Path, target: Path, dtype: str) -> None:
-    data = _read_config(base_dir)
+    data = read_config(base_dir)
     data.pop("torch_dtype", None)
     data["dtype"] = dtype
     (target / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
