@@ -34,12 +34,27 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # Measured on this stack (PSS, Linux): a Python process with torch + transformers + a Ray core
 # worker, idle (evaluator) or with evo's driver imports; Ray's daemons with and without the dashboard.
-RUNTIME = {"evaluator": 330 * MiB, "driver": 420 * MiB, "ray": 260 * MiB, "ray_dashboard": 420 * MiB,
+RUNTIME = {"evaluator": 450 * MiB, "driver": 380 * MiB, "ray": 420 * MiB, "ray_dashboard": 230 * MiB,
            # host memory of a CUDA context and its libraries: an estimate, not yet measured here (no GPU)
            "cuda_host": 1024 * MiB}
-# merge scratch: method buffers of the largest tensor's size, in float32 (evo.merge.method.Scratch;
-# the most any registered method allocates, found by merging with each)
-SCRATCH_BUFFERS = 4
+# the compiled merge kernels' import and compile cost in an evaluator that uses them (models of
+# evo.merge.fused.FUSED_MIN_ENTRIES+ entries)
+RUNTIME["inductor"] = 300 * MiB
+
+
+def merge_scratch(n_src: int, shape: "ModelShape", per: int) -> float:
+    """An evaluator's merge buffers in float32 units of the largest tensor (evo.merge.method.Scratch,
+    reused for every tensor), at their most: TIES, which the selection stage always merges.
+    Measured by merging with every registered method: with the compiled kernels (large models) a
+    band buffer, a flag buffer and the magnitude table's sort copy, plus a float32 result when
+    the model is 16-bit (the kernels read 16-bit sources directly); eagerly (small models) a
+    weighted copy per source and five more buffers, and float32 copies of 16-bit inputs."""
+    from evo.merge.fused import fused_by_default
+
+    low = per != 4
+    if fused_by_default(shape.params):
+        return 1.5 + 1 + (1 if low else 0)
+    return n_src + 5.5 + 1 + ((n_src + 2) if low else 0)
 
 
 @dataclass(frozen=True)
@@ -149,9 +164,7 @@ def plan_for(cfg, *, evaluators_per_node: int | None = None, node_available: int
 
     sources = (1 + n_src) * base.params * per
     model = base.params * per
-    scratch = SCRATCH_BUFFERS * base.largest * 4
-    if per != 4:
-        scratch += (n_src + 1) * base.largest * 4  # widening 16-bit sources to float32 per tensor
+    scratch = merge_scratch(n_src, base, per) * base.largest * 4
     act_bytes = 4 if cfg.dtype == "float32" else 2
     tokens = ev.batch_size * ev.seq_len
     # logits in the model's dtype, their float32 copy and the cross-entropy's log-softmax, plus
@@ -184,7 +197,10 @@ def plan_for(cfg, *, evaluators_per_node: int | None = None, node_available: int
     else:
         per_gpu = 0
         items.extend(Item(f"{k} evaluator(s) x {what}", k * b, "node", "run") for what, b in per_eval)
-    runtime = RUNTIME["evaluator"] + (RUNTIME["cuda_host"] if on_gpu else 0)
+    from evo.merge.fused import fused_by_default
+
+    runtime = (RUNTIME["evaluator"] + (RUNTIME["cuda_host"] if on_gpu else 0)
+               + (RUNTIME["inductor"] if fused_by_default(base.params) else 0))
     items.append(Item(f"{k} evaluator(s) x runtime (torch, transformers, Ray worker{', CUDA' if on_gpu else ''})",
                       k * runtime, "node", "run"))
     items.append(Item("driver: runtime (holds only views of the sources)", RUNTIME["driver"], "node"))

@@ -202,3 +202,22 @@ def test_a_bfloat16_evaluator_holds_the_float32_merge_rounded_once(setup):
     fp = [fp_result["metrics"][f"logppl/{s}"] for s in cfg.eval.sets]
     bfv = [bf_result["metrics"][f"logppl/{s}"] for s in cfg.eval.sets]
     assert fp != bfv and max(abs(a - b) for a, b in zip(fp, bfv)) < 0.05
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["sources-on-gpu", "sources-streamed"])
+def test_cuda_evaluator_matches_the_cpu_one(setup, stream):
+    """The CUDA path (``ray.gpus_per_evaluator``): the same recipe merged on the GPU, with the
+    sources resident there or streamed per tensor from host memory, scores as on the CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    cfg, ev, recipes = setup
+    sources = Sources.load(cfg)
+    gpu = Evaluator(sources.base, sources.deltas, sources.model_config, sources.eval_sets, device="cuda",
+                    stream_sources=stream)
+    for label in ("uniform average", "ties (w=1, density=0.5)"):
+        recipe = recipes[label].to_dict()
+        want, got = ev.evaluate(recipe)["metrics"], gpu.evaluate(recipe)["metrics"]
+        assert got == pytest.approx(want, abs=2e-3), label
+    assert next(gpu.model.parameters()).is_cuda

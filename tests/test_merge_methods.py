@@ -246,25 +246,40 @@ def test_resident_merger_matches_at_tiny_densities(method):
     assert (one_off != base["model.norm.weight"]).any() == (method == "ties")
 
 
-def test_low_precision_sources_merge_in_float32_and_round_once():
-    """bf16-stored base and task vectors are widened per tensor: the bf16 result equals the
-    float32 merge rounded once, except where rounding δ to bf16 moved it by one bf16 step."""
+@pytest.mark.parametrize("method,fused", [("ties", False), ("ties", True), ("task_arithmetic", False),
+                                          ("dare_ties", True)],
+                         ids=["ties-eager", "ties-fused", "task_arithmetic", "dare_ties-fused"])
+def test_low_precision_sources_merge_in_float32_and_round_once(method, fused):
+    """bf16-stored base and task vectors are read into float32 per tensor (widened copies on the
+    eager path; inside the compiled kernel, or by type promotion for plain task arithmetic, with
+    no copies): the bf16 result equals the float32 merge rounded once, except where rounding δ
+    to bf16 moved it by one bf16 step."""
     g = torch.Generator().manual_seed(0)
     shapes = {"model.layers.0.mlp.up_proj.weight": (96, 64), "model.norm.weight": (64,)}
     base = {n: torch.randn(s, generator=g).bfloat16() for n, s in shapes.items()}
     d32 = {m: {n: (base[n].float() + torch.randn(s, generator=g) * 0.01).bfloat16().float() - base[n].float()
                for n, s in shapes.items()} for m in "ab"}
-    cfg = MergeConfig.from_dict({"merge_method": "ties", "base_model": "base", "parameters": {},
-                                 "models": [{"model": m, "parameters": {"weight": w, "density": 0.5}}
+    density = {} if method == "task_arithmetic" else {"density": 0.5}
+    cfg = MergeConfig.from_dict({"merge_method": method, "base_model": "base", "parameters": {},
+                                 "models": [{"model": m, "parameters": {"weight": w, **density}}
                                             for m, w in zip("ab", (0.6, 0.9))]})
-    ref = Merger({n: t.float() for n, t in base.items()}, d32, num_layers=1).merge(cfg, seed=1)
+    kw = {"resident": True, "fused": True} if fused else {}
+    ref = Merger({n: t.float() for n, t in base.items()}, d32, num_layers=1, **kw).merge(cfg, seed=1)
     out = {n: torch.empty(s, dtype=torch.bfloat16) for n, s in shapes.items()}
-    got = Merger(base, {m: {n: t.bfloat16() for n, t in d.items()} for m, d in d32.items()},
-                 num_layers=1, out=out).merge(cfg, seed=1)
+    merger = Merger(base, {m: {n: t.bfloat16() for n, t in d.items()} for m, d in d32.items()},
+                    num_layers=1, out=out, **kw)
+    got = merger.merge(cfg, seed=1)
+    if fused and merger.fused.enabled:  # the compiled kernel took the 16-bit inputs: no widened copies
+        assert merger.fused.calls["consensus"] > 0
+        assert not [k for k, _ in merger.scratch._bufs if k.startswith("widen")]
+    if method == "task_arithmetic":
+        assert not [k for k, _ in merger.scratch._bufs if k.startswith("widen")]
     for n in shapes:
         rounded = ref[n].bfloat16()
         assert got[n].dtype == torch.bfloat16
         assert (got[n] != rounded).float().mean() < 0.02  # rounding in bf16 throughout would differ far more
-        # one bf16 step of the larger of the two, or (near zero) the size of a rounded δ's error
-        step = torch.maximum(got[n].float().abs(), rounded.float().abs()) * 2.0 ** -7
+        # one bf16 step of the largest of the two and of the merged task vectors (rounding each δ
+        # to bf16 moves its term by up to a step of δ, doubled by DARE's rescale at density 0.5)
+        terms = sum(abs(w) * d32[m][n].abs() for m, w in zip("ab", (0.6, 0.9))) / 0.5
+        step = torch.maximum(torch.maximum(got[n].float().abs(), rounded.float().abs()), terms) * 2.0 ** -7
         assert ((got[n].float() - rounded.float()).abs() <= torch.clamp_min(step, 1e-4)).all()

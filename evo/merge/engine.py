@@ -186,10 +186,15 @@ class Merger:
         models = [e.model for e, _ in plan.entries]
         if self.stream_sources:  # this tensor's inputs onto the device
             base, deltas = self._fetch(base, deltas, [e.model for e, has in plan.entries if has])
-        if base.dtype != torch.float32:  # sources stored in bf16/fp16: the arithmetic is float32
-            base, deltas = self._widen(base, deltas, [e.model for e, has in plan.entries if has])
-        direct = out.dtype == base.dtype
-        target = out if direct else self.scratch.get("result", base.shape, base.dtype)
+        used = [e.model for e, has in plan.entries if has]
+        # sources stored in bf16/fp16: the arithmetic is float32. A method that reads 16-bit inputs
+        # into float32 itself (widens_lazily: the fused kernels, plain task arithmetic) is handed
+        # them as stored and calls job.widen() only before a path that needs float32 copies
+        lazy = base.dtype != torch.float32 and getattr(method, "widens_lazily", False)
+        if base.dtype != torch.float32 and not lazy:
+            base, deltas = self._widen(base, deltas, used)
+        direct = out.dtype == base.dtype == torch.float32
+        target = out if direct else self.scratch.get("result", base.shape, torch.float32)
         job = TensorJob(
             name=name, out=target, base=base,
             deltas=[deltas[e.model] if has_delta else None for e, has_delta in plan.entries],
@@ -199,6 +204,12 @@ class Merger:
             models=models, has_base=config.base_model is not None,
             cache=self._cache, resident=self.resident, fused=self.fused,
         )
+        if lazy:
+            def widen() -> None:
+                wide, wd = self._widen(base, deltas, used)
+                job.base = wide
+                job.deltas = [wd[e.model] if has_delta else None for e, has_delta in plan.entries]
+            job.widen = widen
         with torch.no_grad():
             method.merge(job)
             if not direct:

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 # 53 -> 17 ms, DARE-TIES 109 -> 29 ms, i.e. 50-200 merges to pay back, more than an evaluator
 # runs in the quickstart; 15M (the small zoo) 151 -> 51 ms and 604 -> 120 ms, 8-70 merges.
 FUSED_MIN_ENTRIES = 8_000_000
+LOADABLE = (torch.float32, torch.bfloat16, torch.float16)
 NO_LIMIT = 3.0e38  # "no upper cut": a finite float, so the compiled kernel sees an ordinary scalar
 
 
@@ -61,12 +62,13 @@ def _kept_l1(xs: list[Tensor], keys: list) -> Tensor:
     """‖DARE/DELLA-pruned x‖₁ of each x without the pruned tensors (the L1 rescale denominators),
     in one call per output tensor: per-call overhead is a visible share of a 25M merge."""
     idx = torch.arange(xs[0].numel(), device=xs[0].device, dtype=torch.int32)
-    return torch.stack([torch.where(_keep(idx, k), x.abs(), 0.0).sum(dtype=torch.float64)
+    return torch.stack([torch.where(_keep(idx, k), x.float().abs(), 0.0).sum(dtype=torch.float64)
                         for x, k in zip(xs, keys)])
 
 
 def _consensus(base: Tensor, xs: list[Tensor], lows: list[float], highs: list[float], scales: list[float],
                keys: list, weights: list[float], lam: float, normalize: bool, out: Tensor) -> None:
+    base, xs = base.float(), [x.float() for x in xs]  # no-ops for float32; fused loads for 16-bit
     ys = [_band(x, lo, hi, c, k) for x, lo, hi, c, k in zip(xs, lows, highs, scales, keys)]
     total = ys[0]
     for y in ys[1:]:
@@ -89,6 +91,7 @@ def _consensus(base: Tensor, xs: list[Tensor], lows: list[float], highs: list[fl
 
 def _weighted_sum(base: Tensor, xs: list[Tensor], lows: list[float], highs: list[float], scales: list[float],
                   keys: list, out: Tensor) -> None:
+    base, xs = base.float(), [x.float() for x in xs]
     acc = _band(xs[0], lows[0], highs[0], scales[0], keys[0])
     for x, lo, hi, c, k in zip(xs[1:], lows[1:], highs[1:], scales[1:], keys[1:]):
         acc = acc + _band(x, lo, hi, c, k)
@@ -109,7 +112,9 @@ class FusedKernels:
         self.calls = {"consensus": 0, "sum": 0}  # tensors merged by each kernel (tests, profiling)
 
     def usable(self, *tensors: Tensor) -> bool:
-        return self.enabled and all(t.is_contiguous() and t.dtype == torch.float32 for t in tensors)
+        """Contiguous float tensors: 16-bit inputs are read into float32 inside the kernel and a
+        16-bit output is rounded once from the float32 result (no widened copies)."""
+        return self.enabled and all(t.is_contiguous() and t.dtype in LOADABLE for t in tensors)
 
     def __call__(self, base: Tensor, xs: list[Tensor], lows: list[float], highs: list[float], scales: list[float],
                  keys: list, weights: list[float], lam: float, normalize: bool, out: Tensor) -> bool:

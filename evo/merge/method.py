@@ -69,6 +69,14 @@ class TensorJob:
     cache: dict = field(default_factory=dict)
     resident: bool = False  # the sources stay for many merges: per-source statistics pay off
     fused: Optional[Callable] = None  # evo.merge.fused.FusedKernels of a resident merger
+    # set when base/deltas arrive 16-bit to a method that ``widens_lazily``: replaces them with
+    # float32 copies (in scratch) before a path that needs float32 inputs
+    widen: Optional[Callable[[], None]] = None
+
+    def float32_inputs(self) -> None:
+        if self.widen is not None:
+            self.widen()
+            self.widen = None
 
     def cached(self, key: tuple, fn: Callable[[], object]):
         full = (self.name, *key)

@@ -78,10 +78,16 @@ class MagnitudeTable:
     MEMO = 1 << 16  # off-grid ranks remembered (16 bytes each)
 
     def __init__(self, delta: Tensor, q: int = 4096):
-        flat = delta.detach().reshape(-1).abs()
+        flat = delta.detach().reshape(-1).float().abs()  # a private float32 copy, 4 bytes per entry
         self.n = n = flat.numel()
         self.q = q
-        asc = torch.sort(flat).values
+        if flat.device.type == "cpu":
+            # numpy sorts in place: torch.sort would add a values copy and int64 indices (12 more
+            # bytes per entry, 0.8 GB for a 1B model's embedding) at an evaluator's memory peak
+            flat.numpy().sort()
+            asc = flat
+        else:
+            asc = torch.sort(flat).values
         ranks = torch.tensor(sorted({max(1, int(j / q * n)) for j in range(0, q + 1)} | {n}), dtype=torch.int64)
         self.ranks = ranks                                   # k (1 = largest), ascending
         self.values = asc[n - ranks].clone()                 # k-th largest, descending
@@ -132,7 +138,7 @@ def magnitude_threshold(delta: Tensor, density: float, absbuf: Tensor, flags: Te
     k = max(1, int(density * delta.numel()))
     if table is not None:
         return table.kth_largest(k, delta)
-    torch.abs(delta, out=absbuf)
+    absbuf.copy_(delta).abs_()  # any stored dtype into the float32 buffer
     return kth_largest(absbuf.view(-1), k, flags.view(-1))
 
 
@@ -149,7 +155,7 @@ def outlier_bounds(delta: Tensor, density: float, gamma: float, absbuf: Tensor, 
         def kth(k):
             return table.kth_largest(k, delta)
     else:
-        torch.abs(delta, out=absbuf)
+        absbuf.copy_(delta).abs_()  # any stored dtype into the float32 buffer
         flat, fl = absbuf.view(-1), flags.view(-1)
 
         def kth(k):

@@ -65,6 +65,11 @@ class TaskArithmetic:
     min_models = 1
     max_models = None
 
+    # 16-bit sources arrive as stored (evo.merge.engine): the fused kernels read them into float32
+    # themselves, plain task arithmetic adds them into its float32 output (in-place type promotion
+    # computes in float32); any other eager path first takes float32 copies (job.float32_inputs)
+    widens_lazily = True
+
     @property
     def random(self) -> bool:
         return self.sparsification in ("random", "della")
@@ -170,7 +175,8 @@ class TaskArithmetic:
             if kept is None:
                 return False
             for i, after in zip(dare, kept):
-                before = job.cached(("l1", job.models[i]), lambda i=i: torch.linalg.vector_norm(job.deltas[i], 1).item())
+                before = job.cached(("l1", job.models[i]),
+                                    lambda i=i: torch.linalg.vector_norm(job.deltas[i].float(), 1).item())
                 factors[i] = before / after if before >= 1e-7 and after >= 1e-7 else 1.0
         for i, w in enumerate(weights):
             delta, density = job.deltas[i], job.per_model[i]["density"]
@@ -218,12 +224,14 @@ class TaskArithmetic:
         shape, s = job.base.shape, job.scratch
         if self._fused(job, weights, lam, normalize):
             return
+        if self.sparsification is not None or self.consensus is not None:
+            job.float32_inputs()
         if self.consensus is None:
             total = sum(weights) if normalize else 1.0
             div = 1.0 if abs(total) < 1e-8 else total
             job.out.copy_(job.base)
             for i, w in enumerate(weights):
-                x, factor = self._sparse(job, i, s.get("sparse", shape))
+                x, factor = self._sparse(job, i, s.get("sparse", shape)) if self.sparsification else (job.deltas[i], 1.0)
                 if w != 0:
                     job.out.add_(x, alpha=lam * w * factor / div)
             return
