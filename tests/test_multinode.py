@@ -88,8 +88,12 @@ def test_two_nodes_share_the_work_and_survive_losing_one(micro_zoo, repo_root, t
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
     (tmp_path / "cluster.py").write_text(SCRIPT)
     env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
+    # the cluster's workers at normal priority, as evo's own Ray (Ray nices them to 15: on a busy
+    # machine they starve and the run crawls for an hour)
+    env.setdefault("RAY_worker_niceness", "0")
     done = subprocess.run([sys.executable, str(tmp_path / "cluster.py"), str(micro_zoo.root), str(tmp_path / "space.yaml"),
-                           str(tmp_path)], capture_output=True, text=True, env=env, cwd=repo_root)
+                           str(tmp_path)], capture_output=True, text=True, env=env, cwd=repo_root,
+                          timeout=1800)  # a safety net only: the child ends on its own run's events
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("REPORT ")]
     assert lines, done.stdout[-2000:] + done.stderr[-2000:]
