@@ -291,6 +291,7 @@ class PeakSampler:
         self.pid, self.period_s = pid, period_s
         self.peak = 0
         self.per_pid: dict[int, int] = {}
+        self.uss: dict[int, int] = {}  # each process's peak private (unique) memory
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -307,11 +308,12 @@ class PeakSampler:
             total = 0
             for p in procs:
                 try:
-                    pss = p.memory_full_info().pss
+                    info = p.memory_full_info()
                 except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                     continue
-                total += pss
-                self.per_pid[p.pid] = max(self.per_pid.get(p.pid, 0), pss)
+                total += info.pss
+                self.per_pid[p.pid] = max(self.per_pid.get(p.pid, 0), info.pss)
+                self.uss[p.pid] = max(self.uss.get(p.pid, 0), info.uss)
             self.peak = max(self.peak, total)
             self._done.wait(self.period_s)  # a sampling period; the end is the caller's stop()
 
