@@ -53,7 +53,7 @@ def disjoint_merge(weighted: list[Tensor], weights: list[float], sign: Tensor, a
 
 @dataclass(frozen=True)
 class TaskArithmetic:
-    """One member of the family; see the table in MERGE_SEMANTICS.md."""
+    """One member of the family; docs/merge.md lists each with its mergekit semantics."""
 
     name: str
     consensus: Optional[str]       # "sum" or None
