@@ -291,7 +291,9 @@ class PeakSampler:
         self.pid, self.period_s = pid, period_s
         self.peak = 0
         self.per_pid: dict[int, int] = {}
-        self.uss: dict[int, int] = {}  # each process's peak private (unique) memory
+        # each process's peak anonymous memory (resident, neither file-backed nor shared memory:
+        # what it allocated itself, without the object store pages it maps)
+        self.anon: dict[int, int] = {}
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -313,7 +315,7 @@ class PeakSampler:
                     continue
                 total += info.pss
                 self.per_pid[p.pid] = max(self.per_pid.get(p.pid, 0), info.pss)
-                self.uss[p.pid] = max(self.uss.get(p.pid, 0), info.uss)
+                self.anon[p.pid] = max(self.anon.get(p.pid, 0), info.rss - info.shared)
             self.peak = max(self.peak, total)
             self._done.wait(self.period_s)  # a sampling period; the end is the caller's stop()
 

@@ -9,9 +9,10 @@ arithmetic layer-wise) in its own process, measured from outside.
 For each configuration: the memory plan's node total (``evo plan``; a configuration it refuses
 is reported as refused, not run), the peak proportional set size summed over the run's process
 tree (driver, Ray daemons, evaluators: the object store's shared pages counted once), the
-largest evaluator's and the driver's peak private memory (USS: what one more evaluator costs;
-the driver's must stay near one model, it keeps no copy of the sources) as multiples of the
-resident model's bytes, and per candidate the
+largest evaluator's and the driver's peak anonymous memory (resident, neither file-backed nor
+the object store's shared pages: what one more evaluator costs; the driver's stays near the
+models it reads while loading, it keeps no copy of the sources) as multiples of the resident
+model's bytes, and per candidate the
 evaluators' own merge and forward-pass seconds (``timings`` in the run's cache). Sources are
 written once per size in bf16 (as fine-tunes ship); the fp32 configurations widen them.
 
@@ -69,8 +70,8 @@ def measure(cfg_path: Path, run_dir: Path) -> dict:
     evaluator_pids = {r["worker"]["pid"] for r in cache if r.get("worker")}
     return {
         "status": "ok", "wall_s": wall, "peak_pss": sampler.peak,
-        "evaluator_uss": max((sampler.uss.get(p, 0) for p in evaluator_pids), default=0),
-        "driver_uss": sampler.uss.get(child.pid, 0),
+        "evaluator_anon": max((sampler.anon.get(p, 0) for p in evaluator_pids), default=0),
+        "driver_anon": sampler.anon.get(child.pid, 0),
         "merge_s": statistics.median(r["timings"]["merge_s"] for r in ok),
         "forward_s": statistics.median(r["timings"]["ppl_s"] for r in ok),
         "candidates": len(ok),
@@ -124,8 +125,8 @@ def main() -> None:
     print("\n" + table)
 
 
-HEADER = ("| model | dtype | evaluators | plan (GiB) | peak PSS (GiB) | plan / PSS | evaluator private peak / model bytes "
-          "| driver private peak / model bytes | merge s / cand | forward s / cand | status |\n"
+HEADER = ("| model | dtype | evaluators | plan (GiB) | peak PSS (GiB) | plan / PSS | evaluator own peak / model bytes "
+          "| driver own peak / model bytes | merge s / cand | forward s / cand | status |\n"
           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
 
 
@@ -134,8 +135,8 @@ def _row(r: dict) -> str:
         return (f"| {r['size']} | {r['dtype']} | {r['evaluators']} | {r['plan'] / GiB:.1f} | – | – | – | – | – | – "
                 f"| {r['status']}: {r.get('reason') or r.get('error')} |")
     return (f"| {r['size']} | {r['dtype']} | {r['evaluators']} | {r['plan'] / GiB:.1f} | {r['peak_pss'] / GiB:.1f} "
-            f"| {r['plan'] / r['peak_pss']:.2f} | {r['evaluator_uss'] / r['model_bytes']:.2f} "
-            f"| {r['driver_uss'] / r['model_bytes']:.2f} | {r['merge_s']:.2f} | {r['forward_s']:.2f} | ok |")
+            f"| {r['plan'] / r['peak_pss']:.2f} | {r['evaluator_anon'] / r['model_bytes']:.2f} "
+            f"| {r['driver_anon'] / r['model_bytes']:.2f} | {r['merge_s']:.2f} | {r['forward_s']:.2f} | ok |")
 
 
 if __name__ == "__main__":
