@@ -23,8 +23,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 def default_dtype(*, gpu: bool) -> str:
     """``dtype: auto``: bfloat16 on GPUs (tensor cores), float32 on CPUs. On a CPU with native
     bf16 (AVX512-BF16/AMX) bench_runner measured bf16 at 2.5x the candidates per minute for a mean
-    0.005-nat change, but it is not the CPU default yet: `evo verify` of a bf16 stream-run release
-    re-measured 1.1e-3 nats off its recorded value (see README, dtype)."""
+    0.005-nat change; it becomes the CPU default once the README's float32 figures are re-measured."""
     return "bfloat16" if gpu else "float32"
 
 

@@ -211,7 +211,8 @@ def _materialise(recipe: Recipe, paths: dict[str, str], target: Path) -> None:
             raise EvoError(f"recipe names model {name!r}, which the run's config does not define")
         return Path(paths[name])
 
-    merge_to_dir(recipe.merge, target, resolve=resolve, seed=recipe.seed)
+    # the sources rounded as the evaluators held them: the release is the model that was measured
+    merge_to_dir(recipe.merge, target, resolve=resolve, seed=recipe.seed, source_dtype=recipe.merge.dtype)
 
 
 def _apply_lora(recipe: Recipe, train, target: Path, mode: str) -> None:

@@ -129,14 +129,16 @@ def load_task_vectors(cfg: ExperimentConfig, *, put=None):
     store = DTYPES[cfg.dtype]
     put = put or (lambda arrays: arrays)
     base, config = load_model_dir(cfg.models.base)
+    # the base as stored; each task vector is taken against it (so base + δ is the source up to
+    # δ's one rounding), as `evo export` and the continual loop's release delta take theirs
+    base = {n: t.to(store) if t.dtype.is_floating_point else t for n, t in base.items()}
     deltas = {}
     for name, path in cfg.models.sources.items():
         model, _ = load_model_dir(path)
         delta = task_vector(base, model, name, store, consume=True)  # the model is freed tensor by tensor
         deltas[name] = put(to_numpy(delta))
         del model, delta
-    stored = put(to_numpy({n: t.to(store) if t.dtype.is_floating_point else t for n, t in base.items()}))
-    return stored, config, deltas
+    return put(to_numpy(base)), config, deltas
 
 
 def _file_blocks(texts: list[str], tokenizer, seq_len: int, max_blocks: int | None, where: str) -> np.ndarray:

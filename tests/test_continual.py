@@ -58,7 +58,10 @@ def stream_config(zoo, space, folder, **over):
     return cfg
 
 
-def test_each_new_shard_reevaluates_elites_adapts_and_releases(micro_zoo, ray_session, space_file, tmp_path, docs):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_each_new_shard_reevaluates_elites_adapts_and_releases(micro_zoo, ray_session, space_file, tmp_path, docs, dtype):
+    """... and each release verifies: in bf16 too, where the evaluators hold the base and task
+    vectors rounded, so the export must merge the same rounded sources."""
     folder = tmp_path / "stream"
     folder.mkdir()
     write_shard(folder / "000.jsonl", docs[:40])
@@ -69,7 +72,7 @@ def test_each_new_shard_reevaluates_elites_adapts_and_releases(micro_zoo, ray_se
         "".join(json.dumps({"text": t}) + "\n" for t in docs[40:80]) + json.dumps({"body": "no text field"}) + "\n")
     (folder / "005.jsonl.part").write_text(json.dumps({"text": docs[90]}))  # half-written: not consumed
 
-    result = evo.run(stream_config(micro_zoo, space_file, folder), tmp_path / "run", quiet=True)
+    result = evo.run(stream_config(micro_zoo, space_file, folder, dtype=dtype), tmp_path / "run", quiet=True)
     store = RunStore.open(tmp_path / "run")
     events = store.events()
 

@@ -89,7 +89,7 @@ def _num_layers(config, tensors) -> int:
 
 
 def merge_to_dir(config: MergeConfig, out_dir, *, resolve: Callable[[str], Path] = lambda name: Path(name),
-                 seed: int = 0) -> Path:
+                 seed: int = 0, source_dtype: str | None = None) -> Path:
     """Merge ``config`` from model directories into a new HF directory ``out_dir``.
 
     Streams: every source file is mapped (``safetensors_io``), and each output tensor is merged
@@ -98,6 +98,10 @@ def merge_to_dir(config: MergeConfig, out_dir, *, resolve: Callable[[str], Path]
     ``config.dtype``; the arithmetic runs in float32), config.json, the tokenizer files of
     ``tokenizer_source`` (else the base) and generation_config.json when present. Refuses an
     existing ``out_dir``; on any error nothing is left behind.
+
+    ``source_dtype``: first round the base to this dtype and each task vector (taken in float32
+    against that rounded base) too, as a search's evaluators hold them (``evo.sources``), so a
+    release is the model its recorded fitness was measured on.
     """
     out_dir = Path(out_dir)
     if out_dir.exists():
@@ -124,6 +128,7 @@ def merge_to_dir(config: MergeConfig, out_dir, *, resolve: Callable[[str], Path]
     merger = Merger({}, {}, num_layers=_num_layers(hf_config, infos), largest=largest)
     plan = merger.plan(config, others)
     dtype = DTYPES[config.dtype]
+    held = DTYPES[source_dtype] if source_dtype not in (None, "float32") else None
     scratch = merger.scratch
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -139,6 +144,8 @@ def merge_to_dir(config: MergeConfig, out_dir, *, resolve: Callable[[str], Path]
                     writer.write(name, t)
                     continue
                 b = t if t.dtype == torch.float32 else scratch.get("io.base", t.shape).copy_(t)
+                if held is not None:  # the base as the evaluators hold it; task vectors against it
+                    b = scratch.get("io.held", t.shape).copy_(b.to(held))
                 deltas = {}
                 for i, (model, tensors) in enumerate(others.items()):
                     if tensors is base:
@@ -148,6 +155,8 @@ def merge_to_dir(config: MergeConfig, out_dir, *, resolve: Callable[[str], Path]
                     x = f.tensor(name)
                     check_finite(x, str(f.path), name)
                     deltas[model] = torch.sub(x, b, out=scratch.get(f"io.delta{i}", t.shape))
+                    if held is not None:
+                        deltas[model].copy_(deltas[model].to(held))
                 out = merger.merge_tensor(plan, name, b, deltas, scratch.get("io.out", t.shape), seed)
                 writer.write(name, out if dtype == torch.float32 else out.to(dtype))
         _write_config(base_dir, tmp, config.dtype)
