@@ -42,17 +42,25 @@ RUNTIME = {"evaluator": 450 * MiB, "driver": 380 * MiB, "ray": 420 * MiB, "ray_d
 RUNTIME["inductor"] = 300 * MiB
 
 
-def merge_scratch(n_src: int, shape: "ModelShape", per: int) -> float:
+def fused_kernels(shape: "ModelShape", gpu: bool = False) -> bool:
+    """Whether evaluators will merge with the compiled kernels: large enough models, and a C++
+    compiler for Inductor on CPU (without one they fall back to the eager path)."""
+    import shutil
+
+    from evo.merge.fused import fused_by_default
+
+    return fused_by_default(shape.params) and (gpu or any(shutil.which(c) for c in ("g++", "c++", "clang++")))
+
+
+def merge_scratch(n_src: int, shape: "ModelShape", per: int, gpu: bool = False) -> float:
     """An evaluator's merge buffers in float32 units of the largest tensor (evo.merge.method.Scratch,
     reused for every tensor), at their most: TIES, which the selection stage always merges.
     Measured by merging with every registered method: with the compiled kernels (large models) a
     band buffer, a flag buffer and the magnitude table's sort copy, plus a float32 result when
     the model is 16-bit (the kernels read 16-bit sources directly); eagerly (small models) a
     weighted copy per source and five more buffers, and float32 copies of 16-bit inputs."""
-    from evo.merge.fused import fused_by_default
-
     low = per != 4
-    if fused_by_default(shape.params):
+    if fused_kernels(shape, gpu):
         return 1.5 + 1 + (1 if low else 0)
     return n_src + 5.5 + 1 + ((n_src + 2) if low else 0)
 
@@ -164,7 +172,7 @@ def plan_for(cfg, *, evaluators_per_node: int | None = None, node_available: int
 
     sources = (1 + n_src) * base.params * per
     model = base.params * per
-    scratch = merge_scratch(n_src, base, per) * base.largest * 4
+    scratch = merge_scratch(n_src, base, per, on_gpu) * base.largest * 4
     act_bytes = 4 if cfg.dtype == "float32" else 2
     tokens = ev.batch_size * ev.seq_len
     # logits in the model's dtype, their float32 copy and the cross-entropy's log-softmax, plus
@@ -197,10 +205,8 @@ def plan_for(cfg, *, evaluators_per_node: int | None = None, node_available: int
     else:
         per_gpu = 0
         items.extend(Item(f"{k} evaluator(s) x {what}", k * b, "node", "run") for what, b in per_eval)
-    from evo.merge.fused import fused_by_default
-
     runtime = (RUNTIME["evaluator"] + (RUNTIME["cuda_host"] if on_gpu else 0)
-               + (RUNTIME["inductor"] if fused_by_default(base.params) else 0))
+               + (RUNTIME["inductor"] if fused_kernels(base, on_gpu) else 0))
     items.append(Item(f"{k} evaluator(s) x runtime (torch, transformers, Ray worker{', CUDA' if on_gpu else ''})",
                       k * runtime, "node", "run"))
     items.append(Item("driver: runtime (holds only views of the sources)", RUNTIME["driver"], "node"))
