@@ -6,8 +6,9 @@ Layout::
     RUN_DIR/checkpoint.json    optimizer + RNG state, logbook, hall of fame, after the last
                                complete generation (written to a temp file, then renamed)
     RUN_DIR/candidates.jsonl   one line per evaluated candidate (recipe, values, status, timings)
-    RUN_DIR/cache.jsonl        fitness by (recipe key, data version, objective set): a recipe is
-                               never evaluated twice on the same data, also across a resume
+    RUN_DIR/cache.jsonl        results by ``recipe key|data version[|b<draw>]`` (the draw: the
+                               generation's search blocks, ``evo.draws``): a recipe is never
+                               evaluated twice on the same blocks, also across a resume
     RUN_DIR/events.jsonl       run started/resumed, generation done, failures, export
     RUN_DIR/releases/vNNNN/    exported releases
 
