@@ -21,7 +21,6 @@ proportional set size (PSS) of a real run's processes on two model sizes.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,10 +35,10 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # worker, idle (evaluator) or with evo's driver imports; Ray's daemons with and without the dashboard.
 RUNTIME = {"evaluator": 450 * MiB, "driver": 380 * MiB, "ray": 420 * MiB, "ray_dashboard": 230 * MiB,
            # host memory of a CUDA context and its libraries: an estimate, not yet measured here (no GPU)
-           "cuda_host": 1024 * MiB}
-# the compiled merge kernels' import and compile cost in an evaluator that uses them (models of
-# evo.merge.fused.FUSED_MIN_ENTRIES+ entries)
-RUNTIME["inductor"] = 300 * MiB
+           "cuda_host": 1024 * MiB,
+           # the compiled merge kernels' import and compile cost in an evaluator that uses them
+           # (models of evo.merge.fused.FUSED_MIN_ENTRIES+ entries, with a C++ compiler on CPU)
+           "inductor": 300 * MiB}
 
 
 def fused_kernels(shape: "ModelShape", gpu: bool = False) -> bool:
@@ -329,19 +328,3 @@ class PeakSampler:
         self._done.set()
         self._thread.join()
         return self
-
-
-def tree_pss(pid: int | None = None) -> int:
-    """Proportional set size of a process and all its descendants, in bytes: shared pages (the
-    object store, shared libraries) are counted once across the tree, so the sum is what the tree
-    costs the machine."""
-    import psutil
-
-    root = psutil.Process(pid or os.getpid())
-    total = 0
-    for p in [root, *root.children(recursive=True)]:
-        try:
-            total += p.memory_full_info().pss
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return total

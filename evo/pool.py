@@ -165,8 +165,7 @@ def _placement_problem(need: dict[str, float], evaluators: int) -> str | None:
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     fits = 0
     for res in nodes:
-        per_node = [int(res.get(k, 0.0) // v) if v > 0 else evaluators for k, v in need.items()]
-        fits += min(per_node) if per_node else evaluators
+        fits += _room(res, need, evaluators)
     if fits >= evaluators:
         return None
     largest = {k: max((res.get(k, 0.0) for res in nodes), default=0.0) for k in need}
@@ -175,6 +174,11 @@ def _placement_problem(need: dict[str, float], evaluators: int) -> str | None:
     offers = ", ".join(f"{total[k]:g} {k}s in all, at most {largest[k]:g} on one node" for k, v in need.items() if v > 0)
     return (f"{evaluators} evaluator{'s need' if evaluators != 1 else ' needs'} {wants} each; the cluster offers "
             f"{offers} (room for {fits})")
+
+
+def _room(res: dict, need: dict[str, float], evaluators: int) -> int:
+    """How many evaluators needing ``need`` each one node with resources ``res`` can host."""
+    return min([int(res.get(k, 0.0) // v) for k, v in need.items() if v > 0] + [evaluators])
 
 
 def cluster_plan(cfg: ExperimentConfig):
@@ -187,7 +191,7 @@ def cluster_plan(cfg: ExperimentConfig):
         if not n.get("Alive"):
             continue
         res = n.get("Resources", {})
-        k = min([int(res.get(r, 0.0) // v) for r, v in need.items() if v > 0] + [cfg.ray.evaluators])
+        k = _room(res, need, cfg.ray.evaluators)
         if k > best[0]:
             best = (k, int(res.get("memory", 0) + res.get("object_store_memory", 0)) or None)
     return plan_for(cfg, evaluators_per_node=max(best[0], 1), node_available=best[1])

@@ -184,9 +184,9 @@ class Merger:
                                       f"{where}, model '{e.model}'") for p in plan.model_specs}
                      for e, _ in plan.entries]
         models = [e.model for e, _ in plan.entries]
-        if self.stream_sources:  # this tensor's inputs onto the device
-            base, deltas = self._fetch(base, deltas, [e.model for e, has in plan.entries if has])
         used = [e.model for e, has in plan.entries if has]
+        if self.stream_sources:  # this tensor's inputs onto the device
+            base, deltas = self._fetch(base, deltas, used)
         # sources stored in bf16/fp16: the arithmetic is float32. A method that reads 16-bit inputs
         # into float32 itself (widens_lazily: the fused kernels, plain task arithmetic) is handed
         # them as stored and calls job.widen() only before a path that needs float32 copies
