@@ -1,7 +1,11 @@
 """NSGA-II (DEAP's ``selNSGA2``) for several objectives, with a Pareto front kept across
 generations. Parents are chosen by binary tournament on (rank, crowding distance), offspring
-come from bounded SBX crossover and polynomial mutation; survivors are the best ``population``
-of parents + offspring by non-dominated sorting.
+come from bounded SBX crossover and polynomial mutation (``evo.optim.variation``).
+
+Synchronous: survivors are the best ``population`` of parents + offspring by non-dominated
+sorting. Asynchronous (steady state): each ask breeds one child from the current population;
+each result joins it as it arrives and non-dominated sorting with crowding distance decides
+which one member leaves.
 """
 from __future__ import annotations
 
@@ -11,21 +15,70 @@ from typing import Sequence
 import numpy as np
 from deap import base, tools
 
-from evo.optim.base import Evaluated, evaluated, register, signs
-from evo.optim.ga import GeneticAlgorithm, Individual
+from evo.optim.base import Evaluated, Optimizer, deap_random, evaluated, register, signs
+from evo.optim.variation import Individual, Variation
 
 _WORST = 1e300  # DEAP's crowding distance arithmetic needs finite values
 
 
 @register("nsga2")
-class NSGA2(GeneticAlgorithm):
-    def __init__(self, dim: int, *, front_size: int = 64, **kw):
-        kw.setdefault("elites", 0)
-        super().__init__(dim, **kw)
+class NSGA2(Optimizer):
+    def __init__(self, dim: int, *, front_size: int = 64, cxpb: float = 0.9, mutpb: float = 1.0,
+                 eta_crossover: float = 15.0, eta_mutation: float = 20.0, indpb: float | None = None, **common):
+        super().__init__(dim, **common)
         self.front_size = front_size
         self.front: list[Evaluated] = []
+        self.variation = Variation(cxpb, mutpb, eta_crossover, eta_mutation,
+                                   indpb if indpb is not None else 1.0 / max(dim, 1))
+
+    def options(self) -> dict:
+        v = self.variation
+        return {**super().options(), "front_size": self.front_size, "cxpb": v.cxpb, "mutpb": v.mutpb,
+                "eta_crossover": v.eta_crossover, "eta_mutation": v.eta_mutation, "indpb": v.indpb}
+
+    def fronts(self) -> list[Evaluated]:
+        return self.front
+
+    # ------------------------------------------------------------------ synchronous
+    def ask(self) -> list[np.ndarray]:
+        if self.pending:
+            return [np.asarray(g) for g in self.pending]
+        if not self.population:
+            n_random = self.population_size - len(self.initial[: self.population_size])
+            genomes = self.initial[: self.population_size] + self.np_rng.random((n_random, self.dim)).tolist()
+        else:
+            genomes, self.pending_parents = self._breed(self.population_size)
+        self.pending = self.with_injected([list(map(float, g)) for g in genomes])
+        return [np.asarray(g) for g in self.pending]
+
+    def tell(self, genomes, values, ids=None) -> None:
+        self._survive(evaluated(genomes, values, ids))
+        self.pending, self.pending_parents = [], []
+        self.generation += 1
+
+    # ------------------------------------------------------------------ asynchronous (steady state)
+    def ask_one(self, id: str | None = None) -> tuple[list[float], list[str]]:
+        genome = self.next_injected() or self.first_genome()
+        parents: list[str] = []
+        if genome is None and len(self.population) < 2:
+            genome = self.np_rng.random(self.dim).tolist()
+        elif genome is None:
+            (genome, *_), (parents, *_) = self._breed(1)
+        self.asked += 1
+        return genome, parents
+
+    def tell_one(self, genome, values, id=None) -> None:
+        self._survive(evaluated([genome], [values], [id]))
+        self.count_told()
 
     # ------------------------------------------------------------------ DEAP glue
+    def _survive(self, new: list[Evaluated]) -> None:
+        pool = self._individuals(self.population + new)
+        survivors = tools.selNSGA2(pool, min(self.population_size, len(pool)))
+        self.population = [ind.record for ind in survivors]
+        self._update_front(new)
+        self.update_hall_of_fame(new)
+
     def _individuals(self, items: Sequence[Evaluated]) -> list:
         fitness_cls = type("Fitness", (base.Fitness,), {"weights": signs(self.directions)})
         out = []
@@ -39,16 +92,6 @@ class NSGA2(GeneticAlgorithm):
             ind.record = e
             out.append(ind)
         return out
-
-    def tell(self, genomes, values, ids=None) -> None:
-        new = evaluated(genomes, values, ids)
-        pool = self._individuals(self.population + new)
-        survivors = tools.selNSGA2(pool, min(self.population_size, len(pool)))
-        self.population = [ind.record for ind in survivors]
-        self._update_front(new)
-        self._update_hall_of_fame(new)
-        self.pending, self.pending_parents = [], []
-        self.generation += 1
 
     def _update_front(self, items: list[Evaluated]) -> None:
         candidates = self._individuals([e for e in self.front + items if e.values is not None])
@@ -67,28 +110,29 @@ class NSGA2(GeneticAlgorithm):
         front, self.front = self.front, []
         self._update_front(front)
 
-    def _select(self, k: int) -> list[int]:
-        """Binary tournament on (Pareto rank, crowding distance), DEAP's selTournamentDCD."""
-        parents = self._individuals(self.population)
-        for i, ind in enumerate(parents):
-            ind.index = i
-        # selNSGA2 over all parents assigns each its crowding distance (front by front)
-        parents = tools.selNSGA2(parents, len(parents))
-        pool = parents if len(parents) >= 4 else parents * 4
-        return [p.index for p in _tournament_dcd(pool, k + (-k % 4))][:k]
+    def _breed(self, n: int) -> tuple[list[list[float]], list[list[str]]]:
+        """``n`` children of parents picked by binary tournament on (Pareto rank, crowding
+        distance), DEAP's selTournamentDCD, and the ids of each child's parents."""
+        with deap_random(self.random):
+            parents = self._individuals(self.population)
+            for i, ind in enumerate(parents):
+                ind.index = i
+            # selNSGA2 over all parents assigns each its crowding distance (front by front)
+            parents = tools.selNSGA2(parents, len(parents))
+            pool = parents if len(parents) >= 4 else parents * 4
+            k = n + (n % 2)
+            picked = [p.index for p in _tournament_dcd(pool, k + (-k % 4))][:k]
+            children, lineage = self.variation.offspring([self.population[i].genome for i in picked])
+        ids = [[self.population[i].id for i in sorted({picked[j] for j in par}) if self.population[i].id]
+               for par in lineage[:n]]
+        return children[:n], ids
 
     # ------------------------------------------------------------------ checkpoint
-    def state(self) -> dict:
-        st = super().state()
-        st["options"]["front_size"] = self.front_size
-        st["front"] = [e.to_dict() for e in self.front]
-        return st
+    def extra_state(self) -> dict:
+        return {"front": [e.to_dict() for e in self.front]}
 
-    @classmethod
-    def from_state(cls, state: dict) -> "NSGA2":
-        opt = super().from_state(state)
-        opt.front = [Evaluated.from_dict(d) for d in state["front"]]
-        return opt
+    def load_extra_state(self, state: dict) -> None:
+        self.front = [Evaluated.from_dict(d) for d in state["front"]]
 
 
 def _tournament_dcd(individuals: list, k: int) -> list:

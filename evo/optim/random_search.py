@@ -5,13 +5,13 @@ from typing import Sequence
 
 import numpy as np
 
-from evo.optim.base import register
-from evo.optim.ga import GeneticAlgorithm
+from evo.optim.base import Optimizer, evaluated, register
 
 
 @register("random")
-class RandomSearch(GeneticAlgorithm):
-    """Draws every generation uniformly from [0,1]^n; keeps the same hall of fame as the GA."""
+class RandomSearch(Optimizer):
+    """Draws every genome uniformly from [0,1]^n (the initial genomes first); the population is
+    the best ``population`` seen, the hall of fame as for every optimizer."""
 
     def ask(self) -> list[np.ndarray]:
         if not self.pending:
@@ -19,12 +19,23 @@ class RandomSearch(GeneticAlgorithm):
             genomes = self.np_rng.random((n, self.dim)).tolist()
             if not self.population:
                 genomes[: len(self.initial)] = self.initial[:n]
-            self.pending = self._with_injected(genomes)
+            self.pending = self.with_injected(genomes)
         return [np.asarray(g) for g in self.pending]
 
     def tell(self, genomes: Sequence, values: Sequence, ids=None) -> None:
-        elites, self.elites = self.elites, 0
-        try:
-            super().tell(genomes, values, ids)
-        finally:
-            self.elites = elites
+        new = evaluated(genomes, values, ids)
+        self.population = self.ranked(new)[: self.population_size]
+        self.update_hall_of_fame(new)
+        self.pending, self.pending_parents = [], []
+        self.generation += 1
+
+    def ask_one(self, id: str | None = None) -> tuple[list[float], list[str]]:
+        genome = self.next_injected() or self.first_genome() or self.np_rng.random(self.dim).tolist()
+        self.asked += 1
+        return genome, []
+
+    def tell_one(self, genome, values, id=None) -> None:
+        new = evaluated([genome], [values], [id])
+        self.population = self.ranked(self.population + new)[: self.population_size]
+        self.update_hall_of_fame(new)
+        self.count_told()
