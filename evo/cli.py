@@ -28,9 +28,14 @@ EXIT_HELP = """exit codes:
 
 
 def _cmd_run(args) -> int:
+    from evo.config import ExperimentConfig
     from evo.runner import run
 
-    return _print_best(run(args.config, args.run_dir, quiet=args.quiet, follow=args.follow))
+    config = args.config
+    if args.sync:  # generation-synchronous search, recorded in the run's config (resume keeps it)
+        config = ExperimentConfig.from_yaml(args.config)
+        config.optimizer.asynchronous = False
+    return _print_best(run(config, args.run_dir, quiet=args.quiet, follow=args.follow))
 
 
 def _cmd_resume(args) -> int:
@@ -137,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress bars or tables (for logs)")
     r.add_argument("--follow", action="store_true",
                    help="stream runs: keep waiting for new shards and releasing until SIGINT/SIGTERM")
+    r.add_argument("--sync", action="store_true",
+                   help="generation-synchronous search (optimizer.async: false): bit-for-bit reproducible, "
+                        "evaluators wait for each generation's slowest candidate")
     r.set_defaults(fn=_cmd_run)
 
     r = sub.add_parser("resume", help="continue a stopped or killed run", epilog=EXIT_HELP,

@@ -124,6 +124,10 @@ class OptimizerConfig:
     population: int = 16
     options: dict[str, Any] = field(default_factory=dict)
     seed_baselines: bool = True  # start the population with the uniform merge among random genomes
+    # asynchronous steady-state search (evo.steady_state): a candidate is asked whenever an evaluator
+    # is free and told as it arrives; a generation is every `population` results. false (YAML
+    # `async: false`, `evo run --sync`): generation-synchronous, bit-for-bit reproducible
+    asynchronous: bool = True
 
 
 @dataclass
@@ -435,11 +439,16 @@ class ExperimentConfig:
 
 
 # ---------------------------------------------------------------------- generic validation
+# YAML keys that are Python keywords: `optimizer.async` is the field `asynchronous`
+FIELD_ALIASES = {("OptimizerConfig", "async"): "asynchronous"}
+
+
 def _build(cls, data: Any, source: str, prefix: str):
     """Build dataclass ``cls`` from a mapping, checking keys and scalar types as it goes."""
     if not isinstance(data, dict):
         raise EvoError(f"{source}: {prefix.rstrip('.') or 'top level'}: expected a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    data = {FIELD_ALIASES.get((cls.__name__, k), k): v for k, v in data.items()}
     unknown = set(data) - set(fields)
     if unknown:
         raise EvoError(f"{source}: {prefix}{sorted(unknown)[0]}: unknown field (known: {', '.join(fields)})")

@@ -35,6 +35,17 @@ RELEASE = "release"  # a stream run's name for the current release among the mod
 
 
 @dataclass
+class Told:
+    """One candidate's result as told to the optimizer (a generation row is built from these)."""
+
+    values: list[float] | None
+    se: float | None
+    status: str
+    fresh: bool  # evaluated now, not taken from the cache
+    work: float  # candidates' worth of evaluation done (an early rejection does a fraction)
+
+
+@dataclass
 class RunResult:
     run_dir: Path
     best_recipe: Recipe | None
@@ -166,18 +177,30 @@ class GenerationStep:
     def _rescore_elites(self, gen: int, control, anchor, blocks, should_stop) -> None:
         """Score the optimizer's surviving elites on this draw; their value becomes the mean of
         their adjusted values over every draw so far."""
+        elites, named = self.elites_to_rescore(gen)
+        if not named:
+            return
+        keys, _ = self.evaluate(named, desc=f"generation {gen} elites", should_stop=should_stop, blocks=blocks)
+        self.apply_elite_results(gen, elites, named, keys, control, anchor)
+
+    def elites_to_rescore(self, gen: int) -> tuple[list, dict[str, Recipe]]:
+        """The optimizer's ``elites`` best members and their recipes, named ``gXXXX-eYY``."""
         n = getattr(self.optimizer, "elites", 0)
         if not n or not self.optimizer.population:
-            return
-        elites = sorted((e for e in self.optimizer.population if e.values is not None),
+            return [], {}
+        ranked = sorted((e for e in self.optimizer.population if e.values is not None),
                         key=self.optimizer.score, reverse=True)[:n]
-        named = {}
-        for i, e in enumerate(elites):
+        elites, named = [], {}
+        for e in ranked:
             try:
-                named[f"g{gen:04d}-e{i:02d}"] = self.space.decode(e.genome)
+                named[f"g{gen:04d}-e{len(elites):02d}"] = self.space.decode(e.genome)
             except EvoError:
                 continue
-        keys, _ = self.evaluate(named, desc=f"generation {gen} elites", should_stop=should_stop, blocks=blocks)
+            elites.append(e)
+        return elites, named
+
+    def apply_elite_results(self, gen: int, elites, named: dict, keys: dict, control, anchor) -> None:
+        """Each elite's value becomes the mean of its adjusted values over every draw so far."""
         update = {}
         for name, e in zip(named, elites):
             result = self.cache[keys[name]]
@@ -193,7 +216,15 @@ class GenerationStep:
         if update:
             self.optimizer.rescore(update)
 
-    def _threshold(self, control, anchor):
+    def key_at(self, recipe: Recipe, gen: int) -> str:
+        """The cache key of ``recipe`` scored on generation ``gen``'s draw."""
+        draw = f"|b{self.draws.draw_id(gen)}" if self.draws is not None else ""
+        return f"{recipe.key()}|{self.data_key}{draw}"
+
+    def blocks_at(self, gen: int) -> dict[str, list[int]] | None:
+        return self.draws.draw(gen) if self.draws is not None else None
+
+    def threshold(self, control, anchor):
         """Early rejection against the k-th best (adjusted value A_k): on this draw, its expected
         per-block NLLs are the control's plus (A_k - the control's adjusted value)."""
         threshold = rejection_threshold(self.cfg, self.optimizer, self.lookup if control is None else None)
@@ -257,49 +288,53 @@ class GenerationStep:
             else:
                 valid[name] = recipe
             recipes.append(recipe)
-        threshold = self._threshold(control, anchor)
+        threshold = self.threshold(control, anchor)
         keys, fresh_keys = self.evaluate(valid, desc=f"generation {gen}", should_stop=should_stop,
                                          reject_above=threshold, blocks=blocks)
         keys.update(invalid)
-        values, ses, n_failed, n_rejected, work = [], [], 0, 0, 0.0
-        for name, recipe, genome, parent_ids in zip(names, recipes, genomes, parents):
-            key = keys[name]
-            result = self.cache[key]
-            raw = self.values(result)
-            vals = raw if raw is None or control is None else objective_values(
-                self.adjusted(result, control, anchor), cfg.objectives, self.set_names, self.task_names)
-            se = None
-            if control is not None and result.get("block_nlls") and control.get("block_nlls"):
-                se = paired_difference(result["block_nlls"], control["block_nlls"], self.set_names)["se"]
-            ses.append(se)
-            n_failed += vals is None
-            n_rejected += result["status"] == "rejected"
-            fresh = key in fresh_keys
-            if fresh:
-                work += result.get("evaluated_fraction", 1.0)
-            values.append(vals)
-            self.store.record_candidate(
-                {
-                    "generation": gen, "candidate": name, "parents": parent_ids, "key": key,
-                    "cached": not fresh, "status": result["status"], "error": result.get("error"),
-                    "values": vals, "raw_values": raw, "se": se, "metrics": result.get("metrics"),
-                    "timings": result.get("timings"),
-                    "genome": list(map(float, genome)), "recipe": recipe.to_dict() if recipe else None,
-                    "data_version": self.data_key, "draw": self.draws.draw_id(gen) if self.draws else None,
-                    "evaluated_fraction": result.get("evaluated_fraction"),
-                    "lora": result.get("lora"), **self.extra,
-                }
-            )
-        optimizer.tell(genomes, values, names)
-        n_fresh = len(fresh_keys)
-        row = _log_row(gen, values, self.objective_names, n_evals=n_fresh, n_cached=len(genomes) - n_fresh,
-                       n_failed=n_failed, best=optimizer.best(), seconds=time.time() - t0)
-        row["rejected"] = n_rejected
-        row["eval_work"] = round(work, 3)  # candidates' worth of evaluation actually done
+        told = [self.record(gen, name, genome, recipe, parent_ids, keys[name], keys[name] in fresh_keys, control,
+                            anchor)
+                for name, recipe, genome, parent_ids in zip(names, recipes, genomes, parents)]
+        optimizer.tell(genomes, [t.values for t in told], names)
+        return self.row(gen, told, threshold=threshold, control=control, seconds=time.time() - t0)
+
+    def record(self, gen: int, name: str, genome, recipe: Recipe | None, parent_ids, key: str, fresh: bool,
+               control: dict | None, anchor: dict | None, extra: dict | None = None) -> "Told":
+        """A candidate's result as the optimizer is told it (control-adjusted), written to
+        ``candidates.jsonl``."""
+        result = self.cache[key]
+        raw = self.values(result)
+        vals = raw if raw is None or control is None else objective_values(
+            self.adjusted(result, control, anchor), self.cfg.objectives, self.set_names, self.task_names)
+        se = None
+        if control is not None and result.get("block_nlls") and control.get("block_nlls"):
+            se = paired_difference(result["block_nlls"], control["block_nlls"], self.set_names)["se"]
+        self.store.record_candidate(
+            {
+                "generation": gen, "candidate": name, "parents": parent_ids, "key": key,
+                "cached": not fresh, "status": result["status"], "error": result.get("error"),
+                "values": vals, "raw_values": raw, "se": se, "metrics": result.get("metrics"),
+                "timings": result.get("timings"), "dispatch": result.get("dispatch"),
+                "genome": list(map(float, genome)), "recipe": recipe.to_dict() if recipe else None,
+                "data_version": self.data_key, "draw": self.draws.draw_id(gen) if self.draws else None,
+                "evaluated_fraction": result.get("evaluated_fraction"),
+                "lora": result.get("lora"), **self.extra, **(extra or {}),
+            }
+        )
+        return Told(vals, se, result["status"], fresh, result.get("evaluated_fraction", 1.0) if fresh else 0.0)
+
+    def row(self, gen: int, told: list["Told"], *, threshold, control: dict | None, seconds: float) -> dict:
+        """The generation's logbook row from the results told in it."""
+        values, ses = [t.values for t in told], [t.se for t in told]
+        n_fresh = sum(t.fresh for t in told)
+        row = _log_row(gen, values, self.objective_names, n_evals=n_fresh, n_cached=len(told) - n_fresh,
+                       n_failed=sum(v is None for v in values), best=self.optimizer.best(), seconds=seconds)
+        row["rejected"] = sum(t.status == "rejected" for t in told)
+        row["eval_work"] = round(sum(t.work for t in told), 3)  # candidates' worth of evaluation actually done
         row["threshold"] = threshold["value"] if isinstance(threshold, dict) else threshold
         row["paired"] = isinstance(threshold, dict)
         if control is not None:
-            row["control"] = objective_values(control["metrics"], cfg.objectives, self.set_names, self.task_names)
+            row["control"] = objective_values(control["metrics"], self.cfg.objectives, self.set_names, self.task_names)
             row["se"] = float(np.median([x for x in ses if x is not None])) if any(x is not None for x in ses) else None
             row["noise"] = self._noise_check(gen, values, ses)
         return row

@@ -12,9 +12,11 @@ import contextlib
 import os
 import signal
 import socket
+import sys
 import threading
 import time
-from typing import Callable
+from dataclasses import dataclass, replace
+from typing import Any, Callable
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
@@ -40,19 +42,45 @@ def start_ray(cfg: ExperimentConfig, object_store: int | None = None) -> tuple[b
     """
     if ray.is_initialized():
         return False, _dashboard_url(None)
-    # ray.init installs a SIGTERM handler that calls sys.exit(15); keep the caller's (evo's CLI
-    # turns SIGTERM into a clean stop), and treat a SIGTERM inside ray.init as that stop
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.getsignal(signal.SIGTERM) if main else None
-    try:
+    if threading.current_thread() is not threading.main_thread():
         return _init_ray(cfg, object_store)
-    except SystemExit as exc:
-        if exc.code == signal.SIGTERM:
-            raise KeyboardInterrupt from None
-        raise
+    # ray.init installs a SIGTERM handler that raises SystemExit(15) wherever the main thread is,
+    # even inside a finalizer, where Python swallows it ("Exception ignored"): a SIGTERM during
+    # start-up was then lost and the run went on to exit 0. During ray.init evo's own handler only
+    # records the signal (Ray's is not installed), and a SIGTERM received is a clean stop after it.
+    previous = signal.getsignal(signal.SIGTERM)
+    received: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        with _ray_keeps_sigterm_handler():
+            started = _init_ray(cfg, object_store)
     finally:
-        if main and callable(previous):  # a handler someone set (not the default, which Ray's improves on)
-            signal.signal(signal.SIGTERM, previous)
+        # the caller's handler (evo's CLI turns SIGTERM into a clean stop); without one, exit as
+        # Ray's handler would (atexit then shuts Ray down)
+        signal.signal(signal.SIGTERM, previous if callable(previous) else _exit_on_sigterm)
+    if received:
+        if started[0]:
+            ray.shutdown()
+        raise KeyboardInterrupt
+    return started
+
+
+def _exit_on_sigterm(signum, frame):
+    sys.exit(signum)
+
+
+@contextlib.contextmanager
+def _ray_keeps_sigterm_handler():
+    """Stop ``ray.init`` from replacing the SIGTERM handler (no public switch: it calls
+    ``ray._private.utils.set_sigterm_handler`` unconditionally in the main thread)."""
+    from ray._private import utils as ray_utils
+
+    original = ray_utils.set_sigterm_handler
+    ray_utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        ray_utils.set_sigterm_handler = original
 
 
 def _init_ray(cfg: ExperimentConfig, object_store: int | None) -> tuple[bool, str | None]:
@@ -353,30 +381,63 @@ class EvaluatorPool:
         raised. Results already delivered stay delivered, so nothing finished is lost.
         ``blocks``: the rows of each set of ``collection`` to score (a generation's draw).
         """
-        queue = [(key, name, recipe.to_dict(), 0) for key, (name, recipe) in todo.items()]
+        jobs = iter([Job(key, name, recipe.to_dict(), reject_above, blocks, collection)
+                     for key, (name, recipe) in todo.items()])
+        self.stream(lambda: next(jobs, None), on_result, desc=desc, total=len(todo), should_stop=should_stop)
+
+    def stream(self, feed: Callable[[], "Job | None"], on_result: Callable[[str, dict], None], *, desc: str = "",
+               total: int | None = None, should_stop: Callable[[], bool] | None = None) -> None:
+        """Keep every evaluator busy: whenever one is free, run the next job ``feed()`` gives
+        (``None``: nothing to run now); ``on_result(key, result)`` as each ends, in the order they
+        end, which may call back into whatever ``feed`` draws from. Returns once ``feed`` has
+        nothing and nothing is running. Each result carries ``dispatch``: the evaluator, and the
+        driver's clock when it was sent and when its result came back (busy-time accounting).
+        """
+        retry: list[Job] = []
         idle = [a for a in range(len(self.actors)) if a not in self.lost]
-        inflight: dict = {}  # ref -> (key, name, recipe, attempt, actor index, start time)
+        inflight: dict = {}  # ref -> (job, actor index, start time)
         # an actor whose worker or node died is pinged; it takes work again once Ray has restarted
         # it (its ping answers), so a retry goes to a live evaluator instead of queueing behind a
         # restart that may never be placed (its node gone): ping ref -> actor index
         recovering: dict = {}
         timeout = self.cfg.ray.candidate_timeout_s
         failed = rejected = stale_updates = 0
-        bar = tqdm(total=len(queue), desc=desc, disable=self.quiet or not queue, leave=False, unit="cand")
+
+        def take() -> Job | None:
+            return retry.pop(0) if retry else feed()
+
+        def deliver(job: Job, result: dict) -> None:
+            nonlocal failed, rejected
+            # an early rejection is a verdict on the candidate, not a failure to evaluate it
+            failed += result["status"] == "failed"
+            rejected += result["status"] == "rejected"
+            on_result(job.key, result)
+            bar.update(1)
+            bar.set_postfix(failed=failed, rejected=rejected, running=len(inflight))
+
+        bar = tqdm(total=total, desc=desc, disable=self.quiet or total == 0, leave=False, unit="cand")
         try:
-            while queue or inflight:
+            while True:
                 if should_stop is not None and should_stop():
-                    raise Interrupted(f"stopped with {len(queue) + len(inflight)} candidate(s) of {desc or 'this batch'} unfinished")
-                while queue and idle:
-                    key, name, recipe, attempt = queue.pop(0)
+                    raise Interrupted(f"stopped with {len(retry) + len(inflight)} candidate(s) of {desc or 'this batch'} unfinished")
+                while idle:
+                    job = take()
+                    if job is None:
+                        break
                     a = idle.pop(0)
-                    ref = self.actors[a].evaluate.options(name=name).remote(recipe, collection, reject_above, self.epoch, blocks)
-                    inflight[ref] = (key, name, recipe, attempt, a, time.time())
+                    ref = self.actors[a].evaluate.options(name=job.name).remote(
+                        job.recipe, job.collection, job.reject_above, self.epoch, job.blocks)
+                    inflight[ref] = (job, a, time.time())
                 if not ray.is_initialized():
                     raise EvoError("Ray was shut down while candidates were running")
-                if queue and not idle and not inflight and not recovering:
+                if not inflight and not recovering:
+                    if idle:
+                        break  # feed has nothing and nothing runs
+                    job = take()
+                    if job is None:
+                        break
                     raise EvoError(f"every evaluator was lost ({len(self.lost)} of {len(self.actors)}); "
-                                   f"{len(queue)} candidate(s) of {desc or 'this batch'} could not run")
+                                   f"candidate {job.name} of {desc or 'this batch'} could not run")
                 ready, _ = ray.wait([*inflight, *recovering], num_returns=1, timeout=1.0)
                 now = time.time()
                 for ref in ready:
@@ -388,7 +449,7 @@ class EvaluatorPool:
                         except (RayActorError, WorkerCrashedError, RayTaskError):
                             self.lost.add(a)  # out of restarts: gone for this run
                         continue
-                    key, name, recipe, attempt, a, _ = inflight.pop(ref)
+                    job, a, start = inflight.pop(ref)
                     try:
                         result = ray.get(ref)
                         idle.append(a)
@@ -397,35 +458,47 @@ class EvaluatorPool:
                             idle.append(a)  # the task died, the actor did not
                         else:
                             recovering[self.actors[a].pid.remote()] = a
-                        if attempt < self.cfg.ray.retries:
-                            queue.append((key, name, recipe, attempt + 1))
+                        if job.attempt < self.cfg.ray.retries:
+                            retry.append(job.retried())
                             continue
-                        result = {"status": "failed", "error": f"worker lost after {attempt + 1} attempts: {type(exc).__name__}"}
+                        result = {"status": "failed", "error": f"worker lost after {job.attempt + 1} attempts: {type(exc).__name__}"}
                     if result.get("status") == "stale":  # restarted with its constructor's data
                         if stale_updates > 4 * len(self.actors):
                             raise EvoError("evaluators keep losing their data updates; giving up")
                         stale_updates += 1
                         ray.get(self._send_update(self.actors[a]))
-                        queue.insert(0, (key, name, recipe, attempt))
+                        retry.insert(0, job)
                         continue
-                    result["attempts"] = attempt + 1
-                    # an early rejection is a verdict on the candidate, not a failure to evaluate it
-                    failed += result["status"] == "failed"
-                    rejected += result["status"] == "rejected"
-                    on_result(key, result)
-                    bar.update(1)
-                    bar.set_postfix(failed=failed, rejected=rejected, running=len(inflight))
-                for ref, (key, name, recipe, attempt, a, start) in list(inflight.items()):
+                    result["attempts"] = job.attempt + 1
+                    result["dispatch"] = {"evaluator": a, "start": round(start, 4), "end": round(now, 4)}
+                    deliver(job, result)
+                for ref, (job, a, start) in list(inflight.items()):
                     if now - start > timeout:
                         # a hung candidate: restart its actor (Ray re-creates it) and count an attempt
                         inflight.pop(ref)
                         ray.kill(self.actors[a], no_restart=False)
                         idle.append(a)
-                        if attempt < self.cfg.ray.retries:
-                            queue.append((key, name, recipe, attempt + 1))
+                        if job.attempt < self.cfg.ray.retries:
+                            retry.append(job.retried())
                         else:
-                            failed += 1
-                            on_result(key, {"status": "failed", "error": f"timed out after {timeout:.0f}s", "attempts": attempt + 1})
-                            bar.update(1)
+                            deliver(job, {"status": "failed", "error": f"timed out after {timeout:.0f}s",
+                                          "attempts": job.attempt + 1})
         finally:
             bar.close()
+
+
+@dataclass
+class Job:
+    """One evaluation for :meth:`EvaluatorPool.stream`: the cache key its result is stored
+    under, the Ray task name (``gXXXX-cYYY``), the recipe (as a dict) and where to score it."""
+
+    key: str
+    name: str
+    recipe: dict
+    reject_above: Any = None  # early rejection threshold (evo.evaluator.Evaluator.evaluate)
+    blocks: dict[str, list[int]] | None = None
+    collection: str = "valid"
+    attempt: int = 0
+
+    def retried(self) -> "Job":
+        return replace(self, attempt=self.attempt + 1)

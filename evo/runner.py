@@ -24,6 +24,7 @@ from evo.pool import EvaluatorPool, Interrupted, Sources
 from evo.selection import Selection, baseline_recipes, print_selection, weights_recipe  # noqa: F401
 from evo.signals import StopSignals
 from evo.space import Recipe
+from evo.steady_state import SteadyStateSearch, SteadyStateState
 from evo.store import RunStore
 
 
@@ -123,19 +124,35 @@ def _loop(cfg: ExperimentConfig, store: RunStore, *, quiet: bool, stop_after: in
                               set_names=set_names, task_names=task_names, draws=search_draws(cfg, sources),
                               evidence=(ckpt or {}).get("evidence"), quiet=quiet)
         stopped = False
+        told = {"generations": 0}
+
+        def generation_done(row: dict, steady: dict | None = None) -> None:
+            logbook.append(row)
+            state = {**checkpoint_state(cfg, optimizer, logbook, space, sources.data_version),
+                     "data_inputs": sources.version_inputs, "evidence": step.evidence}
+            if steady is not None:
+                state["steady_state"] = steady
+            store.save_checkpoint(state)
+            store.event("generation_done", **row)
+            metrics.generation_done(row, sources.data_version)
+            told["generations"] += 1
+            if not quiet:
+                print_generation_row(row, objective_names, header=(len(logbook) == start + 1))
+
         try:
-            for gen in range(start, cfg.optimizer.generations):
-                if (stop_after is not None and gen - start >= stop_after) or stop.requested():
-                    stopped = True
-                    break
-                row = step.run(gen, should_stop=stop.requested)
-                logbook.append(row)
-                store.save_checkpoint({**checkpoint_state(cfg, optimizer, logbook, space, sources.data_version),
-                                       "data_inputs": sources.version_inputs, "evidence": step.evidence})
-                store.event("generation_done", **row)
-                metrics.generation_done(row, sources.data_version)
-                if not quiet:
-                    print_generation_row(row, objective_names, header=(gen == start))
+            if cfg.optimizer.asynchronous:
+                search = SteadyStateSearch(step, end=cfg.optimizer.generations,
+                                           on_generation=lambda row: generation_done(row, search.snapshot()),
+                                           state=SteadyStateState.from_dict((ckpt or {}).get("steady_state")))
+                search.run(should_stop=lambda: stop.requested() or (
+                    stop_after is not None and told["generations"] >= stop_after
+                    and optimizer.generation < cfg.optimizer.generations))
+            else:
+                for gen in range(start, cfg.optimizer.generations):
+                    if (stop_after is not None and gen - start >= stop_after) or stop.requested():
+                        stopped = True
+                        break
+                    generation_done(step.run(gen, should_stop=stop.requested))
         except Interrupted as exc:  # SIGINT/SIGTERM mid-generation: finished candidates are cached
             stopped = True
             store.event("run_stopped", reason=str(exc))

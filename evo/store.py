@@ -10,6 +10,7 @@ Layout::
                                generation's search blocks, ``evo.draws``): a recipe is never
                                evaluated twice on the same blocks, also across a resume
     RUN_DIR/events.jsonl       run started/resumed, generation done, failures, export
+    RUN_DIR/search_log.jsonl   asynchronous runs: every ask and tell in the order they happened
     RUN_DIR/releases/vNNNN/    exported releases
 
 Appends are line-buffered JSON with a flush per record, so a killed driver loses at most the
@@ -76,6 +77,7 @@ class RunStore:
     """Reads and writes one run directory. All writes are atomic or append-only."""
 
     CONFIG = "config.yaml"
+    SEARCH_LOG = "search_log.jsonl"
     CHECKPOINT = "checkpoint.json"
 
     def __init__(self, root: str | Path):
@@ -135,8 +137,12 @@ class RunStore:
 
     # ------------------------------------------------------------------ logs
     def _append(self, name: str, record: dict) -> None:
-        with open(self.root / name, "a") as fh:
-            fh.write(json.dumps(record, default=_default) + "\n")
+        line = (json.dumps(record, default=_default) + "\n").encode()
+        with open(self.root / name, "ab+") as fh:
+            # a killed driver may have left a torn last line: end it, so this record is not glued to it
+            if fh.seek(0, os.SEEK_END) and (fh.seek(-1, os.SEEK_END), fh.read(1))[1] != b"\n":
+                line = b"\n" + line
+            fh.write(line)
             fh.flush()
 
     def event(self, kind: str, **data: Any) -> None:
@@ -157,6 +163,14 @@ class RunStore:
             if rec.get("status") == "failed":
                 return f"{rec.get('candidate')}: {rec.get('error')}"
         return "no candidate was evaluated"
+
+    def log_step(self, record: dict) -> None:
+        """One step of an asynchronous search (an ask, a tell, an elite re-score), in the order
+        it happened: ``evo resume`` replays them from the last checkpoint (``evo.steady_state``)."""
+        self._append(self.SEARCH_LOG, record)
+
+    def search_log(self) -> list[dict]:
+        return list(read_jsonl(self.root / self.SEARCH_LOG))
 
     # ------------------------------------------------------------------ fitness cache
     def cache_put(self, key: str, result: dict) -> None:

@@ -77,34 +77,6 @@ def mean_logppl(metrics: dict) -> float:
 
 
 # ----------------------------------------------------------------------------- Ray throughput
-class _TimedMethod:
-    """Stands in for ``actor.evaluate``: records when each named task is dispatched."""
-
-    def __init__(self, method, sent: dict):
-        self.method, self.sent, self.name = method, sent, None
-
-    def options(self, name=None, **kw):
-        out = _TimedMethod(self.method.options(name=name, **kw), self.sent)
-        out.name = name
-        return out
-
-    def remote(self, *args, **kw):
-        self.sent[self.name] = time.perf_counter()
-        return self.method.remote(*args, **kw)
-
-
-class _TimedActor:
-    def __init__(self, actor, sent: dict):
-        self._actor, self._sent = actor, sent
-
-    @property
-    def evaluate(self):
-        return _TimedMethod(self._actor.evaluate, self._sent)
-
-    def __getattr__(self, item):
-        return getattr(self._actor, item)
-
-
 def pool_run(cfg, sources, recipes, warmup, label: str) -> dict:
     """One measurement: start a pool, wait for its actors, warm them up, time the candidate list."""
     from evo.pool import EvaluatorPool
@@ -115,26 +87,19 @@ def pool_run(cfg, sources, recipes, warmup, label: str) -> dict:
         t_ready = time.perf_counter()
         warm = {f"warm-{i}": (f"{label}-warm-{i}", r) for i, r in enumerate(warmup)}
         pool.evaluate(warm, lambda k, r: None)
-        real = pool.actors
-        sent: dict[str, float] = {}
-        pool.actors = [_TimedActor(a, sent) for a in real]
         todo = {r.key(): (f"{label}-c{i:03d}", r) for i, r in enumerate(recipes)}
         rows = []
 
         def on_result(key, result):
-            done = time.perf_counter()
-            name = todo[key][0]
-            t = result.get("timings", {})
-            rows.append({"name": name, "status": result["status"], "wall_s": done - sent[name],
+            # the pool stamps each result with when it was sent and when it came back
+            name, t, d = todo[key][0], result.get("timings", {}), result["dispatch"]
+            rows.append({"name": name, "status": result["status"], "wall_s": d["end"] - d["start"],
                          "merge_s": t.get("merge_s", 0.0), "eval_s": t.get("eval_s", 0.0),
                          "value": mean_logppl(result["metrics"]) if result["status"] == "ok" else None})
 
-        try:
-            t0 = time.perf_counter()
-            pool.evaluate(todo, on_result)
-            elapsed = time.perf_counter() - t0
-        finally:
-            pool.actors = real  # so __exit__ kills the real actors
+        t0 = time.perf_counter()
+        pool.evaluate(todo, on_result)
+        elapsed = time.perf_counter() - t0
     bad = [r for r in rows if r["status"] != "ok"]
     if bad:
         raise SystemExit(f"{label}: {len(bad)} candidates failed: {bad[0]}")
@@ -277,6 +242,81 @@ def bench_reload(zoo: str, recipes) -> dict:
 
 
 # ----------------------------------------------------------------------------- report
+# ----------------------------------------------------------------------------- busy fraction
+def busy_fraction(run_dir: Path, evaluators: int) -> dict:
+    """Sum of job seconds (sent to result back, at the driver) over evaluators x the search's
+    wall time (first job sent to last result back), from the run's fitness cache: every job of
+    the search (candidates, each draw's control, elite re-scores) is in it with its ``dispatch``."""
+    from evo.store import RunStore
+
+    jobs = [r["dispatch"] for r in RunStore.open(run_dir).cache_load().values() if r.get("dispatch")]
+    wall = max(j["end"] for j in jobs) - min(j["start"] for j in jobs)
+    busy = sum(j["end"] - j["start"] for j in jobs)
+    return {"jobs": len(jobs), "wall_s": wall, "busy_s": busy, "busy": busy / (evaluators * wall)}
+
+
+def bench_busy(zoo: str, generations: int, population: int, evaluators: int, repeats: int,
+               straggler: str) -> list[dict]:
+    """``evo.run`` on the tiny zoo (CMA-ES, early rejection on: evo's defaults), synchronous and
+    asynchronous, without and with an emulated straggler (``EVO_BENCH_STRAGGLER``: one recipe in
+    EVERY takes FACTOR times as long), alternating the modes so machine load hits both alike."""
+    import evo
+    from evo.evaluator import STRAGGLER_ENV
+    from evo.store import RunStore
+
+    rows = []
+    root = Path(tempfile.mkdtemp(prefix="bench-busy-"))
+    for rep in range(repeats):
+        for slow in ("", straggler):
+            for mode in (("sync", "async") if rep % 2 == 0 else ("async", "sync")):
+                cfg = {"name": "bench-busy", "zoo": zoo, "search_space": str(SPACE), "eval": dict(EVAL), "seed": rep,
+                       "optimizer": {"name": "cmaes", "generations": generations, "population": population,
+                                     "async": mode == "async"},
+                       "ray": {"evaluators": evaluators, "cpus_per_evaluator": 1, "threads_per_evaluator": 1,
+                               "dashboard": False}}
+                if slow:
+                    os.environ[STRAGGLER_ENV] = slow  # Ray's workers inherit it from this process
+                else:
+                    os.environ.pop(STRAGGLER_ENV, None)
+                run_dir = root / f"{mode}-{rep}-{'slow' if slow else 'even'}"
+                t0 = time.perf_counter()
+                result = evo.run(cfg, run_dir, quiet=True)
+                elapsed = time.perf_counter() - t0
+                os.environ.pop(STRAGGLER_ENV, None)
+                cands = RunStore.open(run_dir).candidates()
+                row = {"mode": mode, "repeat": rep, "straggler": slow or "none", "run_s": elapsed,
+                       **busy_fraction(run_dir, evaluators),
+                       "rejected": sum(c["status"] == "rejected" for c in cands), "candidates": len(cands),
+                       "best": result.best_values[0],
+                       "stragglers": sum(1 for c in cands if (c.get("timings") or {}).get("straggler_s"))}
+                print(f"  {mode:5s} repeat {rep} straggler {row['straggler']}: busy {100 * row['busy']:.1f}% "
+                      f"({row['jobs']} jobs, {row['wall_s']:.1f} s search wall), {row['rejected']} rejected, "
+                      f"{row['stragglers']} slowed, best {row['best']:.4f}", flush=True)
+                rows.append(row)
+    return rows
+
+
+def busy_table(rows: list[dict], args) -> str:
+    lines = [f"Tiny zoo, CMA-ES {args.generations} generations x {args.population}, {args.evaluators} evaluators, "
+             f"early rejection on, {EVAL['max_blocks']} blocks x {EVAL['seq_len']} tokens per domain; "
+             f"{args.repeats} repeats per cell (median [min-max]); straggler = one recipe in "
+             f"{args.straggler.split(':')[0]} takes {args.straggler.split(':')[1]}x as long.",
+             "", "| straggler | synchronous busy | asynchronous busy | async / sync | search wall sync -> async |",
+             "|---|---|---|---|---|"]
+    for slow in ("none", args.straggler):
+        cell = {m: [r for r in rows if r["mode"] == m and r["straggler"] == slow] for m in ("sync", "async")}
+        med = {m: statistics.median(r["busy"] for r in v) for m, v in cell.items()}
+        wall = {m: statistics.median(r["wall_s"] for r in v) for m, v in cell.items()}
+
+        def spread(v):
+            return f"{100 * min(r['busy'] for r in v):.1f}-{100 * max(r['busy'] for r in v):.1f}"
+
+        lines.append(f"| {slow} | {100 * med['sync']:.1f}% [{spread(cell['sync'])}] | **{100 * med['async']:.1f}%** "
+                     f"[{spread(cell['async'])}] | {med['async'] / med['sync']:.3f} | {wall['sync']:.1f} s -> "
+                     f"{wall['async']:.1f} s |")
+    return "\n".join(lines) + "\n"
+
+
 def table(ray_rows: list[dict], reload: dict, n: int) -> str:
     by = {1: [r for r in ray_rows if r["evaluators"] == 1], 2: [r for r in ray_rows if r["evaluators"] == 2]}
     med = {k: statistics.median(r["per_minute"] for r in v) for k, v in by.items()}
@@ -330,6 +370,12 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", default=None,
                    help="compare resident-model dtypes instead, e.g. float32,bfloat16 (first = reference)")
     p.add_argument("--seq-len", type=int, default=EVAL["seq_len"], help="tokens per block (--dtypes)")
+    p.add_argument("--busy", action="store_true",
+                   help="evaluator busy fraction, synchronous vs asynchronous search (evo.run, early rejection on)")
+    p.add_argument("--generations", type=int, default=8, help="--busy: generations per run")
+    p.add_argument("--population", type=int, default=12, help="--busy: candidates per generation")
+    p.add_argument("--evaluators", type=int, default=2, help="--busy: evaluator actors")
+    p.add_argument("--straggler", default="8:4", help="--busy: EVERY:FACTOR, one recipe in EVERY is FACTOR x slower")
     p.add_argument("--out", default=str(ROOT / "experiments" / "out"))
     args = p.parse_args(argv)
     if args.quick:
@@ -349,6 +395,16 @@ def main(argv=None) -> int:
         print(text)
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "bench_dtype.md").write_text(text)
+        return 0
+    if args.busy:
+        print("busy fraction, synchronous vs asynchronous:", flush=True)
+        rows = bench_busy(args.zoo, args.generations, args.population, args.evaluators, args.repeats, args.straggler)
+        text = busy_table(rows, args)
+        text += f"\nWall time {time.time() - t0:.0f} s; load average at the end: {os.getloadavg()[0]:.2f}.\n"
+        print(text)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "bench_busy.md").write_text(text)
+        (Path(args.out) / "bench_busy.json").write_text(json.dumps(rows, indent=1))
         return 0
     warmup = list(baseline_recipes(cfg).values())
     print(f"load average at start: {os.getloadavg()[0]:.2f}")
