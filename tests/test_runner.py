@@ -139,7 +139,8 @@ def test_failing_candidate_is_recorded_and_generation_goes_on(micro_zoo, ray_ses
 
 def test_fitness_cache_skips_repeated_recipes(micro_zoo, ray_session, space_file, tmp_path):
     cfg = micro_config(micro_zoo, space_file, optimizer={"name": "ga", "generations": 2, "population": 4,
-                                                          "options": {"elites": 0, "mutpb": 0.0, "cxpb": 0.0}})
+                                                          "options": {"elites": 0, "mutpb": 0.0, "cxpb": 0.0},
+                                                          "async": False})  # generation 1 copies generation 0
     cfg["eval"] = {**cfg["eval"], "redraw": False}  # the same blocks every generation
     evo.run(cfg, tmp_path / "run", quiet=True)
     cands = RunStore.open(tmp_path / "run").candidates()
@@ -154,7 +155,8 @@ def test_fresh_draws_re_score_repeated_recipes_on_new_blocks(micro_zoo, ray_sess
     """With redraw (the default) a recipe asked again in the next generation is scored on that
     generation's blocks, and values stay comparable through the control (evo.draws)."""
     cfg = micro_config(micro_zoo, space_file, optimizer={"name": "ga", "generations": 2, "population": 4,
-                                                          "options": {"elites": 0, "mutpb": 0.0, "cxpb": 0.0}})
+                                                          "options": {"elites": 0, "mutpb": 0.0, "cxpb": 0.0},
+                                                          "async": False})  # generation 1 copies generation 0
     evo.run(cfg, tmp_path / "run", quiet=True)
     cands = RunStore.open(tmp_path / "run").candidates()
     gen0 = {c["recipe"]["key"] if "key" in (c["recipe"] or {}) else json.dumps(c["recipe"], sort_keys=True): c
@@ -168,6 +170,43 @@ def test_fresh_draws_re_score_repeated_recipes_on_new_blocks(micro_zoo, ray_sess
             assert c["raw_values"] != before["raw_values"]
             # ... but adjusted by the control they agree to within a few standard errors
             assert abs(c["values"][0] - before["values"][0]) < 4 * (c["se"] + before["se"]) + 1e-3
+
+
+def test_steady_state_run_replays_its_recorded_arrival_order(micro_zoo, ray_session, space_file, tmp_path):
+    """Two evaluators deliver results in the machine's order; the search log records it, and a
+    resume replays it: from no checkpoint at all, the whole run is rebuilt from the log and the
+    fitness cache, evaluating nothing, to the same optimizer state."""
+    import shutil
+
+    cfg = micro_config(micro_zoo, space_file, optimizer={"name": "cmaes", "generations": 3, "population": 6})
+    run = evo.run(cfg, tmp_path / "run", quiet=True)
+    store = RunStore.open(tmp_path / "run")
+    log = store.search_log()
+    assert [e["step"] for e in log].count("tell") == 18 and [e["step"] for e in log].count("ask") == 18
+    assert [e["gen"] for e in log if e["step"] == "start"] == [0, 1, 2]
+    # values told in arrival order; each generation row counts 6 results
+    assert [row["evals"] + row["cached"] for row in store.load_checkpoint()["logbook"]] == [6, 6, 6]
+    final = store.load_checkpoint()["optimizer"]
+
+    shutil.copytree(tmp_path / "run", tmp_path / "replay")
+    (tmp_path / "replay" / "checkpoint.json").unlink()
+    cached = (tmp_path / "replay" / "cache.jsonl").read_text()
+    replayed = evo.resume(tmp_path / "replay", quiet=True)
+    assert (tmp_path / "replay" / "cache.jsonl").read_text() == cached  # nothing evaluated again
+    again = RunStore.open(tmp_path / "replay")
+    assert again.search_log() == log  # replayed, not appended to
+    state = again.load_checkpoint()["optimizer"]
+    assert state["strategy"] == final["strategy"] and state["hall_of_fame"] == final["hall_of_fame"]
+    assert replayed.best_recipe.key() == run.best_recipe.key() and replayed.best_values == run.best_values
+
+    # a log that no longer matches the optimizer (another seed) is refused in one line
+    shutil.copytree(tmp_path / "run", tmp_path / "other")
+    (tmp_path / "other" / "checkpoint.json").unlink()
+    conf = yaml.safe_load((tmp_path / "other" / "config.yaml").read_text())
+    conf["seed"] = 8
+    (tmp_path / "other" / "config.yaml").write_text(yaml.safe_dump(conf))
+    with pytest.raises(EvoError, match="search log replay diverged at g0000-c0"):
+        evo.resume(tmp_path / "other", quiet=True)
 
 
 def test_export_refuses_unfinished_run(tmp_path):
