@@ -38,6 +38,7 @@ from evo.optim import restore_optimizer
 from evo.pool import EvaluatorPool, Interrupted
 from evo.signals import StopSignals
 from evo.sources import Sources
+from evo.steady_state import SteadyStateSearch, SteadyStateState
 from evo.space import Recipe
 from evo.store import RunStore
 
@@ -74,11 +75,13 @@ class ContinualLoop:
         ckpt = store.load_checkpoint()
         if ckpt is None:
             self.optimizer = new_optimizer(cfg, self.space)
+            self.steady: dict | None = None  # evo.steady_state's part of the checkpoint
             self.logbook: list[dict] = []
             self.state = {"version": None, "shard": None, "phase": "done", "gen_in_version": 0,
                           "release": None, "release_dir": None, "reference": None, "history": []}
         else:
             self.optimizer = restore_optimizer(ckpt["optimizer"])
+            self.steady = ckpt.get("steady_state")
             self.logbook = ckpt["logbook"]
             self.state = ckpt["stream"]
         self.cache = store.cache_load()
@@ -120,21 +123,8 @@ class ContinualLoop:
                         self._reevaluate()
                         st["phase"] = "evolve"
                         self._checkpoint()
-                    first = True
-                    while st["phase"] == "evolve" and st["gen_in_version"] < cfg.stream.generations:
-                        if stop.requested():
-                            raise Interrupted("stop requested between generations")
-                        gen = self.optimizer.generation
-                        row = self.step.run(gen, should_stop=stop.requested)
-                        row["data_version"] = st["version"]
-                        self.logbook.append(row)
-                        st["gen_in_version"] += 1
-                        self._checkpoint()
-                        self.store.event("generation_done", **row)
-                        self.metrics.generation_done(row, st["version"])
-                        if not self.quiet:
-                            print_generation_row(row, self.objective_names, header=first)
-                        first = False
+                    if st["phase"] == "evolve" and st["gen_in_version"] < cfg.stream.generations:
+                        self._evolve(stop)
                     if st["phase"] == "evolve":
                         st["phase"] = "release"
                         self._checkpoint()
@@ -164,6 +154,35 @@ class ContinualLoop:
         return result
 
     # ------------------------------------------------------------------------------ steps
+    def _evolve(self, stop) -> None:
+        """The rest of this version's ``stream.generations`` generations: steady state (each
+        result told as it arrives, a generation every ``population`` results) or synchronous."""
+        st, cfg = self.state, self.cfg
+        header = [True]
+
+        def generation_done(row: dict, steady: dict | None = None) -> None:
+            row["data_version"] = st["version"]
+            self.logbook.append(row)
+            st["gen_in_version"] += 1
+            self.steady = steady
+            self._checkpoint()
+            self.store.event("generation_done", **row)
+            self.metrics.generation_done(row, st["version"])
+            if not self.quiet:
+                print_generation_row(row, self.objective_names, header=header[0])
+            header[0] = False
+
+        if cfg.optimizer.asynchronous:
+            end = self.optimizer.generation + cfg.stream.generations - st["gen_in_version"]
+            search = SteadyStateSearch(self.step, end=end, state=SteadyStateState.from_dict(self.steady),
+                                       on_generation=lambda row: generation_done(row, search.snapshot()))
+            search.run(should_stop=stop.requested)
+            return
+        while st["gen_in_version"] < cfg.stream.generations:
+            if stop.requested():
+                raise Interrupted("stop requested between generations")
+            generation_done(self.step.run(self.optimizer.generation, should_stop=stop.requested))
+
     def _next_version(self) -> bool:
         """Take the next data version (consuming at most one new one); False when none."""
         st = self.state
@@ -407,7 +426,7 @@ class ContinualLoop:
 
     def _checkpoint(self) -> None:
         ckpt = checkpoint_state(self.cfg, self.optimizer, self.logbook, self.space, self.data_key or "")
-        self.store.save_checkpoint({**ckpt, "stream": self.state, "pid": os.getpid()})
+        self.store.save_checkpoint({**ckpt, "stream": self.state, "pid": os.getpid(), "steady_state": self.steady})
 
 
 def _sample(blocks: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:

@@ -5,6 +5,7 @@ rejection, and subset fitness.
     python experiments/bench_search.py --quick              # 48 evaluations x 2 seeds, population 8
     python experiments/bench_search.py --nsga2              # also the 2-objective NSGA-II comparison
     python experiments/bench_search.py --heldout            # held-out study (experiments/bench_heldout.py)
+    python experiments/bench_search.py --async              # async vs sync search (experiments/bench_async.py)
 
 One process, one torch thread, no Ray and no run store: a single resident
 ``evo.evaluator.Evaluator`` built from ``evo.sources.Sources.load(cfg)`` scores every candidate,
@@ -342,6 +343,11 @@ def main(argv=None) -> int:
         from bench_heldout import main as heldout_main
 
         return heldout_main([a for a in argv if a != "--heldout"])
+    if "--async" in argv:  # asynchronous vs synchronous search at equal evaluations
+        sys.path.insert(0, str(ROOT / "experiments"))
+        from bench_async import main as async_main
+
+        return async_main([a for a in argv if a != "--async"])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--zoo", default=str(ROOT / "zoo"))
     p.add_argument("--budget", type=int, default=160, help="evaluations per run")

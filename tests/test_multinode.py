@@ -33,7 +33,8 @@ ray.init(address=cluster.address, log_to_driver=False)
 head_id = ray.get_runtime_context().get_node_id()
 cfg = {"zoo": zoo, "search_space": space, "seed": 4,
        "eval": {"seq_len": 64, "max_blocks": 32, "batch_size": 1},
-       "optimizer": {"name": "ga", "generations": 3, "population": 6, "options": {"elites": 1}},
+       # generation-synchronous: the outcome must not depend on which node answers first
+       "optimizer": {"name": "ga", "generations": 3, "population": 6, "options": {"elites": 1}, "async": False},
        "ray": {"evaluators": 2, "cpus_per_evaluator": 1, "retries": 2, "address": cluster.address,
                "resources_timeout_s": 0}}
 
