@@ -491,10 +491,3 @@ def _coerce(hint, value, source, where):
     if hint is str and isinstance(value, (str, Path)):
         return str(value)
     raise EvoError(f"{source}: {where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
-
-
-def early_rejection_active(cfg: ExperimentConfig) -> bool:
-    """On by default, but only where it is sound: one objective, and it is a mean log-perplexity."""
-    er = cfg.eval.early_rejection
-    return er.enabled and len(cfg.objectives) == 1 and cfg.objectives[0].metric == "logppl" \
-        and cfg.objectives[0].reduce == "mean" and cfg.objectives[0].goal == "minimize"

@@ -15,7 +15,7 @@ For every new data version (one shard at a time, oldest first):
 4. **release** by the rule of :class:`evo.config.ReleaseConfig`; the release records its data
    versions, parent release and lineage.
 
-Each step checkpoints (``checkpoint.json["stream"]`` says where the loop is), so ``evo resume``
+Each step checkpoints (``Checkpoint.stream`` says where the loop is), so ``evo resume``
 continues at the step it was in, and the fitness cache means nothing finished is redone.
 """
 from __future__ import annotations
@@ -27,11 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
+from evo.checkpoint import Checkpoint
 from evo.config import ExperimentConfig
 from evo.data import DataStream
 from evo.errors import EvoError
 from evo.generation import (  # noqa: F401  (RELEASE, make_stream_space: re-exported)
-    RELEASE, GenerationStep, RunResult, checkpoint_state, make_stream_space, new_optimizer, print_generation_row,
+    RELEASE, GenerationStep, RunResult, make_stream_space, new_optimizer, print_generation_row,
 )
 from evo.metrics import RunMetrics
 from evo.optim import restore_optimizer
@@ -80,10 +81,10 @@ class ContinualLoop:
             self.state = {"version": None, "shard": None, "phase": "done", "gen_in_version": 0,
                           "release": None, "release_dir": None, "reference": None, "history": []}
         else:
-            self.optimizer = restore_optimizer(ckpt["optimizer"])
-            self.steady = ckpt.get("steady_state")
-            self.logbook = ckpt["logbook"]
-            self.state = ckpt["stream"]
+            self.optimizer = restore_optimizer(ckpt.optimizer)
+            self.steady = ckpt.steady_state
+            self.logbook = ckpt.logbook
+            self.state = ckpt.stream
         self.cache = store.cache_load()
         self.step = None
         self.data_key = None
@@ -425,8 +426,8 @@ class ContinualLoop:
         return out
 
     def _checkpoint(self) -> None:
-        ckpt = checkpoint_state(self.cfg, self.optimizer, self.logbook, self.space, self.data_key or "")
-        self.store.save_checkpoint({**ckpt, "stream": self.state, "pid": os.getpid(), "steady_state": self.steady})
+        self.store.save_checkpoint(Checkpoint.of(self.cfg, self.optimizer, self.logbook, self.space, self.data_key or "",
+                                                 stream=self.state, pid=os.getpid(), steady_state=self.steady))
 
 
 def _sample(blocks: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:

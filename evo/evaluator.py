@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from evo.errors import EvoError
 from evo.fitness import block_nlls
 from evo.merge import Merger
+from evo.rejection import RejectionTest, Threshold
 from evo.space import Recipe
 
 
@@ -88,7 +89,8 @@ class Evaluator:
         eval_sets: ``{collection: {set name: int64 blocks [n, seq_len]}}``, e.g. ``valid`` (search
             fitness) and ``test`` (final report).
         tasks: ``{name: evo.tasks.Task}`` scored after perplexity (pre-tokenised, picklable).
-        early_rejection: ``{"chunks", "z", "margin"}`` (see ``evo.config.EarlyRejection``).
+        rejection: the early-rejection test (``evo.rejection.RejectionTest``; default chunks 4,
+            z 3, margin 0).
         dtype: the resident model's dtype (``float32``, ``bfloat16``, ``float16``).
         stream_sources: keep base and task vectors in host memory and copy each tensor to the
             device as it is merged (a GPU that cannot hold them beside the model).
@@ -106,7 +108,7 @@ class Evaluator:
         batch_size: int = 8,
         name: str = "evaluator",
         tasks: Mapping | None = None,
-        early_rejection: dict | None = None,
+        rejection: RejectionTest | None = None,
         train: np.ndarray | None = None,
         task_items: Mapping | None = None,
         dtype: str = "float32",
@@ -124,7 +126,7 @@ class Evaluator:
         self.merger = None
         self.stream_sources = stream_sources  # sources stay in host memory, copied per tensor (evo.memory)
         self.task_items = dict(task_items or {})  # search ("valid") scores these items; other collections all
-        self.early_rejection = early_rejection or {"chunks": 4, "z": 3.0, "margin": 0.0}
+        self.rejection = rejection or RejectionTest()
         self.tasks: dict = {}
         self.train = None
         self.eval_sets: dict = {}
@@ -179,14 +181,13 @@ class Evaluator:
     def pid(self) -> int:
         return os.getpid()
 
-    def evaluate(self, recipe: dict, collection: str = "valid", reject_above: float | None = None,
+    def evaluate(self, recipe: dict, collection: str = "valid", reject_above: Threshold | None = None,
                  epoch: int = 0, blocks: Mapping[str, Sequence[int]] | None = None) -> dict:
         """Score one recipe. Never raises for a bad candidate: returns ``status: failed``.
 
-        ``reject_above``: early rejection against the current k-th best (see
-        ``evo.config.EarlyRejection``): either its mean log-perplexity (a bound from the spread
-        over blocks) or ``{"value": ..., "blocks": {set: per-block NLLs}}``, its per-block
-        scores, for a paired test on the same blocks (block difficulty cancels, so a worse
+        ``reject_above``: early rejection against the current k-th best (``evo.rejection``): its
+        mean log-perplexity (a bound from the spread over blocks) and, when known, its per-block
+        scores for a paired test on the same blocks (block difficulty cancels, so a worse
         candidate is recognised after far fewer blocks). A rejected candidate comes back
         ``rejected`` with its estimate as its metrics. ``epoch``: the data update the caller
         expects; an evaluator holding another (one Ray restarted from its constructor) answers
@@ -268,12 +269,9 @@ class Evaluator:
         """Per-set log-perplexity, in chunks when a rejection threshold is given.
 
         Returns (metrics, fraction of blocks evaluated, rejected?, per-block NLLs by set)."""
-        er = self.early_rejection
-        paired = reject_above.get("blocks") if isinstance(reject_above, dict) else None
-        threshold = reject_above.get("value") if isinstance(reject_above, dict) else reject_above
-        if paired is not None and any(len(paired.get(n, ())) != len(b) for n, b in sets.items()):
-            paired = None  # the reference was measured on other blocks: fall back to the bound
-        chunks = er["chunks"] if reject_above is not None else 1
+        test = self.rejection
+        threshold = test.usable(reject_above, sets) if reject_above is not None else None
+        chunks = test.chunks if threshold is not None else 1
         parts = {name: torch.tensor_split(torch.arange(len(b)), chunks) for name, b in sets.items()}
         nlls: dict[str, list[torch.Tensor]] = {name: [] for name in sets}
         total = sum(len(b) for b in sets.values())
@@ -290,23 +288,9 @@ class Evaluator:
             seen = sum(len(v) for v in done.values())
             if c == chunks - 1 or len(done) != len(sets):
                 continue
-            if paired is not None:
-                # paired: the difference to the reference on the blocks seen so far (chunks are
-                # prefixes, so those are the reference's first len(v) blocks)
-                ref = {n: torch.as_tensor(paired[n], dtype=torch.float64) for n in done}
-                diff = {n: v - ref[n][: len(v)] for n, v in done.items()}
-                delta = sum(float(d.mean()) for d in diff.values()) / len(diff)
-                se = math.sqrt(sum(float(d.var()) / len(d) for d in diff.values() if len(d) > 1)) / len(diff)
-                if delta - er["z"] * se > er["margin"]:
-                    # the estimate of the full score: the reference's mean plus the mean difference
-                    est = {f"logppl/{n}": float(ref[n].mean()) + float(d.mean()) for n, d in diff.items()}
-                    return est, seen / total, True, done
-            else:
-                mean = sum(metrics.values()) / len(metrics)
-                # standard error of the mean over sets, from the spread over blocks within each set
-                se = math.sqrt(sum(float(v.var()) / len(v) for v in done.values() if len(v) > 1)) / len(done)
-                if mean - er["z"] * se > threshold + er["margin"]:
-                    return metrics, seen / total, True, done
+            estimate = test.verdict(done, threshold)
+            if estimate is not None:
+                return estimate, seen / total, True, done
         return metrics, 1.0, False, done
 
 

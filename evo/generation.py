@@ -13,6 +13,7 @@ so neither loop imports the other.
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -22,12 +23,13 @@ from typing import Any
 import numpy as np
 from deap import tools
 
-from evo.config import ExperimentConfig, early_rejection_active
+from evo.config import ExperimentConfig
 from evo.draws import BlockDraws, adjust_metrics, paired_difference
 from evo.errors import EvoError
 from evo.fitness import objective_values
 from evo.optim import make_optimizer
 from evo.pool import Sources
+from evo.rejection import Threshold, kth_best
 from evo.selection import control_recipe
 from evo.space import Recipe, SearchSpace
 
@@ -224,20 +226,16 @@ class GenerationStep:
     def blocks_at(self, gen: int) -> dict[str, list[int]] | None:
         return self.draws.draw(gen) if self.draws is not None else None
 
-    def threshold(self, control, anchor):
-        """Early rejection against the k-th best (adjusted value A_k): on this draw, its expected
-        per-block NLLs are the control's plus (A_k - the control's adjusted value)."""
-        threshold = rejection_threshold(self.cfg, self.optimizer, self.lookup if control is None else None)
+    def threshold(self, control, anchor) -> Threshold | None:
+        """Early rejection against the k-th best (``evo.rejection``), on this draw when there
+        are draws: its expected per-block NLLs are the control's plus its lead over the control."""
+        threshold = kth_best(self.cfg, self.optimizer, self.lookup if control is None else None)
         if control is None or threshold is None:
             return threshold
-        value = threshold["value"] if isinstance(threshold, dict) else threshold
-        ctrl_adj = objective_values(anchor["metrics"], self.cfg.objectives, self.set_names, self.task_names)[0]
-        ctrl_now = objective_values(control["metrics"], self.cfg.objectives, self.set_names, self.task_names)[0]
-        shift = value - ctrl_adj
-        if not self.cfg.eval.early_rejection.paired or not control.get("block_nlls"):
-            return ctrl_now + shift
-        return {"value": ctrl_now + shift,
-                "blocks": {s: [x + shift for x in v] for s, v in control["block_nlls"].items()}}
+        value = functools.partial(objective_values, objectives=self.cfg.objectives, set_names=self.set_names,
+                                  task_names=self.task_names)
+        return threshold.on_draw(value(anchor["metrics"])[0], value(control["metrics"])[0],
+                                 control.get("block_nlls"), self.cfg.eval.early_rejection.paired)
 
     def _noise_check(self, gen: int, values, ses) -> dict | None:
         """Warn once when the differences the search acts on are within one candidate's noise."""
@@ -331,8 +329,8 @@ class GenerationStep:
                        n_failed=sum(v is None for v in values), best=self.optimizer.best(), seconds=seconds)
         row["rejected"] = sum(t.status == "rejected" for t in told)
         row["eval_work"] = round(sum(t.work for t in told), 3)  # candidates' worth of evaluation actually done
-        row["threshold"] = threshold["value"] if isinstance(threshold, dict) else threshold
-        row["paired"] = isinstance(threshold, dict)
+        row["threshold"] = threshold.value if threshold is not None else None
+        row["paired"] = threshold is not None and threshold.paired
         if control is not None:
             row["control"] = objective_values(control["metrics"], self.cfg.objectives, self.set_names, self.task_names)
             row["se"] = float(np.median([x for x in ses if x is not None])) if any(x is not None for x in ses) else None
@@ -355,44 +353,6 @@ def search_draws(cfg: ExperimentConfig, sources: Sources) -> BlockDraws | None:
         return None
     size = cfg.eval.max_blocks if cfg.eval.subset >= 1.0 else max(1, round(cfg.eval.subset * cfg.eval.max_blocks))
     return BlockDraws({s: len(b) for s, b in pool.items()}, size, cfg.seed, cfg.eval.redraw, sources.difficulty)
-
-
-def rejection_threshold(cfg: ExperimentConfig, optimizer, lookup=None):
-    """The current k-th best of the population, when early rejection applies: its per-block
-    scores for a paired test (``lookup(genome)`` finds its cached result), else its value."""
-    if not early_rejection_active(cfg):
-        return None
-    ranked = sorted((e for e in optimizer.population if e.values is not None and math.isfinite(e.values[0])),
-                    key=lambda e: e.values[0])
-    k = cfg.eval.early_rejection.k
-    if len(ranked) < k:
-        return None
-    kth = ranked[k - 1]
-    result = lookup(kth.genome) if lookup is not None else None
-    if cfg.eval.early_rejection.paired and result and result.get("status") == "ok" and result.get("block_nlls"):
-        return {"value": kth.values[0], "blocks": result["block_nlls"]}
-    return kth.values[0]
-
-
-def checkpoint_state(cfg, optimizer, logbook, space, data_version) -> dict:
-    best = optimizer.best()
-    return {
-        "version": 1,
-        "generation": optimizer.generation,
-        "generations": cfg.optimizer.generations,
-        "optimizer": optimizer.state(),
-        "logbook": logbook,
-        "data_version": data_version,
-        "objectives": [o.__dict__ for o in cfg.objectives],
-        "space": {"name": space.spec.name, "labels": space.labels},
-        "best": None if best is None else {
-            "id": best.id, "genome": best.genome, "values": best.values, "recipe": space.decode(best.genome).to_dict(),
-        },
-        "hall_of_fame": [
-            {"id": e.id, "genome": e.genome, "values": e.values, "recipe": space.decode(e.genome).to_dict()}
-            for e in optimizer.hall_of_fame
-        ],
-    }
 
 
 def _log_row(gen, values, names, *, n_evals, n_cached, n_failed, best, seconds) -> dict:

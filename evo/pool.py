@@ -26,6 +26,7 @@ from evo.config import ExperimentConfig
 from evo.errors import EvoError
 from evo.evaluator import Evaluator
 from evo.memory import check_plan, object_store_bytes, plan_for
+from evo.rejection import RejectionTest
 from evo.sources import Sources
 
 
@@ -313,7 +314,7 @@ class EvaluatorPool:
                 ).remote(
                     None, None, self.sources.model_config,
                     threads=rc.threads_per_evaluator, device=device, batch_size=self.cfg.eval.batch_size, name=name,
-                    early_rejection={"chunks": er.chunks, "z": er.z, "margin": er.margin},
+                    rejection=RejectionTest.of(er),
                     task_items=self.sources.task_items, dtype=self.cfg.dtype,
                     stream_sources=bool(self.plan and self.plan.stream_sources),
                 )

@@ -19,6 +19,7 @@ from evo.config import ExperimentConfig
 from evo.errors import EvoError
 from evo.gguf import MARKER as GGUF_MARKER
 from evo.space import Recipe
+from evo.checkpoint import Checkpoint
 from evo.store import RunStore, atomic_write_text
 
 MANIFEST = "MANIFEST.sha256"
@@ -63,15 +64,15 @@ def export(run_dir: str | Path, out: str | Path | None = None, *, lora: str = "m
     if name is not None:
         out = store.releases_dir / name
     ckpt = store.load_checkpoint()
-    if not ckpt or not ckpt.get("best"):
+    if not ckpt or not ckpt.best:
         raise EvoError(f"{store.root}: no complete generation to export yet")
     cfg = ExperimentConfig.from_dict(store.config(), source=str(store.root / RunStore.CONFIG))
-    if cfg.streaming:
-        current = (ckpt.get("stream") or {}).get("release_dir")
+    if ckpt.is_stream:
+        current = ckpt.stream.get("release_dir")
         raise EvoError(f"{store.root}: a stream run writes its releases itself; "
                        + (f"the current release is {current}: ship that folder" if current
                           else f"none was released yet (see {store.releases_dir})"))
-    selection = ckpt.get("selection")
+    selection = ckpt.selection
     if not selection or not selection.get("release_recipe"):
         raise EvoError(f"{store.root}: the run has not finished: its release is chosen on the selection split after "
                        f"the last generation; continue it with `evo resume {store.root}`")
@@ -144,15 +145,15 @@ def write_release(store: RunStore, cfg: ExperimentConfig, recipe: Recipe, paths:
     return out
 
 
-def _run_fitness(cfg: ExperimentConfig, ckpt: dict, store: RunStore, label: str | None = None) -> dict:
+def _run_fitness(cfg: ExperimentConfig, ckpt: Checkpoint, store: RunStore, label: str | None = None) -> dict:
     """fitness.json of a fixed-data run's release (or of ``label``, another row of the selection
     table): its values on the selection split (what ``evo verify`` re-measures), beside its search
     and test values, the margins over the best simple baseline, the comparison and the lineage."""
     from evo.reporting import lineage
 
-    sel = ckpt["selection"]
+    sel = ckpt.selection
     label = label or sel["release"]
-    objectives = ckpt["objectives"]
+    objectives = ckpt.objectives
     split = sel.get("split") or "valid"
     row = sel["table"].get(label) or {}
     measured = row.get("selection") or row.get(split) or {}
@@ -176,15 +177,15 @@ def _run_fitness(cfg: ExperimentConfig, ckpt: dict, store: RunStore, label: str 
         "release": {"label": label, "kind": kind, "reason": reason,
                     "best_baseline": sel.get("best_baseline"), "best_lambda": sel.get("best_lambda")},
         "margins": margins,
-        "data_version": ckpt["data_version"],
-        "generation": ckpt["generation"],
+        "data_version": ckpt.data_version,
+        "generation": ckpt.generation,
         "run": str(store.root.resolve()),
         "eval": _eval_record(cfg),
         "objective_specs": objectives,
-        "data_inputs": ckpt.get("data_inputs", {}),
+        "data_inputs": ckpt.data_inputs,
         "comparison": sel["table"],
     }
-    best_id = (ckpt.get("best") or {}).get("id")
+    best_id = (ckpt.best or {}).get("id")
     if kind == "evolved":
         best_id = label.rsplit("(", 1)[-1].rstrip(")")
     fitness["lineage"] = [

@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 from evo.config import ExperimentConfig  # noqa: E402
 from evo.errors import EvoError  # noqa: E402
 from evo.space import SearchSpaceSpec, SearchSpace  # noqa: E402
+from evo.checkpoint import Checkpoint  # noqa: E402
 from evo.store import RunStore, atomic_write_text  # noqa: E402
 
 
@@ -35,17 +36,14 @@ def report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     cands = store.candidates()
     out_dir = Path(out) if out else store.root / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = [o["name"] for o in ckpt["objectives"]]
-    goals = [o["goal"] for o in ckpt["objectives"]]
-    if cfg.streaming:  # the continual loop adds the current release as a source model
-        from evo.generation import make_stream_space
-
-        space = make_stream_space(cfg)
-    else:
-        space = SearchSpace(SearchSpaceSpec.from_yaml(cfg.search_space), list(cfg.models.sources), "base")
+    names = [o["name"] for o in ckpt.objectives]
+    goals = [o["goal"] for o in ckpt.objectives]
+    # the genome's models as the run recorded them (a stream run adds its current release)
+    models = ckpt.space.get("models") or list(cfg.models.sources)
+    space = SearchSpace(SearchSpaceSpec.from_yaml(cfg.search_space), models, "base")
 
     figures = {
-        "fitness": _plot_fitness(ckpt["logbook"], names),
+        "fitness": _plot_fitness(ckpt.logbook, names),
         "genes": _plot_genes(cands, space),
         "lineage": _plot_lineage(cands, ckpt, names),
     }
@@ -134,8 +132,8 @@ def lineage(cands: list[dict], best_id: str | None) -> list[dict]:
     return sorted(out, key=lambda c: (c["generation"], c["candidate"]))
 
 
-def _best_id(ckpt: dict) -> str | None:
-    best = ckpt.get("best") or {}
+def _best_id(ckpt: Checkpoint) -> str | None:
+    best = ckpt.best or {}
     return best.get("id")
 
 
@@ -168,7 +166,7 @@ def _plot_pareto(cands, ckpt, names, goals):
     if not ok:
         return None
     pts = np.array(ok)
-    front = [e["values"] for e in ckpt["optimizer"].get("front", []) if e.get("values")]
+    front = [e["values"] for e in ckpt.optimizer.get("front", []) if e.get("values")]
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     ax.scatter(pts[:, 0], pts[:, 1], s=8, color="lightgray", label="candidates")
     if front:
@@ -197,7 +195,7 @@ def _html(cfg, ckpt, cands, store, images, names) -> str:
     failed = [c for c in cands if c["status"] not in ("ok", "rejected")]
     rejected = [c for c in cands if c["status"] == "rejected"]
     versions = sorted({c.get("data_version") for c in cands if c.get("data_version")})
-    best = ckpt.get("best") or {}
+    best = ckpt.best or {}
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>evo report: {esc(cfg.name)}</title>",
@@ -205,8 +203,8 @@ def _html(cfg, ckpt, cands, store, images, names) -> str:
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
         "th{background:#f3f3f3}img{max-width:100%}code{background:#f6f6f6}</style></head><body>",
         f"<h1>evo report: {esc(cfg.name)}</h1>",
-        f"<p>run <code>{esc(str(store.root))}</code> &middot; generation {ckpt['generation']}"
-        f"{'' if ckpt.get('stream') else ' of ' + str(ckpt['generations'])} &middot; {len(cands)} candidates ({len(failed)} failed, {len(rejected)} stopped early by rejection) &middot; optimizer "
+        f"<p>run <code>{esc(str(store.root))}</code> &middot; generation {ckpt.generation}"
+        f"{'' if ckpt.stream else ' of ' + str(ckpt.generations)} &middot; {len(cands)} candidates ({len(failed)} failed, {len(rejected)} stopped early by rejection) &middot; optimizer "
         f"<code>{esc(cfg.optimizer.name)}</code> &middot; search space <code>{esc(Path(cfg.search_space).name)}</code></p>",
     ]
     if best:
@@ -217,7 +215,7 @@ def _html(cfg, ckpt, cands, store, images, names) -> str:
                        ("genes", "Gene distributions"), ("lineage", "Lineage of the best")):
         if key in images:
             parts.append(f"<h2>{title}</h2><img alt='{key}' src='data:image/png;base64,{images[key]}'>")
-    comp = ckpt.get("comparison")
+    comp = ckpt.comparison
     if comp:
         coll = next((c for c in ("test", "selection", "valid") if any(c in v for v in comp.values())), "valid")
         sets = list(cfg.eval.sets)
@@ -247,7 +245,7 @@ def _html(cfg, ckpt, cands, store, images, names) -> str:
         parts.append("</table>")
     else:
         parts.append("<p>none</p>")
-    stream = ckpt.get("stream")
+    stream = ckpt.stream
     if stream:
         parts.append("<h2>Data versions and releases</h2><table><tr><th>version</th><th>shard</th>"
                      "<th>release after it</th><th>decision</th></tr>")

@@ -12,11 +12,12 @@ import functools
 import os
 from pathlib import Path
 
+from evo.checkpoint import Checkpoint
 from evo.config import ExperimentConfig
 from evo.errors import EvoError
 from evo.generation import (  # noqa: F401  (re-exported: the loop's public names)
-    GenerationStep, RunResult, checkpoint_state, initial_genomes, make_space, new_optimizer, objective_directions,
-    optimizer_options, print_generation_row, rejection_threshold, search_draws,
+    GenerationStep, RunResult, initial_genomes, make_space, new_optimizer, objective_directions,
+    optimizer_options, print_generation_row, search_draws,
 )
 from evo.metrics import RunMetrics
 from evo.optim import restore_optimizer
@@ -100,8 +101,8 @@ def _loop(cfg: ExperimentConfig, store: RunStore, *, quiet: bool, stop_after: in
         optimizer = new_optimizer(cfg, space)
         logbook: list[dict] = []
     else:
-        optimizer = restore_optimizer(ckpt["optimizer"])
-        logbook = ckpt["logbook"]
+        optimizer = restore_optimizer(ckpt.optimizer)
+        logbook = ckpt.logbook
     start = optimizer.generation
     done = start >= cfg.optimizer.generations
     cache = store.cache_load()
@@ -122,17 +123,15 @@ def _loop(cfg: ExperimentConfig, store: RunStore, *, quiet: bool, stop_after: in
         metrics = RunMetrics(store.root.name, objective_names)
         step = GenerationStep(cfg, space, optimizer, pool, store, cache, metrics, data_key=sources.data_version,
                               set_names=set_names, task_names=task_names, draws=search_draws(cfg, sources),
-                              evidence=(ckpt or {}).get("evidence"), quiet=quiet)
+                              evidence=ckpt.evidence if ckpt else None, quiet=quiet)
         stopped = False
         told = {"generations": 0}
 
         def generation_done(row: dict, steady: dict | None = None) -> None:
             logbook.append(row)
-            state = {**checkpoint_state(cfg, optimizer, logbook, space, sources.data_version),
-                     "data_inputs": sources.version_inputs, "evidence": step.evidence}
-            if steady is not None:
-                state["steady_state"] = steady
-            store.save_checkpoint(state)
+            store.save_checkpoint(Checkpoint.of(cfg, optimizer, logbook, space, sources.data_version,
+                                                data_inputs=sources.version_inputs, evidence=step.evidence,
+                                                steady_state=steady))
             store.event("generation_done", **row)
             metrics.generation_done(row, sources.data_version)
             told["generations"] += 1
@@ -143,7 +142,7 @@ def _loop(cfg: ExperimentConfig, store: RunStore, *, quiet: bool, stop_after: in
             if cfg.optimizer.asynchronous:
                 search = SteadyStateSearch(step, end=cfg.optimizer.generations,
                                            on_generation=lambda row: generation_done(row, search.snapshot()),
-                                           state=SteadyStateState.from_dict((ckpt or {}).get("steady_state")))
+                                           state=SteadyStateState.from_dict(ckpt.steady_state if ckpt else None))
                 search.run(should_stop=lambda: stop.requested() or (
                     stop_after is not None and told["generations"] >= stop_after
                     and optimizer.generation < cfg.optimizer.generations))
@@ -198,7 +197,9 @@ def select_release(cfg, pool, space, optimizer, store, quiet) -> dict:
             continue
     stage = Selection(cfg, evaluate, has_selection=pool.sources.has_selection, has_test=pool.sources.has_report_sets)
     record = stage.run(evolved)
-    store.save_checkpoint({**store.load_checkpoint(), "selection": record, "comparison": record["table"]})
+    ckpt = store.load_checkpoint()
+    ckpt.selection, ckpt.comparison = record, record["table"]
+    store.save_checkpoint(ckpt)
     store.event("selection", release=record["release"], reason=record["reason"], margins=record["margins"])
     if not quiet:
         print_selection(record, list(cfg.eval.sets))

@@ -12,12 +12,12 @@ def status_table(run_dir, top: int = 10) -> str:
     if not ckpt:
         lines.append(f"no complete generation yet ({len(candidates)} candidates evaluated)")
         return "\n".join(lines)
-    names = [o["name"] for o in ckpt["objectives"]]
+    names = [o["name"] for o in ckpt.objectives]
     failed = sum(c["status"] != "ok" for c in candidates)
-    stream = ckpt.get("stream")
-    of = "" if stream else f"/{ckpt['generations']}"
+    stream = ckpt.stream
+    of = "" if stream else f"/{ckpt.generations}"
     lines.append(
-        f"generation {ckpt['generation']}{of}  data {ckpt['data_version']}  "
+        f"generation {ckpt.generation}{of}  data {ckpt.data_version}  "
         f"candidates {len(candidates)} (failed {failed}, cached {sum(bool(c.get('cached')) for c in candidates)})"
     )
     if stream:
@@ -28,14 +28,14 @@ def status_table(run_dir, top: int = 10) -> str:
     latest = {}
     for c in candidates:  # the newest record of each recipe key
         latest[c["key"]] = c
-    pop = [e for e in ckpt["optimizer"]["population"]]
+    pop = [e for e in ckpt.optimizer["population"]]
     lines.append("")
     lines.append(f"{'rank':>4}  " + "  ".join(f"{n:>14}" for n in names) + "  genome (first 6 genes)")
     for rank, e in enumerate(pop[:top], 1):
         vals = "  ".join(f"{v:>14.4f}" for v in e["values"]) if e["values"] else "failed".rjust(14)
         genes = " ".join(f"{g:.2f}" for g in e["genome"][:6])
         lines.append(f"{rank:>4}  {vals}  {genes}")
-    if ckpt.get("best"):
+    if ckpt.best:
         lines.append("")
-        lines.append("best: " + ", ".join(f"{n}={v:.4f}" for n, v in zip(names, ckpt["best"]["values"])))
+        lines.append("best: " + ", ".join(f"{n}={v:.4f}" for n, v in zip(names, ckpt.best["values"])))
     return "\n".join(lines)

@@ -28,6 +28,7 @@ from typing import Any, Iterator
 
 import yaml
 
+from evo.checkpoint import Checkpoint
 from evo.errors import EvoError
 
 
@@ -123,17 +124,18 @@ class RunStore:
         return yaml.safe_load((self.root / self.CONFIG).read_text())
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, state: dict) -> None:
-        atomic_write_text(self.root / self.CHECKPOINT, json.dumps(state))
+    def save_checkpoint(self, ckpt: Checkpoint) -> None:
+        atomic_write_text(self.root / self.CHECKPOINT, json.dumps(ckpt.to_dict(), default=_default))
 
-    def load_checkpoint(self) -> dict | None:
+    def load_checkpoint(self) -> Checkpoint | None:
         path = self.root / self.CHECKPOINT
         if not path.exists():
             return None
         try:
-            return json.loads(path.read_text())
+            data = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise EvoError(f"{path}: checkpoint is not valid JSON ({exc})") from None
+        return Checkpoint.from_dict(data, where=str(path))
 
     # ------------------------------------------------------------------ logs
     def _append(self, name: str, record: dict) -> None:

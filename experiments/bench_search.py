@@ -21,7 +21,7 @@ blocks x 128 tokens; the quickstart uses 48 blocks). Outputs ``experiments/out/b
 Sections:
 1. ``ga``, ``cmaes``, ``random`` (and with ``--nsga2`` a 2-objective run) over ``--seeds`` seeds.
 2. Early rejection: the GA again with ``reject_above`` = the k-th best (k=4) of the current
-   population (as ``evo.runner.rejection_threshold``), default chunks/z/margin from
+   population (as ``evo.rejection.kth_best``), default chunks/z/margin from
    ``evo.config.EarlyRejection``; evaluation work saved and change in the final best.
 3. Subset fitness: 25% of the valid blocks picked at difficulty quantiles (difficulty = mean block
    NLL of the base and the specialists), Spearman correlation of subset vs full scores over random
@@ -36,6 +36,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -81,6 +82,7 @@ class Bench:
 
     def __init__(self, zoo: str):
         from evo.evaluator import Evaluator
+        from evo.rejection import RejectionTest
         from evo.runner import initial_genomes, make_space
         from evo.sources import Sources
 
@@ -90,7 +92,7 @@ class Bench:
         self.er = er
         self.ev = Evaluator(self.sources.base, self.sources.deltas, self.sources.model_config, self.sources.eval_sets,
                             threads=1, batch_size=self.cfg.eval.batch_size,
-                            early_rejection={"chunks": er.chunks, "z": er.z, "margin": er.margin})
+                            rejection=RejectionTest.of(er))
         torch.set_num_threads(1)
         self.space = make_space(self.cfg)
         self.initial = [g.tolist() for g in initial_genomes(self.cfg, self.space)]
@@ -135,7 +137,7 @@ def search(bench: Bench, name: str, seed: int, budget: int, population: int, *, 
            kind: str = "mean") -> dict:
     """Ask/tell until ``budget`` distinct recipes have been evaluated; best-so-far after each one."""
     from evo.optim import make_optimizer
-    from evo.runner import rejection_threshold
+    from evo.rejection import kth_best
 
     n_obj = 1 if kind == "mean" else 2
     options = {"population": population, "initial": bench.initial}
@@ -148,7 +150,7 @@ def search(bench: Bench, name: str, seed: int, budget: int, population: int, *, 
         genomes = opt.ask()
         threshold = None
         if reject:  # as the runner does: the k-th best, paired on its per-block scores when known
-            threshold = rejection_threshold(bench.cfg, opt, lambda g: bench.memo.get(bench.space.decode(g).key()))
+            threshold = kth_best(bench.cfg, opt, lambda g: bench.memo.get(bench.space.decode(g).key()))
         values, full = [], False
         new = 0
         for g in genomes:
@@ -370,6 +372,7 @@ def main(argv=None) -> int:
     if not (Path(args.zoo) / "zoo.json").is_file():
         print(f"bench_search: no zoo at {args.zoo} (python experiments/make_zoo.py --out zoo)", file=sys.stderr)
         return 2
+    from evo.rejection import RejectionTest
     from evo.selection import baseline_recipes
 
     if args.reject_z is None:
@@ -405,7 +408,7 @@ def main(argv=None) -> int:
         for paired in (True, False):
             label = f"z={z:g}, {'paired' if paired else 'bound'}"
             t0 = time.time()
-            bench.ev.early_rejection["z"] = z
+            bench.ev.rejection = replace(bench.ev.rejection, z=z)
             bench.cfg.eval.early_rejection.paired = paired
             rej_runs[label] = []
             for s in seeds:
@@ -414,7 +417,7 @@ def main(argv=None) -> int:
                 print(f"  ga+rej {label} seed {s}: best {r['best']:.4f}  work {r['work']:.1f}/{args.budget}  "
                       f"rejected {r['rejected']}  ({r['seconds']:.0f}s)", flush=True)
             timings[f"ga + early rejection {label}"] = time.time() - t0
-    bench.ev.early_rejection["z"] = bench.er.z
+    bench.ev.rejection = RejectionTest.of(bench.er)
     bench.cfg.eval.early_rejection.paired = True
 
     # 3. subset fitness: random candidates and the last candidates of GA seed 0

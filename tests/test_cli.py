@@ -142,7 +142,7 @@ def test_a_signal_stops_the_run_with_exit_3_and_resume_finishes_it(micro_zoo, ra
         err.close()
     assert f"evo resume {run_dir}" in rest
     store = RunStore.open(run_dir)
-    assert 1 <= store.load_checkpoint()["generation"] < 50
+    assert 1 <= store.load_checkpoint().generation < 50
     assert "run_finished" not in [e["event"] for e in store.events()]
 
 

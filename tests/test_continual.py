@@ -88,7 +88,7 @@ def test_each_new_shard_reevaluates_elites_adapts_and_releases(micro_zoo, ray_se
     # the second version re-evaluated what the optimizer remembered, on the new data
     ckpt = store.load_checkpoint()
     second = f"{result.versions[1]['version']}@{result.versions[0]['release']}"
-    assert ckpt["data_version"] == second
+    assert ckpt.data_version == second
     reeval = [c for c in store.candidates() if c.get("reevaluated") and not c.get("reference")]
     assert reeval and all(c["data_version"] == second for c in reeval)
     assert all(c["previous_values"] and c["values"] != c["previous_values"] for c in reeval)
@@ -96,7 +96,7 @@ def test_each_new_shard_reevaluates_elites_adapts_and_releases(micro_zoo, ray_se
     # no stale fitness: every value the optimizer holds was measured on the newest data
     newest = {tuple(c["genome"]): c["values"] for c in store.candidates()
               if c["data_version"] == second and c.get("genome")}
-    for e in ckpt["optimizer"]["population"]:
+    for e in ckpt.optimizer["population"]:
         assert newest[tuple(e["genome"])] == e["values"]
 
     # LoRA genes trained on the newest data: every fresh candidate reports its fit

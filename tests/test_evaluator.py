@@ -8,6 +8,7 @@ import pytest
 
 from evo.config import ExperimentConfig
 from evo.errors import EvoError
+from evo.rejection import RejectionTest, Threshold
 from evo.evaluator import Evaluator
 from evo.fitness import objective_values
 from evo.runner import baseline_recipes, search_draws
@@ -26,7 +27,7 @@ def setup(micro_zoo, repo_root):
     })
     sources = Sources.load(cfg)
     ev = Evaluator(sources.base, sources.deltas, sources.model_config, sources.eval_sets, tasks=sources.tasks,
-                   early_rejection={"chunks": 4, "z": 2.0, "margin": 0.0})
+                   rejection=RejectionTest(chunks=4, z=2.0, margin=0.0))
     return cfg, ev, baseline_recipes(cfg)
 
 
@@ -51,14 +52,14 @@ def test_early_rejection_stops_a_bad_candidate_never_a_good_one(setup):
     bad_full = ev.evaluate(bad)
     bad_mean = sum(v for k, v in bad_full["metrics"].items() if k.startswith("logppl/")) / 3
     assert bad_mean > base_mean + 0.2
-    rejected = ev.evaluate(bad, reject_above=base_mean)
+    rejected = ev.evaluate(bad, reject_above=Threshold(base_mean))
     assert rejected["status"] == "rejected" and rejected["evaluated_fraction"] < 0.6
     assert "task/arith" not in rejected["metrics"]  # rejected before task scoring: work saved
     # a good candidate (at or better than the threshold) is never rejected
     for recipe in (recipes["base"], recipes["uniform average"]):
         full = ev.evaluate(recipe.to_dict())
         mean = sum(v for k, v in full["metrics"].items() if k.startswith("logppl/")) / 3
-        kept = ev.evaluate(recipe.to_dict(), reject_above=mean)
+        kept = ev.evaluate(recipe.to_dict(), reject_above=Threshold(mean))
         assert kept["status"] == "ok" and kept["evaluated_fraction"] == 1.0
         assert kept["metrics"] == pytest.approx(full["metrics"])
 
@@ -82,7 +83,7 @@ def test_paired_rejection_uses_the_reference_blocks(setup):
     ref = ev.evaluate(recipes["uniform average"].to_dict())
     assert ref["status"] == "ok" and set(ref["block_nlls"]) == set(cfg.eval.sets)
     ref_mean = sum(v for k, v in ref["metrics"].items() if k.startswith("logppl/")) / 3
-    threshold = {"value": ref_mean, "blocks": ref["block_nlls"]}
+    threshold = Threshold(ref_mean, ref["block_nlls"])
     same = ev.evaluate(recipes["uniform average"].to_dict(), reject_above=threshold)
     assert same["status"] == "ok" and same["evaluated_fraction"] == 1.0
     worse = recipes["base"].to_dict()
@@ -96,13 +97,13 @@ def test_paired_rejection_uses_the_reference_blocks(setup):
     est = sum(paired["metrics"].values()) / 3
     assert abs(est - full_mean) < abs(full_mean - ref_mean)  # a useful estimate, not just "worse"
     # the unpaired bound needs more blocks (or never gets there) for the same candidate
-    bound = ev.evaluate(worse, reject_above=ref_mean)
+    bound = ev.evaluate(worse, reject_above=Threshold(ref_mean))
     assert bound["evaluated_fraction"] >= paired["evaluated_fraction"]
     # a better candidate than the reference is kept, with its exact full metrics
-    better = ev.evaluate(recipes["uniform average"].to_dict(), reject_above={"value": full_mean, "blocks": full["block_nlls"]})
+    better = ev.evaluate(recipes["uniform average"].to_dict(), reject_above=Threshold(full_mean, full["block_nlls"]))
     assert better["status"] == "ok" and better["metrics"] == pytest.approx(ref["metrics"])
     # a reference of the wrong length is not used for pairing
-    short = {"value": ref_mean, "blocks": {k: v[:3] for k, v in ref["block_nlls"].items()}}
+    short = Threshold(ref_mean, {k: v[:3] for k, v in ref["block_nlls"].items()})
     assert ev.evaluate(worse, reject_above=short)["evaluated_fraction"] == bound["evaluated_fraction"]
 
 
@@ -170,7 +171,7 @@ def test_an_evaluator_without_sources_answers_stale_until_its_first_update(setup
     result must equal that of an evaluator built with its sources."""
     cfg, ev, recipes = setup
     sources = Sources.load(cfg)
-    empty = Evaluator(None, None, sources.model_config, early_rejection=ev.early_rejection)
+    empty = Evaluator(None, None, sources.model_config, rejection=ev.rejection)
     recipe = recipes["uniform average"].to_dict()
     assert empty.evaluate(recipe, epoch=1) == {"status": "stale", "epoch": 0}
     assert empty.evaluate(recipe) == {"status": "stale", "epoch": 0}  # no sources, whatever the epoch

@@ -133,7 +133,7 @@ def _wait(predicate, child, timeout=240):
 
 def _generation(run_dir):
     ckpt = RunStore(run_dir).load_checkpoint() if (run_dir / "checkpoint.json").exists() else None
-    return ckpt["generation"] if ckpt else 0
+    return ckpt.generation if ckpt else 0
 
 
 def _cached(run_dir):
@@ -161,7 +161,7 @@ def driver_run(request, micro_zoo, ray_session, tmp_path_factory, repo_root):
     reference = evo.run({**cfg, "ray": {**cfg["ray"], "address": None}}, root / "reference", quiet=True)
     # sync: generation 1 re-uses the 2 elites and evaluates the rest: those are what a
     # mid-generation kill interrupts, so the test below needs at least 2 of them
-    gen1 = RunStore.open(root / "reference").load_checkpoint()["logbook"][1]
+    gen1 = RunStore.open(root / "reference").load_checkpoint().logbook[1]
     assert gen1["evals"] >= 2, gen1
     return mode, cfg, reference, gen1["evals"]
 
@@ -169,7 +169,8 @@ def driver_run(request, micro_zoo, ray_session, tmp_path_factory, repo_root):
 def _told_after_checkpoint(run_dir) -> int:
     """Steady-state runs: tells in the search log that the checkpoint does not include yet."""
     store = RunStore(run_dir)
-    position = (store.load_checkpoint() or {}).get("steady_state", {}).get("log_position", 0)
+    ckpt = store.load_checkpoint()
+    position = (ckpt.steady_state or {}).get("log_position", 0) if ckpt else 0
     return sum(e["step"] == "tell" for e in store.search_log()[position:])
 
 

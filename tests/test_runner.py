@@ -45,7 +45,7 @@ def test_run_export_load_and_resume_matches_uninterrupted(micro_zoo, ray_session
     # the run store holds everything a resume and a report need
     store = RunStore.open(tmp_path / "full")
     ckpt = store.load_checkpoint()
-    assert ckpt["generation"] == 3 and len(ckpt["logbook"]) == 3
+    assert ckpt.generation == 3 and len(ckpt.logbook) == 3
     cands = store.candidates()
     assert {c["candidate"] for c in cands} >= {"g0000-c000", "g0002-c004"}
     if mode == "async":  # a generation is every 6 results told, all of them new candidates
@@ -53,7 +53,7 @@ def test_run_export_load_and_resume_matches_uninterrupted(micro_zoo, ray_session
     # none failed; paired early rejection (on by default) may stop clearly worse ones early
     assert all(c["status"] in ("ok", "rejected") for c in cands) and any(c["status"] == "ok" for c in cands)
     # synchronous: population - elites (they carry over); steady state: every result counts
-    assert ckpt["logbook"][1]["evals"] + ckpt["logbook"][1]["cached"] == (5 if mode == "sync" else 6)
+    assert ckpt.logbook[1]["evals"] + ckpt.logbook[1]["cached"] == (5 if mode == "sync" else 6)
 
     # every generation scored the control on its own draw, and re-scored the surviving elite on it
     draws = {c["generation"]: c["draw"] for c in cands}
@@ -61,7 +61,7 @@ def test_run_export_load_and_resume_matches_uninterrupted(micro_zoo, ray_session
     elites = [c for c in cands if c["candidate"].startswith("g0001-e")]
     assert not elites  # elites are not candidates: their re-scores live in the cache, keyed by draw
     cache = store.cache_load()
-    assert sum(k.endswith("|b1") for k in cache) > ckpt["logbook"][1]["evals"]  # candidates + control + elite
+    assert sum(k.endswith("|b1") for k in cache) > ckpt.logbook[1]["evals"]  # candidates + control + elite
     ses = [c["se"] for c in cands if c["se"] is not None]  # paired to the control: 0 for the control itself
     assert ses and all(x >= 0 for x in ses) and sum(x > 0 for x in ses) >= len(ses) - 1
 
@@ -86,7 +86,7 @@ def test_run_export_load_and_resume_matches_uninterrupted(micro_zoo, ray_session
 
     # stop after one generation, then resume: same final best recipe and values
     part = evo.run(cfg, tmp_path / "part", quiet=True, stop_after=1)
-    assert RunStore.open(tmp_path / "part").load_checkpoint()["generation"] == 1
+    assert RunStore.open(tmp_path / "part").load_checkpoint().generation == 1
     resumed = evo.resume(tmp_path / "part", quiet=True)
     assert resumed.best_recipe.key() == full.best_recipe.key()
     assert resumed.best_values == pytest.approx(full.best_values, abs=1e-9)
@@ -185,8 +185,8 @@ def test_steady_state_run_replays_its_recorded_arrival_order(micro_zoo, ray_sess
     assert [e["step"] for e in log].count("tell") == 18 and [e["step"] for e in log].count("ask") == 18
     assert [e["gen"] for e in log if e["step"] == "start"] == [0, 1, 2]
     # values told in arrival order; each generation row counts 6 results
-    assert [row["evals"] + row["cached"] for row in store.load_checkpoint()["logbook"]] == [6, 6, 6]
-    final = store.load_checkpoint()["optimizer"]
+    assert [row["evals"] + row["cached"] for row in store.load_checkpoint().logbook] == [6, 6, 6]
+    final = store.load_checkpoint().optimizer
 
     shutil.copytree(tmp_path / "run", tmp_path / "replay")
     (tmp_path / "replay" / "checkpoint.json").unlink()
@@ -195,7 +195,7 @@ def test_steady_state_run_replays_its_recorded_arrival_order(micro_zoo, ray_sess
     assert (tmp_path / "replay" / "cache.jsonl").read_text() == cached  # nothing evaluated again
     again = RunStore.open(tmp_path / "replay")
     assert again.search_log() == log  # replayed, not appended to
-    state = again.load_checkpoint()["optimizer"]
+    state = again.load_checkpoint().optimizer
     assert state["strategy"] == final["strategy"] and state["hall_of_fame"] == final["hall_of_fame"]
     assert replayed.best_recipe.key() == run.best_recipe.key() and replayed.best_values == run.best_values
 

@@ -5,6 +5,7 @@ import os
 import pytest
 
 from evo.errors import EvoError
+from evo.checkpoint import Checkpoint
 from evo.store import RunStore, atomic_write_text
 
 
@@ -16,11 +17,17 @@ def test_create_refuses_a_non_empty_directory(tmp_path):
     assert (tmp_path / "run" / "x").read_text() == "keep me"
 
 
+def _checkpoint(generation: int) -> Checkpoint:
+    return Checkpoint(generation=generation, generations=8, optimizer={"name": "ga"}, logbook=[{"gen": 0}],
+                      data_version="v", objectives=[{"name": "m", "goal": "minimize"}], space={"labels": []},
+                      steady_state={"log_position": 3})
+
+
 def test_checkpoint_round_trip_and_no_temp_files_left(tmp_path):
     store = RunStore.create(tmp_path / "run", {"name": "t"})
-    store.save_checkpoint({"generation": 3, "x": [1, 2]})
-    store.save_checkpoint({"generation": 4, "x": [1, 2]})
-    assert store.load_checkpoint()["generation"] == 4
+    store.save_checkpoint(_checkpoint(3))
+    store.save_checkpoint(_checkpoint(4))
+    assert store.load_checkpoint() == _checkpoint(4)  # typed, every field round-trips
     assert sorted(p.name for p in store.root.iterdir()) == ["checkpoint.json", "config.yaml"]
     assert RunStore.open(tmp_path / "run").config() == {"name": "t"}
 
@@ -52,3 +59,23 @@ def test_torn_last_line_is_ignored(tmp_path):
 def test_open_non_run(tmp_path):
     with pytest.raises(EvoError, match="not a run directory"):
         RunStore.open(tmp_path)
+
+
+def test_a_checkpoint_from_a_newer_evo_or_not_a_checkpoint_is_refused_in_one_line(tmp_path):
+    store = RunStore.create(tmp_path / "run", {"name": "t"})
+    (store.root / "checkpoint.json").write_text(json.dumps({**_checkpoint(1).to_dict(), "version": 99}))
+    with pytest.raises(EvoError, match=r"checkpoint.json: written by a newer evo \(checkpoint version 99\)"):
+        store.load_checkpoint()
+    (store.root / "checkpoint.json").write_text(json.dumps({"generation": 1}))
+    with pytest.raises(EvoError, match="checkpoint.json: not a checkpoint of this evo"):
+        store.load_checkpoint()
+
+
+def test_a_record_appended_after_a_torn_line_is_not_lost(tmp_path):
+    """A killed driver leaves half a line; the resumed driver's next record starts a new line."""
+    store = RunStore.create(tmp_path / "run", {"name": "t"})
+    store.log_step({"step": "ask", "name": "g0000-c000"})
+    with open(store.root / RunStore.SEARCH_LOG, "a") as fh:
+        fh.write('{"step": "tell", "na')  # the kill
+    store.log_step({"step": "tell", "name": "g0000-c000"})
+    assert store.search_log() == [{"step": "ask", "name": "g0000-c000"}, {"step": "tell", "name": "g0000-c000"}]

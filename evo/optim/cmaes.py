@@ -39,6 +39,7 @@ class CMAES(Optimizer):
         self.raw: list[list[float]] = []  # unclipped samples of the pending generation
         self.raw_by_id: dict[str, list[float]] = {}  # asynchronous: unclipped sample of each asked id
         self.arrived: list[dict] = []  # asynchronous: results since the last update
+        self.recent: list[Evaluated] = []  # asynchronous: the latest λ results, in arrival order
 
     def options(self) -> dict:
         return {**super().options(), "sigma": self.sigma}
@@ -81,7 +82,10 @@ class CMAES(Optimizer):
         (e,) = evaluated([genome], [values], [id])
         raw = self.raw_by_id.pop(id, None) if id is not None else None
         self.arrived.append({"raw": raw if raw is not None else list(e.genome), **e.to_dict()})
-        self.population = self.ranked(self.population + [e])[: self.population_size]
+        # the population is the latest λ results, as a synchronous generation is (not the best
+        # ever: early rejection compares against its k-th best)
+        self.recent = (self.recent + [e])[-self.population_size:]
+        self.population = self.ranked(self.recent)
         self.update_hall_of_fame([e])
         if len(self.arrived) >= self.population_size:
             batch, self.arrived = self.arrived[: self.population_size], self.arrived[self.population_size:]
@@ -111,11 +115,13 @@ class CMAES(Optimizer):
     # ------------------------------------------------------------------ checkpoint
     def extra_state(self) -> dict:
         return {"raw": self.raw, "raw_by_id": self.raw_by_id, "arrived": self.arrived,
+                "recent": [e.to_dict() for e in self.recent],
                 "strategy": {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in vars(self.strategy).items()}}
 
     def load_extra_state(self, state: dict) -> None:
         self.raw = state["raw"]
         self.raw_by_id = state.get("raw_by_id", {})
         self.arrived = state.get("arrived", [])
+        self.recent = [Evaluated.from_dict(d) for d in state.get("recent", [])]
         for k, v in state["strategy"].items():
             setattr(self.strategy, k, np.asarray(v) if isinstance(v, list) else v)

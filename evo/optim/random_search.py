@@ -5,13 +5,14 @@ from typing import Sequence
 
 import numpy as np
 
-from evo.optim.base import Optimizer, evaluated, register
+from evo.optim.base import Evaluated, Optimizer, evaluated, register
 
 
 @register("random")
 class RandomSearch(Optimizer):
     """Draws every genome uniformly from [0,1]^n (the initial genomes first); the population is
-    the best ``population`` seen, the hall of fame as for every optimizer."""
+    the latest generation (asynchronous: the latest ``population`` results), the hall of fame as
+    for every optimizer."""
 
     def ask(self) -> list[np.ndarray]:
         if not self.pending:
@@ -36,6 +37,17 @@ class RandomSearch(Optimizer):
 
     def tell_one(self, genome, values, id=None) -> None:
         new = evaluated([genome], [values], [id])
-        self.population = self.ranked(self.population + new)[: self.population_size]
+        self.recent = (self.recent + new)[-self.population_size:]
+        self.population = self.ranked(self.recent)
         self.update_hall_of_fame(new)
         self.count_told()
+
+    def __init__(self, dim: int, **common):
+        super().__init__(dim, **common)
+        self.recent: list[Evaluated] = []  # asynchronous: the latest results, in arrival order
+
+    def extra_state(self) -> dict:
+        return {"recent": [e.to_dict() for e in self.recent]}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.recent = [Evaluated.from_dict(d) for d in state.get("recent", [])]
