@@ -28,13 +28,15 @@ EXIT_HELP = """exit codes:
 
 
 def _cmd_run(args) -> int:
+    from dataclasses import replace
+
     from evo.config import ExperimentConfig
     from evo.runner import run
 
     config = args.config
     if args.sync:  # generation-synchronous search, recorded in the run's config (resume keeps it)
         config = ExperimentConfig.from_yaml(args.config)
-        config.optimizer.asynchronous = False
+        config = replace(config, optimizer=replace(config.optimizer, asynchronous=False))
     return _print_best(run(config, args.run_dir, quiet=args.quiet, follow=args.follow))
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ def default_dtype(*, gpu: bool) -> str:
 METRICS = ("logppl", "task")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Objective:
     """One declared objective: ``metric`` ``logppl`` reduces held-out log-perplexity over the
     evaluation ``sets``; ``task`` reduces task scores (accuracy, exact match) over ``sets``
@@ -44,7 +44,7 @@ class Objective:
     weight: float = 1.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class EarlyRejection:
     """Stop scoring a candidate once it is clearly worse than the current k-th best.
 
@@ -65,7 +65,7 @@ class EarlyRejection:
     paired: bool = True
 
 
-@dataclass
+@dataclass(frozen=True)
 class SelectionConfig:
     """Choosing the release on data the search never optimised on (see docs/heldout.md).
 
@@ -85,13 +85,13 @@ class SelectionConfig:
     lambdas: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelsConfig:
     base: str = ""
     sources: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     sets: dict[str, str] = field(default_factory=dict)  # name -> JSONL ({"text": ...}) or .txt
     tokenizer: str | None = None  # default: the base model directory
@@ -117,7 +117,7 @@ class EvalConfig:
     early_rejection: EarlyRejection = field(default_factory=EarlyRejection)
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimizerConfig:
     name: str = "cmaes"  # bench_search: CMA-ES reached a lower median best than the GA at equal budget
     generations: int = 8
@@ -130,7 +130,7 @@ class OptimizerConfig:
     asynchronous: bool = True
 
 
-@dataclass
+@dataclass(frozen=True)
 class RayConfig:
     address: str | None = None  # None: an embedded local Ray; "auto" or ray://...: a cluster
     evaluators: int = 2
@@ -154,7 +154,7 @@ class RayConfig:
     node_memory_gb: float | None = None  # plan against this much memory per node (default: what it has free)
 
 
-@dataclass
+@dataclass(frozen=True)
 class StreamConfig:
     """A folder of data shards the run follows (``evo.data.DataStream``); see docs/stream.md.
 
@@ -179,7 +179,7 @@ class StreamConfig:
     replay_train_blocks: int = 256  # rehearsal pool: blocks per older version (and from the zoo)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ReleaseConfig:
     """When the continual loop writes a release (``releases/vNNNN``) after a data version.
 
@@ -210,7 +210,7 @@ class ReleaseConfig:
 STREAM_SETS = ("newest", "replay")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "experiment"
     search_space: str = ""
@@ -245,9 +245,12 @@ class ExperimentConfig:
             data = {**data, "objectives": [{"name": "adaptation", "sets": ["newest"]},
                                            {"name": "retention", "sets": ["replay"]}]}
         cfg = _build(cls, data, source, "")
-        cfg.source = source
-        cfg._resolve_paths(Path(base_dir) if base_dir is not None else Path.cwd())
-        cfg._fill_from_zoo()
+        # frozen from here: the resolved paths and the zoo's defaults make new records
+        cfg = dataclasses.replace(cfg, source=source)
+        cfg = cfg._with_paths_resolved(Path(base_dir) if base_dir is not None else Path.cwd())
+        cfg = cfg._with_zoo_defaults()
+        if cfg.dtype == "auto":  # resolved once here, so config.yaml (and a resume) keeps what ran
+            cfg = replace(cfg, dtype=default_dtype(gpu=cfg.ray.gpus_per_evaluator > 0))
         cfg.validate()
         return cfg
 
@@ -258,6 +261,8 @@ class ExperimentConfig:
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
+        from evo.gguf import is_gguf_spec, resolve_gguf
+
         where = self.source
         if not self.search_space:
             raise EvoError(f"{where}: search_space: missing field")
@@ -270,8 +275,14 @@ class ExperimentConfig:
         if not self.eval.sets and not self.streaming:
             raise EvoError(f"{where}: eval.sets: no evaluation sets (or follow a data stream: stream.folder)")
         for name, path in {"base": self.models.base, **self.models.sources}.items():
-            if not Path(path).is_dir():
-                raise EvoError(f"{where}: models.{'sources.' + name if name != 'base' else 'base'}: model directory not found: {path}")
+            field_name = f"models.{'sources.' + name if name != 'base' else 'base'}"
+            if is_gguf_spec(path):  # converted where the sources load; here only found
+                try:
+                    resolve_gguf(path)
+                except EvoError as exc:
+                    raise EvoError(f"{where}: {field_name}: {exc}") from None
+            elif not Path(path).is_dir():
+                raise EvoError(f"{where}: {field_name}: model directory not found: {path}")
         for name, path in self.eval.sets.items():
             if not Path(path).is_file():
                 raise EvoError(f"{where}: eval.sets.{name}: file not found: {path}")
@@ -303,8 +314,6 @@ class ExperimentConfig:
         if self.optimizer.name not in OPTIMIZERS:
             raise EvoError(f"{where}: optimizer.name: unknown optimizer {self.optimizer.name!r} "
                            f"(known: {', '.join(sorted(OPTIMIZERS))})")
-        if self.dtype == "auto":  # resolved once here, so config.yaml (and a resume) keeps what ran
-            self.dtype = default_dtype(gpu=self.ray.gpus_per_evaluator > 0)
         if self.dtype not in DTYPES:
             raise EvoError(f"{where}: dtype: must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
         for key in ("generations", "population"):
@@ -400,42 +409,42 @@ class ExperimentConfig:
         retention = self.release.retention or ("retention" if "retention" in names and objective != "retention" else None)
         return objective, retention
 
-    def _resolve_paths(self, base: Path) -> None:
-        from evo.gguf import as_model_dir
-
-        try:  # a GGUF source is de-quantised once into a cached safetensors directory
-            self.models.base = as_model_dir(self.models.base, relative_to=base) if self.models.base else ""
-            self.models.sources = {k: as_model_dir(v, relative_to=base) for k, v in self.models.sources.items()}
-        except EvoError as exc:
-            raise EvoError(f"{self.source}: models: {exc}") from None
+    def _with_paths_resolved(self, base: Path) -> "ExperimentConfig":
+        """Relative paths made absolute against the config's folder. A GGUF model entry stays a
+        GGUF entry: it is de-quantised where the sources load (``evo.gguf.model_dirs``), not here."""
+        from evo.gguf import is_gguf_spec, names_package
 
         def fix(p):
             return p if p is None or Path(p).is_absolute() else str((base / p).resolve())
 
-        self.search_space = fix(self.search_space) if self.search_space else ""
-        self.zoo = fix(self.zoo)
-        self.models.base = fix(self.models.base) if self.models.base else ""
-        self.models.sources = {k: fix(v) for k, v in self.models.sources.items()}
-        self.eval.sets = {k: fix(v) for k, v in self.eval.sets.items()}
-        self.eval.tasks = {k: fix(v) for k, v in self.eval.tasks.items()}
-        self.eval.train_sets = {k: fix(v) for k, v in self.eval.train_sets.items()}
-        self.eval.selection.sets = {k: fix(v) for k, v in self.eval.selection.sets.items()}
-        self.eval.tokenizer = fix(self.eval.tokenizer)
-        self.stream.folder = fix(self.stream.folder)
+        def model(p):
+            return p if not p or (is_gguf_spec(p) and names_package(str(p))) else fix(p)
 
-    def _fill_from_zoo(self) -> None:
+        models = replace(self.models, base=model(self.models.base),
+                         sources={k: model(v) for k, v in self.models.sources.items()})
+        ev = self.eval
+        ev = replace(ev, sets={k: fix(v) for k, v in ev.sets.items()}, tasks={k: fix(v) for k, v in ev.tasks.items()},
+                     train_sets={k: fix(v) for k, v in ev.train_sets.items()}, tokenizer=fix(ev.tokenizer),
+                     selection=replace(ev.selection, sets={k: fix(v) for k, v in ev.selection.sets.items()}))
+        return replace(self, search_space=fix(self.search_space) if self.search_space else "", zoo=fix(self.zoo),
+                       models=models, eval=ev, stream=replace(self.stream, folder=fix(self.stream.folder)))
+
+    def _with_zoo_defaults(self) -> "ExperimentConfig":
+        """Models and evaluation sets the config leaves out, from the zoo's ``zoo.json``."""
         if not self.zoo:
-            return
+            return self
         from evo.zoo import Zoo
 
         try:
             zoo = Zoo.load(self.zoo)
         except EvoError as exc:
             raise EvoError(f"{self.source}: zoo: {exc}") from None
-        self.models.base = self.models.base or str(zoo.base_dir)
-        self.models.sources = self.models.sources or {d: str(p) for d, p in zoo.specialist_dirs.items()}
-        self.eval.sets = self.eval.sets or {d: str(zoo.data_dir(d, self.zoo_split)) for d in zoo.domains}
-        self.eval.train_sets = self.eval.train_sets or {d: str(zoo.data_dir(d, "train")) for d in zoo.domains}
+        models = replace(self.models, base=self.models.base or str(zoo.base_dir),
+                         sources=self.models.sources or {d: str(p) for d, p in zoo.specialist_dirs.items()})
+        ev = replace(self.eval,
+                     sets=self.eval.sets or {d: str(zoo.data_dir(d, self.zoo_split)) for d in zoo.domains},
+                     train_sets=self.eval.train_sets or {d: str(zoo.data_dir(d, "train")) for d in zoo.domains})
+        return replace(self, models=models, eval=ev)
 
 
 # ---------------------------------------------------------------------- generic validation

@@ -31,6 +31,7 @@ from evo.checkpoint import Checkpoint
 from evo.config import ExperimentConfig
 from evo.data import DataStream
 from evo.errors import EvoError
+from evo.gguf import model_dirs
 from evo.generation import (  # noqa: F401  (RELEASE, make_stream_space: re-exported)
     RELEASE, GenerationStep, RunResult, make_stream_space, new_optimizer, print_generation_row,
 )
@@ -390,7 +391,8 @@ class ContinualLoop:
 
         cfg, st = self.cfg, self.state
         recipe = Recipe.from_dict(cand["recipe"], source=f"candidate {cand['candidate']}")
-        paths = {"base": cfg.models.base, **cfg.models.sources, RELEASE: st["release_dir"] or cfg.models.base}
+        paths = model_dirs(cfg.models)
+        paths[RELEASE] = st["release_dir"] or paths["base"]
         out = next_release_dir(self.store)
         specs = [o.__dict__ for o in cfg.objectives]
         fitness = {

@@ -178,6 +178,14 @@ class Evaluator:
     def __repr__(self) -> str:  # the dashboard's Repr column
         return f"Evaluator({self.name}, device={self.device}, pid={os.getpid()})"
 
+    def block_scores(self, recipe: dict, sets: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        """Per-block mean NLL of ``recipe`` on arbitrary ``sets`` of blocks (studies of which
+        blocks to score, e.g. ``experiments/bench_search.py``); no LoRA, no rejection."""
+        rec = Recipe.from_dict(recipe)
+        self.merger.merge(rec.merge, seed=rec.seed)
+        return {name: block_nlls(self.model, blocks, self.batch_size, self.device).numpy()
+                for name, blocks in sets.items()}
+
     def pid(self) -> int:
         return os.getpid()
 

@@ -34,7 +34,7 @@ def resolve_gguf(spec) -> Path:
     """The GGUF file ``spec`` names: a path, or ``package:FILE`` inside an installed package."""
     text = str(spec)
     package, _, name = text.partition(":")
-    if _names_package(text):
+    if names_package(text):
         try:
             found = importlib.util.find_spec(package)
         except (ImportError, ValueError):
@@ -49,11 +49,18 @@ def resolve_gguf(spec) -> Path:
     return path.resolve()
 
 
-def _names_package(text: str) -> bool:
+def names_package(text: str) -> bool:
     """``pkg:FILE``: a dotted identifier before the colon ("C:\\x.gguf" and real paths are paths)."""
     package, sep, _ = text.partition(":")
     return bool(sep) and len(package) > 1 and package.replace(".", "").replace("_", "").isalnum() \
         and not Path(text).exists()
+
+
+def model_dirs(models) -> dict[str, str]:
+    """``{"base": dir, source name: dir}`` of a config's ``models``: GGUF entries de-quantised
+    (once, cached by content hash), directories as they are. Called where the sources load, so
+    loading a config never converts a model."""
+    return {name: as_model_dir(spec) for name, spec in {"base": models.base, **models.sources}.items()}
 
 
 def as_model_dir(spec: str, relative_to: str | os.PathLike | None = None,
@@ -64,7 +71,7 @@ def as_model_dir(spec: str, relative_to: str | os.PathLike | None = None,
     if not is_gguf_spec(spec):
         return spec
     text = str(spec)
-    if not _names_package(text) and relative_to is not None and not Path(text).expanduser().is_absolute():
+    if not names_package(text) and relative_to is not None and not Path(text).expanduser().is_absolute():
         text = str(Path(relative_to) / text)
     return str(gguf_to_hf_dir(text, cache_dir=cache_dir))
 

@@ -162,7 +162,9 @@ def plan_for(cfg, *, evaluators_per_node: int | None = None, node_available: int
     from evo.space import SearchSpaceSpec
 
     rc, ev = cfg.ray, cfg.eval
-    base = ModelShape.read(cfg.models.base)
+    from evo.gguf import as_model_dir
+
+    base = ModelShape.read(as_model_dir(cfg.models.base))
     n_src = len(cfg.models.sources)
     per = BYTES[cfg.dtype]
     k = rc.evaluators if evaluators_per_node is None else evaluators_per_node

@@ -17,6 +17,7 @@ import yaml
 
 from evo.config import ExperimentConfig
 from evo.errors import EvoError
+from evo.gguf import model_dirs
 from evo.gguf import MARKER as GGUF_MARKER
 from evo.space import Recipe
 from evo.checkpoint import Checkpoint
@@ -87,7 +88,7 @@ def export(run_dir: str | Path, out: str | Path | None = None, *, lora: str = "m
                 and selection.get("release_kind") != "evolved" and selection.get("best_evolved") else "")
         raise EvoError(f"{store.root}: {label} has no LoRA genes, so there is no adapter to write: "
                        f"export it without --lora adapter{hint}")
-    paths = {"base": cfg.models.base, **cfg.models.sources}
+    paths = model_dirs(cfg.models)
     from evo.sources import load_tokenizer, search_and_selection, train_blocks
 
     tok = load_tokenizer(cfg)

@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 from evo.config import ExperimentConfig
 from evo.data import data_version, read_texts, selection_split
 from evo.errors import EvoError
+from evo.gguf import as_model_dir, model_dirs
 from evo.evaluator import to_numpy
 from evo.fitness import token_blocks
 
@@ -128,13 +129,14 @@ def load_task_vectors(cfg: ExperimentConfig, *, put=None):
 
     store = DTYPES[cfg.dtype]
     put = put or (lambda arrays: arrays)
-    base, config = load_model_dir(cfg.models.base)
+    dirs = model_dirs(cfg.models)  # GGUF entries are de-quantised here (once, cached)
+    base, config = load_model_dir(dirs["base"])
     # the base as stored; each task vector is taken against it (so base + δ is the source up to
     # δ's one rounding), as `evo export` and the continual loop's release delta take theirs
     base = {n: t.to(store) if t.dtype.is_floating_point else t for n, t in base.items()}
     deltas = {}
-    for name, path in cfg.models.sources.items():
-        model, _ = load_model_dir(path)
+    for name in cfg.models.sources:
+        model, _ = load_model_dir(dirs[name])
         delta = task_vector(base, model, name, store, consume=True)  # the model is freed tensor by tensor
         deltas[name] = put(to_numpy(delta))
         del model, delta
@@ -200,7 +202,7 @@ def _space_has_lora(path: str) -> bool:
 
 def load_tokenizer(cfg: ExperimentConfig):
     """The run's tokenizer (``eval.tokenizer``, else the base model's); a one-line error if unreadable."""
-    tok_dir = cfg.eval.tokenizer or cfg.models.base
+    tok_dir = cfg.eval.tokenizer or as_model_dir(cfg.models.base)
     try:
         return AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=False)
     except Exception as exc:  # transformers raises many types for a missing/broken tokenizer

@@ -92,6 +92,9 @@ class SteadyStateSearch:
         self.threshold = None
         for name, asked in self.outstanding.items():
             self._recipe_of(asked)
+        # the controls of generations with work still out (killed before they finished)
+        for gen in sorted({a.gen for a in self.outstanding.values()} | set(self.elite_sets) | {self.started} - {-1}):
+            self._queue_control(gen)
         for es in self.elite_sets.values():
             self._queue_elites(es)
 
@@ -185,8 +188,7 @@ class SteadyStateSearch:
         step = self.step
         if step.draws is None:
             return
-        self.side.append(Job(self._control_key(gen), f"g{gen:04d}-control", step.control.to_dict(), None,
-                             step.blocks_at(gen)))
+        self._queue_control(gen)
         if gen == 0 or not getattr(self.opt, "elites", 0):
             return
         elites, named = step.elites_to_rescore(gen)
@@ -195,6 +197,11 @@ class SteadyStateSearch:
                           {n: step.key_at(r, gen) for n, r in named.items()})
             self.elite_sets[gen] = es
             self._queue_elites(es)
+
+    def _queue_control(self, gen: int) -> None:
+        if self.step.draws is not None:
+            self.side.append(Job(self._control_key(gen), f"g{gen:04d}-control", self.step.control.to_dict(), None,
+                                 self.step.blocks_at(gen)))
 
     def _queue_elites(self, es: EliteSet) -> None:
         for n, r in es.named.items():

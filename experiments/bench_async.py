@@ -159,14 +159,15 @@ def spread(values) -> str:
     return f"{statistics.median(values):.4f} [{min(values):.4f}–{max(values):.4f}]"
 
 
-def plot(runs: list[dict], path: Path) -> None:
+def plot(runs: list[dict], names: tuple[str, ...], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(OPTIMIZERS), figsize=(4 * len(OPTIMIZERS), 4), sharey=True)
-    for ax, name in zip(axes, OPTIMIZERS):
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 4), sharey=True, squeeze=False)
+    axes = axes[0]
+    for ax, name in zip(axes, names):
         for mode, style in (("sync", "--"), ("async", "-")):
             group = [r for r in runs if r["optimizer"] == name and r["mode"] == mode]
             end = max(r["wall"] for r in group)
@@ -208,14 +209,13 @@ def main(argv=None) -> int:
     if not (Path(args.zoo) / "zoo.json").is_file():
         print(f"bench_async: no zoo at {args.zoo} (python experiments/make_zoo.py --out zoo)", file=sys.stderr)
         return 2
-    global OPTIMIZERS
-    OPTIMIZERS = tuple(args.optimizers.split(","))
+    names = tuple(args.optimizers.split(","))
     t_start = time.time()
     bench = Bench(args.zoo)
     every, factor = args.straggler.split(":")
     costs = Costs(bench, int(every), float(factor))
     runs = []
-    for name in OPTIMIZERS:
+    for name in names:
         for s in range(args.seeds):
             for fn in (run_sync, run_async):
                 r = fn(bench, costs, name, s, args.budget, args.population, args.evaluators)
@@ -231,7 +231,7 @@ def main(argv=None) -> int:
         "| optimizer | sync final best | async final best | Δ median [min–max] | async ≤ sync | wall sync → async (median) | async time to sync's final best |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name in OPTIMIZERS:
+    for name in names:
         sync = sorted((r for r in runs if r["optimizer"] == name and r["mode"] == "sync"), key=lambda r: r["seed"])
         asyn = sorted((r for r in runs if r["optimizer"] == name and r["mode"] == "async"), key=lambda r: r["seed"])
         deltas = [a["best"] - b["best"] for a, b in zip(asyn, sync)]
@@ -251,7 +251,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_async.md").write_text(text)
     (out / "bench_async.json").write_text(json.dumps(runs))
-    plot(runs, Path(args.plot))
+    plot(runs, names, Path(args.plot))
     return 0
 
 

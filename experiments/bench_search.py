@@ -72,6 +72,12 @@ def make_config(zoo: str):
     })
 
 
+def with_paired(cfg, paired: bool):
+    """``cfg`` with early rejection paired or not (configs are frozen: a new one)."""
+    er = replace(cfg.eval.early_rejection, paired=paired)
+    return replace(cfg, eval=replace(cfg.eval, early_rejection=er))
+
+
 def mean_logppl(metrics: dict) -> float:
     vals = [v for k, v in metrics.items() if k.startswith("logppl/")]
     return sum(vals) / len(vals)
@@ -194,10 +200,7 @@ def search(bench: Bench, name: str, seed: int, budget: int, population: int, *, 
 # ----------------------------------------------------------------------------- subset fitness
 def block_scores(bench: Bench, recipe, sets: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """Per-block mean NLL on ``sets`` after merging ``recipe`` into the resident model."""
-    from evo.fitness import block_nlls
-
-    bench.ev.merger.merge(recipe.merge, seed=recipe.seed)
-    return {name: block_nlls(bench.ev.model, blocks, bench.cfg.eval.batch_size).numpy() for name, blocks in sets.items()}
+    return bench.ev.block_scores(recipe.to_dict(), sets)
 
 
 def spearman(a, b) -> float:
@@ -409,7 +412,7 @@ def main(argv=None) -> int:
             label = f"z={z:g}, {'paired' if paired else 'bound'}"
             t0 = time.time()
             bench.ev.rejection = replace(bench.ev.rejection, z=z)
-            bench.cfg.eval.early_rejection.paired = paired
+            bench.cfg = with_paired(bench.cfg, paired)
             rej_runs[label] = []
             for s in seeds:
                 r = search(bench, "ga", s, args.budget, args.population, reject=True)
@@ -418,7 +421,7 @@ def main(argv=None) -> int:
                       f"rejected {r['rejected']}  ({r['seconds']:.0f}s)", flush=True)
             timings[f"ga + early rejection {label}"] = time.time() - t0
     bench.ev.rejection = RejectionTest.of(bench.er)
-    bench.cfg.eval.early_rejection.paired = True
+    bench.cfg = with_paired(bench.cfg, True)
 
     # 3. subset fitness: random candidates and the last candidates of GA seed 0
     t0 = time.time()

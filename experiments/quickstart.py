@@ -24,6 +24,8 @@ def main(argv=None) -> int:
     p.add_argument("--population", type=int, default=16)
     p.add_argument("--optimizer", default="cmaes", help="ga, cmaes, nsga2 or random (default: the benchmark winner)")
     p.add_argument("--evaluators", type=int, default=2)
+    p.add_argument("--sync", action="store_true",
+                   help="generation-synchronous search (reproducible bit for bit; the default is asynchronous)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-dir", default=None, help="default: runs/quickstart-<time>")
     p.add_argument("--no-dashboard", action="store_true")
@@ -45,7 +47,8 @@ def main(argv=None) -> int:
             "search_space": args.space,
             "eval": {"seq_len": 128, "max_blocks": 48, "batch_size": 16},
             "objectives": [{"name": "mean_logppl", "metric": "logppl", "reduce": "mean", "goal": "minimize"}],
-            "optimizer": {"name": args.optimizer, "generations": args.generations, "population": args.population},
+            "optimizer": {"name": args.optimizer, "generations": args.generations, "population": args.population,
+                          "async": not args.sync},
             "ray": {"evaluators": args.evaluators, "cpus_per_evaluator": 1, "threads_per_evaluator": 1,
                     "dashboard": not args.no_dashboard, "object_store_mb": 512},
             "seed": args.seed,

@@ -80,3 +80,28 @@ def test_no_private_name_is_imported_across_modules():
             offenders += [f"{path.relative_to(ROOT)}: {target}.{n}" for n in names
                           if n.startswith("_") and not n.startswith("__")]
     assert not offenders, offenders
+
+
+def reachable(edges: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for dep in edges[todo.pop()]:
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    return seen
+
+
+LOOP = {"evo.runner", "evo.continual", "evo.generation", "evo.steady_state", "evo.pool"}
+
+
+def test_layers_artifacts_and_search_never_reach_the_loop():
+    """The release, the report, status and the run store are read by the loop, never the other
+    way round; optimizers and merge methods know nothing of Ray or the loop (no function-level
+    import either: the walk includes them)."""
+    edges = graph()
+    lower = ["evo.release", "evo.reporting", "evo.status", "evo.store", "evo.checkpoint", "evo.selection",
+             "evo.rejection", "evo.optim", *[m for m in edges if m.startswith(("evo.optim.", "evo.merge."))]]
+    offenders = {m: sorted(reachable(edges, m) & LOOP) for m in lower}
+    assert not {m: v for m, v in offenders.items() if v}, offenders
+    assert reachable(edges, "evo.runner") >= {"evo.steady_state", "evo.generation", "evo.pool"}  # the walk works
