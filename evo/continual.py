@@ -386,8 +386,7 @@ class ContinualLoop:
             print(f"version {st['version']}: {entry['decision']}")
 
     def _export(self, cand: dict, rule: str, drift: dict | None) -> Path:
-        from evo.release import next_release_dir, write_release
-        from evo.reporting import lineage
+        from evo.release import eval_record, lineage_record, next_release_dir, write_release
 
         cfg, st = self.cfg, self.state
         recipe = Recipe.from_dict(cand["recipe"], source=f"candidate {cand['candidate']}")
@@ -400,9 +399,7 @@ class ContinualLoop:
             "data_version": self.data_key,
             "generation": cand["generation"],
             "run": str(self.store.root.resolve()),
-            "eval": {"sets": {}, "tasks": {k: str(Path(v).resolve()) for k, v in cfg.eval.tasks.items()},
-                     "task_limit": cfg.eval.task_limit, "seq_len": cfg.eval.seq_len,
-                     "max_blocks": cfg.eval.max_blocks, "batch_size": cfg.eval.batch_size},
+            "eval": {**eval_record(cfg), "sets": {}},  # the stream's blocks: eval_blocks below
             "objective_specs": specs,
             "stream": {"folder": cfg.stream.folder, "version": st["version"], "shard": st["shard"],
                        "versions": list(self.window.versions), "parent_release": st["release"], "rule": rule,
@@ -417,8 +414,7 @@ class ContinualLoop:
                 f"current release ({st['release'] or 'base'})": {"valid": self.cache[st["reference"]["key"]].get("metrics", {})},
                 "this release": {"valid": cand["metrics"]},
             },
-            "lineage": [{"candidate": c["candidate"], "generation": c["generation"], "parents": c.get("parents") or [],
-                         "values": c.get("values")} for c in lineage(self.store.candidates(), cand["candidate"])],
+            "lineage": lineage_record(self.store, cand["candidate"]),
         }
         t0 = time.time()
         out = write_release(self.store, cfg, recipe, paths, fitness, out=out, lora="merged", train=self.train,

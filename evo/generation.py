@@ -1,15 +1,17 @@
 """One generation of the search, shared by the fixed-data loop (``evo.runner``) and the continual
 loop (``evo.continual``): ask the optimizer, evaluate candidates on Ray actors, tell.
 
-One generation::
+One synchronous generation (``optimizer.async: false``)::
 
     genomes = optimizer.ask()
     recipes = [space.decode(g) for g in genomes]
     results = cache hits + pool.evaluate(the rest)       # named Ray tasks gXXXX-cYYY
     optimizer.tell(genomes, objective vectors)
 
-Also what both loops build their state from (space, optimizer, checkpoint, the generation row),
-so neither loop imports the other.
+The asynchronous loop (``evo.steady_state``) uses the same pieces one candidate at a time: the
+cache key on a generation's draw, the control-adjusted candidate record, the elites' re-scores,
+the early-rejection threshold and the generation row. Also what both loops build their state
+from (space, optimizer setup), so neither loop imports the other.
 """
 from __future__ import annotations
 

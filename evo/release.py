@@ -150,8 +150,6 @@ def _run_fitness(cfg: ExperimentConfig, ckpt: Checkpoint, store: RunStore, label
     """fitness.json of a fixed-data run's release (or of ``label``, another row of the selection
     table): its values on the selection split (what ``evo verify`` re-measures), beside its search
     and test values, the margins over the best simple baseline, the comparison and the lineage."""
-    from evo.reporting import lineage
-
     sel = ckpt.selection
     label = label or sel["release"]
     objectives = ckpt.objectives
@@ -181,7 +179,7 @@ def _run_fitness(cfg: ExperimentConfig, ckpt: Checkpoint, store: RunStore, label
         "data_version": ckpt.data_version,
         "generation": ckpt.generation,
         "run": str(store.root.resolve()),
-        "eval": _eval_record(cfg),
+        "eval": eval_record(cfg),
         "objective_specs": objectives,
         "data_inputs": ckpt.data_inputs,
         "comparison": sel["table"],
@@ -189,14 +187,20 @@ def _run_fitness(cfg: ExperimentConfig, ckpt: Checkpoint, store: RunStore, label
     best_id = (ckpt.best or {}).get("id")
     if kind == "evolved":
         best_id = label.rsplit("(", 1)[-1].rstrip(")")
-    fitness["lineage"] = [
-        {"candidate": c["candidate"], "generation": c["generation"], "parents": c.get("parents") or [], "values": c.get("values")}
-        for c in lineage(store.candidates(), best_id)
-    ] if kind == "evolved" else []
+    fitness["lineage"] = lineage_record(store, best_id) if kind == "evolved" else []
     return fitness
 
 
-def _eval_record(cfg: ExperimentConfig) -> dict:
+def lineage_record(store: RunStore, candidate: str | None) -> list[dict]:
+    """fitness.json's lineage: ``candidate`` and its ancestors, from the run's candidate records."""
+    from evo.reporting import lineage
+
+    return [{"candidate": c["candidate"], "generation": c["generation"], "parents": c.get("parents") or [],
+             "values": c.get("values")} for c in lineage(store.candidates(), candidate)]
+
+
+def eval_record(cfg: ExperimentConfig) -> dict:
+    """fitness.json's account of how the release was evaluated (what `evo verify` redoes)."""
     return {
         "sets": {k: str(Path(v).resolve()) for k, v in cfg.eval.sets.items()},
         "tasks": {k: str(Path(v).resolve()) for k, v in cfg.eval.tasks.items()},
