@@ -103,8 +103,8 @@ class SteadyStateSearch:
         """Replay the log past the checkpoint, then evaluate until the budget is told."""
         self._replay()
         self.resubmit = [n for n in self.outstanding if n not in self.ready]
-        left = max(self.end_asks - self.opt.told, 0)
-        self.step.pool.stream(self._feed, self._on_result, desc="steady-state search", total=left,
+        # the bar counts every job: candidates, and each generation's control and elite re-scores
+        self.step.pool.stream(self._feed, self._on_result, desc="steady-state search (jobs)", total=None,
                               should_stop=should_stop)
         self._flush()
         if self.opt.told < self.end_asks:

@@ -261,6 +261,11 @@ class Optimizer(ABC):
         """Asynchronous mode: the next injected genome to hand out, if any."""
         return self.injected.pop(0) if self.injected else None
 
+    def first_generation(self) -> list[list[float]]:
+        """Synchronous mode: the initial genomes, then uniform draws, ``population`` in all."""
+        n_random = self.population_size - len(self.initial[: self.population_size])
+        return self.initial[: self.population_size] + self.np_rng.random((n_random, self.dim)).tolist()
+
     def first_genome(self) -> list[float] | None:
         """Asynchronous mode: the initial genomes, then uniform draws, for the first
         ``population`` asks (the first generation, as ``ask`` makes it)."""

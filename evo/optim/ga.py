@@ -44,8 +44,7 @@ class GeneticAlgorithm(Optimizer):
         if self.pending:
             return [np.asarray(g) for g in self.pending]
         if not self.population:
-            n_random = self.population_size - len(self.initial[: self.population_size])
-            genomes = self.initial[: self.population_size] + self.np_rng.random((n_random, self.dim)).tolist()
+            genomes = self.first_generation()
         else:
             genomes = self._breed(self.population_size - self.elites)
         self.pending = self.with_injected([list(map(float, g)) for g in genomes])
