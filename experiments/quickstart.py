@@ -26,7 +26,9 @@ def main(argv=None) -> int:
     p.add_argument("--evaluators", type=int, default=2)
     p.add_argument("--sync", action="store_true",
                    help="generation-synchronous search (reproducible bit for bit; the default is asynchronous)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the zoo's seed (a zoo built with another is rebuilt)")
+    p.add_argument("--search-seed", type=int, default=None,
+                   help="the search's seed (default: --seed); varies the run without rebuilding the zoo")
     p.add_argument("--run-dir", default=None, help="default: runs/quickstart-<time>")
     p.add_argument("--no-dashboard", action="store_true")
     p.add_argument("--quiet", action="store_true")
@@ -51,7 +53,7 @@ def main(argv=None) -> int:
                           "async": not args.sync},
             "ray": {"evaluators": args.evaluators, "cpus_per_evaluator": 1, "threads_per_evaluator": 1,
                     "dashboard": not args.no_dashboard, "object_store_mb": 512},
-            "seed": args.seed,
+            "seed": args.seed if args.search_seed is None else args.search_seed,
         }
         run_dir = args.run_dir or str(ROOT / "runs" / time.strftime("quickstart-%Y%m%d-%H%M%S"))
         result = evo.run(config, run_dir, quiet=args.quiet)
