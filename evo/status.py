@@ -13,12 +13,14 @@ def status_table(run_dir, top: int = 10) -> str:
         lines.append(f"no complete generation yet ({len(candidates)} candidates evaluated)")
         return "\n".join(lines)
     names = [o["name"] for o in ckpt.objectives]
-    failed = sum(c["status"] != "ok" for c in candidates)
+    failed = sum(c["status"] == "failed" for c in candidates)
+    rejected = sum(c["status"] == "rejected" for c in candidates)  # a verdict, not a failure
     stream = ckpt.stream
     of = "" if stream else f"/{ckpt.generations}"
     lines.append(
         f"generation {ckpt.generation}{of}  data {ckpt.data_version}  "
-        f"candidates {len(candidates)} (failed {failed}, cached {sum(bool(c.get('cached')) for c in candidates)})"
+        f"candidates {len(candidates)} (failed {failed}, stopped early {rejected}, "
+        f"cached {sum(bool(c.get('cached')) for c in candidates)})"
     )
     if stream:
         lines.append(f"stream: {len(stream['history'])} version(s) done, now {stream['version']} ({stream['phase']}), "

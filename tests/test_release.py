@@ -183,6 +183,9 @@ def test_status_and_report(finished_run, capsys):
     assert cli(["status", str(finished_run)]) == 0
     out = capsys.readouterr().out
     assert "generation 2/2" in out and "best:" in out
+    cands = RunStore.open(finished_run).candidates()
+    n_failed, n_rejected = (sum(c["status"] == s for c in cands) for s in ("failed", "rejected"))
+    assert f"(failed {n_failed}, stopped early {n_rejected}, " in out  # a rejection is not a failure
     page = evo.report(finished_run)
     html = page.read_text()
     for section in ("Fitness per generation", "Gene distributions", "Lineage of the best", "Comparison"):
