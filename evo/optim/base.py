@@ -266,6 +266,14 @@ class Optimizer(ABC):
         n_random = self.population_size - len(self.initial[: self.population_size])
         return self.initial[: self.population_size] + self.np_rng.random((n_random, self.dim)).tolist()
 
+    def bred_generation(self, breed: Callable[[], list[list[float]]]) -> list[np.ndarray]:
+        """``ask()`` of an optimizer that breeds from its population: the pending generation if
+        any, else the first generation or ``breed()``, with the injected genomes in it."""
+        if not self.pending:
+            genomes = breed() if self.population else self.first_generation()
+            self.pending = self.with_injected([list(map(float, g)) for g in genomes])
+        return [np.asarray(g) for g in self.pending]
+
     def first_genome(self) -> list[float] | None:
         """Asynchronous mode: the initial genomes, then uniform draws, for the first
         ``population`` asks (the first generation, as ``ask`` makes it)."""

@@ -41,14 +41,7 @@ class GeneticAlgorithm(Optimizer):
 
     # ------------------------------------------------------------------ synchronous
     def ask(self) -> list[np.ndarray]:
-        if self.pending:
-            return [np.asarray(g) for g in self.pending]
-        if not self.population:
-            genomes = self.first_generation()
-        else:
-            genomes = self._breed(self.population_size - self.elites)
-        self.pending = self.with_injected([list(map(float, g)) for g in genomes])
-        return [np.asarray(g) for g in self.pending]
+        return self.bred_generation(lambda: self._breed(self.population_size - self.elites))
 
     def tell(self, genomes: Sequence[Sequence[float]], values: Sequence[Sequence[float] | None], ids=None) -> None:
         new = evaluated(genomes, values, ids)

@@ -41,14 +41,11 @@ class NSGA2(Optimizer):
 
     # ------------------------------------------------------------------ synchronous
     def ask(self) -> list[np.ndarray]:
-        if self.pending:
-            return [np.asarray(g) for g in self.pending]
-        if not self.population:
-            genomes = self.first_generation()
-        else:
+        def breed() -> list[list[float]]:
             genomes, self.pending_parents = self._breed(self.population_size)
-        self.pending = self.with_injected([list(map(float, g)) for g in genomes])
-        return [np.asarray(g) for g in self.pending]
+            return genomes
+
+        return self.bred_generation(breed)
 
     def tell(self, genomes, values, ids=None) -> None:
         self._survive(evaluated(genomes, values, ids))
