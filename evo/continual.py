@@ -40,7 +40,7 @@ from evo.optim import restore_optimizer
 from evo.pool import EvaluatorPool, Interrupted
 from evo.signals import StopSignals
 from evo.sources import Sources
-from evo.steady_state import SteadyStateSearch, SteadyStateState
+from evo.steady_state import evolve
 from evo.space import Recipe
 from evo.store import RunStore
 
@@ -162,7 +162,7 @@ class ContinualLoop:
         st, cfg = self.state, self.cfg
         header = [True]
 
-        def generation_done(row: dict, steady: dict | None = None) -> None:
+        def generation_done(row: dict, steady: dict | None) -> None:
             row["data_version"] = st["version"]
             self.logbook.append(row)
             st["gen_in_version"] += 1
@@ -174,16 +174,10 @@ class ContinualLoop:
                 print_generation_row(row, self.objective_names, header=header[0])
             header[0] = False
 
-        if cfg.optimizer.asynchronous:
-            end = self.optimizer.generation + cfg.stream.generations - st["gen_in_version"]
-            search = SteadyStateSearch(self.step, end=end, state=SteadyStateState.from_dict(self.steady),
-                                       on_generation=lambda row: generation_done(row, search.snapshot()))
-            search.run(should_stop=stop.requested)
-            return
-        while st["gen_in_version"] < cfg.stream.generations:
-            if stop.requested():
-                raise Interrupted("stop requested between generations")
-            generation_done(self.step.run(self.optimizer.generation, should_stop=stop.requested))
+        end = self.optimizer.generation + cfg.stream.generations - st["gen_in_version"]
+        if not evolve(self.step, end=end, on_generation=generation_done, steady_state=self.steady,
+                      should_stop=stop.requested):
+            raise Interrupted("stop requested between generations")
 
     def _next_version(self) -> bool:
         """Take the next data version (consuming at most one new one); False when none."""

@@ -156,11 +156,8 @@ class GenerationStep:
 
     # ------------------------------------------------------------------ draws and the control
     def _use_draw(self, gen: int) -> dict[str, list[int]] | None:
-        if self.draws is None:
-            self._draw_key = self.data_key
-            return None
-        self._draw_key = f"{self.data_key}|b{self.draws.draw_id(gen)}"
-        return self.draws.draw(gen)
+        self._draw_key = self._data_at(gen)
+        return self.blocks_at(gen)
 
     def _control(self, gen: int, should_stop) -> dict:
         """The control's result on generation ``gen``'s draw (evaluated once, then cached)."""
@@ -220,10 +217,20 @@ class GenerationStep:
         if update:
             self.optimizer.rescore(update)
 
+    def _data_at(self, gen: int) -> str:
+        """The data a generation is scored on: the data version, and its draw when there are draws."""
+        return f"{self.data_key}|b{self.draws.draw_id(gen)}" if self.draws is not None else self.data_key
+
     def key_at(self, recipe: Recipe, gen: int) -> str:
         """The cache key of ``recipe`` scored on generation ``gen``'s draw."""
-        draw = f"|b{self.draws.draw_id(gen)}" if self.draws is not None else ""
-        return f"{recipe.key()}|{self.data_key}{draw}"
+        return f"{recipe.key()}|{self._data_at(gen)}"
+
+    def mark_invalid(self, name: str, gen: int, exc: EvoError) -> str:
+        """A genome that decodes to no valid recipe (e.g. a method gene picked slerp for three
+        models) fails without an evaluation; returns the cache key its failure is kept under."""
+        key = f"invalid-{name}|{self._data_at(gen)}"
+        self.cache[key] = {"status": "failed", "error": f"invalid recipe: {exc}"}
+        return key
 
     def blocks_at(self, gen: int) -> dict[str, list[int]] | None:
         return self.draws.draw(gen) if self.draws is not None else None
@@ -281,10 +288,9 @@ class GenerationStep:
         for name, genome in zip(names, genomes):
             try:
                 recipe = space.decode(genome)
-            except EvoError as exc:  # e.g. a method gene picked slerp for three models
+            except EvoError as exc:
                 recipe = None
-                key = invalid[name] = f"invalid-{name}|{self._draw_key}"
-                self.cache[key] = {"status": "failed", "error": f"invalid recipe: {exc}"}
+                invalid[name] = self.mark_invalid(name, gen, exc)
             else:
                 valid[name] = recipe
             recipes.append(recipe)

@@ -25,7 +25,7 @@ from evo.pool import EvaluatorPool, Interrupted, Sources
 from evo.selection import Selection, baseline_recipes, print_selection, weights_recipe  # noqa: F401
 from evo.signals import StopSignals
 from evo.space import Recipe
-from evo.steady_state import SteadyStateSearch, SteadyStateState
+from evo.steady_state import evolve
 from evo.store import RunStore
 
 
@@ -125,33 +125,25 @@ def _loop(cfg: ExperimentConfig, store: RunStore, *, quiet: bool, stop_after: in
                               set_names=set_names, task_names=task_names, draws=search_draws(cfg, sources),
                               evidence=ckpt.evidence if ckpt else None, quiet=quiet)
         stopped = False
-        told = {"generations": 0}
 
-        def generation_done(row: dict, steady: dict | None = None) -> None:
+        def generation_done(row: dict, steady: dict | None) -> None:
             logbook.append(row)
             store.save_checkpoint(Checkpoint.of(cfg, optimizer, logbook, space, sources.data_version,
                                                 data_inputs=sources.version_inputs, evidence=step.evidence,
                                                 steady_state=steady))
             store.event("generation_done", **row)
             metrics.generation_done(row, sources.data_version)
-            told["generations"] += 1
             if not quiet:
                 print_generation_row(row, objective_names, header=(len(logbook) == start + 1))
 
         try:
-            if cfg.optimizer.asynchronous:
-                search = SteadyStateSearch(step, end=cfg.optimizer.generations,
-                                           on_generation=lambda row: generation_done(row, search.snapshot()),
-                                           state=SteadyStateState.from_dict(ckpt.steady_state if ckpt else None))
-                search.run(should_stop=lambda: stop.requested() or (
-                    stop_after is not None and told["generations"] >= stop_after
-                    and optimizer.generation < cfg.optimizer.generations))
-            else:
-                for gen in range(start, cfg.optimizer.generations):
-                    if (stop_after is not None and gen - start >= stop_after) or stop.requested():
-                        stopped = True
-                        break
-                    generation_done(step.run(gen, should_stop=stop.requested))
+            def should_stop() -> bool:  # a signal, or stop_after generations done by this call
+                done_here = optimizer.generation - start
+                return stop.requested() or (stop_after is not None and done_here >= stop_after
+                                            and optimizer.generation < cfg.optimizer.generations)
+
+            stopped = not evolve(step, end=cfg.optimizer.generations, on_generation=generation_done,
+                                 steady_state=ckpt.steady_state if ckpt else None, should_stop=should_stop)
         except Interrupted as exc:  # SIGINT/SIGTERM mid-generation: finished candidates are cached
             stopped = True
             store.event("run_stopped", reason=str(exc))

@@ -91,7 +91,7 @@ class SteadyStateSearch:
         self.window_start = time.time()
         self.threshold = None
         for name, asked in self.outstanding.items():
-            self._recipe_of(asked)
+            self.recipes[name], _ = self._decode(name, asked.gen, asked.genome)
         # the controls of generations with work still out (killed before they finished)
         for gen in sorted({a.gen for a in self.outstanding.values()} | set(self.elite_sets) | {self.started} - {-1}):
             self._queue_control(gen)
@@ -148,24 +148,17 @@ class SteadyStateSearch:
         return name
 
     def _register(self, name: str, gen: int, genome: list[float], parents: list[str]) -> Asked:
-        try:
-            recipe = self.step.space.decode(genome)
-            key = self.step.key_at(recipe, gen)
-        except EvoError as exc:  # e.g. a method gene picked slerp for three models
-            recipe, key = None, f"invalid-{name}|{self.step.data_key}"
-            self.step.cache[key] = {"status": "failed", "error": f"invalid recipe: {exc}"}
+        self.recipes[name], key = self._decode(name, gen, genome)
         asked = self.outstanding[name] = Asked(name, gen, genome, list(parents), key)
-        self.recipes[name] = recipe
         return asked
 
-    def _recipe_of(self, asked: Asked) -> Recipe | None:
-        if asked.name not in self.recipes:
-            try:
-                self.recipes[asked.name] = self.step.space.decode(asked.genome)
-            except EvoError as exc:
-                self.recipes[asked.name] = None
-                self.step.cache[asked.key] = {"status": "failed", "error": f"invalid recipe: {exc}"}
-        return self.recipes[asked.name]
+    def _decode(self, name: str, gen: int, genome: list[float]) -> tuple[Recipe | None, str]:
+        """The candidate's recipe and cache key (None and its failure's key when it has no valid recipe)."""
+        try:
+            recipe = self.step.space.decode(genome)
+        except EvoError as exc:
+            return None, self.step.mark_invalid(name, gen, exc)
+        return recipe, self.step.key_at(recipe, gen)
 
     def _candidate_job(self, name: str) -> Job | None:
         """The job that evaluates candidate ``name``, or None when its result is already known
@@ -180,7 +173,7 @@ class SteadyStateSearch:
             return None
         self.running[asked.key] = [name]
         self.threshold = self._threshold(asked.gen)
-        return Job(asked.key, name, self._recipe_of(asked).to_dict(), self.threshold, self.step.blocks_at(asked.gen))
+        return Job(asked.key, name, self.recipes[name].to_dict(), self.threshold, self.step.blocks_at(asked.gen))
 
     def _start_generation(self, gen: int) -> None:
         """Queue generation ``gen``'s control (its draw's reference) and the elites' re-scores."""
@@ -306,3 +299,23 @@ class SteadyStateSearch:
                 self._tell(entry["name"], replaying=True)
             elif entry["step"] == "rescore":
                 self._rescore(entry["gen"], replaying=True)
+
+
+def evolve(step: GenerationStep, *, end: int, on_generation: Callable[[dict, dict | None], None],
+           steady_state: dict | None = None, should_stop: Callable[[], bool] | None = None) -> bool:
+    """Run generations until the optimizer has completed ``end``, in the configured mode:
+    steady state (``optimizer.async``, the default) or one synchronous generation at a time.
+    ``on_generation(row, steady)`` runs at every generation boundary (``steady``: this search's
+    part of the checkpoint; None when synchronous). Both loops (``evo.runner``, ``evo.continual``)
+    evolve through here. Returns False when ``should_stop`` turned true between two synchronous
+    generations (nothing was running); a stop while candidates run raises ``Interrupted``."""
+    if step.cfg.optimizer.asynchronous:
+        search = SteadyStateSearch(step, end=end, state=SteadyStateState.from_dict(steady_state),
+                                   on_generation=lambda row: on_generation(row, search.snapshot()))
+        search.run(should_stop=should_stop)
+        return True
+    while step.optimizer.generation < end:
+        if should_stop is not None and should_stop():
+            return False
+        on_generation(step.run(step.optimizer.generation, should_stop=should_stop), None)
+    return True
