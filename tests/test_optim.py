@@ -13,6 +13,13 @@ def sphere(g):
     return [float(np.sum((np.asarray(g) - 0.3) ** 2))]
 
 
+def zdt(g):
+    """f1 = x0, f2 = 1 - sqrt(x0 / h) * h with h = 1 + 9*mean(x[1:]): ZDT1-like, two objectives."""
+    g = np.asarray(g)
+    h = 1 + 9 * g[1:].mean()
+    return [float(g[0]), float(h * (1 - np.sqrt(g[0] / h)))]
+
+
 def drive(opt, generations, fail_every=0):
     history = []
     for gen in range(generations):
@@ -125,13 +132,7 @@ def test_cmaes_converges_on_sphere_inside_the_cube():
 
 
 def test_nsga2_front_on_a_known_two_objective_toy():
-    """f1 = x0, f2 = 1 - sqrt(x0) + 9*mean(x[1:]): the true front has x[1:] = 0 (ZDT1-like)."""
-
-    def zdt(g):
-        g = np.asarray(g)
-        h = 1 + 9 * g[1:].mean()
-        return [float(g[0]), float(h * (1 - np.sqrt(g[0] / h)))]
-
+    """The true front of zdt (below) has x[1:] = 0."""
     opt = make_optimizer("nsga2", 4, directions=["minimize", "minimize"], seed=0, options={"population": 24})
     for _ in range(40):
         gs = opt.ask()
@@ -243,11 +244,6 @@ def test_async_ga_keeps_its_best_and_injected_genomes_come_first():
 
 
 def test_async_nsga2_front_on_the_two_objective_toy():
-    def zdt(g):
-        g = np.asarray(g)
-        h = 1 + 9 * g[1:].mean()
-        return [float(g[0]), float(h * (1 - np.sqrt(g[0] / h)))]
-
     opt = make_optimizer("nsga2", 4, directions=["minimize", "minimize"], seed=0, options={"population": 24})
     drive_async(opt, 960, workers=6, fn=zdt)
     front = np.array([e.values for e in opt.front])
