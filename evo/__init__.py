@@ -13,13 +13,13 @@ __version__ = "0.1.0"
 
 
 def run(config, run_dir, **kw):
-    from evo.runner import run as _run
+    from evo.loop import run as _run
 
     return _run(config, run_dir, **kw)
 
 
 def resume(run_dir, **kw):
-    from evo.runner import resume as _resume
+    from evo.loop import resume as _resume
 
     return _resume(run_dir, **kw)
 

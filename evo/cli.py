@@ -31,7 +31,7 @@ def _cmd_run(args) -> int:
     from dataclasses import replace
 
     from evo.config import ExperimentConfig
-    from evo.runner import run
+    from evo.loop import run
 
     config = args.config
     if args.sync:  # generation-synchronous search, recorded in the run's config (resume keeps it)
@@ -41,7 +41,7 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_resume(args) -> int:
-    from evo.runner import resume
+    from evo.loop import resume
 
     return _print_best(resume(args.run_dir, quiet=args.quiet, follow=args.follow))
 

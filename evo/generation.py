@@ -1,5 +1,4 @@
-"""One generation of the search, shared by the fixed-data loop (``evo.runner``) and the continual
-loop (``evo.continual``): ask the optimizer, evaluate candidates on Ray actors, tell.
+"""One generation of the search, for the loop (``evo.loop``) on every data version: ask the optimizer, evaluate candidates on Ray actors, tell.
 
 One synchronous generation (``optimizer.async: false``)::
 
@@ -10,8 +9,8 @@ One synchronous generation (``optimizer.async: false``)::
 
 The asynchronous loop (``evo.steady_state``) uses the same pieces one candidate at a time: the
 cache key on a generation's draw, the control-adjusted candidate record, the elites' re-scores,
-the early-rejection threshold and the generation row. Also what both loops build their state
-from (space, optimizer setup), so neither loop imports the other.
+the early-rejection threshold and the generation row. Also what the loop builds its state from
+(space, optimizer setup).
 """
 from __future__ import annotations
 
@@ -102,8 +101,8 @@ def initial_genomes(cfg: ExperimentConfig, space: SearchSpace) -> list[np.ndarra
 class GenerationStep:
     """One generation: ask, decode, evaluate what the cache lacks, record, tell.
 
-    Shared by the fixed-data loop here and the continual loop (``evo.continual``), which passes
-    its own ``data_key`` (data version and current release) and evaluation set names.
+    The loop builds one per data version, with that version's ``data_key`` and evaluation set
+    names (``evo.versions.Installed``).
 
     With ``draws`` (fixed-data runs), generation ``g`` scores every candidate on draw ``g`` of
     the search pool, after the control recipe (``evo.selection.control_recipe``) and, for an

@@ -89,7 +89,7 @@ class Sources:
                           if cfg.eval.task_subset < len(task)}
             if task_items:  # the search scores these items; selection and test score every item
                 settings["task_subset"] = cfg.eval.task_subset
-        # a stream run trains LoRA genes on the newest data version instead (evo.continual)
+        # a stream run trains LoRA genes on the newest data version instead (evo.versions.ShardStream)
         has_lora = _space_has_lora(cfg.search_space) and not cfg.streaming
         train = train_blocks(cfg, tokenizer) if has_lora else None
         files = [*cfg.eval.sets.values(), *cfg.eval.tasks.values(), *(cfg.eval.train_sets.values() if has_lora else []),

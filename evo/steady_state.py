@@ -306,8 +306,8 @@ def evolve(step: GenerationStep, *, end: int, on_generation: Callable[[dict, dic
     """Run generations until the optimizer has completed ``end``, in the configured mode:
     steady state (``optimizer.async``, the default) or one synchronous generation at a time.
     ``on_generation(row, steady)`` runs at every generation boundary (``steady``: this search's
-    part of the checkpoint; None when synchronous). Both loops (``evo.runner``, ``evo.continual``)
-    evolve through here. Returns False when ``should_stop`` turned true between two synchronous
+    part of the checkpoint; None when synchronous). The loop (``evo.loop``) evolves every
+    data version through here. Returns False when ``should_stop`` turned true between two synchronous
     generations (nothing was running); a stop while candidates run raises ``Interrupted``."""
     if step.cfg.optimizer.asynchronous:
         search = SteadyStateSearch(step, end=end, state=SteadyStateState.from_dict(steady_state),

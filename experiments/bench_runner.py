@@ -64,7 +64,7 @@ def make_config(zoo: str, evaluators: int = 1):
 
 
 def random_recipes(cfg, n: int, seed: int):
-    from evo.runner import make_space
+    from evo.generation import make_space
 
     space = make_space(cfg)
     rng = np.random.default_rng(seed)
@@ -384,7 +384,7 @@ def main(argv=None) -> int:
     if not (Path(args.zoo) / "zoo.json").is_file():
         print(f"bench_runner: no zoo at {args.zoo} (python experiments/make_zoo.py --out zoo)", file=sys.stderr)
         return 2
-    from evo.runner import baseline_recipes
+    from evo.selection import baseline_recipes
 
     t0 = time.time()
     cfg = make_config(args.zoo)

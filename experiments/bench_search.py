@@ -9,7 +9,7 @@ rejection, and subset fitness.
 
 One process, one torch thread, no Ray and no run store: a single resident
 ``evo.evaluator.Evaluator`` built from ``evo.sources.Sources.load(cfg)`` scores every candidate,
-and the optimizers are driven through ask/tell exactly as ``evo.runner`` does (same initial
+and the optimizers are driven through ask/tell exactly as ``evo.loop`` does (same initial
 genomes: the uniform average and plain task arithmetic). A recipe seen before in the same run
 costs no budget; results are memoised across runs to save wall time only.
 
@@ -89,7 +89,7 @@ class Bench:
     def __init__(self, zoo: str):
         from evo.evaluator import Evaluator
         from evo.rejection import RejectionTest
-        from evo.runner import initial_genomes, make_space
+        from evo.generation import initial_genomes, make_space
         from evo.sources import Sources
 
         self.cfg = make_config(zoo)

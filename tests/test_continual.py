@@ -238,7 +238,7 @@ def test_restarted_evaluator_gets_the_newest_data_again(micro_zoo, ray_session, 
     import ray
 
     from evo.pool import EvaluatorPool
-    from evo.runner import baseline_recipes
+    from evo.selection import baseline_recipes
     from evo.sources import Sources
 
     cfg = ExperimentConfig.from_dict({

@@ -11,7 +11,8 @@ from evo.errors import EvoError
 from evo.rejection import RejectionTest, Threshold
 from evo.evaluator import Evaluator
 from evo.fitness import objective_values
-from evo.runner import baseline_recipes, search_draws
+from evo.generation import search_draws
+from evo.selection import baseline_recipes
 from evo.sources import Sources
 
 

@@ -13,7 +13,7 @@ from evo.config import ExperimentConfig
 from evo.errors import EvoError
 from evo.evaluator import Evaluator
 from evo.release import verify
-from evo.runner import make_space
+from evo.generation import make_space
 from evo.sources import Sources
 
 
