@@ -13,24 +13,24 @@ __version__ = "0.1.0"
 
 
 def run(config, run_dir, **kw):
-    from evo.loop import run as _run
+    from evo.loop.driver import run as _run
 
     return _run(config, run_dir, **kw)
 
 
 def resume(run_dir, **kw):
-    from evo.loop import resume as _resume
+    from evo.loop.driver import resume as _resume
 
     return _resume(run_dir, **kw)
 
 
 def export(run_dir, out=None, **kw):
-    from evo.release import export as _export
+    from evo.artifacts.release import export as _export
 
     return _export(run_dir, out, **kw)
 
 
 def report(run_dir, out=None):
-    from evo.reporting import report as _report
+    from evo.artifacts.report import report as _report
 
     return _report(run_dir, out)

@@ -8,7 +8,7 @@ import sys
 import threading
 from pathlib import Path
 
-from evo.errors import EvoError
+from evo.core.errors import EvoError
 
 # exit codes of `evo run` / `evo resume` (and every verb for the first three)
 EXIT_OK = 0          # finished (a stream run: every data version present was processed)
@@ -30,8 +30,8 @@ EXIT_HELP = """exit codes:
 def _cmd_run(args) -> int:
     from dataclasses import replace
 
-    from evo.config import ExperimentConfig
-    from evo.loop import run
+    from evo.core.config import ExperimentConfig
+    from evo.loop.driver import run
 
     config = args.config
     if args.sync:  # generation-synchronous search, recorded in the run's config (resume keeps it)
@@ -41,7 +41,7 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_resume(args) -> int:
-    from evo.loop import resume
+    from evo.loop.driver import resume
 
     return _print_best(resume(args.run_dir, quiet=args.quiet, follow=args.follow))
 
@@ -76,13 +76,13 @@ def _print_best(result) -> int:
 
 
 def _cmd_status(args) -> None:
-    from evo.status import status_table
+    from evo.artifacts.status import status_table
 
     print(status_table(args.run_dir, top=args.top))
 
 
 def _cmd_export(args) -> None:
-    from evo.release import export
+    from evo.artifacts.release import export
 
     print(export(args.run_dir, args.out, name=args.name, lora=args.lora, candidate=args.candidate))
 
@@ -101,7 +101,7 @@ def _cmd_merge(args) -> None:
 
 
 def _cmd_verify(args) -> None:
-    from evo.release import verify
+    from evo.artifacts.release import verify
 
     values = verify(args.release, tolerance=args.tolerance)
     shown = ", ".join(f"{k}={v:.4f}" for k, v in values.items())
@@ -109,8 +109,8 @@ def _cmd_verify(args) -> None:
 
 
 def _cmd_plan(args) -> int:
-    from evo.config import ExperimentConfig
-    from evo.memory import plan_for, suggestions
+    from evo.core.config import ExperimentConfig
+    from evo.cluster.memory import plan_for, suggestions
 
     cfg = ExperimentConfig.from_yaml(args.config)
     plan = plan_for(cfg)
@@ -124,7 +124,7 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_report(args) -> None:
-    from evo.reporting import report
+    from evo.artifacts.report import report
 
     print(report(args.run_dir, args.out))
 

@@ -6,7 +6,7 @@ evaluations, and best-so-far against wall time.
 
 Each optimizer (``ga``, ``cmaes``, ``nsga2``, ``random``) runs ``--seeds`` seeds in both modes
 with the same budget of distinct recipes evaluated. Objective values are real: every recipe is
-merged and scored by one resident ``evo.evaluator.Evaluator`` in this process (the tiny zoo,
+merged and scored by one resident ``evo.scoring.evaluator.Evaluator`` in this process (the tiny zoo,
 valid split, as bench_search.py). The *schedule* is simulated, so that both modes see the same
 evaluator speeds and the comparison is not at the mercy of this machine's load: ``--evaluators``
 virtual evaluators, each candidate taking the seconds its evaluation measured here, one recipe in
@@ -16,7 +16,7 @@ EVERY (by a hash of its key, the same in both modes) FACTOR times longer (``--st
 * synchronous: ``ask()`` a generation, list-schedule it onto the evaluators in ask order, wait
   for the last one, ``tell()`` it (what ``optimizer.async: false`` does);
 * asynchronous: ``ask_one()`` whenever an evaluator is free, ``tell_one()`` each result at the
-  moment it finishes (what ``evo.steady_state`` does).
+  moment it finishes (what ``evo.loop.steady_state`` does).
 
 Outputs ``experiments/out/bench_async.md`` (+ ``.json``) and ``docs/img/bench_async.png``.
 """
@@ -70,7 +70,7 @@ class Costs:
 
 
 def run_sync(bench, costs: Costs, name: str, seed: int, budget: int, population: int, evaluators: int) -> dict:
-    from evo.optim import make_optimizer
+    from evo.search.optim import make_optimizer
 
     opt = make_optimizer(name, bench.space.dim, directions=["minimize"], seed=seed,
                          options={"population": population, "initial": bench.initial})
@@ -104,7 +104,7 @@ def run_sync(bench, costs: Costs, name: str, seed: int, budget: int, population:
 
 
 def run_async(bench, costs: Costs, name: str, seed: int, budget: int, population: int, evaluators: int) -> dict:
-    from evo.optim import make_optimizer
+    from evo.search.optim import make_optimizer
 
     opt = make_optimizer(name, bench.space.dim, directions=["minimize"], seed=seed,
                          options={"population": population, "initial": bench.initial})

@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def shard_texts(zoo, domain: str, n: int, doc_chars: int) -> list[str]:
     """Documents a model of the zoo never trained on: the zoo's test split for its own
     domains, otherwise the domain's text from the start."""
-    from evo.corpus import load_domain
-    from evo.data import read_texts
+    from evo.data.corpus import load_domain
+    from evo.data.stream import read_texts
 
     if domain in zoo.domains:
         return read_texts(zoo.data_dir(domain, "test"))[:n]
@@ -42,7 +42,7 @@ def shard_texts(zoo, domain: str, n: int, doc_chars: int) -> list[str]:
 
 def versions_of(folder: Path, tokenizer, settings: dict) -> list[dict]:
     """Train and held-out blocks per version, exactly as the loop's stream splits them."""
-    from evo.data import DataStream
+    from evo.data.stream import DataStream
 
     stream = DataStream(folder, tokenizer, **settings)
     out = []
@@ -58,7 +58,7 @@ def versions_of(folder: Path, tokenizer, settings: dict) -> list[dict]:
 def logppl(model, blocks, batch_size=16) -> float:
     import torch
 
-    from evo.fitness import mean_nll
+    from evo.scoring.fitness import mean_nll
 
     return mean_nll(model, torch.from_numpy(blocks), batch_size=batch_size)
 
@@ -75,8 +75,8 @@ def zoo_train_blocks(zoo, tokenizer, args):
     """The zoo's own training text, the oldest rehearsal stratum (as the loop's prior)."""
     import numpy as np
 
-    from evo.data import read_texts
-    from evo.fitness import token_blocks
+    from evo.data.stream import read_texts
+    from evo.scoring.fitness import token_blocks
 
     return np.concatenate([token_blocks(read_texts(zoo.data_dir(d, "train")), tokenizer, args.seq_len,
                                         args.replay_train_blocks).numpy() for d in zoo.domains])
@@ -99,7 +99,7 @@ def sequential(zoo, versions, args, tokenizer=None, share: float = 0.0) -> list[
     import torch
     from transformers import AutoModelForCausalLM
 
-    from evo.lora import LoraGenes, TrainingData, fit_lora, merged_state_dict, unload
+    from evo.scoring.lora import LoraGenes, TrainingData, fit_lora, merged_state_dict, unload
 
     model = AutoModelForCausalLM.from_pretrained(zoo.base_dir).eval()
     genes = LoraGenes(rank=args.rank, alpha=2.0 * args.rank, target_modules="all", lr=args.lr, steps=args.steps,
@@ -124,7 +124,7 @@ def evolve(zoo, folder, versions, args) -> tuple[list[dict], dict]:
     from transformers import AutoModelForCausalLM
 
     import evo
-    from evo.store import RunStore
+    from evo.artifacts.store import RunStore
 
     space = yaml.safe_load((ROOT / "search_spaces" / "merge_lora.yaml").read_text())
     space["genes"]["lora.steps"] = {"type": "int", "low": args.steps, "high": args.steps, "scope": "global"}
@@ -268,7 +268,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)  # the evaluators use the cores; one thread each keeps them fed
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evo.zoo import build_zoo
+    from evo.zoo.build import build_zoo
 
     out = Path(args.out)
     if out.exists():

@@ -3,6 +3,9 @@ never saw? (``python experiments/bench_search.py --heldout`` runs this too.)
 
     python experiments/bench_heldout.py                          # blocks 4,8,16 x 5 seeds x 2 modes
     python experiments/bench_heldout.py --blocks 8 --seeds 2     # a quick look
+    python experiments/bench_heldout.py --zoo zoo-smollm2 --label "SmolLM2-135M zoo (de, fr, code)" \
+        --blocks 8 --modes redraw --dtype bfloat16 --batch-size 8 --heldout-blocks 32 \
+        --out experiments/out/heldout-smollm2 --plot docs/img/bench_heldout_smollm2.png
 
 Each run goes through the public API exactly as a user's would (``evo.run`` on a local Ray,
 2 evaluators, CMA-ES, ``search_spaces/task_arithmetic_layerwise.yaml``, 8 generations x 16):
@@ -38,11 +41,12 @@ def run_one(zoo: str, blocks: int, seed: int, redraw: bool, args) -> dict:
     config = {
         "name": f"heldout-b{blocks}-s{seed}-{'redraw' if redraw else 'fixed'}",
         "zoo": zoo, "search_space": str(SPACE),
-        "eval": {"seq_len": 128, "max_blocks": blocks, "batch_size": 16, "redraw": redraw,
+        "eval": {"seq_len": 128, "max_blocks": blocks, "batch_size": args.batch_size, "redraw": redraw,
                  "selection": {"blocks": args.heldout_blocks}, "test_blocks": args.heldout_blocks},
         "optimizer": {"name": args.optimizer, "generations": args.generations, "population": args.population},
         "ray": {"evaluators": args.evaluators, "dashboard": False},
         "seed": seed,
+        "dtype": args.dtype,
     }
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,7 +86,7 @@ def signed(xs) -> str:
 
 def table(runs: list[dict], args) -> str:
     lines = [
-        f"Tiny zoo (en, de, code), CMA-ES {args.generations} generations x {args.population}, {args.evaluators} "
+        f"{args.label}, {args.dtype}, CMA-ES {args.generations} generations x {args.population}, {args.evaluators} "
         f"evaluators; test = mean log-perplexity on {args.heldout_blocks} blocks x 128 tokens per domain of the zoo's "
         f"test split (never seen by search or selection); median [min–max] over seeds {args.seeds_list}. "
         "Δ = release − best simple baseline on test (negative: the release is better).",
@@ -149,11 +153,15 @@ def main(argv=None) -> int:
     p.add_argument("--population", type=int, default=16)
     p.add_argument("--evaluators", type=int, default=2)
     p.add_argument("--heldout-blocks", type=int, default=64, help="selection and test blocks per set")
+    p.add_argument("--dtype", default="float32", help="the evaluators' dtype (float32, bfloat16, auto)")
+    p.add_argument("--batch-size", type=int, default=16, help="evaluation blocks per forward pass")
+    p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
+    p.add_argument("--label", default="Tiny zoo (en, de, code)", help="the zoo's name in the table")
     p.add_argument("--out", default=str(ROOT / "experiments" / "out"))
     p.add_argument("--plot", default=str(ROOT / "docs" / "img" / "bench_heldout.png"))
     args = p.parse_args(argv)
     args.blocks_list = [int(b) for b in args.blocks.split(",")]
-    args.seeds_list = list(range(args.seeds))
+    args.seeds_list = list(range(args.first_seed, args.first_seed + args.seeds))
     if not (Path(args.zoo) / "zoo.json").is_file():
         print(f"bench_heldout: no zoo at {args.zoo} (python experiments/make_zoo.py --out zoo)", file=sys.stderr)
         return 2

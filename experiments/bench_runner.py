@@ -11,12 +11,12 @@ table to ``experiments/out/bench_runner.md`` and the raw numbers to ``bench_runn
 What is measured (search space ``search_spaces/task_arithmetic_layerwise.yaml``, evaluation as in
 the quickstart: 3 domains x 48 blocks x 128 tokens, batch 16):
 
-* throughput: the same list of random genomes (fixed seed) through ``evo.pool.EvaluatorPool``
+* throughput: the same list of random genomes (fixed seed) through ``evo.cluster.pool.EvaluatorPool``
   with 1 and with 2 actors (``cpus_per_evaluator: 1, threads_per_evaluator: 1``) on one shared
   embedded local Ray, after the actors are up and warmed; alternating 1, 2, 1, 2, ... repeats.
 * overhead: per candidate, driver wall time from dispatch (``.remote``) to the pool handing the
   result over, minus the evaluator's own ``merge_s`` and ``eval_s``; as a share of the wall.
-* resident vs reload: in this process without Ray, the resident ``evo.evaluator.Evaluator``
+* resident vs reload: in this process without Ray, the resident ``evo.scoring.evaluator.Evaluator``
   against loading base + sources from disk (``load_model_dir``, page cache warm: the best case
   for reloading), computing task vectors, building a fresh model and merging into it, then the
   same block log-likelihoods; both must give the same fitness.
@@ -49,7 +49,7 @@ EVAL = {"seq_len": 128, "max_blocks": 48, "batch_size": 16}  # the quickstart's 
 
 
 def make_config(zoo: str, evaluators: int = 1):
-    from evo.config import ExperimentConfig
+    from evo.core.config import ExperimentConfig
 
     return ExperimentConfig.from_dict({
         "name": "bench-runner",
@@ -64,7 +64,7 @@ def make_config(zoo: str, evaluators: int = 1):
 
 
 def random_recipes(cfg, n: int, seed: int):
-    from evo.generation import make_space
+    from evo.loop.generation import make_space
 
     space = make_space(cfg)
     rng = np.random.default_rng(seed)
@@ -79,7 +79,7 @@ def mean_logppl(metrics: dict) -> float:
 # ----------------------------------------------------------------------------- Ray throughput
 def pool_run(cfg, sources, recipes, warmup, label: str) -> dict:
     """One measurement: start a pool, wait for its actors, warm them up, time the candidate list."""
-    from evo.pool import EvaluatorPool
+    from evo.cluster.pool import EvaluatorPool
 
     t_start = time.perf_counter()
     with EvaluatorPool(cfg, sources, run_name=label, quiet=True) as pool:
@@ -124,7 +124,7 @@ def pool_run(cfg, sources, recipes, warmup, label: str) -> dict:
 def bench_ray(zoo: str, recipes, warmup, repeats: int) -> list[dict]:
     import ray
 
-    from evo.sources import Sources
+    from evo.data.sources import Sources
 
     sources = Sources.load(make_config(zoo))
     tmp = tempfile.mkdtemp(prefix="rayb-", dir="/tmp")
@@ -150,8 +150,8 @@ def bench_dtype(zoo: str, recipes, dtypes: list[str], seq_len: int) -> str:
     """The same recipes on one resident evaluator per dtype (one thread each, interleaved so
     machine load hits every dtype alike): mean log-perplexity per recipe and seconds per candidate.
     Every dtype merges in float32 and rounds each tensor once into its resident model."""
-    from evo.evaluator import Evaluator
-    from evo.sources import Sources
+    from evo.scoring.evaluator import Evaluator
+    from evo.data.sources import Sources
 
     EVAL.update(seq_len=seq_len)
     cfg = make_config(zoo)
@@ -189,10 +189,10 @@ def _spearman(a, b) -> float:
 
 # ----------------------------------------------------------------------------- resident vs reload
 def bench_reload(zoo: str, recipes) -> dict:
-    from evo.evaluator import Evaluator, build_model
-    from evo.fitness import block_nlls
+    from evo.scoring.evaluator import Evaluator, build_model
+    from evo.scoring.fitness import block_nlls
     from evo.merge import Merger, load_model_dir, task_vectors
-    from evo.sources import Sources
+    from evo.data.sources import Sources
 
     cfg = make_config(zoo)
     sources = Sources.load(cfg)
@@ -247,7 +247,7 @@ def busy_fraction(run_dir: Path, evaluators: int) -> dict:
     """Sum of job seconds (sent to result back, at the driver) over evaluators x the search's
     wall time (first job sent to last result back), from the run's fitness cache: every job of
     the search (candidates, each draw's control, elite re-scores) is in it with its ``dispatch``."""
-    from evo.store import RunStore
+    from evo.artifacts.store import RunStore
 
     jobs = [r["dispatch"] for r in RunStore.open(run_dir).cache_load().values() if r.get("dispatch")]
     wall = max(j["end"] for j in jobs) - min(j["start"] for j in jobs)
@@ -261,8 +261,8 @@ def bench_busy(zoo: str, generations: int, population: int, evaluators: int, rep
     asynchronous, without and with an emulated straggler (``EVO_BENCH_STRAGGLER``: one recipe in
     EVERY takes FACTOR times as long), alternating the modes so machine load hits both alike."""
     import evo
-    from evo.evaluator import STRAGGLER_ENV
-    from evo.store import RunStore
+    from evo.scoring.evaluator import STRAGGLER_ENV
+    from evo.artifacts.store import RunStore
 
     rows = []
     root = Path(tempfile.mkdtemp(prefix="bench-busy-"))
@@ -384,7 +384,7 @@ def main(argv=None) -> int:
     if not (Path(args.zoo) / "zoo.json").is_file():
         print(f"bench_runner: no zoo at {args.zoo} (python experiments/make_zoo.py --out zoo)", file=sys.stderr)
         return 2
-    from evo.selection import baseline_recipes
+    from evo.loop.selection import baseline_recipes
 
     t0 = time.time()
     cfg = make_config(args.zoo)

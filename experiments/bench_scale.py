@@ -1,5 +1,5 @@
 """Scale benchmark: searches over synthetic Llama families at 135M, 360M and 1.1B shapes
-(SmolLM2-135M, SmolLM2-360M, TinyLlama-1.1B; ``evo.synthetic``), fp32 and bf16, 1 and 2
+(SmolLM2-135M, SmolLM2-360M, TinyLlama-1.1B; ``evo.zoo.synthetic``), fp32 and bf16, 1 and 2
 evaluators, each a real ``evo run`` (2 generations x 4 candidates, random search, task
 arithmetic layer-wise) in its own process, measured from outside.
 
@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from evo.memory import GiB, PeakSampler, plan_for  # noqa: E402
-from evo.synthetic import SHAPES, write_family  # noqa: E402
+from evo.cluster.memory import GiB, PeakSampler, plan_for  # noqa: E402
+from evo.zoo.synthetic import SHAPES, write_family  # noqa: E402
 
 
 def config(base, sources, zoo: Path, dtype: str, evaluators: int) -> dict:
@@ -90,7 +90,7 @@ def main() -> None:
 
     import yaml
 
-    from evo.config import ExperimentConfig
+    from evo.core.config import ExperimentConfig
 
     zoo, work = Path(args.zoo), Path(args.work)
     rows = []

@@ -8,8 +8,8 @@ rejection, and subset fitness.
     python experiments/bench_search.py --async              # async vs sync search (experiments/bench_async.py)
 
 One process, one torch thread, no Ray and no run store: a single resident
-``evo.evaluator.Evaluator`` built from ``evo.sources.Sources.load(cfg)`` scores every candidate,
-and the optimizers are driven through ask/tell exactly as ``evo.loop`` does (same initial
+``evo.scoring.evaluator.Evaluator`` built from ``evo.data.sources.Sources.load(cfg)`` scores every candidate,
+and the optimizers are driven through ask/tell exactly as ``evo.loop.driver`` does (same initial
 genomes: the uniform average and plain task arithmetic). A recipe seen before in the same run
 costs no budget; results are memoised across runs to save wall time only.
 
@@ -21,8 +21,8 @@ blocks x 128 tokens; the quickstart uses 48 blocks). Outputs ``experiments/out/b
 Sections:
 1. ``ga``, ``cmaes``, ``random`` (and with ``--nsga2`` a 2-objective run) over ``--seeds`` seeds.
 2. Early rejection: the GA again with ``reject_above`` = the k-th best (k=4) of the current
-   population (as ``evo.rejection.kth_best``), default chunks/z/margin from
-   ``evo.config.EarlyRejection``; evaluation work saved and change in the final best.
+   population (as ``evo.scoring.rejection.kth_best``), default chunks/z/margin from
+   ``evo.core.config.EarlyRejection``; evaluation work saved and change in the final best.
 3. Subset fitness: 25% of the valid blocks picked at difficulty quantiles (difficulty = mean block
    NLL of the base and the specialists), Spearman correlation of subset vs full scores over random
    candidates and over candidates from a GA run (near the optimum), and the time saved.
@@ -60,7 +60,7 @@ OPTIMIZERS = ("ga", "cmaes", "random")
 
 
 def make_config(zoo: str):
-    from evo.config import ExperimentConfig
+    from evo.core.config import ExperimentConfig
 
     return ExperimentConfig.from_dict({
         "name": "bench-search",
@@ -87,10 +87,10 @@ class Bench:
     """The resident evaluator, the search space and a memo of full evaluations."""
 
     def __init__(self, zoo: str):
-        from evo.evaluator import Evaluator
-        from evo.rejection import RejectionTest
-        from evo.generation import initial_genomes, make_space
-        from evo.sources import Sources
+        from evo.scoring.evaluator import Evaluator
+        from evo.scoring.rejection import RejectionTest
+        from evo.loop.generation import initial_genomes, make_space
+        from evo.data.sources import Sources
 
         self.cfg = make_config(zoo)
         self.sources = Sources.load(self.cfg)
@@ -142,8 +142,8 @@ def objectives_of(metrics: dict, kind: str, domains: list[str]) -> list[float]:
 def search(bench: Bench, name: str, seed: int, budget: int, population: int, *, reject: bool = False,
            kind: str = "mean") -> dict:
     """Ask/tell until ``budget`` distinct recipes have been evaluated; best-so-far after each one."""
-    from evo.optim import make_optimizer
-    from evo.rejection import kth_best
+    from evo.search.optim import make_optimizer
+    from evo.scoring.rejection import kth_best
 
     n_obj = 1 if kind == "mean" else 2
     options = {"population": population, "initial": bench.initial}
@@ -375,11 +375,11 @@ def main(argv=None) -> int:
     if not (Path(args.zoo) / "zoo.json").is_file():
         print(f"bench_search: no zoo at {args.zoo} (python experiments/make_zoo.py --out zoo)", file=sys.stderr)
         return 2
-    from evo.rejection import RejectionTest
-    from evo.selection import baseline_recipes
+    from evo.scoring.rejection import RejectionTest
+    from evo.loop.selection import baseline_recipes
 
     if args.reject_z is None:
-        from evo.config import EarlyRejection
+        from evo.core.config import EarlyRejection
 
         args.reject_z = str(EarlyRejection().z)
     t_start = time.time()

@@ -4,7 +4,7 @@
     python experiments/gpu_check.py --device cpu --sizes tiny   # the same code path on CPU (smoke test)
 
 1. Resident evaluators on the device, per model shape (synthetic Llama families from
-   ``evo.synthetic``: base + 3 specialists, task arithmetic, 4 candidates after one warm-up) and
+   ``evo.zoo.synthetic``: base + 3 specialists, task arithmetic, 4 candidates after one warm-up) and
    dtype: merge s and forward s per candidate, candidates/min, peak device memory against the
    memory plan's per-GPU figure, and whether the plan kept the sources on the GPU or streamed them.
 2. A real ``evo run`` with ``ray.gpus_per_evaluator: 1`` (1 generation x 4 candidates) on the
@@ -28,7 +28,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import torch  # noqa: E402
 
-from evo.synthetic import SHAPES, LlamaShape, write_family  # noqa: E402
+from evo.zoo.synthetic import SHAPES, LlamaShape, write_family  # noqa: E402
 
 SIZES = {**SHAPES, "tiny": LlamaShape(256, 4, 688, 4, 2, 4096)}
 
@@ -36,10 +36,10 @@ SIZES = {**SHAPES, "tiny": LlamaShape(256, 4, 688, 4, 2, 4096)}
 def bench_evaluator(family, zoo, dtype: str, device: str, candidates: int = 4) -> dict:
     import numpy as np
 
-    from evo.config import ExperimentConfig
-    from evo.evaluator import Evaluator
-    from evo.memory import plan_for
-    from evo.sources import Sources
+    from evo.core.config import ExperimentConfig
+    from evo.scoring.evaluator import Evaluator
+    from evo.cluster.memory import plan_for
+    from evo.data.sources import Sources
 
     cfg = ExperimentConfig.from_dict(_config(family, zoo, dtype, gpus=1 if device == "cuda" else 0))
     plan = plan_for(cfg)
@@ -92,7 +92,7 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_check: no CUDA device visible (use --device cpu for the smoke test)")
     import evo
-    from evo.zoo import build_zoo
+    from evo.zoo.build import build_zoo
 
     work = Path(args.work)
     card = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from evo import corpus
+from evo.data import corpus
 
 QUIZ_DIR = Path("/usr/share/games/bsdgames/quiz")
 

@@ -17,9 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from evo.corpus import DOMAINS  # noqa: E402
-from evo.errors import EvoError  # noqa: E402
-from evo.zoo import PRESETS, build_zoo, markdown_table  # noqa: E402
+from evo.data.corpus import DOMAINS  # noqa: E402
+from evo.core.errors import EvoError  # noqa: E402
+from evo.zoo.build import PRESETS, build_zoo, markdown_table  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -36,8 +36,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
     import evo
-    from evo.errors import EvoError
-    from evo.zoo import build_zoo
+    from evo.core.errors import EvoError
+    from evo.zoo.build import build_zoo
 
     t0 = time.time()
     try:

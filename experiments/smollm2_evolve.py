@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="blocks per domain of the selection split the release is chosen on (default: evo's, 64)")
     p.add_argument("--test-blocks", type=int, default=None, help="blocks per domain of the test split (default: evo's, 64)")
     p.add_argument("--task", action="append", default=[], metavar="NAME=YAML",
-                   help="a task (evo.tasks YAML) to score and optimise too (an objective each); repeatable")
+                   help="a task (evo.scoring.tasks YAML) to score and optimise too (an objective each); repeatable")
     p.add_argument("--task-weight", type=float, default=1.0,
                    help="weight of each task objective against the mean log-perplexity (weight 1)")
     p.add_argument("--task-limit", type=int, default=None, help="score only the first N items of each task")
@@ -71,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def make_config(args, zoo, space_path: Path) -> dict:
-    from evo.config import EvalConfig
+    from evo.core.config import EvalConfig
 
     config = {
         "name": "smollm2-evolve",
@@ -202,8 +202,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
     import evo
-    from evo.errors import EvoError
-    from evo.zoo import Zoo
+    from evo.core.errors import EvoError
+    from evo.zoo.build import Zoo
 
     t0 = time.time()
     run_dir = Path(args.run_dir or ROOT / "runs" / time.strftime("smollm2-%Y%m%d-%H%M%S")).resolve()

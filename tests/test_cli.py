@@ -14,7 +14,7 @@ import yaml
 import evo
 from evo.cli import EXIT_ALL_FAILED, EXIT_ERROR, EXIT_NO_DATA, EXIT_STOPPED
 from evo.cli import main as cli
-from evo.store import RunStore
+from evo.artifacts.store import RunStore
 
 
 def config(zoo, space, **over) -> dict:
@@ -105,7 +105,7 @@ def test_a_closed_pipe_ends_quietly(small_run):
 
 
 def test_a_full_disk_during_export_is_one_line_and_leaves_nothing(small_run, tmp_path, monkeypatch, capsys):
-    import evo.release as rel
+    import evo.artifacts.release as rel
 
     def full(root):
         raise OSError(errno.ENOSPC, "No space left on device", str(root / "MANIFEST.sha256"))

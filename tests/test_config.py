@@ -2,8 +2,8 @@
 import pytest
 import yaml
 
-from evo.config import ExperimentConfig
-from evo.errors import EvoError
+from evo.core.config import ExperimentConfig
+from evo.core.errors import EvoError
 
 
 @pytest.fixture

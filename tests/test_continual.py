@@ -13,11 +13,11 @@ import pytest
 import yaml
 
 import evo
-from evo.config import ExperimentConfig
-from evo.corpus import load_domain
-from evo.errors import EvoError
-from evo.release import verify
-from evo.store import RunStore
+from evo.core.config import ExperimentConfig
+from evo.data.corpus import load_domain
+from evo.core.errors import EvoError
+from evo.artifacts.release import verify
+from evo.artifacts.store import RunStore
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +143,7 @@ def test_each_new_shard_reevaluates_elites_adapts_and_releases(micro_zoo, ray_se
     verify(second_release)
 
     # status and report read a stream run
-    from evo.status import status_table
+    from evo.artifacts.status import status_table
 
     table = status_table(tmp_path / "run")
     assert "stream: 2 version(s) done" in table and "released v0002" in table
@@ -237,9 +237,9 @@ def test_restarted_evaluator_gets_the_newest_data_again(micro_zoo, ray_session, 
     import numpy as np
     import ray
 
-    from evo.pool import EvaluatorPool
-    from evo.selection import baseline_recipes
-    from evo.sources import Sources
+    from evo.cluster.pool import EvaluatorPool
+    from evo.loop.selection import baseline_recipes
+    from evo.data.sources import Sources
 
     cfg = ExperimentConfig.from_dict({
         "zoo": str(micro_zoo.root), "search_space": str(space_file), "eval": {"seq_len": 32, "max_blocks": 4},

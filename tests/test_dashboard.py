@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 import yaml
 
-from evo.store import RunStore
+from evo.artifacts.store import RunStore
 
 
 def _free_port() -> int:
@@ -100,22 +100,22 @@ def test_state_api_lists_named_candidate_tasks(micro_zoo, repo_root, tmp_path):
 
 
 def test_grafana_dashboard_queries_only_metrics_evo_exports(repo_root):
-    """The shipped Grafana JSON parses and every ray_evo_* series it queries is one evo.metrics
+    """The shipped Grafana JSON parses and every ray_evo_* series it queries is one evo.cluster.metrics
     defines (a renamed metric would leave an empty panel)."""
     import re
 
-    import evo.metrics
+    import evo.cluster.metrics
 
     dash = json.loads((repo_root / "docs" / "grafana" / "evo_dashboard.json").read_text())
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
     used = {m for e in exprs for m in re.findall(r"ray_(evo_[a-z_]+)", e)}
-    source = (repo_root / "evo" / "metrics.py").read_text()
+    source = (repo_root / "evo" / "cluster" / "metrics.py").read_text()
     defined = set(re.findall(r'(?:Gauge|Counter|Histogram)\("(evo_[a-z_]+)"', source))
     assert defined >= {"evo_generation", "evo_evaluations", "evo_objective_best", "evo_objective_mean", "evo_data_version"}
     # Prometheus adds _total to counters
     assert {m.removesuffix("_total") for m in used} <= defined, used
     assert len(dash["panels"]) >= 5
     # and RunMetrics really registers those series under the names the panels query
-    run_metrics = evo.metrics.RunMetrics("t", ["mean_logppl"])
+    run_metrics = evo.cluster.metrics.RunMetrics("t", ["mean_logppl"])
     registered = {m.info["name"] for m in vars(run_metrics).values() if hasattr(m, "info")}
     assert registered >= {m.removesuffix("_total") for m in used}, (registered, used)

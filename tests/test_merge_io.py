@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from evo.errors import EvoError
+from evo.core.errors import EvoError
 from evo.merge import MergeConfig, Merger, load_model_dir, merge_to_dir, task_vectors
 
 TIES_YAML = """\

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from evo.errors import EvoError
+from evo.core.errors import EvoError
 from evo.merge import Merger, MergeConfig, task_vectors
 
 

@@ -21,7 +21,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 import evo
-from evo.store import RunStore
+from evo.artifacts.store import RunStore
 
 zoo, space, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 # one CPU per node and per evaluator: each evaluator lands on its own node

@@ -5,8 +5,8 @@ import random
 import numpy as np
 import pytest
 
-from evo.errors import EvoError
-from evo.optim import OPTIMIZERS, make_optimizer, restore_optimizer
+from evo.core.errors import EvoError
+from evo.search.optim import OPTIMIZERS, make_optimizer, restore_optimizer
 
 
 def sphere(g):

@@ -15,9 +15,9 @@ from transformers import AutoModelForCausalLM
 
 import evo
 from evo.cli import main as cli
-from evo.errors import EvoError
-from evo.release import verify
-from evo.store import RunStore
+from evo.core.errors import EvoError
+from evo.artifacts.release import verify
+from evo.artifacts.store import RunStore
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_verify_re_measures_fitness(finished_run, tmp_path):
     """A release whose weights changed (manifest rewritten to match) fails on fitness."""
     from safetensors.torch import load_file, save_file
 
-    from evo.release import write_manifest
+    from evo.artifacts.release import write_manifest
 
     release = evo.export(finished_run, tmp_path / "rel")
     sd = load_file(release / "model.safetensors")
@@ -89,7 +89,7 @@ def test_verify_checks_the_manifest_is_complete_and_the_only_files(finished_run,
     fitness.json: each fails verify with one line."""
     import shutil
 
-    from evo.release import MANIFEST, write_manifest
+    from evo.artifacts.release import MANIFEST, write_manifest
 
     release = evo.export(finished_run, tmp_path / "rel")
     verify(release)
@@ -144,7 +144,7 @@ def test_verify_checks_the_manifest_is_complete_and_the_only_files(finished_run,
 
 
 def test_interrupted_export_leaves_no_release(finished_run, tmp_path, monkeypatch):
-    import evo.release as rel
+    import evo.artifacts.release as rel
 
     def crash(*a, **k):
         raise KeyboardInterrupt

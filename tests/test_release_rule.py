@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from evo.config import ExperimentConfig
-from evo.release_rule import decide
+from evo.core.config import ExperimentConfig
+from evo.loop.release_rule import decide
 
 PRIOR, V0 = "logppl/replay:prior", "logppl/replay:000-a"
 
@@ -82,7 +82,7 @@ def test_anchored_guard_sums_losses_so_small_steps_cannot_add_up(make_cfg):
 
 
 def test_release_guard_must_be_known(make_cfg):
-    from evo.errors import EvoError
+    from evo.core.errors import EvoError
 
     with pytest.raises(EvoError, match=r"release.guard: must be 'anchored' or 'current', got 'latest'"):
         make_cfg(guard="latest")

@@ -10,13 +10,13 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import evo
-from evo.config import ExperimentConfig
-from evo.data import read_texts
-from evo.errors import EvoError
-from evo.fitness import mean_nll, token_blocks
-from evo.release import verify_manifest
-from evo.sources import search_and_selection
-from evo.store import RunStore
+from evo.core.config import ExperimentConfig
+from evo.data.stream import read_texts
+from evo.core.errors import EvoError
+from evo.scoring.fitness import mean_nll, token_blocks
+from evo.artifacts.release import verify_manifest
+from evo.data.sources import search_and_selection
+from evo.artifacts.store import RunStore
 
 
 def micro_config(zoo, space, **over) -> dict:
@@ -153,7 +153,7 @@ def test_fitness_cache_skips_repeated_recipes(micro_zoo, ray_session, space_file
 
 def test_fresh_draws_re_score_repeated_recipes_on_new_blocks(micro_zoo, ray_session, space_file, tmp_path):
     """With redraw (the default) a recipe asked again in the next generation is scored on that
-    generation's blocks, and values stay comparable through the control (evo.draws)."""
+    generation's blocks, and values stay comparable through the control (evo.data.draws)."""
     cfg = micro_config(micro_zoo, space_file, optimizer={"name": "ga", "generations": 2, "population": 4,
                                                           "options": {"elites": 0, "mutpb": 0.0, "cxpb": 0.0},
                                                           "async": False})  # generation 1 copies generation 0

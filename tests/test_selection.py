@@ -7,13 +7,13 @@ import json
 import numpy as np
 import pytest
 
-from evo.config import ExperimentConfig
-from evo.data import canonical, selection_split
-from evo.draws import BlockDraws, adjust_metrics, paired_difference
-from evo.errors import EvoError
-from evo.evaluator import Evaluator
-from evo.selection import Selection, baseline_recipes, control_recipe, weights_recipe
-from evo.sources import Sources
+from evo.core.config import ExperimentConfig
+from evo.data.stream import canonical, selection_split
+from evo.data.draws import BlockDraws, adjust_metrics, paired_difference
+from evo.core.errors import EvoError
+from evo.scoring.evaluator import Evaluator
+from evo.loop.selection import Selection, baseline_recipes, control_recipe, weights_recipe
+from evo.data.sources import Sources
 
 
 def test_selection_split_is_by_content_not_order():

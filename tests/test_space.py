@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import yaml
 
-from evo.errors import EvoError
-from evo.space import CategoricalGene, FloatGene, IntGene, SearchSpace, SearchSpaceSpec, gene_from_spec
+from evo.core.errors import EvoError
+from evo.search.space import CategoricalGene, FloatGene, IntGene, SearchSpace, SearchSpaceSpec, gene_from_spec
 
 SPACES = sorted(Path(__file__).resolve().parents[1].joinpath("search_spaces").rglob("*.yaml"))
 

@@ -4,9 +4,9 @@ import os
 
 import pytest
 
-from evo.errors import EvoError
-from evo.checkpoint import Checkpoint
-from evo.store import RunStore, atomic_write_text
+from evo.core.errors import EvoError
+from evo.artifacts.checkpoint import Checkpoint
+from evo.artifacts.store import RunStore, atomic_write_text
 
 
 def test_create_refuses_a_non_empty_directory(tmp_path):

@@ -10,9 +10,9 @@ import pytest
 import torch
 import yaml
 
-from evo.errors import EvoError
-from evo.fitness import mean_nll
-from evo.tasks import TASKS, Task, load_task, task_files
+from evo.core.errors import EvoError
+from evo.scoring.fitness import mean_nll
+from evo.scoring.tasks import TASKS, Task, load_task, task_files
 
 
 # --- tiny real things ---------------------------------------------------------------------------
@@ -302,7 +302,7 @@ def test_bad_task_files_name_the_key_line(tmp_path, byte_tok, spec, key, words):
 
 
 def test_lm_eval_adapter_refuses_cleanly_without_lm_eval(byte_tok):
-    from evo.tasks.lm_eval_adapter import evaluate_lm_eval, lm_eval_available
+    from evo.scoring.tasks.lm_eval_adapter import evaluate_lm_eval, lm_eval_available
 
     if lm_eval_available():
         pytest.skip("lm-eval is installed; the refusal path is not reachable")
@@ -320,7 +320,7 @@ def test_multiple_choice_scores_match_lm_eval(micro_zoo, repo_root, tmp_path, mo
     pytest.importorskip("lm_eval")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evo.tasks.lm_eval_adapter import evaluate_lm_eval
+    from evo.scoring.tasks.lm_eval_adapter import evaluate_lm_eval
 
     data = repo_root / "tasks" / "arithmetic" / "arithmetic.jsonl"
     spec = {"task": "evo_parity_arith", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},

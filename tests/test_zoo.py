@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from evo import corpus
-from evo.errors import EvoError
-from evo.fitness import mean_nll, token_blocks
-from evo.zoo import MANIFEST, SPLITS, Zoo, build_zoo, markdown_table
+from evo.data import corpus
+from evo.core.errors import EvoError
+from evo.scoring.fitness import mean_nll, token_blocks
+from evo.zoo.build import MANIFEST, SPLITS, Zoo, build_zoo, markdown_table
 
 
 # --- corpus -------------------------------------------------------------------------------
@@ -143,7 +143,7 @@ def test_table_matches_a_fresh_evaluation(micro_zoo):
 # --- reuse, rebuild, refusal --------------------------------------------------------------
 
 def test_reuse_does_not_retrain(micro_zoo, monkeypatch):
-    import evo.zoo as zoo_module
+    import evo.zoo.build as zoo_module
 
     def boom(*a, **k):
         raise AssertionError("retrained")

@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from evo.errors import EvoError
-from evo.store import umask_mode
+from evo.core.errors import EvoError
+from evo.artifacts.store import umask_mode
 
 DTYPES = ("float32", "float16", "bfloat16")
 _TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "tokenizer_source"}

@@ -13,7 +13,7 @@ from typing import Mapping, Optional
 import torch
 from torch import Tensor
 
-from evo.errors import EvoError
+from evo.core.errors import EvoError
 from evo.merge.config import MergeConfig, ModelEntry
 from evo.merge.method import Scratch, TensorJob
 from evo.merge.params import layer_t, resolve
@@ -82,7 +82,7 @@ class Merger:
             unless ``stream_sources``.
         stream_sources: leave base and task vectors where they are (host memory: the object
             store's pages) and copy each tensor to ``device`` as it is merged, into reused buffers;
-            for a GPU too small to hold every source beside the model (``evo.memory`` decides).
+            for a GPU too small to hold every source beside the model (``evo.cluster.memory`` decides).
         largest: size the scratch buffers for tensors of this many entries (a streaming merger,
             created with empty ``base``/``deltas``, knows it from the file headers).
     """

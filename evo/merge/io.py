@@ -17,8 +17,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from evo.errors import EvoError
-from evo.store import umask_mode
+from evo.core.errors import EvoError
+from evo.artifacts.store import umask_mode
 from evo.merge.config import MergeConfig
 from evo.merge.engine import Merger, check_same_tensors
 from evo.merge.safetensors_io import SafetensorsWriter, check_finite, open_model_files
@@ -100,7 +100,7 @@ def merge_to_dir(config: MergeConfig, out_dir, *, resolve: Callable[[str], Path]
     existing ``out_dir``; on any error nothing is left behind.
 
     ``source_dtype``: first round the base to this dtype and each task vector (taken in float32
-    against that rounded base) too, as a search's evaluators hold them (``evo.sources``), so a
+    against that rounded base) too, as a search's evaluators hold them (``evo.data.sources``), so a
     release is the model its recorded fitness was measured on.
     """
     out_dir = Path(out_dir)

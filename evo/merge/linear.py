@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from evo.errors import EvoError
+from evo.core.errors import EvoError
 from evo.merge.method import TensorJob
 from evo.merge.params import ParamSpec
 

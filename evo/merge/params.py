@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from evo.errors import EvoError
+from evo.core.errors import EvoError
 
 LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from evo.errors import EvoError
+from evo.core.errors import EvoError
 from evo.merge import sparsify
 from evo.merge.fused import NO_LIMIT
 from evo.merge.method import TensorJob

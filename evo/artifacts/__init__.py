@@ -1,0 +1,3 @@
+"""What a run leaves on disk and what reads it: the run store and checkpoint, releases (export
+and verify), the HTML report and ``evo status``. Never imports the loop.
+"""

@@ -1,0 +1,2 @@
+"""Errors and the experiment config (validated, then frozen): what every layer reads.
+"""

@@ -1,0 +1,502 @@
+"""Experiment configuration: validated data classes, loaded from YAML or a dict.
+
+Every mistake fails at load time, before Ray starts or a model is read, with one line that
+names the file and the field (``quickstart.yaml: optimizer.population: expected int``).
+Relative paths are resolved against the config file's folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+
+from evo.core.errors import EvoError
+
+# what a merged model and a release can be stored as (the merge arithmetic itself is fp32)
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def default_dtype(*, gpu: bool) -> str:
+    """``dtype: auto``: bfloat16 on GPUs (tensor cores), float32 on CPUs. On a CPU with native
+    bf16 (AVX512-BF16/AMX) bench_runner measured bf16 at 2.5x the candidates per minute for a mean
+    0.005-nat change; it becomes the CPU default once the README's float32 figures are re-measured."""
+    return "bfloat16" if gpu else "float32"
+
+
+METRICS = ("logppl", "task")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One declared objective: ``metric`` ``logppl`` reduces held-out log-perplexity over the
+    evaluation ``sets``; ``task`` reduces task scores (accuracy, exact match) over ``sets``
+    naming tasks. ``sets: null`` means all of them."""
+
+    name: str
+    metric: str = "logppl"
+    sets: list[str] | None = None
+    reduce: str = "mean"
+    goal: str = "minimize"
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class EarlyRejection:
+    """Stop scoring a candidate once it is clearly worse than the current k-th best.
+
+    Perplexity is measured in ``chunks`` (prefixes of every set). With ``paired`` (default),
+    after each chunk the candidate's per-block NLLs are compared with the k-th best's on the
+    same blocks: it is rejected when the lower confidence bound of the mean difference (``z``
+    standard errors of the paired differences) exceeds ``margin`` nats. Block difficulty cancels
+    in the difference, so the bound is far tighter than one from the spread over blocks, which
+    is the fallback when the k-th best has no per-block scores. Only for a single ``logppl``
+    objective.
+    """
+
+    enabled: bool = True
+    k: int = 4
+    margin: float = 0.0
+    z: float = 3.0
+    chunks: int = 4
+    paired: bool = True
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """Choosing the release on data the search never optimised on (see docs/heldout.md).
+
+    Each evaluation set's documents are split by a hash of their content: ``fraction`` of them
+    become the *selection* split, the rest the pool the search draws its blocks from (or give
+    ``sets``: one selection file per evaluation set). After the search, the ``top_k`` best
+    recipes of the hall of fame and the simple baselines (uniform average, task arithmetic at
+    every ``lambdas`` value, TIES and DARE-TIES defaults) are scored on ``blocks`` blocks of
+    every selection set; the release is the best of them there, a baseline when no evolved
+    recipe beats it.
+    """
+
+    fraction: float = 0.5
+    sets: dict[str, str] = field(default_factory=dict)
+    blocks: int = 64
+    top_k: int = 8
+    lambdas: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    base: str = ""
+    sources: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    sets: dict[str, str] = field(default_factory=dict)  # name -> JSONL ({"text": ...}) or .txt
+    tokenizer: str | None = None  # default: the base model directory
+    seq_len: int = 128
+    max_blocks: int = 16  # blocks per set each candidate is scored on (one draw per generation)
+    batch_size: int = 8
+    # draw the search blocks afresh each generation from a pool of the search split, so no
+    # recipe is fitted to a fixed handful of blocks; false: the same blocks every generation
+    redraw: bool = True
+    pool_blocks: int | None = None  # blocks per set in the search pool (default 8 x max_blocks)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    test_blocks: int = 64  # blocks per set of the test split (a zoo's test.jsonl), report only
+    tasks: dict[str, str] = field(default_factory=dict)  # name -> task YAML (evo.scoring.tasks)
+    train_sets: dict[str, str] = field(default_factory=dict)  # LoRA genes train on these (default: zoo train split)
+    train_blocks: int = 256
+    task_limit: int | None = None  # score only the first N items of each task
+    # search fitness on this fraction of each set's blocks, picked at difficulty quantiles of the
+    # source models (evo.scoring.subset); the final comparison and releases use every block
+    subset: float = 1.0
+    # search fitness on this many items of each task (evenly spaced over the item order, which
+    # the task files shuffle); the final comparison, releases and `evo verify` score every item
+    task_subset: int | None = None
+    early_rejection: EarlyRejection = field(default_factory=EarlyRejection)
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: str = "cmaes"  # bench_search: CMA-ES reached a lower median best than the GA at equal budget
+    generations: int = 8
+    population: int = 16
+    options: dict[str, Any] = field(default_factory=dict)
+    seed_baselines: bool = True  # start the population with the uniform merge among random genomes
+    # asynchronous steady-state search (evo.loop.steady_state): a candidate is asked whenever an evaluator
+    # is free and told as it arrives; a generation is every `population` results. false (YAML
+    # `async: false`, `evo run --sync`): generation-synchronous, bit-for-bit reproducible
+    asynchronous: bool = True
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str | None = None  # None: an embedded local Ray; "auto" or ray://...: a cluster
+    evaluators: int = 2
+    cpus_per_evaluator: float = 1.0
+    gpus_per_evaluator: float = 0.0
+    threads_per_evaluator: int = 1
+    dashboard: bool = True
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = 8265
+    metrics_export_port: int | None = None  # Prometheus scrape port of the embedded Ray (None: Ray picks)
+    object_store_mb: int | None = None
+    candidate_timeout_s: float = 600.0
+    retries: int = 2
+    temp_dir: str | None = None
+    connect_timeout_s: float = 30.0  # ray.address: give up (one line) when nothing answers by then
+    # a cluster (ray.address) short of what the evaluators need: wait this long for nodes to join
+    # (an autoscaler), saying what for, then refuse; an embedded Ray never grows, so it refuses at once
+    resources_timeout_s: float = 300.0
+    # refuse a run whose memory plan (evo.cluster.memory, printed by `evo plan`) does not fit the node or GPU
+    memory_check: bool = True
+    node_memory_gb: float | None = None  # plan against this much memory per node (default: what it has free)
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """A folder of data shards the run follows (``evo.data.stream.DataStream``); see docs/stream.md.
+
+    With a stream, the evaluation sets are ``newest`` (held-out split of the newest version)
+    and ``replay`` (a bounded sample of everything older: earlier versions' held-out text and
+    the static ``eval.sets``); LoRA genes train on the newest version's training split.
+    """
+
+    folder: str | None = None
+    generations: int = 4            # generations per data version
+    heldout_frac: float = 0.1
+    replay_blocks: int = 64
+    min_chars: int = 32
+    near_dup_threshold: float = 0.8
+    order: str = "name"             # or "mtime"
+    poll_s: float = 5.0             # how often --follow looks for new shards
+    max_versions: int | None = None  # stop after this many versions (benchmarks, tests)
+    # share of each LoRA batch drawn from older versions' training splits (and the zoo's train
+    # split): rehearsal against forgetting, for recipes without a ``lora.rehearsal`` gene (which
+    # wins where the search space has one); 0 trains on the newest version only
+    train_replay: float = 0.25
+    replay_train_blocks: int = 256  # rehearsal pool: blocks per older version (and from the zoo)
+
+
+@dataclass(frozen=True)
+class ReleaseConfig:
+    """When the continual loop writes a release (``releases/vNNNN``) after a data version.
+
+    The candidate with the best ``objective`` among those evaluated on the version is released
+    if it beats the current release (re-measured on the same data) by more than
+    ``min_improvement`` and its ``retention`` objective is no worse than the current release's
+    by more than ``tolerance`` (same units as the objective: nats of log-perplexity; in a stream
+    run, on every older data version separately). The first release has nothing shipped to
+    guard: it is the best weighted sum of the objectives (their declared weights), released if
+    that beats the base's.
+
+    ``guard: anchored`` (default) holds each older version to ``tolerance`` against its
+    *anchor*, the release that was current when that version was first guarded, rather than
+    against the current release alone: the drift of every release since is summed (each step
+    paired on the same blocks), so many small losses cannot add up to forgetting. ``current``
+    compares with the current release only.
+    """
+
+    auto: bool = True
+    objective: str | None = None    # default: the first objective
+    retention: str | None = None    # default: an objective named "retention", if declared
+    tolerance: float = 0.05          # nats (~5% perplexity) per older stratum
+    min_improvement: float = 0.0
+    lora: str = "merged"            # or "adapter"
+    guard: str = "anchored"         # or "current"
+
+
+STREAM_SETS = ("newest", "replay")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "experiment"
+    search_space: str = ""
+    zoo: str | None = None  # a zoo built by experiments/make_zoo.py: fills models and eval sets
+    zoo_split: str = "valid"
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    objectives: list[Objective] = field(default_factory=lambda: [Objective("mean_logppl")])
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    release: ReleaseConfig = field(default_factory=ReleaseConfig)
+    seed: int = 0
+    # the stored sources, resident models and release: "auto" is bfloat16 on GPUs, float32 on CPUs
+    dtype: str = "auto"
+    source: str = field(default="<config>", repr=False)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "ExperimentConfig":
+        from evo.data.stream import read_yaml
+
+        path = Path(path)
+        data = read_yaml(path, "experiment config")
+        return cls.from_dict(data or {}, source=str(path), base_dir=path.parent)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "<config>", base_dir: str | Path | None = None) -> "ExperimentConfig":
+        if isinstance(data, dict) and isinstance(data.get("stream"), dict) and data["stream"].get("folder") \
+                and "objectives" not in data:
+            # the continual loop's two objectives: adapt to the newest data, keep the old
+            data = {**data, "objectives": [{"name": "adaptation", "sets": ["newest"]},
+                                           {"name": "retention", "sets": ["replay"]}]}
+        cfg = _build(cls, data, source, "")
+        # frozen from here: the resolved paths and the zoo's defaults make new records
+        cfg = dataclasses.replace(cfg, source=source)
+        cfg = cfg._with_paths_resolved(Path(base_dir) if base_dir is not None else Path.cwd())
+        cfg = cfg._with_zoo_defaults()
+        if cfg.dtype == "auto":  # resolved once here, so config.yaml (and a resume) keeps what ran
+            cfg = replace(cfg, dtype=default_dtype(gpu=cfg.ray.gpus_per_evaluator > 0))
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.pop("source")
+        return out
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        from evo.zoo.gguf import is_gguf_spec, resolve_gguf
+
+        where = self.source
+        if not self.search_space:
+            raise EvoError(f"{where}: search_space: missing field")
+        if not Path(self.search_space).is_file():
+            raise EvoError(f"{where}: search_space: file not found: {self.search_space}")
+        if not self.models.base:
+            raise EvoError(f"{where}: models.base: missing field (or give 'zoo')")
+        if not self.models.sources:
+            raise EvoError(f"{where}: models.sources: no source models to merge")
+        if not self.eval.sets and not self.streaming:
+            raise EvoError(f"{where}: eval.sets: no evaluation sets (or follow a data stream: stream.folder)")
+        for name, path in {"base": self.models.base, **self.models.sources}.items():
+            field_name = f"models.{'sources.' + name if name != 'base' else 'base'}"
+            if is_gguf_spec(path):  # converted where the sources load; here only found
+                try:
+                    resolve_gguf(path)
+                except EvoError as exc:
+                    raise EvoError(f"{where}: {field_name}: {exc}") from None
+            elif not Path(path).is_dir():
+                raise EvoError(f"{where}: {field_name}: model directory not found: {path}")
+        for name, path in self.eval.sets.items():
+            if not Path(path).is_file():
+                raise EvoError(f"{where}: eval.sets.{name}: file not found: {path}")
+        for name, path in self.eval.tasks.items():
+            if not Path(path).is_file():
+                raise EvoError(f"{where}: eval.tasks.{name}: file not found: {path}")
+        if not self.objectives:
+            raise EvoError(f"{where}: objectives: at least one objective is needed")
+        names = set()
+        for i, obj in enumerate(self.objectives):
+            at = f"{where}: objectives[{i}]"
+            if obj.name in names:
+                raise EvoError(f"{at}.name: duplicate objective {obj.name!r}")
+            names.add(obj.name)
+            if obj.metric not in METRICS:
+                raise EvoError(f"{at}.metric: unknown metric {obj.metric!r} (known: {', '.join(METRICS)})")
+            if obj.goal not in ("minimize", "maximize"):
+                raise EvoError(f"{at}.goal: must be 'minimize' or 'maximize', got {obj.goal!r}")
+            if obj.reduce not in ("mean", "max", "sum"):
+                raise EvoError(f"{at}.reduce: must be mean, max or sum, got {obj.reduce!r}")
+            known = (STREAM_SETS if self.streaming else self.eval.sets) if obj.metric == "logppl" else self.eval.tasks
+            if obj.metric == "task" and not known:
+                raise EvoError(f"{at}.metric: 'task' needs eval.tasks")
+            for s in obj.sets or []:
+                if s not in known:
+                    raise EvoError(f"{at}.sets: unknown {'evaluation set' if obj.metric == 'logppl' else 'task'} {s!r} (known: {', '.join(known)})")
+        from evo.search.optim import OPTIMIZERS
+
+        if self.optimizer.name not in OPTIMIZERS:
+            raise EvoError(f"{where}: optimizer.name: unknown optimizer {self.optimizer.name!r} "
+                           f"(known: {', '.join(sorted(OPTIMIZERS))})")
+        if self.dtype not in DTYPES:
+            raise EvoError(f"{where}: dtype: must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for key in ("generations", "population"):
+            if getattr(self.optimizer, key) < 1:
+                raise EvoError(f"{where}: optimizer.{key}: must be >= 1")
+        if self.ray.evaluators < 1:
+            raise EvoError(f"{where}: ray.evaluators: must be >= 1")
+        if self.ray.cpus_per_evaluator < 0 or self.ray.gpus_per_evaluator < 0:
+            raise EvoError(f"{where}: ray.cpus_per_evaluator and ray.gpus_per_evaluator: must be >= 0")
+        if self.ray.node_memory_gb is not None and not self.ray.node_memory_gb > 0:
+            raise EvoError(f"{where}: ray.node_memory_gb must be > 0 (or left out: the node's free memory)")
+        if self.ray.connect_timeout_s <= 0 or self.ray.resources_timeout_s < 0:
+            raise EvoError(f"{where}: ray.connect_timeout_s must be > 0 and ray.resources_timeout_s >= 0")
+        if self.ray.threads_per_evaluator < 1:
+            raise EvoError(f"{where}: ray.threads_per_evaluator: must be >= 1")
+        if not 0.0 < self.eval.subset <= 1.0:
+            raise EvoError(f"{where}: eval.subset: a fraction in (0, 1], got {self.eval.subset}")
+        if self.eval.task_subset is not None and (isinstance(self.eval.task_subset, bool)
+                                                  or not isinstance(self.eval.task_subset, int)
+                                                  or self.eval.task_subset < 1):
+            raise EvoError(f"{where}: eval.task_subset: a number of items >= 1, got {self.eval.task_subset!r}")
+        self._validate_stream()
+        if self.eval.seq_len < 2 or self.eval.max_blocks < 1 or self.eval.batch_size < 1:
+            raise EvoError(f"{where}: eval: seq_len >= 2, max_blocks >= 1 and batch_size >= 1 are required")
+        if self.eval.pool_blocks is not None and self.eval.pool_blocks < self.eval.max_blocks:
+            raise EvoError(f"{where}: eval.pool_blocks: must be >= eval.max_blocks ({self.eval.max_blocks}), "
+                           f"got {self.eval.pool_blocks}")
+        if self.eval.test_blocks < 1:
+            raise EvoError(f"{where}: eval.test_blocks: must be >= 1")
+        sel = self.eval.selection
+        if not 0.0 <= sel.fraction < 1.0:
+            raise EvoError(f"{where}: eval.selection.fraction: a share of documents in [0, 1), got {sel.fraction}")
+        if sel.blocks < 1 or sel.top_k < 1:
+            raise EvoError(f"{where}: eval.selection: blocks >= 1 and top_k >= 1 are required")
+        if any(not 0.0 < lam <= 2.0 for lam in sel.lambdas):
+            raise EvoError(f"{where}: eval.selection.lambdas: task-arithmetic scales in (0, 2], got {sel.lambdas}")
+        for name, path in sel.sets.items():
+            if name not in self.eval.sets:
+                raise EvoError(f"{where}: eval.selection.sets.{name}: no evaluation set of that name "
+                               f"(known: {', '.join(self.eval.sets)})")
+            if not Path(path).is_file():
+                raise EvoError(f"{where}: eval.selection.sets.{name}: file not found: {path}")
+        if sel.sets and set(sel.sets) != set(self.eval.sets):
+            missing = sorted(set(self.eval.sets) - set(sel.sets))
+            raise EvoError(f"{where}: eval.selection.sets: give a selection file for every evaluation set "
+                           f"(missing: {', '.join(missing)}), or none to split them by document hash")
+
+    @property
+    def streaming(self) -> bool:
+        return bool(self.stream.folder)
+
+    def _validate_stream(self) -> None:
+        where, st, rel = self.source, self.stream, self.release
+        names = [o.name for o in self.objectives]
+        for key in ("objective", "retention"):
+            value = getattr(rel, key)
+            if value is not None and value not in names:
+                raise EvoError(f"{where}: release.{key}: unknown objective {value!r} (declared: {', '.join(names)})")
+        if rel.lora not in ("merged", "adapter"):
+            raise EvoError(f"{where}: release.lora: must be 'merged' or 'adapter', got {rel.lora!r}")
+        if rel.tolerance < 0:
+            raise EvoError(f"{where}: release.tolerance: must be >= 0")
+        if rel.guard not in ("anchored", "current"):
+            raise EvoError(f"{where}: release.guard: must be 'anchored' or 'current', got {rel.guard!r}")
+        if not self.streaming:
+            return
+        if rel.lora != "merged":
+            raise EvoError(f"{where}: release.lora: a stream run merges LoRA into its releases (the next version "
+                           "builds on the release's weights); use 'merged'")
+        if st.generations < 1:
+            raise EvoError(f"{where}: stream.generations: must be >= 1")
+        if not 0.0 < st.heldout_frac < 1.0:
+            raise EvoError(f"{where}: stream.heldout_frac: must be in (0, 1), got {st.heldout_frac}")
+        if not 0.0 < st.near_dup_threshold <= 1.0:
+            raise EvoError(f"{where}: stream.near_dup_threshold: must be in (0, 1], got {st.near_dup_threshold}")
+        if st.order not in ("name", "mtime"):
+            raise EvoError(f"{where}: stream.order: must be 'name' or 'mtime', got {st.order!r}")
+        if st.replay_blocks < 1 or st.poll_s <= 0:
+            raise EvoError(f"{where}: stream: replay_blocks >= 1 and poll_s > 0 are required")
+        if not 0.0 <= st.train_replay < 1.0:
+            raise EvoError(f"{where}: stream.train_replay: a share in [0, 1), got {st.train_replay}")
+        if st.max_versions is not None and st.max_versions < 1:
+            raise EvoError(f"{where}: stream.max_versions: must be >= 1")
+        if "release" in self.models.sources:
+            raise EvoError(f"{where}: models.sources.release: the name 'release' is reserved for the current release in a stream run")
+        if not Path(st.folder).is_dir():
+            raise EvoError(f"{where}: stream.folder: folder not found: {st.folder}")
+
+    def release_objectives(self) -> tuple[str, str | None]:
+        """(objective to improve, retention objective guarded by the tolerance, or None)."""
+        names = [o.name for o in self.objectives]
+        objective = self.release.objective or names[0]
+        retention = self.release.retention or ("retention" if "retention" in names and objective != "retention" else None)
+        return objective, retention
+
+    def _with_paths_resolved(self, base: Path) -> "ExperimentConfig":
+        """Relative paths made absolute against the config's folder. A GGUF model entry stays a
+        GGUF entry: it is de-quantised where the sources load (``evo.zoo.gguf.model_dirs``), not here."""
+        from evo.zoo.gguf import is_gguf_spec, names_package
+
+        def fix(p):
+            return p if p is None or Path(p).is_absolute() else str((base / p).resolve())
+
+        def model(p):
+            return p if not p or (is_gguf_spec(p) and names_package(str(p))) else fix(p)
+
+        models = replace(self.models, base=model(self.models.base),
+                         sources={k: model(v) for k, v in self.models.sources.items()})
+        ev = self.eval
+        ev = replace(ev, sets={k: fix(v) for k, v in ev.sets.items()}, tasks={k: fix(v) for k, v in ev.tasks.items()},
+                     train_sets={k: fix(v) for k, v in ev.train_sets.items()}, tokenizer=fix(ev.tokenizer),
+                     selection=replace(ev.selection, sets={k: fix(v) for k, v in ev.selection.sets.items()}))
+        return replace(self, search_space=fix(self.search_space) if self.search_space else "", zoo=fix(self.zoo),
+                       models=models, eval=ev, stream=replace(self.stream, folder=fix(self.stream.folder)))
+
+    def _with_zoo_defaults(self) -> "ExperimentConfig":
+        """Models and evaluation sets the config leaves out, from the zoo's ``zoo.json``."""
+        if not self.zoo:
+            return self
+        from evo.zoo.build import Zoo
+
+        try:
+            zoo = Zoo.load(self.zoo)
+        except EvoError as exc:
+            raise EvoError(f"{self.source}: zoo: {exc}") from None
+        models = replace(self.models, base=self.models.base or str(zoo.base_dir),
+                         sources=self.models.sources or {d: str(p) for d, p in zoo.specialist_dirs.items()})
+        ev = replace(self.eval,
+                     sets=self.eval.sets or {d: str(zoo.data_dir(d, self.zoo_split)) for d in zoo.domains},
+                     train_sets=self.eval.train_sets or {d: str(zoo.data_dir(d, "train")) for d in zoo.domains})
+        return replace(self, models=models, eval=ev)
+
+
+# ---------------------------------------------------------------------- generic validation
+# YAML keys that are Python keywords: `optimizer.async` is the field `asynchronous`
+FIELD_ALIASES = {("OptimizerConfig", "async"): "asynchronous"}
+
+
+def _build(cls, data: Any, source: str, prefix: str):
+    """Build dataclass ``cls`` from a mapping, checking keys and scalar types as it goes."""
+    if not isinstance(data, dict):
+        raise EvoError(f"{source}: {prefix.rstrip('.') or 'top level'}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    data = {FIELD_ALIASES.get((cls.__name__, k), k): v for k, v in data.items()}
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise EvoError(f"{source}: {prefix}{sorted(unknown)[0]}: unknown field (known: {', '.join(fields)})")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, source, f"{prefix}{name}")
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required field without default
+        raise EvoError(f"{source}: {prefix.rstrip('.')}: {exc}") from None
+
+
+def _coerce(hint, value, source, where):
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, source, where)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, source, where + ".")
+    if origin is list:
+        if not isinstance(value, list):
+            raise EvoError(f"{source}: {where}: expected a list, got {type(value).__name__}")
+        return [_coerce(args[0], v, source, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise EvoError(f"{source}: {where}: expected a mapping, got {type(value).__name__}")
+        return {str(k): _coerce(args[1], v, source, f"{where}.{k}") for k, v in value.items()}
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is str and isinstance(value, (str, Path)):
+        return str(value)
+    raise EvoError(f"{source}: {where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")

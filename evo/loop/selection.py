@@ -1,0 +1,216 @@
+"""Choose the release on data the search never fitted, and compare it honestly.
+
+After the search, the best ``eval.selection.top_k`` recipes of the hall of fame and the simple
+baselines a user would otherwise ship (uniform average, task arithmetic at each
+``eval.selection.lambdas`` scale, TIES and DARE-TIES at their defaults) are scored on the
+*selection* split: documents held out of every search draw. The release is the best of them
+there; when no evolved recipe beats the best simple baseline on selection, the release *is* that
+baseline, and the run says so. The comparison then scores the release, the baselines, the base
+and each source model on the *test* split (a zoo's ``test.jsonl``), and states the release's
+margin over the best simple baseline with a paired 95% interval over blocks.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from evo.core.config import ExperimentConfig
+from evo.data.draws import paired_difference
+from evo.scoring.fitness import objective_values
+from evo.search.optim.base import scalar_score
+from evo.search.space import Recipe
+
+SIMPLE = "simple baseline"  # the kinds of row in the comparison
+EVOLVED = "evolved"
+REFERENCE = "reference"
+
+
+def weights_recipe(cfg: ExperimentConfig, weights: dict[str, float], method: str = "task_arithmetic",
+                   extra: dict | None = None) -> Recipe:
+    """A fixed recipe over the base: ``weights[model]`` per source model, no LoRA."""
+    from evo.merge import MergeConfig
+
+    merge = MergeConfig.from_dict({
+        "merge_method": method,
+        "base_model": "base",
+        "models": [{"model": m, "parameters": {"weight": w, **(extra or {})}} for m, w in weights.items()],
+        "parameters": {},
+        "dtype": cfg.dtype,
+    })
+    return Recipe(merge, None, cfg.seed)
+
+
+def control_recipe(cfg: ExperimentConfig) -> Recipe:
+    """The uniform average: scored on every search draw to put draws on one scale (evo.data.draws)."""
+    names = list(cfg.models.sources)
+    return weights_recipe(cfg, {m: 1.0 / len(names) for m in names})
+
+
+def baseline_recipes(cfg: ExperimentConfig, *, lambdas: list[float] | None = None) -> dict[str, Recipe]:
+    """Fixed comparison points: the base, each source alone, the uniform average, task
+    arithmetic at each scale in ``lambdas`` (labels ``task arithmetic (lambda=0.5)``), default
+    TIES and DARE-TIES (weight 1, density 0.5, as mergekit's examples)."""
+    names = list(cfg.models.sources)
+
+    def ta(weights, method="task_arithmetic", extra=None):
+        return weights_recipe(cfg, dict(zip(names, weights)), method, extra)
+
+    out = {"base": ta([0.0] * len(names))}
+    for i, m in enumerate(names):
+        out[f"specialist:{m}"] = ta([1.0 if j == i else 0.0 for j in range(len(names))])
+    out["uniform average"] = ta([1.0 / len(names)] * len(names))
+    for lam in lambdas or []:
+        out[f"task arithmetic (lambda={lam:g})"] = ta([lam] * len(names))
+    out["ties (w=1, density=0.5)"] = ta([1.0] * len(names), "ties", {"density": 0.5})
+    out["dare_ties (w=1, density=0.5)"] = ta([1.0] * len(names), "dare_ties", {"density": 0.5})
+    return out
+
+
+def is_simple(label: str) -> bool:
+    return label == "uniform average" or label.startswith(("task arithmetic (lambda=", "ties (", "dare_ties ("))
+
+
+class Selection:
+    """The selection stage of a finished search (see the module docstring).
+
+    ``evaluate(todo, collection) -> {label: result}`` runs recipes on an evaluator collection
+    (the pool in a run, a resident evaluator in a benchmark); ``objectives``/``directions``/
+    ``weights`` rank candidates the way the optimizer did.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, evaluate: Callable[[dict[str, Recipe], str], dict[str, dict]], *,
+                 has_selection: bool, has_test: bool):
+        self.cfg = cfg
+        self.evaluate = evaluate
+        self.has_selection, self.has_test = has_selection, has_test
+        self.set_names = list(cfg.eval.sets)
+        self.task_names = list(cfg.eval.tasks)
+        self.directions = [o.goal for o in cfg.objectives]
+        self.weights = [o.weight for o in cfg.objectives]
+
+    # ---------------------------------------------------------------- helpers
+    def objectives(self, metrics: dict) -> list[float]:
+        return objective_values(metrics, self.cfg.objectives, self.set_names, self.task_names)
+
+    def score(self, result: dict | None) -> float:
+        """Higher is better; -inf for a failed evaluation."""
+        if not result or result.get("status") != "ok":
+            return -np.inf
+        return scalar_score(self.objectives(result["metrics"]), self.directions, self.weights)
+
+    def _row(self, result: dict) -> dict:
+        if result.get("status") != "ok":
+            return {"error": result.get("error") or result.get("status")}
+        metrics = dict(result["metrics"])
+        metrics["mean"] = float(np.mean([metrics[f"logppl/{s}"] for s in self.set_names]))
+        metrics["objectives"] = dict(zip([o.name for o in self.cfg.objectives], self.objectives(metrics)))
+        return metrics
+
+    def margin(self, a: dict, b: dict) -> dict | None:
+        """Paired (a - b) mean log-perplexity over the evaluation sets' blocks, with a 95% interval."""
+        if a.get("status") != "ok" or b.get("status") != "ok" or not a.get("block_nlls") or not b.get("block_nlls"):
+            return None
+        if any(len(a["block_nlls"][s]) != len(b["block_nlls"][s]) for s in self.set_names):
+            return None
+        return paired_difference(a["block_nlls"], b["block_nlls"], self.set_names)
+
+    # ---------------------------------------------------------------- the stage
+    def run(self, evolved: list[tuple[str, Recipe, list[float] | None]]) -> dict:
+        """``evolved``: (candidate id, recipe, adjusted search values), best first.
+
+        Returns the record stored in the checkpoint (``selection``) with the chosen release,
+        the comparison table (label -> {kind, search, selection, test}) and the margins."""
+        cfg = self.cfg
+        baselines = baseline_recipes(cfg, lambdas=cfg.eval.selection.lambdas)
+        top = evolved[: cfg.eval.selection.top_k]
+        labels = {f"evolved #{i + 1} ({cid})": recipe for i, (cid, recipe, _) in enumerate(top)}
+        search_values = {f"evolved #{i + 1} ({cid})": vals for i, (cid, _, vals) in enumerate(top)}
+        simple = {k: r for k, r in baselines.items() if is_simple(k)}
+        record: dict = {"candidates": {}, "split": "selection" if self.has_selection else None}
+
+        if self.has_selection:
+            sel = self.evaluate({**labels, **simple}, "selection")
+        else:  # no held-out selection split (eval.selection.fraction: 0): the search's own order
+            sel = {}
+        lam_labels = [k for k in simple if k.startswith("task arithmetic (lambda=")]
+        best_lambda = max(lam_labels, key=lambda k: self.score(sel.get(k))) if sel and lam_labels else None
+        simple_final = [k for k in simple if not k.startswith("task arithmetic (lambda=") or k == best_lambda]
+        if sel:
+            best_baseline = max(simple_final, key=lambda k: self.score(sel.get(k)))
+            best_evolved = max(labels, key=lambda k: self.score(sel.get(k))) if labels else None
+            evolved_wins = best_evolved is not None and self.score(sel[best_evolved]) > self.score(sel[best_baseline])
+            release = best_evolved if evolved_wins else best_baseline
+            reason = (f"{best_evolved} is the best on the selection split, ahead of the best simple baseline "
+                      f"({best_baseline})" if evolved_wins else
+                      f"no evolved recipe beat the best simple baseline on the selection split: releasing {best_baseline}")
+        else:
+            best_baseline, best_evolved = None, next(iter(labels), None)
+            release = best_evolved
+            reason = "no selection split (eval.selection.fraction: 0): the search's best, selected on its own blocks"
+        recipes = {**labels, **baselines}
+        record.update(release=release, release_recipe=recipes[release].to_dict() if release else None,
+                      best_evolved_recipe=recipes[best_evolved].to_dict() if best_evolved else None,
+                      release_kind=EVOLVED if release in labels else SIMPLE, reason=reason,
+                      best_baseline=best_baseline, best_evolved=best_evolved, best_lambda=best_lambda)
+
+        # the comparison: release, the search's own best, the simple baselines, base and sources
+        shown = [k for k in labels if k in (release, best_evolved) or k == next(iter(labels), None)]
+        shown += [k for k in baselines if not k.startswith("task arithmetic (lambda=") or k == best_lambda]
+        test = self.evaluate({k: recipes[k] for k in shown}, "test") if self.has_test else {}
+        table: dict[str, dict] = {}
+        for k in shown:
+            kind = EVOLVED if k in labels else (SIMPLE if is_simple(k) else REFERENCE)
+            row: dict = {"kind": kind, "released": k == release}
+            if k in search_values and search_values[k] is not None:
+                row["search"] = dict(zip([o.name for o in cfg.objectives], search_values[k]))
+            if k in sel:
+                row["selection"] = self._row(sel[k])
+            if k in test:
+                row["test"] = self._row(test[k])
+            table[k] = row
+        for k in labels:  # every re-scored candidate's selection value, for the report
+            record["candidates"][k] = {"search": search_values.get(k),
+                                       "selection": self._row(sel[k]) if k in sel else None}
+        record["lambda_sweep"] = {k: self._row(sel[k]) for k in lam_labels if k in sel}
+        record["table"] = table
+        margins = {}
+        if best_baseline is not None:
+            for split, results in (("selection", sel), ("test", test)):
+                if release in results and best_baseline in results:
+                    margins[f"release_vs_best_baseline/{split}"] = self.margin(results[release], results[best_baseline])
+                if best_evolved in results and best_baseline in results:
+                    margins[f"best_evolved_vs_best_baseline/{split}"] = self.margin(results[best_evolved], results[best_baseline])
+                if release in results and "uniform average" in results:
+                    margins[f"release_vs_uniform/{split}"] = self.margin(results[release], results["uniform average"])
+        record["margins"] = margins
+        record["release_values"] = {split: table[release][split]["objectives"]
+                                    for split in ("selection", "test") if release and split in table.get(release, {})
+                                    and "objectives" in table[release][split]}
+        record["release_blocks"] = {split: res[release]["block_nlls"] for split, res in (("selection", sel), ("test", test))
+                                    if release in res and res[release].get("block_nlls")}
+        return record
+
+
+def print_selection(record: dict, set_names: list[str]) -> None:
+    """The comparison table: search (adjusted), selection and test mean log-perplexity."""
+    table = record["table"]
+    print("\nRelease chosen on the selection split: " + record["reason"])
+    header = f"{'model':<40}{'search':>10}{'selection':>11}" + "".join(f"{s[:9]:>10}" for s in set_names) + f"{'test':>10}"
+    print(f"\nMean log-perplexity (lower is better); per-set columns on the test split")
+    print(header)
+    print("-" * len(header))
+    for label, row in table.items():
+        mark = "* " if row.get("released") else "  "
+        search = row.get("search")
+        s_val = f"{next(iter(search.values())):>10.4f}" if search else f"{'-':>10}"
+        sel = row.get("selection", {})
+        sel_val = f"{sel['mean']:>11.4f}" if "mean" in sel else f"{'-':>11}"
+        test = row.get("test", {})
+        per_set = "".join(f"{test[f'logppl/{s}']:>10.4f}" if f"logppl/{s}" in test else f"{'-':>10}" for s in set_names)
+        t_val = f"{test['mean']:>10.4f}" if "mean" in test else f"{'-':>10}"
+        print(f"{mark}{label[:38]:<38}{s_val}{sel_val}{per_set}{t_val}")
+    for key, m in record.get("margins", {}).items():
+        if m:
+            print(f"{key}: {m['mean']:+.4f} nats [95% {m['lo']:+.4f}, {m['hi']:+.4f}] over {m['blocks']} blocks")
+    print("(* = released; search values are adjusted to the first draw's scale, see evo/data/draws.py)")

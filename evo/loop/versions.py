@@ -1,0 +1,522 @@
+"""Where a run's data versions come from, and how each one ends (the data side of ``evo.loop.driver``).
+
+The loop runs the same steps for every data version; a version source says what the versions
+are, what is installed for each, and what its release step does:
+
+* :class:`FixedData` — one data version: the config's ``eval.sets`` split into search,
+  selection and test blocks (``evo.data.sources``), evolved for ``optimizer.generations``
+  generations and released by the selection stage (``evo.loop.selection``); ``evo export`` writes it.
+* :class:`ShardStream` — one data version per shard of ``stream.folder`` (``evo.data.stream``):
+
+  1. **install**: the newest version's held-out split becomes the evaluation set ``newest``; a
+     bounded, seeded sample of everything older (earlier versions' held-out text and the static
+     ``eval.sets``) becomes ``replay``; LoRA genes train on the newest training split. The
+     current release joins the merge as the source model ``release`` (its weights minus the
+     base; zero before the first release), so a candidate can build on what was shipped.
+  2. **re-evaluate**: the current release and every candidate the optimizer remembers
+     (population, hall of fame, Pareto front) are measured on the new data and the optimizer's
+     fitness is replaced (old values stay in ``candidates.jsonl``, tagged with their version);
+     the next generation is seeded with "release + LoRA on the newest data" and the best so far.
+  3. **evolve** ``stream.generations`` generations.
+  4. **release** by the rule of :class:`evo.core.config.ReleaseConfig`; the release records its data
+     versions, parent release and lineage.
+
+This is the only module outside the data layer (``evo.data.sources``, ``evo.data.stream``) and the config
+that asks whether a run follows a stream: :func:`version_source` picks the source once.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evo.artifacts.checkpoint import Checkpoint
+from evo.core.config import ExperimentConfig
+from evo.data.stream import DataStream
+from evo.data.draws import BlockDraws
+from evo.core.errors import EvoError
+from evo.loop.generation import RELEASE, RunResult, make_space, make_stream_space, search_draws
+from evo.zoo.gguf import model_dirs
+from evo.loop.selection import Selection, print_selection, weights_recipe
+from evo.data.sources import Sources, load_tokenizer, train_blocks
+from evo.search.space import Recipe, SearchSpace
+
+log = logging.getLogger(__name__)
+
+STREAM_STATE = "stream.json"
+
+
+@dataclass
+class Installed:
+    """What the loop's generations run on for one data version."""
+
+    data_key: str  # the fitness cache's data version (results on other data are not reused)
+    set_names: list[str]  # the evaluation sets objectives are measured on
+    draws: BlockDraws | None = None  # per-generation block draws of the search pool (fixed data)
+    evidence: dict | None = None  # elites' adjusted values per draw, from the checkpoint
+    extra: dict = field(default_factory=dict)  # fields added to every candidate record
+
+
+class VersionSource(ABC):
+    """The data versions of a run and each version's release step, for :class:`evo.loop.driver.Loop`.
+
+    The loop keeps its place in ``state`` (a dict checkpointed with the run): ``version``,
+    ``phase`` (``reevaluate`` -> ``evolve`` -> ``release`` -> ``done``) and ``gen_in_version``;
+    a source may keep more there."""
+
+    space: SearchSpace
+    generations: int  # generations evolved on each version
+    sources: Any  # the evaluator pool's sources: a Sources or a loader called once Ray is up
+    poll_s: float = 0.0  # how often a followed source is asked for a new version
+
+    def __init__(self, cfg: ExperimentConfig):
+        self.cfg = cfg
+        self.loop = None  # the evo.loop.driver.Loop driving this source (it never imports the loop)
+
+    @abstractmethod
+    def open(self, loop, ckpt: Checkpoint | None) -> dict:
+        """Prepare for ``loop`` (resumed from ``ckpt`` when given); return the loop's state."""
+
+    def describe(self, pool) -> dict:
+        """Fields of the ``ray_started`` event."""
+        return {}
+
+    @abstractmethod
+    def exhausted(self, state: dict) -> bool:
+        """No version will come (checked when the current one is done)."""
+
+    @abstractmethod
+    def next_version(self, loop) -> bool:
+        """Move ``loop.state`` to the next version (phase ``reevaluate`` or ``evolve``); False when
+        there is none yet."""
+
+    def install_key(self, state: dict) -> Any:
+        """What, when it changes, needs a new install."""
+        return state["version"]
+
+    @abstractmethod
+    def install(self, loop) -> Installed | None:
+        """Ship the version's blocks to ``loop.pool``; None: the version was skipped."""
+
+    def reevaluate(self, loop) -> None:
+        """Re-measure what the optimizer remembers on the new version."""
+
+    @abstractmethod
+    def release(self, loop) -> None:
+        """The version's release step, after its generations."""
+
+    def checkpoint_fields(self, loop) -> dict:
+        """This source's part of the checkpoint."""
+        return {}
+
+    @abstractmethod
+    def finish(self, loop, result: RunResult, stopped: bool) -> None:
+        """Complete ``result`` (and the run's events) when the loop ends."""
+
+
+def version_source(cfg: ExperimentConfig, *, follow: bool = False) -> VersionSource:
+    """The config's data versions: a stream of shards with ``stream.folder``, else fixed data."""
+    if cfg.streaming:
+        return ShardStream(cfg)
+    if follow:
+        raise EvoError(f"{cfg.source}: --follow needs a data stream to follow: set stream.folder")
+    return FixedData(cfg)
+
+
+class FixedData(VersionSource):
+    """One data version, the config's evaluation sets; released by the selection stage."""
+
+    def __init__(self, cfg: ExperimentConfig):
+        super().__init__(cfg)
+        self.space = make_space(cfg)
+        self.generations = cfg.optimizer.generations
+        # loaded once Ray is up: each task vector goes into the object store as it is made
+        self.sources = functools.partial(Sources.load, cfg)
+        self.evidence: dict | None = None
+        self.selection: dict | None = None
+
+    def open(self, loop, ckpt):
+        self.loop = loop
+        if ckpt is None:
+            return {"version": None, "phase": "done", "gen_in_version": 0}
+        self.evidence, self.selection = ckpt.evidence, ckpt.selection
+        return {"version": ckpt.data_version, "phase": "done" if ckpt.selection else "evolve",
+                "gen_in_version": ckpt.generation}
+
+    def describe(self, pool):
+        return {"data_version": pool.sources.data_version}
+
+    def exhausted(self, state):
+        return state["version"] is not None
+
+    def next_version(self, loop):
+        loop.state.update(version=loop.pool.sources.data_version, phase="evolve", gen_in_version=0)
+        return True
+
+    def install(self, loop):
+        sources = loop.pool.sources
+        return Installed(sources.data_version, list(self.cfg.eval.sets), draws=search_draws(self.cfg, sources),
+                         evidence=self.evidence)
+
+    def release(self, loop):
+        """The selection stage (``evo.loop.selection``) on the pool: the hall of fame's top and the
+        simple baselines re-scored on the selection split (and the test split, reported)."""
+        if loop.optimizer.best() is None:
+            return  # every candidate failed: nothing to select
+        pool, cfg = loop.pool, self.cfg
+
+        def evaluate(named: dict[str, Recipe], collection: str) -> dict[str, dict]:
+            todo = {label: (f"{collection}-{i:02d}", r) for i, (label, r) in enumerate(named.items())}
+            results: dict[str, dict] = {}
+            pool.evaluate(todo, lambda k, r: results.__setitem__(k, r), desc=f"{collection} split",
+                          collection=collection)
+            return results
+
+        evolved = []
+        for e in loop.optimizer.hall_of_fame:
+            try:
+                evolved.append((e.id or "?", self.space.decode(e.genome), e.values))
+            except EvoError:
+                continue
+        stage = Selection(cfg, evaluate, has_selection=pool.sources.has_selection,
+                          has_test=pool.sources.has_report_sets)
+        self.selection = stage.run(evolved)
+        loop.store.event("selection", release=self.selection["release"], reason=self.selection["reason"],
+                         margins=self.selection["margins"])
+        if not loop.quiet:
+            print_selection(self.selection, list(cfg.eval.sets))
+
+    def checkpoint_fields(self, loop):
+        sources = loop.pool.sources if loop.pool is not None else None
+        return {"data_inputs": sources.version_inputs if sources else {},
+                "evidence": loop.step.evidence if loop.step is not None else (self.evidence or {}),
+                "selection": self.selection, "comparison": self.selection["table"] if self.selection else None}
+
+    def finish(self, loop, result, stopped):
+        result.selection = self.selection
+        result.comparison = self.selection["table"] if self.selection else {}
+        if stopped:
+            return
+        if result.best_recipe is None:
+            result.outcome, result.reason = "all_failed", loop.store.first_failure()
+        if loop.state["phase"] == "done":
+            loop.store.event("run_finished", generations=self.generations)
+
+
+class ShardStream(VersionSource):
+    """One data version per shard of ``stream.folder``; released by the release rule."""
+
+    def __init__(self, cfg: ExperimentConfig):
+        super().__init__(cfg)
+        self.space = make_stream_space(cfg)
+        self.generations = cfg.stream.generations
+        self.poll_s = cfg.stream.poll_s
+        self.blocks: dict[str, np.ndarray] = {}
+        self.train = None
+        self.window = None
+
+    def open(self, loop, ckpt):
+        cfg, st = self.cfg, self.cfg.stream
+        self.loop = loop
+        tokenizer = load_tokenizer(cfg)
+        self.stream = DataStream(st.folder, tokenizer, seq_len=cfg.eval.seq_len, heldout_frac=st.heldout_frac,
+                                 replay_blocks=st.replay_blocks, seed=cfg.seed, min_chars=st.min_chars,
+                                 near_dup_threshold=st.near_dup_threshold, order=st.order,
+                                 state_path=loop.store.root / STREAM_STATE, replay_train_blocks=st.replay_train_blocks)
+        self.sources = Sources.load(cfg, tokenizer)
+        # the zoo's own training text is the oldest rehearsal stratum (never evaluation text)
+        self.rehearses = st.train_replay > 0 or "lora.rehearsal" in self.space.spec.genes
+        prior_train = train_blocks(cfg, tokenizer) if cfg.eval.train_sets and self.rehearses else None
+        self.prior_train = None if prior_train is None else _sample(
+            prior_train, st.replay_train_blocks, np.random.default_rng([cfg.seed, 7]))
+        # the static evaluation sets are the oldest data: they feed the replay sample
+        self.prior = [b for b in self.sources.eval_sets.get("valid", {}).values() if len(b)]
+        self.sources.eval_sets = {"valid": {}}
+        self.sources.deltas[RELEASE] = {k: np.zeros_like(v) for k, v in self.sources.base.items()}
+        if ckpt is not None:
+            return ckpt.stream
+        return {"version": None, "shard": None, "phase": "done", "gen_in_version": 0,
+                "release": None, "release_dir": None, "reference": None, "history": []}
+
+    def describe(self, pool):
+        return {"stream": self.cfg.stream.folder}
+
+    def exhausted(self, state):
+        return self.cfg.stream.max_versions is not None and len(state["history"]) >= self.cfg.stream.max_versions
+
+    def install_key(self, state):
+        return state["version"], state["release"]
+
+    def checkpoint_fields(self, loop):
+        return {"stream": loop.state}
+
+    def finish(self, loop, result, stopped):
+        st = loop.state
+        loop.store.event("run_paused" if stopped else "stream_idle", versions=len(st["history"]), release=st["release"])
+        result.releases = [h["release"] for h in st["history"] if h.get("released")]
+        result.versions = list(st["history"])
+        if stopped:
+            pass
+        elif not st["history"]:
+            result.outcome, result.reason = "no_data", f"no data version in {self.cfg.stream.folder} (no usable shard)"
+        elif result.best_recipe is None:
+            result.outcome, result.reason = "all_failed", loop.store.first_failure()
+        result.release_dir = st.get("release_dir")
+
+    def next_version(self, loop) -> bool:
+        """Take the next data version (consuming at most one new one); False when none."""
+        st = self.loop.state
+        known = self.stream.versions
+        if known and known[-1] != st["version"] and (st["version"] is None or st["version"] in known):
+            pending = known[-1]  # consumed by a driver that died before checkpointing it
+        else:
+            for report in self.stream.poll(max_versions=1):
+                self.loop.store.event("shard", **report.to_dict())
+                if not self.loop.quiet:
+                    if report.skipped:
+                        print(f"shard {report.shard}: skipped ({report.skipped})")
+                    else:
+                        print(f"shard {report.shard}: {report.kept}/{report.docs} documents kept "
+                              f"({report.duplicates} duplicates, {report.near_duplicates} near duplicates, "
+                              f"{sum(report.rejected.values())} rejected), {report.tokens} tokens -> version {report.version}")
+            known = self.stream.versions
+            if not known or known[-1] == st["version"]:
+                return False
+            pending = known[-1]
+        shard = next((s["name"] for s in self.stream.state()["shards"] if s["version"] == pending), None)
+        st.update(version=pending, shard=shard, phase="reevaluate", gen_in_version=0, reference=None)
+        self.loop.checkpoint()
+        return True
+
+    def install(self, loop) -> Installed | None:
+        """Ship the version's evaluation and training blocks and the release's weights."""
+        cfg, st = self.cfg, self.loop.state
+        window = self.stream.window()
+        if window.version != st["version"]:
+            raise EvoError(f"{self.loop.store.root / STREAM_STATE}: stream is at version {window.version}, "
+                           f"the checkpoint at {st['version']}; the stream state and checkpoint disagree")
+        rng = np.random.default_rng([cfg.seed, int(window.version.rsplit("-", 1)[-1], 16)])
+        if len(window.heldout) == 0 or len(window.train) == 0:
+            msg = (f"version {window.version}: {len(window.train)} train and {len(window.heldout)} held-out blocks "
+                   f"of {cfg.eval.seq_len} tokens; too small to adapt and evaluate, skipped")
+            log.warning(msg)
+            if not self.loop.quiet:
+                print(msg)
+            st["history"].append({"version": st["version"], "shard": st["shard"], "released": False,
+                                  "release": st["release"], "decision": "skipped: too small"})
+            st["phase"] = "done"
+            self.loop.checkpoint()
+            return None
+        newest = _sample(window.heldout, cfg.eval.max_blocks, rng)
+        # stratified: every older version and the static sets (as one stratum) get an equal share,
+        # measured as sets of their own ("replay:<stratum>"): the "replay" objective is their mean,
+        # and the release rule guards each one, so no older version may quietly pay for another
+        strata = {"prior": np.concatenate(self.prior)} if self.prior else {}
+        strata.update({v: b for v in window.versions[:-1] if len(b := self.stream.heldout(v))})
+        share = max(1, cfg.stream.replay_blocks // max(1, len(strata)))
+        replay = {f"replay:{k}": _sample(b, share, rng) for k, b in strata.items()} or {"replay:newest": newest}
+        train, rehearsal = self._training_blocks(window, rng)
+        delta = self._release_delta()
+        self.blocks = {"newest": newest, **replay}
+        self.loop.pool.update(eval_sets={"valid": self.blocks}, train=train, deltas={RELEASE: delta})
+        self.train = train
+        data_key = f"{window.version}@{st['release'] or 'base'}"
+        self.window = window
+        n_replay = sum(len(b) for b in replay.values())
+        self.loop.store.event("version_installed", version=window.version, shard=st["shard"], release=st["release"],
+                              newest_blocks=len(newest), replay_blocks=n_replay, replay_strata=list(replay),
+                              train_blocks=len(train), rehearsal_blocks=rehearsal)
+        if not self.loop.quiet:
+            print(f"\ndata version {window.version} (shard {st['shard']}): {len(newest)} held-out, "
+                  f"{n_replay} replay ({len(replay)} strata) and {len(train)} training blocks "
+                  f"(+{rehearsal} older ones to rehearse); "
+                  f"release slot: {st['release'] or 'base'}")
+        return Installed(data_key, list(self.blocks), extra={"stream_version": st["version"], "release_slot": st["release"]})
+
+    def _training_blocks(self, window, rng):
+        """The newest training split, plus older blocks to rehearse: an equal number from each
+        older version's training split and the zoo's training text (never held-out text).
+
+        Each LoRA batch draws a share of its blocks from the rehearsal pool: the recipe's
+        ``lora.rehearsal`` gene where the search space has one, else ``stream.train_replay``.
+        """
+        from evo.scoring.lora import TrainingData
+
+        cfg = self.cfg
+        newest = _sample(window.train, cfg.eval.train_blocks, rng)
+        older = [b for b in (self.stream.train_sample(v) for v in window.versions[:-1]) if len(b)]
+        if self.prior_train is not None and len(self.prior_train):
+            older.append(self.prior_train)
+        if not older or not self.rehearses:
+            return TrainingData(newest, None, cfg.stream.train_replay), 0
+        each = cfg.stream.replay_train_blocks
+        rehearsal = np.concatenate([_resample(b, each, rng) for b in older])
+        return TrainingData(newest, rehearsal, cfg.stream.train_replay), len(rehearsal)
+
+    def _release_delta(self) -> dict[str, np.ndarray]:
+        base = self.sources.base
+        if not self.loop.state["release_dir"]:
+            return {k: np.zeros_like(v) for k, v in base.items()}
+        from evo.merge import load_model_dir
+
+        weights, _ = load_model_dir(self.loop.state["release_dir"])
+        missing = [k for k in base if k not in weights]
+        if missing:
+            raise EvoError(f"{self.loop.state['release_dir']}: tensor {missing[0]} is missing (present in the base)")
+        import torch
+
+        from evo.scoring.evaluator import DTYPES, float32_array, to_numpy
+
+        # δ in float32 against the stored base, rounded once into the sources' dtype
+        store = DTYPES[self.cfg.dtype]
+        return to_numpy({k: (weights[k].float() - torch.from_numpy(float32_array(v))).to(store) for k, v in base.items()})
+
+    def reference_recipe(self) -> Recipe:
+        """The current release exactly (the base before the first release), no LoRA."""
+        return weights_recipe(self.cfg, {RELEASE: 1.0})
+
+    def reevaluate(self, loop) -> None:
+        st, step = self.loop.state, self.loop.step
+        tag = f"v{len(st['history']):04d}"
+        remembered = self.loop.optimizer.remembered()
+        named = {f"{tag}-reference": self.reference_recipe()}
+        genomes = {}
+        for i, e in enumerate(remembered):
+            try:
+                named[f"{tag}-r{i:03d}"] = self.space.decode(e.genome)
+                genomes[f"{tag}-r{i:03d}"] = e
+            except EvoError:
+                continue
+        keys, fresh = step.evaluate(named, desc=f"re-evaluation ({st['version']})", should_stop=self.loop.stop.requested)
+        rescored = {}
+        for name, key in keys.items():
+            result = self.loop.cache[key]
+            values = step.values(result)
+            old = genomes.get(name)
+            if old is not None:
+                rescored[tuple(map(float, old.genome))] = values
+            self.loop.store.record_candidate({
+                "generation": self.loop.optimizer.generation, "candidate": name, "parents": [old.id] if old and old.id else [],
+                "key": key, "cached": key not in fresh, "status": result["status"], "error": result.get("error"),
+                "values": values, "previous_values": old.values if old else None, "metrics": result.get("metrics"),
+                "recipe": named[name].to_dict(), "genome": list(map(float, old.genome)) if old else None,
+                "data_version": self.loop.data_key, "stream_version": st["version"], "release_slot": st["release"],
+                "reevaluated": True, "reference": old is None,
+            })
+        self.loop.optimizer.rescore(rescored)
+        ref = self.loop.cache[keys[f"{tag}-reference"]]
+        st["reference"] = {"key": keys[f"{tag}-reference"], "values": step.values(ref)}
+        seeds = []
+        if st["release"]:  # "release + LoRA on the newest data": the sequential fine-tune, as a candidate
+            release_only = {"per_model": {RELEASE: {"weight": 1.0}}, "weight": 0.0, "density": 1.0}
+            shipped = self._shipped_lora()
+            if shipped:  # warm start: the LoRA genes that made the current release
+                seeds.append(self.space.uniform_genome(**release_only, **shipped))
+            seeds.append(self.space.uniform_genome(**release_only))
+        best = self.loop.optimizer.best()
+        if best is not None and best.values is not None:
+            seeds.append(np.asarray(best.genome))
+        self.loop.optimizer.inject(seeds)
+        self.loop.store.event("reevaluated", version=st["version"], candidates=len(rescored),
+                         reference=st["reference"]["values"], release=st["release"])
+        if not self.loop.quiet and st["reference"]["values"]:
+            what = st["release"] or "base"
+            vals = ", ".join(f"{n}={v:.4f}" for n, v in zip(self.loop.objective_names, st["reference"]["values"]))
+            print(f"re-evaluated {len(rescored)} remembered candidates; {what} on this version: {vals}")
+
+    def _shipped_lora(self) -> dict:
+        """``lora.*`` gene values of the candidate the current release was made from."""
+        name = next((h.get("candidate") for h in reversed(self.loop.state["history"]) if h.get("released")), None)
+        if name is None:
+            return {}
+        recipe = next((c["recipe"] for c in reversed(self.loop.store.candidates())
+                       if c["candidate"] == name and c.get("recipe")), {})
+        genes = self.space.spec.genes
+        return {f"lora.{k}": v for k, v in (recipe.get("lora") or {}).items() if f"lora.{k}" in genes and v is not None}
+
+    def release(self, loop) -> None:
+        """Apply the release rule to every candidate evaluated on this version; export if met."""
+        from evo.loop.release_rule import decide
+
+        cfg, st = self.cfg, self.loop.state
+        ref = (st.get("reference") or {}).get("values")
+        ref_metrics = self.loop.cache[st["reference"]["key"]].get("metrics", {}) if st.get("reference") else {}
+        candidates = [c for c in self.loop.store.candidates()
+                      if c.get("data_version") == self.loop.data_key and c.get("status") == "ok" and c.get("values")
+                      and not c.get("reference")]
+        anchored = cfg.release.guard == "anchored"
+        d = decide(cfg, candidates, ref, ref_metrics, first=not st["release"], drift=st.get("drift"))
+        entry = {"version": st["version"], "shard": st["shard"], "released": False, "release": st["release"],
+                 "reference": ref, "rule": d.rule, "decision": d.decision}
+        if d.candidate is not None:
+            entry["candidate"] = d.candidate["candidate"]
+        if d.release:
+            out = self._export(d.candidate, d.rule, d.drift if anchored else None)
+            entry.update(released=True, release=out.name, values=d.candidate["values"], decision=f"released {out.name}")
+            st["release"], st["release_dir"] = out.name, str(out)
+            if anchored:
+                st["drift"] = entry["drift"] = d.drift
+        st["history"].append(entry)
+        self.loop.store.event("release" if entry["released"] else "release_skipped", **entry)
+        if not self.loop.quiet:
+            print(f"version {st['version']}: {entry['decision']}")
+
+    def _export(self, cand: dict, rule: str, drift: dict | None) -> Path:
+        from evo.artifacts.release import eval_record, lineage_record, next_release_dir, write_release
+
+        cfg, st = self.cfg, self.loop.state
+        recipe = Recipe.from_dict(cand["recipe"], source=f"candidate {cand['candidate']}")
+        paths = model_dirs(cfg.models)
+        paths[RELEASE] = st["release_dir"] or paths["base"]
+        out = next_release_dir(self.loop.store)
+        specs = [o.__dict__ for o in cfg.objectives]
+        fitness = {
+            "objectives": {o["name"]: {"value": v, "goal": o["goal"]} for o, v in zip(specs, cand["values"])},
+            "data_version": self.loop.data_key,
+            "generation": cand["generation"],
+            "run": str(self.loop.store.root.resolve()),
+            "eval": {**eval_record(cfg), "sets": {}},  # the stream's blocks: eval_blocks below
+            "objective_specs": specs,
+            "stream": {"folder": cfg.stream.folder, "version": st["version"], "shard": st["shard"],
+                       "versions": list(self.window.versions), "parent_release": st["release"], "rule": rule,
+                       # retention lost since each guarded version's anchor (nats; negative: gained)
+                       "retention_drift": drift},
+            "current_release_same_data": {
+                "name": st["release"] or "base",
+                "objectives": dict(zip(self.loop.objective_names, st["reference"]["values"] or [])),
+            },
+            "comparison_sets": list(self.blocks),
+            "comparison": {
+                f"current release ({st['release'] or 'base'})": {"valid": self.loop.cache[st["reference"]["key"]].get("metrics", {})},
+                "this release": {"valid": cand["metrics"]},
+            },
+            "lineage": lineage_record(self.loop.store, cand["candidate"]),
+        }
+        t0 = time.time()
+        out = write_release(self.loop.store, cfg, recipe, paths, fitness, out=out, lora="merged", train=self.train,
+                            eval_blocks=self.blocks)
+        self.loop.store.event("exported", release=str(out), recipe_key=recipe.key(), values=cand["values"],
+                         seconds=round(time.time() - t0, 2), version=st["version"])
+        return out
+
+
+def _sample(blocks: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """At most ``k`` blocks, a seeded sample in their original order."""
+    if len(blocks) <= k:
+        return blocks
+    return blocks[np.sort(rng.choice(len(blocks), size=k, replace=False))]
+
+
+def _resample(blocks: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Exactly ``k`` blocks: a seeded sample, repeating blocks only when there are fewer than ``k``
+    (so every rehearsal stratum weighs the same in a batch, however small it is)."""
+    if len(blocks) >= k:
+        return _sample(blocks, k, rng)
+    extra = blocks[rng.choice(len(blocks), size=k - len(blocks), replace=True)]
+    return np.concatenate([blocks, extra])

@@ -1,0 +1,405 @@
+"""Search spaces: typed genes encoded to and decoded from a unit vector in [0, 1]^n.
+
+Every optimizer (GA, NSGA-II, CMA-ES, random) works on the unit vector; only this module knows
+what a coordinate means. A genome decodes to a :class:`Recipe` — plain data that can be hashed,
+cached, printed and written as mergekit YAML — never to tensors.
+
+A space file (``search_spaces/*.yaml``)::
+
+    name: ties_layerwise
+    merge_method: ties            # fixed, or a categorical gene named merge_method
+    layer_groups: 4               # anchors of a mergekit "gradient" across layers
+    parameters: {normalize: true} # fixed global merge parameters
+    genes:
+      weight:  {type: float, low: 0.0, high: 1.0, scope: model_layer}
+      density: {type: float, low: 0.1, high: 1.0, scope: model_layer}
+      lora.rank: {type: int, low: 4, high: 32, log: true}
+
+Scopes: ``global`` (one value: a global merge parameter, ``merge_method``, or ``lora.*``),
+``layer`` (one value per layer group, global), ``model`` (one per source model),
+``model_layer`` (one per source model per layer group).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from evo.core.errors import EvoError
+from evo.merge.config import MergeConfig, ModelEntry
+
+SCOPES = ("global", "layer", "model", "model_layer")
+
+
+# ---------------------------------------------------------------------------------------- genes
+@dataclass(frozen=True)
+class FloatGene:
+    """A real value in [low, high]; ``log`` spaces it geometrically (learning rates)."""
+
+    low: float
+    high: float
+    log: bool = False
+
+    def __post_init__(self):
+        if not self.low <= self.high:
+            raise ValueError(f"low ({self.low}) > high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log scale needs low > 0, got {self.low}")
+
+    def decode(self, u: float) -> float:
+        u = min(max(float(u), 0.0), 1.0)
+        if self.log:
+            return float(math.exp(math.log(self.low) + u * (math.log(self.high) - math.log(self.low))))
+        return float(self.low + u * (self.high - self.low))
+
+    def encode(self, v: float) -> float:
+        if self.high == self.low:
+            return 0.5
+        if self.log:
+            return (math.log(v) - math.log(self.low)) / (math.log(self.high) - math.log(self.low))
+        return (float(v) - self.low) / (self.high - self.low)
+
+
+@dataclass(frozen=True)
+class IntGene:
+    """An integer in [low, high]: [0,1] is cut into equal bins, one per value (geometric if log)."""
+
+    low: int
+    high: int
+    log: bool = False
+
+    def __post_init__(self):
+        if not self.low <= self.high:
+            raise ValueError(f"low ({self.low}) > high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log scale needs low > 0, got {self.low}")
+
+    def decode(self, u: float) -> int:
+        u = min(max(float(u), 0.0), 1.0)
+        if self.log:
+            lo, hi = math.log(self.low), math.log(self.high + 1)
+            return int(min(self.high, max(self.low, math.floor(math.exp(lo + u * (hi - lo))))))
+        return int(min(self.high, self.low + math.floor(u * (self.high - self.low + 1))))
+
+    def encode(self, v: int) -> float:
+        if self.log:
+            lo, hi = math.log(self.low), math.log(self.high + 1)
+            return (math.log(int(v) + 0.5) - lo) / (hi - lo)
+        return (int(v) - self.low + 0.5) / (self.high - self.low + 1)
+
+
+@dataclass(frozen=True)
+class CategoricalGene:
+    """One of ``choices``: [0,1] is cut into equal bins."""
+
+    choices: tuple
+
+    def __post_init__(self):
+        if len(self.choices) == 0:
+            raise ValueError("choices is empty")
+
+    def decode(self, u: float):
+        u = min(max(float(u), 0.0), 1.0)
+        return self.choices[min(int(u * len(self.choices)), len(self.choices) - 1)]
+
+    def encode(self, v) -> float:
+        if v not in self.choices:
+            raise ValueError(f"{v!r} is not one of {list(self.choices)}")
+        return (self.choices.index(v) + 0.5) / len(self.choices)
+
+
+def BoolGene() -> CategoricalGene:
+    return CategoricalGene((False, True))
+
+
+GENE_TYPES = ("float", "int", "categorical", "bool")
+
+
+def gene_from_spec(spec: dict) -> Any:
+    """Build a gene from its YAML mapping; raises ValueError/KeyError naming the problem."""
+    kind = spec.get("type")
+    if kind is None:
+        raise KeyError("type")
+    extra = set(spec) - {"type", "low", "high", "log", "choices", "scope"}
+    if extra:
+        raise ValueError(f"unknown key(s) {sorted(extra)}")
+    if kind in ("float", "logfloat", "log-float"):
+        for key in ("low", "high"):
+            if key not in spec:
+                raise KeyError(key)
+        return FloatGene(float(spec["low"]), float(spec["high"]), bool(spec.get("log", kind != "float")))
+    if kind == "int":
+        for key in ("low", "high"):
+            if key not in spec:
+                raise KeyError(key)
+        return IntGene(int(spec["low"]), int(spec["high"]), bool(spec.get("log", False)))
+    if kind == "categorical":
+        if "choices" not in spec:
+            raise KeyError("choices")
+        return CategoricalGene(tuple(spec["choices"]))
+    if kind == "bool":
+        return BoolGene()
+    raise ValueError(f"unknown gene type {kind!r} (expected one of {', '.join(GENE_TYPES)}, logfloat)")
+
+
+# --------------------------------------------------------------------------------------- recipe
+@dataclass(frozen=True)
+class Recipe:
+    """What a candidate is: a mergekit-style merge plus an optional LoRA adaptation.
+
+    ``seed`` drives every random choice in materialising it (DARE masks, LoRA init), so a recipe
+    always produces the same model and can be cached by :meth:`key`.
+    """
+
+    merge: MergeConfig
+    lora: dict | None = None
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        out = {"merge": self.merge.to_dict(), "seed": int(self.seed)}
+        if self.lora:
+            out["lora"] = dict(self.lora)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "<recipe>") -> "Recipe":
+        if "merge" not in data:
+            raise EvoError(f"{source}: recipe has no 'merge' field")
+        return cls(MergeConfig.from_dict(data["merge"], source=source), data.get("lora") or None, int(data.get("seed", 0)))
+
+    def key(self) -> str:
+        """Stable content hash: equal recipes give equal keys across processes and runs."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), default=_json_default)
+        return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _json_default(obj):
+    if isinstance(obj, (np.floating, np.integer, np.bool_)):
+        return obj.item()
+    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
+
+
+# ---------------------------------------------------------------------------------------- space
+DENSITY_GRID = 4096  # = MagnitudeTable's default q
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One coordinate of the genome: which gene, for which model and layer group."""
+
+    gene: str
+    model: str | None = None
+    group: int | None = None
+
+    @property
+    def label(self) -> str:
+        parts = [self.gene]
+        if self.model is not None:
+            parts.append(self.model)
+        if self.group is not None:
+            parts.append(f"g{self.group}")
+        return "/".join(parts)
+
+
+@dataclass(frozen=True)
+class SearchSpaceSpec:
+    """A parsed space file, not yet bound to models."""
+
+    name: str
+    merge_method: str | None
+    layer_groups: int
+    parameters: dict
+    genes: dict  # name -> (gene, scope)
+    source: str = "<space>"
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "SearchSpaceSpec":
+        from evo.data.stream import read_yaml
+
+        path = Path(path)
+        data = read_yaml(path, "search space file")
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<space>") -> "SearchSpaceSpec":
+        if not isinstance(data, dict):
+            raise EvoError(f"{source}: a search space must be a mapping")
+        unknown = set(data) - {"name", "description", "merge_method", "layer_groups", "parameters", "genes"}
+        if unknown:
+            raise EvoError(f"{source}: unknown field(s) {', '.join(sorted(unknown))}")
+        if "genes" not in data or not isinstance(data["genes"], dict) or not data["genes"]:
+            raise EvoError(f"{source}: field 'genes' is missing or empty")
+        groups = data.get("layer_groups", 1)
+        if not isinstance(groups, int) or groups < 1:
+            raise EvoError(f"{source}: field 'layer_groups' must be a positive integer, got {groups!r}")
+        genes = {}
+        for name, spec in data["genes"].items():
+            where = f"{source}: genes.{name}"
+            if not isinstance(spec, dict):
+                raise EvoError(f"{where}: must be a mapping with a 'type'")
+            scope = spec.get("scope", "global")
+            if scope not in SCOPES:
+                raise EvoError(f"{where}.scope: unknown scope {scope!r} (expected one of {', '.join(SCOPES)})")
+            try:
+                gene = gene_from_spec(spec)
+            except KeyError as exc:
+                raise EvoError(f"{where}.{exc.args[0]}: missing field") from None
+            except (TypeError, ValueError) as exc:
+                raise EvoError(f"{where}: {exc}") from None
+            if name == "merge_method" and not (isinstance(gene, CategoricalGene) and scope == "global"):
+                raise EvoError(f"{where}: merge_method must be a global categorical gene")
+            if name.startswith("lora.") and scope != "global":
+                raise EvoError(f"{where}.scope: LoRA genes are global")
+            genes[name] = (gene, scope)
+        method = data.get("merge_method")
+        if method is None and "merge_method" not in genes:
+            raise EvoError(f"{source}: field 'merge_method' is missing (fixed, or a categorical gene)")
+        params = data.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise EvoError(f"{source}: field 'parameters' must be a mapping")
+        return cls(str(data.get("name", Path(source).stem)), method, groups, dict(params), genes, source)
+
+
+class SearchSpace:
+    """A space bound to a base model and its source models: genome <-> Recipe."""
+
+    def __init__(self, spec: SearchSpaceSpec, models: Sequence[str], base_model: str, *, seed: int = 0, dtype: str = "float32"):
+        if not models:
+            raise EvoError(f"{spec.source}: no source models to merge")
+        self.spec = spec
+        self.models = list(models)
+        self.base_model = base_model
+        self.seed = seed
+        self.dtype = dtype
+        self.slots: list[Slot] = []
+        for name, (_, scope) in spec.genes.items():
+            groups = range(spec.layer_groups) if scope in ("layer", "model_layer") else [None]
+            owners = self.models if scope in ("model", "model_layer") else [None]
+            for model in owners:
+                for group in groups:
+                    self.slots.append(Slot(name, model, group))
+        from evo.merge.registry import METHODS
+
+        methods = [spec.merge_method] if spec.merge_method else list(spec.genes["merge_method"][0].choices)
+        for method in methods:  # fail before any model is loaded
+            if method not in METHODS:
+                raise EvoError(f"{spec.source}: merge_method: unknown method {method!r} (known: {', '.join(sorted(METHODS))})")
+        # each method takes only its own parameters: with a method gene, the others are dropped
+        self._accepts = {m: {p.name for p in METHODS[m].params} for m in methods}
+        merge_params = [g for g in spec.genes if g != "merge_method" and not g.startswith("lora.")]
+        for name in merge_params + list(spec.parameters):
+            if not any(name in acc for acc in self._accepts.values()):
+                where = f"genes.{name}" if name in spec.genes else f"parameters.{name}"
+                raise EvoError(f"{spec.source}: {where}: no merge method of this space takes a parameter {name!r}")
+        for name in merge_params:  # accepted but inert under every method the space can choose
+            if all(name in getattr(METHODS[m], "inert", ()) for m in methods):
+                warnings.warn(f"{spec.source}: genes.{name}: has no effect with merge method "
+                              f"{' / '.join(methods)} (the search would spend {name!r} genes on noise)",
+                              UserWarning, stacklevel=2)
+
+    @classmethod
+    def load(cls, path, models, base_model, **kw) -> "SearchSpace":
+        return cls(SearchSpaceSpec.from_yaml(path), models, base_model, **kw)
+
+    @property
+    def dim(self) -> int:
+        return len(self.slots)
+
+    @property
+    def labels(self) -> list[str]:
+        return [s.label for s in self.slots]
+
+    def values(self, genome: Sequence[float]) -> dict[str, Any]:
+        """Decoded value of every slot, keyed by its label (for tables and plots)."""
+        return {s.label: self.spec.genes[s.gene][0].decode(u) for s, u in zip(self.slots, self._check(genome))}
+
+    def decode(self, genome: Sequence[float]) -> Recipe:
+        genome = self._check(genome)
+        per_model: dict[str, dict[str, list]] = {m: {} for m in self.models}
+        glob: dict[str, Any] = {}
+        lora: dict[str, Any] = {}
+        method = self.spec.merge_method
+        for slot, u in zip(self.slots, genome):
+            gene, scope = self.spec.genes[slot.gene]
+            value = gene.decode(u)
+            if slot.gene == "density" and isinstance(value, float):
+                # onto the grid a resident merger's magnitude tables answer without a pass over
+                # the task vector (evo.merge.sparsify.MagnitudeTable): steps of 1/4096
+                value = round(value * DENSITY_GRID) / DENSITY_GRID
+            if slot.gene == "merge_method":
+                method = value
+            elif slot.gene.startswith("lora."):
+                lora[slot.gene[5:]] = value
+            elif scope == "global":
+                glob[slot.gene] = value
+            elif scope == "layer":
+                glob.setdefault(slot.gene, []).append(value)
+            else:
+                per_model[slot.model].setdefault(slot.gene, []).append(value)
+        per_model = {m: {k: _squeeze(v) for k, v in p.items()} for m, p in per_model.items()}
+        glob = {k: _squeeze(v) for k, v in glob.items()}
+        return Recipe(self._merge_config(method, per_model, glob), lora or None, self.seed)
+
+    def encode(self, recipe: Recipe) -> np.ndarray:
+        """Inverse of :meth:`decode` for recipes that lie in this space (used to seed populations)."""
+        cfg = recipe.merge
+        params = {e.model: e.parameters for e in cfg.models}
+        out = []
+        for slot in self.slots:
+            gene, scope = self.spec.genes[slot.gene]
+            if slot.gene == "merge_method":
+                value = cfg.merge_method
+            elif slot.gene.startswith("lora."):
+                value = (recipe.lora or {})[slot.gene[5:]]
+            elif scope in ("global", "layer"):
+                value = cfg.parameters[slot.gene]
+            else:
+                value = params[slot.model][slot.gene]
+            if slot.group is not None and isinstance(value, (list, tuple)):
+                value = value[slot.group]
+            out.append(min(max(gene.encode(value), 0.0), 1.0))
+        return np.asarray(out, dtype=np.float64)
+
+    def uniform_genome(self, per_model: dict[str, dict] | None = None, **values) -> np.ndarray:
+        """A genome with every slot of gene ``g`` set to ``values[g]`` (others at the centre);
+        ``per_model[m][g]`` overrides gene ``g`` for model ``m`` (e.g. one model at weight 1)."""
+        out = np.full(self.dim, 0.5)
+        for i, slot in enumerate(self.slots):
+            own = (per_model or {}).get(slot.model, {})
+            if slot.gene in own or slot.gene in values:
+                value = own.get(slot.gene, values.get(slot.gene))
+                out[i] = min(max(self.spec.genes[slot.gene][0].encode(value), 0.0), 1.0)
+        return out
+
+    def _merge_config(self, method, per_model, glob) -> MergeConfig:
+        accepts = self._accepts[method]
+        params = {k: v for k, v in {**self.spec.parameters, **glob}.items() if k in accepts}
+        per_model = {m: {k: v for k, v in p.items() if k in accepts} for m, p in per_model.items()}
+        entries = tuple(ModelEntry(m, dict(per_model.get(m, {}))) for m in self.models)
+        data = {
+            "merge_method": method,
+            "base_model": self.base_model,
+            "models": [{"model": e.model, "parameters": e.parameters} for e in entries],
+            "parameters": params,
+            "dtype": self.dtype,
+        }
+        return MergeConfig.from_dict(data, source=self.spec.source)
+
+    def _check(self, genome) -> np.ndarray:
+        arr = np.asarray(genome, dtype=np.float64)
+        if arr.shape != (self.dim,):
+            raise ValueError(f"genome has shape {arr.shape}, space {self.spec.name} has {self.dim} genes")
+        return arr
+
+
+def _squeeze(values):
+    """One layer group is a scalar (mergekit's plain value); several are a gradient list."""
+    if not isinstance(values, list):
+        return values
+    return values[0] if len(values) == 1 else list(values)
