@@ -92,6 +92,14 @@ def test_run_export_load_and_resume_matches_uninterrupted(micro_zoo, ray_session
     assert resumed.best_values == pytest.approx(full.best_values, abs=1e-9)
     assert resumed.release_recipe.key() == full.release_recipe.key()
 
+    # the run's one data version is done: resuming the finished run evaluates nothing and
+    # reports the selection it made
+    seen = len(store.events())
+    again = evo.resume(tmp_path / "full", quiet=True)
+    assert again.selection == full.selection and again.comparison == full.comparison
+    after = [e["event"] for e in store.events()[seen:]]
+    assert not {"generation_done", "selection"} & set(after) and after[-1] == "run_finished", after
+
     # export: a loadable HF model whose perplexity is the recorded fitness
     release = evo.export(tmp_path / "full")
     assert release == tmp_path / "full" / "releases" / "v0001"

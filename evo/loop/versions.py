@@ -77,7 +77,6 @@ class VersionSource(ABC):
 
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
-        self.loop = None  # the evo.loop.driver.Loop driving this source (it never imports the loop)
 
     @abstractmethod
     def open(self, loop, ckpt: Checkpoint | None) -> dict:
@@ -142,7 +141,6 @@ class FixedData(VersionSource):
         self.selection: dict | None = None
 
     def open(self, loop, ckpt):
-        self.loop = loop
         if ckpt is None:
             return {"version": None, "phase": "done", "gen_in_version": 0}
         self.evidence, self.selection = ckpt.evidence, ckpt.selection
@@ -223,7 +221,6 @@ class ShardStream(VersionSource):
 
     def open(self, loop, ckpt):
         cfg, st = self.cfg, self.cfg.stream
-        self.loop = loop
         tokenizer = load_tokenizer(cfg)
         self.stream = DataStream(st.folder, tokenizer, seq_len=cfg.eval.seq_len, heldout_frac=st.heldout_frac,
                                  replay_blocks=st.replay_blocks, seed=cfg.seed, min_chars=st.min_chars,
@@ -261,24 +258,22 @@ class ShardStream(VersionSource):
         loop.store.event("run_paused" if stopped else "stream_idle", versions=len(st["history"]), release=st["release"])
         result.releases = [h["release"] for h in st["history"] if h.get("released")]
         result.versions = list(st["history"])
-        if stopped:
-            pass
-        elif not st["history"]:
+        if not stopped and not st["history"]:
             result.outcome, result.reason = "no_data", f"no data version in {self.cfg.stream.folder} (no usable shard)"
-        elif result.best_recipe is None:
+        elif not stopped and result.best_recipe is None:
             result.outcome, result.reason = "all_failed", loop.store.first_failure()
         result.release_dir = st.get("release_dir")
 
     def next_version(self, loop) -> bool:
         """Take the next data version (consuming at most one new one); False when none."""
-        st = self.loop.state
+        st = loop.state
         known = self.stream.versions
         if known and known[-1] != st["version"] and (st["version"] is None or st["version"] in known):
             pending = known[-1]  # consumed by a driver that died before checkpointing it
         else:
             for report in self.stream.poll(max_versions=1):
-                self.loop.store.event("shard", **report.to_dict())
-                if not self.loop.quiet:
+                loop.store.event("shard", **report.to_dict())
+                if not loop.quiet:
                     if report.skipped:
                         print(f"shard {report.shard}: skipped ({report.skipped})")
                     else:
@@ -291,27 +286,27 @@ class ShardStream(VersionSource):
             pending = known[-1]
         shard = next((s["name"] for s in self.stream.state()["shards"] if s["version"] == pending), None)
         st.update(version=pending, shard=shard, phase="reevaluate", gen_in_version=0, reference=None)
-        self.loop.checkpoint()
+        loop.checkpoint()
         return True
 
     def install(self, loop) -> Installed | None:
         """Ship the version's evaluation and training blocks and the release's weights."""
-        cfg, st = self.cfg, self.loop.state
+        cfg, st = self.cfg, loop.state
         window = self.stream.window()
         if window.version != st["version"]:
-            raise EvoError(f"{self.loop.store.root / STREAM_STATE}: stream is at version {window.version}, "
+            raise EvoError(f"{loop.store.root / STREAM_STATE}: stream is at version {window.version}, "
                            f"the checkpoint at {st['version']}; the stream state and checkpoint disagree")
         rng = np.random.default_rng([cfg.seed, int(window.version.rsplit("-", 1)[-1], 16)])
         if len(window.heldout) == 0 or len(window.train) == 0:
             msg = (f"version {window.version}: {len(window.train)} train and {len(window.heldout)} held-out blocks "
                    f"of {cfg.eval.seq_len} tokens; too small to adapt and evaluate, skipped")
             log.warning(msg)
-            if not self.loop.quiet:
+            if not loop.quiet:
                 print(msg)
             st["history"].append({"version": st["version"], "shard": st["shard"], "released": False,
                                   "release": st["release"], "decision": "skipped: too small"})
             st["phase"] = "done"
-            self.loop.checkpoint()
+            loop.checkpoint()
             return None
         newest = _sample(window.heldout, cfg.eval.max_blocks, rng)
         # stratified: every older version and the static sets (as one stratum) get an equal share,
@@ -322,17 +317,17 @@ class ShardStream(VersionSource):
         share = max(1, cfg.stream.replay_blocks // max(1, len(strata)))
         replay = {f"replay:{k}": _sample(b, share, rng) for k, b in strata.items()} or {"replay:newest": newest}
         train, rehearsal = self._training_blocks(window, rng)
-        delta = self._release_delta()
+        delta = self._release_delta(loop)
         self.blocks = {"newest": newest, **replay}
-        self.loop.pool.update(eval_sets={"valid": self.blocks}, train=train, deltas={RELEASE: delta})
+        loop.pool.update(eval_sets={"valid": self.blocks}, train=train, deltas={RELEASE: delta})
         self.train = train
         data_key = f"{window.version}@{st['release'] or 'base'}"
         self.window = window
         n_replay = sum(len(b) for b in replay.values())
-        self.loop.store.event("version_installed", version=window.version, shard=st["shard"], release=st["release"],
+        loop.store.event("version_installed", version=window.version, shard=st["shard"], release=st["release"],
                               newest_blocks=len(newest), replay_blocks=n_replay, replay_strata=list(replay),
                               train_blocks=len(train), rehearsal_blocks=rehearsal)
-        if not self.loop.quiet:
+        if not loop.quiet:
             print(f"\ndata version {window.version} (shard {st['shard']}): {len(newest)} held-out, "
                   f"{n_replay} replay ({len(replay)} strata) and {len(train)} training blocks "
                   f"(+{rehearsal} older ones to rehearse); "
@@ -359,16 +354,16 @@ class ShardStream(VersionSource):
         rehearsal = np.concatenate([_resample(b, each, rng) for b in older])
         return TrainingData(newest, rehearsal, cfg.stream.train_replay), len(rehearsal)
 
-    def _release_delta(self) -> dict[str, np.ndarray]:
+    def _release_delta(self, loop) -> dict[str, np.ndarray]:
         base = self.sources.base
-        if not self.loop.state["release_dir"]:
+        if not loop.state["release_dir"]:
             return {k: np.zeros_like(v) for k, v in base.items()}
         from evo.merge import load_model_dir
 
-        weights, _ = load_model_dir(self.loop.state["release_dir"])
+        weights, _ = load_model_dir(loop.state["release_dir"])
         missing = [k for k in base if k not in weights]
         if missing:
-            raise EvoError(f"{self.loop.state['release_dir']}: tensor {missing[0]} is missing (present in the base)")
+            raise EvoError(f"{loop.state['release_dir']}: tensor {missing[0]} is missing (present in the base)")
         import torch
 
         from evo.scoring.evaluator import DTYPES, float32_array, to_numpy
@@ -382,9 +377,9 @@ class ShardStream(VersionSource):
         return weights_recipe(self.cfg, {RELEASE: 1.0})
 
     def reevaluate(self, loop) -> None:
-        st, step = self.loop.state, self.loop.step
+        st, step = loop.state, loop.step
         tag = f"v{len(st['history']):04d}"
-        remembered = self.loop.optimizer.remembered()
+        remembered = loop.optimizer.remembered()
         named = {f"{tag}-reference": self.reference_recipe()}
         genomes = {}
         for i, e in enumerate(remembered):
@@ -393,49 +388,49 @@ class ShardStream(VersionSource):
                 genomes[f"{tag}-r{i:03d}"] = e
             except EvoError:
                 continue
-        keys, fresh = step.evaluate(named, desc=f"re-evaluation ({st['version']})", should_stop=self.loop.stop.requested)
+        keys, fresh = step.evaluate(named, desc=f"re-evaluation ({st['version']})", should_stop=loop.stop.requested)
         rescored = {}
         for name, key in keys.items():
-            result = self.loop.cache[key]
+            result = loop.cache[key]
             values = step.values(result)
             old = genomes.get(name)
             if old is not None:
                 rescored[tuple(map(float, old.genome))] = values
-            self.loop.store.record_candidate({
-                "generation": self.loop.optimizer.generation, "candidate": name, "parents": [old.id] if old and old.id else [],
+            loop.store.record_candidate({
+                "generation": loop.optimizer.generation, "candidate": name, "parents": [old.id] if old and old.id else [],
                 "key": key, "cached": key not in fresh, "status": result["status"], "error": result.get("error"),
                 "values": values, "previous_values": old.values if old else None, "metrics": result.get("metrics"),
                 "recipe": named[name].to_dict(), "genome": list(map(float, old.genome)) if old else None,
-                "data_version": self.loop.data_key, "stream_version": st["version"], "release_slot": st["release"],
+                "data_version": loop.data_key, "stream_version": st["version"], "release_slot": st["release"],
                 "reevaluated": True, "reference": old is None,
             })
-        self.loop.optimizer.rescore(rescored)
-        ref = self.loop.cache[keys[f"{tag}-reference"]]
+        loop.optimizer.rescore(rescored)
+        ref = loop.cache[keys[f"{tag}-reference"]]
         st["reference"] = {"key": keys[f"{tag}-reference"], "values": step.values(ref)}
         seeds = []
         if st["release"]:  # "release + LoRA on the newest data": the sequential fine-tune, as a candidate
             release_only = {"per_model": {RELEASE: {"weight": 1.0}}, "weight": 0.0, "density": 1.0}
-            shipped = self._shipped_lora()
+            shipped = self._shipped_lora(loop)
             if shipped:  # warm start: the LoRA genes that made the current release
                 seeds.append(self.space.uniform_genome(**release_only, **shipped))
             seeds.append(self.space.uniform_genome(**release_only))
-        best = self.loop.optimizer.best()
+        best = loop.optimizer.best()
         if best is not None and best.values is not None:
             seeds.append(np.asarray(best.genome))
-        self.loop.optimizer.inject(seeds)
-        self.loop.store.event("reevaluated", version=st["version"], candidates=len(rescored),
+        loop.optimizer.inject(seeds)
+        loop.store.event("reevaluated", version=st["version"], candidates=len(rescored),
                          reference=st["reference"]["values"], release=st["release"])
-        if not self.loop.quiet and st["reference"]["values"]:
+        if not loop.quiet and st["reference"]["values"]:
             what = st["release"] or "base"
-            vals = ", ".join(f"{n}={v:.4f}" for n, v in zip(self.loop.objective_names, st["reference"]["values"]))
+            vals = ", ".join(f"{n}={v:.4f}" for n, v in zip(loop.objective_names, st["reference"]["values"]))
             print(f"re-evaluated {len(rescored)} remembered candidates; {what} on this version: {vals}")
 
-    def _shipped_lora(self) -> dict:
+    def _shipped_lora(self, loop) -> dict:
         """``lora.*`` gene values of the candidate the current release was made from."""
-        name = next((h.get("candidate") for h in reversed(self.loop.state["history"]) if h.get("released")), None)
+        name = next((h.get("candidate") for h in reversed(loop.state["history"]) if h.get("released")), None)
         if name is None:
             return {}
-        recipe = next((c["recipe"] for c in reversed(self.loop.store.candidates())
+        recipe = next((c["recipe"] for c in reversed(loop.store.candidates())
                        if c["candidate"] == name and c.get("recipe")), {})
         genes = self.space.spec.genes
         return {f"lora.{k}": v for k, v in (recipe.get("lora") or {}).items() if f"lora.{k}" in genes and v is not None}
@@ -444,11 +439,11 @@ class ShardStream(VersionSource):
         """Apply the release rule to every candidate evaluated on this version; export if met."""
         from evo.loop.release_rule import decide
 
-        cfg, st = self.cfg, self.loop.state
+        cfg, st = self.cfg, loop.state
         ref = (st.get("reference") or {}).get("values")
-        ref_metrics = self.loop.cache[st["reference"]["key"]].get("metrics", {}) if st.get("reference") else {}
-        candidates = [c for c in self.loop.store.candidates()
-                      if c.get("data_version") == self.loop.data_key and c.get("status") == "ok" and c.get("values")
+        ref_metrics = loop.cache[st["reference"]["key"]].get("metrics", {}) if st.get("reference") else {}
+        candidates = [c for c in loop.store.candidates()
+                      if c.get("data_version") == loop.data_key and c.get("status") == "ok" and c.get("values")
                       and not c.get("reference")]
         anchored = cfg.release.guard == "anchored"
         d = decide(cfg, candidates, ref, ref_metrics, first=not st["release"], drift=st.get("drift"))
@@ -457,30 +452,30 @@ class ShardStream(VersionSource):
         if d.candidate is not None:
             entry["candidate"] = d.candidate["candidate"]
         if d.release:
-            out = self._export(d.candidate, d.rule, d.drift if anchored else None)
+            out = self._export(loop, d.candidate, d.rule, d.drift if anchored else None)
             entry.update(released=True, release=out.name, values=d.candidate["values"], decision=f"released {out.name}")
             st["release"], st["release_dir"] = out.name, str(out)
             if anchored:
                 st["drift"] = entry["drift"] = d.drift
         st["history"].append(entry)
-        self.loop.store.event("release" if entry["released"] else "release_skipped", **entry)
-        if not self.loop.quiet:
+        loop.store.event("release" if entry["released"] else "release_skipped", **entry)
+        if not loop.quiet:
             print(f"version {st['version']}: {entry['decision']}")
 
-    def _export(self, cand: dict, rule: str, drift: dict | None) -> Path:
+    def _export(self, loop, cand: dict, rule: str, drift: dict | None) -> Path:
         from evo.artifacts.release import eval_record, lineage_record, next_release_dir, write_release
 
-        cfg, st = self.cfg, self.loop.state
+        cfg, st = self.cfg, loop.state
         recipe = Recipe.from_dict(cand["recipe"], source=f"candidate {cand['candidate']}")
         paths = model_dirs(cfg.models)
         paths[RELEASE] = st["release_dir"] or paths["base"]
-        out = next_release_dir(self.loop.store)
+        out = next_release_dir(loop.store)
         specs = [o.__dict__ for o in cfg.objectives]
         fitness = {
             "objectives": {o["name"]: {"value": v, "goal": o["goal"]} for o, v in zip(specs, cand["values"])},
-            "data_version": self.loop.data_key,
+            "data_version": loop.data_key,
             "generation": cand["generation"],
-            "run": str(self.loop.store.root.resolve()),
+            "run": str(loop.store.root.resolve()),
             "eval": {**eval_record(cfg), "sets": {}},  # the stream's blocks: eval_blocks below
             "objective_specs": specs,
             "stream": {"folder": cfg.stream.folder, "version": st["version"], "shard": st["shard"],
@@ -489,19 +484,19 @@ class ShardStream(VersionSource):
                        "retention_drift": drift},
             "current_release_same_data": {
                 "name": st["release"] or "base",
-                "objectives": dict(zip(self.loop.objective_names, st["reference"]["values"] or [])),
+                "objectives": dict(zip(loop.objective_names, st["reference"]["values"] or [])),
             },
             "comparison_sets": list(self.blocks),
             "comparison": {
-                f"current release ({st['release'] or 'base'})": {"valid": self.loop.cache[st["reference"]["key"]].get("metrics", {})},
+                f"current release ({st['release'] or 'base'})": {"valid": loop.cache[st["reference"]["key"]].get("metrics", {})},
                 "this release": {"valid": cand["metrics"]},
             },
-            "lineage": lineage_record(self.loop.store, cand["candidate"]),
+            "lineage": lineage_record(loop.store, cand["candidate"]),
         }
         t0 = time.time()
-        out = write_release(self.loop.store, cfg, recipe, paths, fitness, out=out, lora="merged", train=self.train,
+        out = write_release(loop.store, cfg, recipe, paths, fitness, out=out, lora="merged", train=self.train,
                             eval_blocks=self.blocks)
-        self.loop.store.event("exported", release=str(out), recipe_key=recipe.key(), values=cand["values"],
+        loop.store.event("exported", release=str(out), recipe_key=recipe.key(), values=cand["values"],
                          seconds=round(time.time() - t0, 2), version=st["version"])
         return out
 
