@@ -43,7 +43,8 @@ def run_one(zoo: str, blocks: int, seed: int, redraw: bool, args) -> dict:
         "zoo": zoo, "search_space": str(SPACE),
         "eval": {"seq_len": 128, "max_blocks": blocks, "batch_size": args.batch_size, "redraw": redraw,
                  "selection": {"blocks": args.heldout_blocks}, "test_blocks": args.heldout_blocks},
-        "optimizer": {"name": args.optimizer, "generations": args.generations, "population": args.population},
+        "optimizer": {"name": args.optimizer, "generations": args.generations, "population": args.population,
+                      "start": args.start},
         "ray": {"evaluators": args.evaluators, "dashboard": False},
         "seed": seed,
         "dtype": args.dtype,
@@ -86,7 +87,7 @@ def signed(xs) -> str:
 
 def table(runs: list[dict], args) -> str:
     lines = [
-        f"{args.label}, {args.dtype}, CMA-ES {args.generations} generations x {args.population}, {args.evaluators} "
+        f"{args.label}, {args.dtype}, optimizer.start {args.start}, CMA-ES {args.generations} generations x {args.population}, {args.evaluators} "
         f"evaluators; test = mean log-perplexity on {args.heldout_blocks} blocks x 128 tokens per domain of the zoo's "
         f"test split (never seen by search or selection); median [min–max] over seeds {args.seeds_list}. "
         "Δ = release − best simple baseline on test (negative: the release is better).",
@@ -153,6 +154,7 @@ def main(argv=None) -> int:
     p.add_argument("--population", type=int, default=16)
     p.add_argument("--evaluators", type=int, default=2)
     p.add_argument("--heldout-blocks", type=int, default=64, help="selection and test blocks per set")
+    p.add_argument("--start", default="uniform", help="optimizer.start: uniform or best_lambda")
     p.add_argument("--dtype", default="float32", help="the evaluators' dtype (float32, bfloat16, auto)")
     p.add_argument("--batch-size", type=int, default=16, help="evaluation blocks per forward pass")
     p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")

@@ -46,6 +46,7 @@ def test_relative_paths_resolve_against_the_config_file(layout, monkeypatch):
     [
         ({"optimizer": {"population": "many"}}, "optimizer.population: expected int, got 'many'"),
         ({"optimizer": {"popsize": 3}}, "optimizer.popsize: unknown field"),
+        ({"optimizer": {"start": "centre"}}, "optimizer.start: must be uniform or best_lambda, got 'centre'"),
         ({"ray": {"evaluators": 0}}, "ray.evaluators: must be >= 1"),
         ({"search_space": "nope.yaml"}, "search_space: file not found"),
         ({"models": {"base": "m/base", "sources": {"a": "m/zzz"}}}, "models.sources.a: model directory not found"),

@@ -117,6 +117,22 @@ def test_initial_genomes_are_evaluated_first():
     assert [list(g) for g in opt.ask()[:2]] == init
 
 
+def test_start_at_centres_cmaes_with_its_shorter_step_and_leads_the_ga():
+    start = [0.3, 0.7, 0.2, 0.9]
+    cma = make_optimizer("cmaes", 4, directions=["minimize"], seed=0,
+                         options={"population": 200, "initial": [[0.5] * 4], "start_sigma": 0.05})
+    cma.start_at(start)
+    samples = np.array(cma.ask())
+    # centred on the start with the start step (not the default 1/6 around the uniform genome)
+    assert np.abs(samples.mean(axis=0) - start).max() < 0.02
+    assert 0.04 < samples.std(axis=0).mean() < 0.06
+    again = restore_optimizer(json.loads(json.dumps(cma.state())))  # the new centre is checkpointed
+    assert np.allclose(again.strategy.centroid, start) and again.options()["start_sigma"] == 0.05
+    ga = make_optimizer("ga", 4, directions=["minimize"], seed=0, options={"population": 6, "initial": [[0.5] * 4]})
+    ga.start_at(start)
+    assert [list(g) for g in ga.ask()[:2]] == [start, [0.5] * 4]
+
+
 def test_unknown_optimizer_and_option():
     with pytest.raises(EvoError, match="unknown optimizer 'sgd'"):
         make_optimizer("sgd", 3, directions=["minimize"], seed=0)

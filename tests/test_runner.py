@@ -182,14 +182,28 @@ def test_fresh_draws_re_score_repeated_recipes_on_new_blocks(micro_zoo, ray_sess
 
 def test_steady_state_run_replays_its_recorded_arrival_order(micro_zoo, ray_session, space_file, tmp_path):
     """Two evaluators deliver results in the machine's order; the search log records it, and a
-    resume replays it: from no checkpoint at all, the whole run is rebuilt from the log and the
-    fitness cache, evaluating nothing, to the same optimizer state."""
+    resume replays it: from no checkpoint at all, the whole run (its start point included) is
+    rebuilt from the log and the fitness cache, evaluating nothing, to the same optimizer state."""
     import shutil
 
-    cfg = micro_config(micro_zoo, space_file, optimizer={"name": "cmaes", "generations": 3, "population": 6})
+    cfg = micro_config(micro_zoo, space_file, optimizer={"name": "cmaes", "generations": 3, "population": 6,
+                                                          "start": "best_lambda"})
+    cfg["eval"] = {**cfg["eval"], "selection": {"lambdas": [0.3, 1.0]}}
     run = evo.run(cfg, tmp_path / "run", quiet=True)
     store = RunStore.open(tmp_path / "run")
     log = store.search_log()
+    # optimizer.start: best_lambda scored the uniform average and each λ on generation 0's blocks
+    # and centred CMA-ES on the best of them
+    start = next(e for e in store.events() if e["event"] == "search_start")
+    assert set(start["scores"]) == {"uniform average", "task arithmetic (lambda=0.3)", "task arithmetic (lambda=1)"}
+    assert start["start"] == max(start["scores"], key=start["scores"].get)
+    from evo.loop.generation import make_space
+
+    space = make_space(ExperimentConfig.from_dict(store.config()))
+    lam = {"uniform average": 1 / len(space.models), "task arithmetic (lambda=0.3)": 0.3,
+           "task arithmetic (lambda=1)": 1.0}[start["start"]]
+    centre = space.uniform_genome(weight=lam, density=1.0).tolist()
+    assert store.load_checkpoint().optimizer["options"]["initial"][0] == pytest.approx(centre)
     assert [e["step"] for e in log].count("tell") == 18 and [e["step"] for e in log].count("ask") == 18
     assert [e["gen"] for e in log if e["step"] == "start"] == [0, 1, 2]
     # values told in arrival order; each generation row counts 6 results

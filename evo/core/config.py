@@ -124,6 +124,10 @@ class OptimizerConfig:
     population: int = 16
     options: dict[str, Any] = field(default_factory=dict)
     seed_baselines: bool = True  # start the population with the uniform merge among random genomes
+    # where the search starts: "uniform" (CMA-ES centred on the uniform average) or "best_lambda"
+    # (the uniform average and the task-arithmetic λ sweep of eval.selection.lambdas scored on the
+    # first generation's blocks; the search starts at the best, CMA-ES with its start_sigma step)
+    start: str = "uniform"
     # asynchronous steady-state search (evo.loop.steady_state): a candidate is asked whenever an evaluator
     # is free and told as it arrives; a generation is every `population` results. false (YAML
     # `async: false`, `evo run --sync`): generation-synchronous, bit-for-bit reproducible
@@ -314,6 +318,8 @@ class ExperimentConfig:
         if self.optimizer.name not in OPTIMIZERS:
             raise EvoError(f"{where}: optimizer.name: unknown optimizer {self.optimizer.name!r} "
                            f"(known: {', '.join(sorted(OPTIMIZERS))})")
+        if self.optimizer.start not in STARTS:
+            raise EvoError(f"{where}: optimizer.start: must be {' or '.join(STARTS)}, got {self.optimizer.start!r}")
         if self.dtype not in DTYPES:
             raise EvoError(f"{where}: dtype: must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
         for key in ("generations", "population"):
@@ -449,6 +455,7 @@ class ExperimentConfig:
 
 # ---------------------------------------------------------------------- generic validation
 # YAML keys that are Python keywords: `optimizer.async` is the field `asynchronous`
+STARTS = ("uniform", "best_lambda")  # optimizer.start
 FIELD_ALIASES = {("OptimizerConfig", "async"): "asynchronous"}
 
 

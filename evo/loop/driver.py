@@ -99,6 +99,7 @@ class Loop:
                         st["phase"] = "evolve"
                         self.checkpoint()
                     if st["phase"] == "evolve" and st["gen_in_version"] < versions.generations:
+                        self._start(should_stop)
                         self._evolve(should_stop)
                     if st["phase"] == "evolve":
                         st["phase"] = "release"
@@ -121,6 +122,21 @@ class Loop:
             result.outcome = "stopped"
         versions.finish(self, result, stopped)
         return result
+
+    def _start(self, should_stop) -> None:
+        """Before a fresh search's first ask: start it at the best of the version source's start
+        points (``optimizer.start: best_lambda``), scored on the first generation's blocks."""
+        opt = self.optimizer
+        if opt.generation or opt.asked or opt.pending or self.steady:
+            return  # started already (a resumed run restores the optimizer it started)
+        points = self.versions.start_points(self)
+        if not points:
+            return
+        best, scores = self.step.start_point(points, should_stop=should_stop)
+        opt.start_at(points[best])
+        self.store.event("search_start", start=best, scores=scores)
+        if not self.quiet:
+            print(f"search starts at {best} (best of {len(points)} start points on generation 0's blocks)")
 
     def _evolve(self, should_stop) -> None:
         """The rest of this version's generations; a checkpoint at every generation boundary."""

@@ -28,7 +28,7 @@ from evo.core.config import ExperimentConfig
 from evo.data.draws import BlockDraws, adjust_metrics, paired_difference
 from evo.core.errors import EvoError
 from evo.scoring.fitness import objective_values
-from evo.search.optim import make_optimizer
+from evo.search.optim import Evaluated, make_optimizer
 from evo.cluster.pool import Sources
 from evo.scoring.rejection import Threshold, kth_best
 from evo.loop.selection import control_recipe
@@ -152,6 +152,17 @@ class GenerationStep:
         self.pool.evaluate(todo, self.on_result, desc=desc, reject_above=reject_above, should_stop=should_stop,
                            blocks=blocks)
         return keys, set(todo)
+
+    def start_point(self, genomes: dict[str, np.ndarray], *, should_stop=None) -> tuple[str, dict[str, float | None]]:
+        """Score ``{name: genome}`` in full on generation 0's blocks (no early rejection) and
+        return the best one's name and every score (higher is better). Cached like any
+        evaluation, so a resumed run finds the same start without evaluating again."""
+        blocks = self._use_draw(0)
+        named = {name: self.space.decode(g) for name, g in genomes.items()}
+        keys, _ = self.evaluate(named, desc="start point", should_stop=should_stop, blocks=blocks)
+        scores = {name: self.optimizer.score(Evaluated(list(map(float, genomes[name])), self.values(self.cache[key])))
+                  for name, key in keys.items()}
+        return max(scores, key=scores.get), scores
 
     # ------------------------------------------------------------------ draws and the control
     def _use_draw(self, gen: int) -> dict[str, list[int]] | None:

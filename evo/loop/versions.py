@@ -106,6 +106,11 @@ class VersionSource(ABC):
     def reevaluate(self, loop) -> None:
         """Re-measure what the optimizer remembers on the new version."""
 
+    def start_points(self, loop) -> dict[str, np.ndarray]:
+        """Named genomes a fresh search may start from (the best one, scored first); none: the
+        optimizer's own start."""
+        return {}
+
     @abstractmethod
     def release(self, loop) -> None:
         """The version's release step, after its generations."""
@@ -161,6 +166,17 @@ class FixedData(VersionSource):
         sources = loop.pool.sources
         return Installed(sources.data_version, list(self.cfg.eval.sets), draws=search_draws(self.cfg, sources),
                          evidence=self.evidence)
+
+    def start_points(self, loop):
+        """``optimizer.start: best_lambda``: the uniform average and task arithmetic at each λ of
+        ``eval.selection.lambdas``, as genomes of the search space."""
+        if self.cfg.optimizer.start != "best_lambda" or "weight" not in self.space.spec.genes:
+            return {}
+        n = len(self.space.models)
+        points = {"uniform average": self.space.uniform_genome(weight=1.0 / n, density=1.0)}
+        for lam in self.cfg.eval.selection.lambdas:
+            points[f"task arithmetic (lambda={lam:g})"] = self.space.uniform_genome(weight=lam, density=1.0)
+        return points
 
     def release(self, loop):
         """The selection stage (``evo.loop.selection``) on the pool: the hall of fame's top and the

@@ -257,6 +257,12 @@ class Optimizer(ABC):
         self.injected = []
         return out
 
+    def start_at(self, genome: Sequence[float]) -> None:
+        """Start the search from ``genome`` (before the first ask): it leads the initial genomes,
+        so the first generation contains it. CMA-ES also centres its distribution there."""
+        g = list(map(float, genome))
+        self.initial = [g, *(x for x in self.initial if x != g)]
+
     def next_injected(self) -> list[float] | None:
         """Asynchronous mode: the next injected genome to hand out, if any."""
         return self.injected.pop(0) if self.injected else None

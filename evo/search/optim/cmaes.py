@@ -31,9 +31,10 @@ class _Sample(list):
 
 @register("cmaes")
 class CMAES(Optimizer):
-    def __init__(self, dim: int, *, sigma: float = 1 / 6, **common):
+    def __init__(self, dim: int, *, sigma: float = 1 / 6, start_sigma: float = 1 / 12, **common):
         super().__init__(dim, **common)
         self.sigma = sigma
+        self.start_sigma = start_sigma  # the step after start_at: a known-good start needs a shorter one
         centroid = np.asarray(self.initial[0]) if self.initial else np.full(dim, 0.5)
         self.strategy = cma.Strategy(centroid=centroid.tolist(), sigma=sigma, lambda_=self.population_size)
         self.raw: list[list[float]] = []  # unclipped samples of the pending generation
@@ -42,7 +43,12 @@ class CMAES(Optimizer):
         self.recent: list[Evaluated] = []  # asynchronous: the latest λ results, in arrival order
 
     def options(self) -> dict:
-        return {**super().options(), "sigma": self.sigma}
+        return {**super().options(), "sigma": self.sigma, "start_sigma": self.start_sigma}
+
+    def start_at(self, genome) -> None:
+        super().start_at(genome)
+        self.strategy = cma.Strategy(centroid=list(self.initial[0]), sigma=self.start_sigma,
+                                     lambda_=self.population_size)
 
     # ------------------------------------------------------------------ synchronous
     def ask(self) -> list[np.ndarray]:
