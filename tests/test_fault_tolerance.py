@@ -153,8 +153,10 @@ def driver_run(request, micro_zoo, ray_session, tmp_path_factory, repo_root):
     root = tmp_path_factory.mktemp(f"driver-{mode}")
     cfg = {"zoo": str(micro_zoo.root), "search_space": _space(root, repo_root), "seed": 5,
            "eval": {"seq_len": 64, "max_blocks": 64, "batch_size": 1},
+           # start: uniform — the kill points count generation 0's cache entries (the start is
+           # replayed from the cache in test_runner's replay test)
            "optimizer": {"name": "ga", "generations": 4, "population": 8, "options": {"elites": 2},
-                         "async": mode == "async"},
+                         "async": mode == "async", "start": "uniform"},
            "ray": {"evaluators": 2 if mode == "sync" else 1, "cpus_per_evaluator": 0.5,
                    # the child driver joins this session's Ray instead of starting its own
                    "address": ray_session.get_runtime_context().gcs_address}}

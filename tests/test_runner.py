@@ -148,7 +148,7 @@ def test_failing_candidate_is_recorded_and_generation_goes_on(micro_zoo, ray_ses
 def test_fitness_cache_skips_repeated_recipes(micro_zoo, ray_session, space_file, tmp_path):
     cfg = micro_config(micro_zoo, space_file, optimizer={"name": "ga", "generations": 2, "population": 4,
                                                           "options": {"elites": 0, "mutpb": 0.0, "cxpb": 0.0},
-                                                          "async": False})  # generation 1 copies generation 0
+                                                          "async": False, "start": "uniform"})  # gen 1 copies gen 0
     cfg["eval"] = {**cfg["eval"], "redraw": False}  # the same blocks every generation
     evo.run(cfg, tmp_path / "run", quiet=True)
     cands = RunStore.open(tmp_path / "run").candidates()
@@ -195,13 +195,12 @@ def test_steady_state_run_replays_its_recorded_arrival_order(micro_zoo, ray_sess
     # optimizer.start: best_lambda scored the uniform average and each λ on generation 0's blocks
     # and centred CMA-ES on the best of them
     start = next(e for e in store.events() if e["event"] == "search_start")
-    assert set(start["scores"]) == {"uniform average", "task arithmetic (lambda=0.3)", "task arithmetic (lambda=1)"}
+    assert set(start["scores"]) == {"uniform average", "weight 0.3", "weight 1"}
     assert start["start"] == max(start["scores"], key=start["scores"].get)
     from evo.loop.generation import make_space
 
     space = make_space(ExperimentConfig.from_dict(store.config()))
-    lam = {"uniform average": 1 / len(space.models), "task arithmetic (lambda=0.3)": 0.3,
-           "task arithmetic (lambda=1)": 1.0}[start["start"]]
+    lam = {"uniform average": 1 / len(space.models), "weight 0.3": 0.3, "weight 1": 1.0}[start["start"]]
     centre = space.uniform_genome(weight=lam, density=1.0).tolist()
     assert store.load_checkpoint().optimizer["options"]["initial"][0] == pytest.approx(centre)
     assert [e["step"] for e in log].count("tell") == 18 and [e["step"] for e in log].count("ask") == 18

@@ -124,10 +124,11 @@ class OptimizerConfig:
     population: int = 16
     options: dict[str, Any] = field(default_factory=dict)
     seed_baselines: bool = True  # start the population with the uniform merge among random genomes
-    # where the search starts: "uniform" (CMA-ES centred on the uniform average) or "best_lambda"
-    # (the uniform average and the task-arithmetic λ sweep of eval.selection.lambdas scored on the
-    # first generation's blocks; the search starts at the best, CMA-ES with its start_sigma step)
-    start: str = "uniform"
+    # where the search starts: "best_lambda" (the uniform average and every weight of
+    # eval.selection.lambdas on all sources, scored on the first generation's blocks; the search
+    # starts at the best, CMA-ES with its shorter start_sigma step) or "uniform" (CMA-ES centred on
+    # the uniform average). bench_heldout: best_lambda won on test on both zoos (README)
+    start: str = "best_lambda"
     # asynchronous steady-state search (evo.loop.steady_state): a candidate is asked whenever an evaluator
     # is free and told as it arrives; a generation is every `population` results. false (YAML
     # `async: false`, `evo run --sync`): generation-synchronous, bit-for-bit reproducible

@@ -127,7 +127,7 @@ class Loop:
         """Before a fresh search's first ask: start it at the best of the version source's start
         points (``optimizer.start: best_lambda``), scored on the first generation's blocks."""
         opt = self.optimizer
-        if opt.generation or opt.asked or opt.pending or self.steady:
+        if opt.generation or opt.asked or opt.pending or self.steady or not opt.starts_anywhere:
             return  # started already (a resumed run restores the optimizer it started)
         points = self.versions.start_points(self)
         if not points:

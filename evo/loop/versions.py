@@ -168,14 +168,17 @@ class FixedData(VersionSource):
                          evidence=self.evidence)
 
     def start_points(self, loop):
-        """``optimizer.start: best_lambda``: the uniform average and task arithmetic at each λ of
-        ``eval.selection.lambdas``, as genomes of the search space."""
-        if self.cfg.optimizer.start != "best_lambda" or "weight" not in self.space.spec.genes:
+        """``optimizer.start: best_lambda``: the uniform average and every source at each weight λ
+        of ``eval.selection.lambdas`` (task arithmetic's λ sweep, in a task-arithmetic space), as
+        genomes of the search space; the other genes at their centre. Not for a space with LoRA
+        genes: each start point would be a LoRA fit at arbitrary settings."""
+        genes = self.space.spec.genes
+        if self.cfg.optimizer.start != "best_lambda" or "weight" not in genes or any(g.startswith("lora.") for g in genes):
             return {}
         n = len(self.space.models)
         points = {"uniform average": self.space.uniform_genome(weight=1.0 / n, density=1.0)}
         for lam in self.cfg.eval.selection.lambdas:
-            points[f"task arithmetic (lambda={lam:g})"] = self.space.uniform_genome(weight=lam, density=1.0)
+            points[f"weight {lam:g}"] = self.space.uniform_genome(weight=lam, density=1.0)
         return points
 
     def release(self, loop):

@@ -257,6 +257,8 @@ class Optimizer(ABC):
         self.injected = []
         return out
 
+    starts_anywhere = True  # start_at moves where the search begins (not so for random search)
+
     def start_at(self, genome: Sequence[float]) -> None:
         """Start the search from ``genome`` (before the first ask): it leads the initial genomes,
         so the first generation contains it. CMA-ES also centres its distribution there."""

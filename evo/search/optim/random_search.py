@@ -14,6 +14,8 @@ class RandomSearch(Optimizer):
     the latest generation (asynchronous: the latest ``population`` results), the hall of fame as
     for every optimizer."""
 
+    starts_anywhere = False  # uniform draws have no start: optimizer.start scores nothing for it
+
     def ask(self) -> list[np.ndarray]:
         if not self.pending:
             n = self.population_size
