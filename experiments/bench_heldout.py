@@ -61,7 +61,8 @@ def run_one(zoo: str, blocks: int, seed: int, redraw: bool, args) -> dict:
     search_best = next(k for k in table if k.startswith("evolved #1"))
     margin = sel["margins"].get("release_vs_best_baseline/test")
     return {
-        "blocks": blocks, "seed": seed, "mode": "redraw" if redraw else "fixed", "seconds": time.time() - t0,
+        "blocks": blocks, "seed": seed, "mode": "redraw" if redraw else "fixed", "start": args.start,
+        "seconds": time.time() - t0,
         "release": sel["release"], "release_kind": sel["release_kind"], "best_baseline": sel["best_baseline"],
         "test": {"release": test_mean(sel["release"]), "search_best": test_mean(search_best),
                  "best_baseline": test_mean(sel["best_baseline"]), "uniform": test_mean("uniform average")},
@@ -85,9 +86,18 @@ def signed(xs) -> str:
     return f"{statistics.median(xs):+.4f} [{min(xs):+.4f}…{max(xs):+.4f}]" if xs else "–"
 
 
+def variant(r: dict) -> str:
+    """A run's setting besides blocks and seed: block mode and where the search started."""
+    return f"{r['mode']}, start {r.get('start', 'uniform')}"  # runs saved before --start: uniform
+
+
+def variants(runs: list[dict]) -> list[str]:
+    return list(dict.fromkeys(variant(r) for r in runs))
+
+
 def table(runs: list[dict], args) -> str:
     lines = [
-        f"{args.label}, {args.dtype}, optimizer.start {args.start}, CMA-ES {args.generations} generations x {args.population}, {args.evaluators} "
+        f"{args.label}, {args.dtype}, CMA-ES {args.generations} generations x {args.population}, {args.evaluators} "
         f"evaluators; test = mean log-perplexity on {args.heldout_blocks} blocks x 128 tokens per domain of the zoo's "
         f"test split (never seen by search or selection); median [min–max] over seeds {args.seeds_list}. "
         "Δ = release − best simple baseline on test (negative: the release is better).",
@@ -97,8 +107,8 @@ def table(runs: list[dict], args) -> str:
         "|---:|---|---|---|---|---|---|---|---|---|",
     ]
     for blocks in args.blocks_list:
-        for mode in ("fixed", "redraw"):
-            group = [r for r in runs if r["blocks"] == blocks and r["mode"] == mode]
+        for mode in variants(runs):
+            group = [r for r in runs if r["blocks"] == blocks and variant(r) == mode]
             if not group:
                 continue
             t = lambda k: [r["test"][k] for r in group]
@@ -111,8 +121,8 @@ def table(runs: list[dict], args) -> str:
                          f"{le_uniform}/{len(group)} | {evolved}/{len(group)} |")
     lines += ["", "Search's own best vs the release, same runs: Δ test (search's best − release), median [min…max]:", ""]
     for blocks in args.blocks_list:
-        for mode in ("fixed", "redraw"):
-            group = [r for r in runs if r["blocks"] == blocks and r["mode"] == mode]
+        for mode in variants(runs):
+            group = [r for r in runs if r["blocks"] == blocks and variant(r) == mode]
             if group:
                 lines.append(f"- {blocks} blocks, {mode}: "
                              + signed([r["test"]["search_best"] - r["test"]["release"] for r in group]))
@@ -126,13 +136,15 @@ def plot(runs: list[dict], args, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for i, mode in enumerate(("fixed", "redraw")):
+    kinds = variants(runs)
+    for i, mode in enumerate(kinds):
         for j, blocks in enumerate(args.blocks_list):
-            d = [r["test"]["release"] - r["test"]["best_baseline"] for r in runs if r["blocks"] == blocks and r["mode"] == mode]
+            d = [r["test"]["release"] - r["test"]["best_baseline"] for r in runs if r["blocks"] == blocks and variant(r) == mode]
             if d:
-                x = j + (i - 0.5) * 0.3
+                x = j + (i - (len(kinds) - 1) / 2) * 0.3
                 ax.scatter([x] * len(d), d, color=f"C{i}", label=mode if j == 0 else None, alpha=0.8)
     ax.axhline(0, color="k", lw=0.8)
+    ax.set_xlim(-0.5, len(args.blocks_list) - 0.5)
     ax.set_xticks(range(len(args.blocks_list)), [f"{b} blocks/set" for b in args.blocks_list])
     ax.set_ylabel("test Δ: release − best simple baseline (nats)")
     ax.set_title("Held-out margin per seed (below 0: evolved release wins)")
@@ -159,6 +171,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16, help="evaluation blocks per forward pass")
     p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     p.add_argument("--label", default="Tiny zoo (en, de, code)", help="the zoo's name in the table")
+    p.add_argument("--from-json", nargs="*", default=None, metavar="FILE",
+                   help="no runs: the table and plot of runs saved in these bench_heldout.json files")
     p.add_argument("--out", default=str(ROOT / "experiments" / "out"))
     p.add_argument("--plot", default=str(ROOT / "docs" / "img" / "bench_heldout.png"))
     args = p.parse_args(argv)
@@ -167,6 +181,17 @@ def main(argv=None) -> int:
     if not (Path(args.zoo) / "zoo.json").is_file():
         print(f"bench_heldout: no zoo at {args.zoo} (python experiments/make_zoo.py --out zoo)", file=sys.stderr)
         return 2
+    if args.from_json:
+        runs = []
+        for f in args.from_json:
+            saved = json.loads(Path(f).read_text())
+            runs += [{"start": saved["args"].get("start", "uniform"), **r} for r in saved["runs"]]
+        args.blocks_list = sorted({r["blocks"] for r in runs})
+        args.seeds_list = sorted({r["seed"] for r in runs})
+        text = table(runs, args)
+        print(text)
+        plot(runs, args, Path(args.plot))
+        return 0
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
