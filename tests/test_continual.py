@@ -268,3 +268,91 @@ def test_restarted_evaluator_gets_the_newest_data_again(micro_zoo, ray_session, 
         pool.evaluate({"k": ("c", recipe)}, again.__setitem__)
         assert again["k"]["status"] == "ok" and again["k"]["worker"]["pid"] != pid
         assert again["k"]["metrics"] == pytest.approx(updated["k"]["metrics"])
+
+
+def adapters_config(zoo, repo_root, folder, **over):
+    """A merge-only space over the specialists, the release and one adapter fitted per version."""
+    cfg = stream_config(zoo, repo_root / "search_spaces" / "stream_adapters.yaml", folder, **over)
+    cfg["stream"] = {**cfg["stream"], "prior": "per_set",
+                     "adapters": {"lora": {"rank": 4, "alpha": 8, "target_modules": "all", "lr": 2e-2, "steps": 20,
+                                           "batch_size": 4, "rehearsal": 0.5}}}
+    return cfg
+
+
+def test_adapters_are_fitted_once_per_version_and_merged(micro_zoo, ray_session, repo_root, tmp_path, docs):
+    """``stream.adapters``: one LoRA fit per version (from the current release, rehearsing older
+    text), which candidates merge as a source model; no candidate fits anything; releases name
+    the adapted model in their recipe and verify; a resume reuses the fits; the status shows
+    each version's gain, drift and where its time went."""
+    from evo.artifacts.status import status_table
+    from evo.loop.adapt import MARKER
+
+    folder = tmp_path / "stream"
+    folder.mkdir()
+    write_shard(folder / "000.jsonl", docs[:40])
+    write_shard(folder / "001.jsonl", docs[40:80])
+    cfg = adapters_config(micro_zoo, repo_root, folder)
+    result = evo.run(cfg, tmp_path / "run", quiet=True)
+    store = RunStore.open(tmp_path / "run")
+    events = store.events()
+    versions = [h["version"] for h in result.versions]
+    assert len(versions) == 2
+
+    adapted = [e for e in events if e["event"] == "adapted"]
+    assert [(e["version"], e["adapter"]) for e in adapted] == [(v, "lora") for v in versions]
+    assert adapted[0]["release"] is None and adapted[1]["release"] == result.versions[0]["release"] == "v0001"
+    assert all(e["steps"] == 20 and e["rehearsal_share"] == 0.5 for e in adapted)
+    assert all(e["loss_end"] < e["loss_start"] for e in adapted)  # the fit learned the shard
+    for v, parent in zip(versions, ("base", "v0001")):
+        fitted = tmp_path / "run" / "adapters" / f"{v}@{parent}" / "lora"
+        assert (fitted / MARKER).is_file() and (fitted / "model.safetensors").is_file()
+
+    # candidates merge; none fits a LoRA, and "the adapted model alone" is one of them
+    cands = store.candidates()
+    assert cands and not any(c.get("lora") for c in cands if c["status"] == "ok")
+    def weights(c):
+        return {m["model"]: set(m["parameters"]["weight"]) for m in c["recipe"]["merge"]["models"]}
+
+    alone = [c for c in cands if not c.get("reference") and c["status"] == "ok"
+             and weights(c) == {"lora": {1.0}, "release": {0.0}, **{d: {0.0} for d in micro_zoo.domains}}]
+    assert {c["data_version"] for c in alone} == {f"{versions[0]}@base", f"{versions[1]}@v0001"}
+    # the static sets are guarded one by one (stream.prior: per_set)
+    prior = {f"logppl/replay:prior:{d}" for d in micro_zoo.domains}
+    assert prior <= set(alone[-1]["metrics"])
+
+    # each release records the adapted model it merged, and re-measures exactly
+    fit = json.loads((tmp_path / "run" / "releases" / "v0001" / "fitness.json").read_text())
+    assert verify(tmp_path / "run" / "releases" / "v0001")["adaptation"] == pytest.approx(
+        fit["objectives"]["adaptation"]["value"], abs=1e-3)
+    assert "model: lora" in (tmp_path / "run" / "releases" / "v0001" / "mergekit.yaml").read_text()
+
+    # where each version's time went, and its gain over the release before it
+    for h in result.versions:
+        assert {"install", "reevaluate", "evolve"} <= set(h["seconds"])
+        assert h["gain"] is not None
+    table = status_table(tmp_path / "run")
+    assert "gain " in table and "install " in table
+
+    # resuming with nothing new fits nothing again
+    evo.resume(tmp_path / "run", quiet=True)
+    assert len([e for e in RunStore.open(tmp_path / "run").events() if e["event"] == "adapted"]) == 2
+
+
+def test_adapter_config_errors_are_one_line(micro_zoo, repo_root, space_file, tmp_path):
+    folder = tmp_path / "stream"
+    folder.mkdir()
+    cfg = adapters_config(micro_zoo, repo_root, folder)
+    bad_lr = json.loads(json.dumps(cfg))
+    bad_lr["stream"]["adapters"]["lora"]["lr"] = 3
+    with pytest.raises(EvoError, match=r"stream.adapters.lora.lr: must be in \(0, 1\), got 3"):
+        evo.run(bad_lr, tmp_path / "run")
+    clash = json.loads(json.dumps(cfg))
+    clash["stream"]["adapters"] = {"code": {"rank": 4}}
+    with pytest.raises(EvoError, match=r"stream.adapters.code: the name 'code' is taken"):
+        evo.run(clash, tmp_path / "run")
+    lora_space = {**cfg, "search_space": str(space_file)}
+    with pytest.raises(EvoError, match=r"stream.adapters: the search space .* has lora.\* genes"):
+        evo.run(lora_space, tmp_path / "run")
+    with pytest.raises(EvoError, match=r"stream.prior: must be 'joint' or 'per_set'"):
+        ExperimentConfig.from_dict({**cfg, "stream": {**cfg["stream"], "prior": "each"}})
+    assert not (tmp_path / "run").exists()

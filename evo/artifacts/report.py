@@ -24,6 +24,7 @@ from evo.core.errors import EvoError  # noqa: E402
 from evo.search.space import SearchSpaceSpec, SearchSpace  # noqa: E402
 from evo.artifacts.checkpoint import Checkpoint  # noqa: E402
 from evo.artifacts.store import RunStore, atomic_write_text  # noqa: E402
+from evo.artifacts.status import version_summary  # noqa: E402
 
 
 def report(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -248,9 +249,9 @@ def _html(cfg, ckpt, cands, store, images, names) -> str:
     stream = ckpt.stream
     if stream:
         parts.append("<h2>Data versions and releases</h2><table><tr><th>version</th><th>shard</th>"
-                     "<th>release after it</th><th>decision</th></tr>")
+                     "<th>release after it</th><th>decision, gain, drift, time</th></tr>")
         parts += [f"<tr><td><code>{esc(h['version'])}</code></td><td>{esc(str(h['shard']))}</td>"
-                  f"<td>{esc(str(h['release'] or '-'))}</td><td style='text-align:left'>{esc(h['decision'])}</td></tr>"
+                  f"<td>{esc(str(h['release'] or '-'))}</td><td style='text-align:left'>{esc(version_summary(h))}</td></tr>"
                   for h in stream["history"]]
         parts.append("</table>")
     parts.append("<h2>Data versions</h2><ul>" + "".join(f"<li><code>{esc(v)}</code></li>" for v in versions) + "</ul>")

@@ -26,7 +26,7 @@ def status_table(run_dir, top: int = 10) -> str:
         lines.append(f"stream: {len(stream['history'])} version(s) done, now {stream['version']} ({stream['phase']}), "
                      f"current release {stream['release'] or 'none'}")
         for h in stream["history"]:
-            lines.append(f"  {h['version']:<24} {h['decision']}")
+            lines.append(f"  {h['version']:<24} {version_summary(h)}")
     latest = {}
     for c in candidates:  # the newest record of each recipe key
         latest[c["key"]] = c
@@ -41,3 +41,18 @@ def status_table(run_dir, top: int = 10) -> str:
         lines.append("")
         lines.append("best: " + ", ".join(f"{n}={v:.4f}" for n, v in zip(names, ckpt.best["values"])))
     return "\n".join(lines)
+
+
+def version_summary(h: dict) -> str:
+    """One stream version in a line: the decision, the gain on the newest data over the release
+    current before it, the worst retention drift since the anchors, and where the time went."""
+    parts = [h["decision"]]
+    if h.get("gain") is not None:
+        parts.append(f"gain {h['gain']:+.4f}")
+    if h.get("drift"):
+        key, worst = max(h["drift"].items(), key=lambda kv: kv[1])
+        parts.append(f"worst drift {worst:+.4f} ({key.removeprefix('logppl/replay:')})")
+    if h.get("seconds"):
+        total = sum(h["seconds"].values())
+        parts.append(f"{total:.0f}s (" + ", ".join(f"{k} {v:.0f}s" for k, v in h["seconds"].items()) + ")")
+    return "; ".join(parts)

@@ -182,6 +182,13 @@ class StreamConfig:
     # wins where the search space has one); 0 trains on the newest version only
     train_replay: float = 0.25
     replay_train_blocks: int = 256  # rehearsal pool: blocks per older version (and from the zoo)
+    # adapters fitted once per version from the current release (name -> LoRA settings: rank,
+    # alpha, target_modules, lr, steps, batch_size, rehearsal), merged by the search as source
+    # models (evo.loop.adapt); empty: LoRA genes in the search space fit one per candidate
+    adapters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # the static evaluation sets in the replay: one stratum together ("joint"), or one stratum
+    # per set ("per_set": the release rule then guards each, e.g. general text the base was good at)
+    prior: str = "joint"
 
 
 @dataclass(frozen=True)
@@ -402,6 +409,8 @@ class ExperimentConfig:
             raise EvoError(f"{where}: stream: replay_blocks >= 1 and poll_s > 0 are required")
         if not 0.0 <= st.train_replay < 1.0:
             raise EvoError(f"{where}: stream.train_replay: a share in [0, 1), got {st.train_replay}")
+        if st.prior not in ("joint", "per_set"):
+            raise EvoError(f"{where}: stream.prior: must be 'joint' or 'per_set', got {st.prior!r}")
         if st.max_versions is not None and st.max_versions < 1:
             raise EvoError(f"{where}: stream.max_versions: must be >= 1")
         if "release" in self.models.sources:

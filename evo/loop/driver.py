@@ -17,6 +17,8 @@ steady-state search log replays the order results arrived in, so nothing finishe
 from __future__ import annotations
 
 import os
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from evo.artifacts.checkpoint import Checkpoint
@@ -84,7 +86,8 @@ class Loop:
                                 break
                             continue
                     if installed != versions.install_key(st):
-                        installed_now = versions.install(self)
+                        with self.timed("install"):
+                            installed_now = versions.install(self)
                         if installed_now is None:
                             continue  # a version too small to evaluate: recorded and skipped
                         installed = versions.install_key(st)
@@ -95,17 +98,20 @@ class Loop:
                             task_names=list(cfg.eval.tasks), extra=installed_now.extra, draws=installed_now.draws,
                             evidence=installed_now.evidence, quiet=self.quiet)
                     if st["phase"] == "reevaluate":
-                        versions.reevaluate(self)
+                        with self.timed("reevaluate"):
+                            versions.reevaluate(self)
                         st["phase"] = "evolve"
                         self.checkpoint()
                     if st["phase"] == "evolve" and st["gen_in_version"] < versions.generations:
-                        self._start(should_stop)
-                        self._evolve(should_stop)
+                        with self.timed("evolve"):
+                            self._start(should_stop)
+                            self._evolve(should_stop)
                     if st["phase"] == "evolve":
                         st["phase"] = "release"
                         self.checkpoint()
                     if st["phase"] == "release":
-                        versions.release(self)
+                        with self.timed("release"):
+                            versions.release(self)
                         st["phase"] = "done"
                         self.checkpoint()
             except Interrupted as exc:  # a signal or stop_after: finished candidates are cached
@@ -122,6 +128,17 @@ class Loop:
             result.outcome = "stopped"
         versions.finish(self, result, stopped)
         return result
+
+    @contextmanager
+    def timed(self, step: str):
+        """Add the wall seconds of one of the version's steps to ``state["seconds"]`` (checkpointed
+        with the state, so a resumed version keeps counting): where each version's time goes."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            spent = self.state.setdefault("seconds", {})
+            spent[step] = round(spent.get(step, 0.0) + time.perf_counter() - t0, 2)
 
     def _start(self, should_stop) -> None:
         """Before a fresh search's first ask: start it at the best of the version source's start

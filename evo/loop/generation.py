@@ -404,5 +404,7 @@ def new_optimizer(cfg: ExperimentConfig, space: SearchSpace):
 
 
 def make_stream_space(cfg: ExperimentConfig) -> SearchSpace:
-    """A stream run's space: the sources plus the current release as one more model to merge."""
-    return SearchSpace.load(cfg.search_space, [*cfg.models.sources, RELEASE], "base", seed=cfg.seed, dtype=cfg.dtype)
+    """A stream run's space: the sources plus the current release as one more model to merge, and
+    the models adapted once per version (``stream.adapters``, ``evo.loop.adapt``)."""
+    return SearchSpace.load(cfg.search_space, [*cfg.models.sources, RELEASE, *cfg.stream.adapters], "base",
+                            seed=cfg.seed, dtype=cfg.dtype)

@@ -41,6 +41,7 @@ from evo.core.config import ExperimentConfig
 from evo.data.stream import DataStream
 from evo.data.draws import BlockDraws
 from evo.core.errors import EvoError
+from evo.loop.adapt import adapter_specs, fit_adapter
 from evo.loop.generation import RELEASE, RunResult, make_space, make_stream_space, search_draws
 from evo.zoo.gguf import model_dirs
 from evo.loop.selection import Selection, print_selection, weights_recipe
@@ -232,6 +233,12 @@ class ShardStream(VersionSource):
     def __init__(self, cfg: ExperimentConfig):
         super().__init__(cfg)
         self.space = make_stream_space(cfg)
+        self.adapters = adapter_specs(cfg)
+        if self.adapters and any(g.startswith("lora.") for g in self.space.spec.genes):
+            raise EvoError(f"{cfg.source}: stream.adapters: the search space {cfg.search_space} has lora.* genes; "
+                           "with adapters fitted once per version use a merge-only space "
+                           "(e.g. search_spaces/stream_adapters.yaml)")
+        self.adapter_dirs: dict[str, str] = {}
         self.generations = cfg.stream.generations
         self.poll_s = cfg.stream.poll_s
         self.blocks: dict[str, np.ndarray] = {}
@@ -247,14 +254,16 @@ class ShardStream(VersionSource):
                                  state_path=loop.store.root / STREAM_STATE, replay_train_blocks=st.replay_train_blocks)
         self.sources = Sources.load(cfg, tokenizer)
         # the zoo's own training text is the oldest rehearsal stratum (never evaluation text)
-        self.rehearses = st.train_replay > 0 or "lora.rehearsal" in self.space.spec.genes
+        self.rehearses = st.train_replay > 0 or "lora.rehearsal" in self.space.spec.genes or \
+            any(a.genes.rehearsal for a in self.adapters)
         prior_train = train_blocks(cfg, tokenizer) if cfg.eval.train_sets and self.rehearses else None
         self.prior_train = None if prior_train is None else _sample(
             prior_train, st.replay_train_blocks, np.random.default_rng([cfg.seed, 7]))
         # the static evaluation sets are the oldest data: they feed the replay sample
-        self.prior = [b for b in self.sources.eval_sets.get("valid", {}).values() if len(b)]
+        self.prior = {k: b for k, b in self.sources.eval_sets.get("valid", {}).items() if len(b)}
         self.sources.eval_sets = {"valid": {}}
-        self.sources.deltas[RELEASE] = {k: np.zeros_like(v) for k, v in self.sources.base.items()}
+        for slot in (RELEASE, *(a.name for a in self.adapters)):  # filled per version by install
+            self.sources.deltas[slot] = {k: np.zeros_like(v) for k, v in self.sources.base.items()}
         if ckpt is not None:
             return ckpt.stream
         return {"version": None, "shard": None, "phase": "done", "gen_in_version": 0,
@@ -304,7 +313,7 @@ class ShardStream(VersionSource):
                 return False
             pending = known[-1]
         shard = next((s["name"] for s in self.stream.state()["shards"] if s["version"] == pending), None)
-        st.update(version=pending, shard=shard, phase="reevaluate", gen_in_version=0, reference=None)
+        st.update(version=pending, shard=shard, phase="reevaluate", gen_in_version=0, reference=None, seconds={})
         loop.checkpoint()
         return True
 
@@ -331,14 +340,20 @@ class ShardStream(VersionSource):
         # stratified: every older version and the static sets (as one stratum) get an equal share,
         # measured as sets of their own ("replay:<stratum>"): the "replay" objective is their mean,
         # and the release rule guards each one, so no older version may quietly pay for another
-        strata = {"prior": np.concatenate(self.prior)} if self.prior else {}
+        if self.cfg.stream.prior == "per_set":
+            strata = {f"prior:{k}": b for k, b in self.prior.items()}
+        else:
+            strata = {"prior": np.concatenate(list(self.prior.values()))} if self.prior else {}
         strata.update({v: b for v in window.versions[:-1] if len(b := self.stream.heldout(v))})
         share = max(1, cfg.stream.replay_blocks // max(1, len(strata)))
         replay = {f"replay:{k}": _sample(b, share, rng) for k, b in strata.items()} or {"replay:newest": newest}
         train, rehearsal = self._training_blocks(window, rng)
-        delta = self._release_delta(loop)
+        deltas = {RELEASE: self._release_delta(loop)}
+        if self.adapters:
+            deltas.update(self._adapt(loop, train))
         self.blocks = {"newest": newest, **replay}
-        loop.pool.update(eval_sets={"valid": self.blocks}, train=train, deltas={RELEASE: delta})
+        # with adapters the candidates fit nothing: the evaluators need no training blocks
+        loop.pool.update(eval_sets={"valid": self.blocks}, train=None if self.adapters else train, deltas=deltas)
         self.train = train
         data_key = f"{window.version}@{st['release'] or 'base'}"
         self.window = window
@@ -373,16 +388,46 @@ class ShardStream(VersionSource):
         rehearsal = np.concatenate([_resample(b, each, rng) for b in older])
         return TrainingData(newest, rehearsal, cfg.stream.train_replay), len(rehearsal)
 
+    def _adapt(self, loop, train) -> dict[str, dict[str, np.ndarray]]:
+        """Fit each of ``stream.adapters`` once on this version, from the current release
+        (``evo.loop.adapt``); their task vectors go to the evaluators as source models."""
+        st, cfg = loop.state, self.cfg
+        start = st["release_dir"] or model_dirs(cfg.models)["base"]
+        folder = loop.store.root / "adapters" / f"{st['version']}@{st['release'] or 'base'}"
+        threads = max(1, cfg.ray.evaluators * cfg.ray.threads_per_evaluator)
+        deltas = {}
+        for i, spec in enumerate(self.adapters):
+            if not loop.quiet:
+                print(f"adapting {spec.name} on version {st['version']} from {st['release'] or 'base'} "
+                      f"(rank {spec.genes.rank}, lr {spec.genes.lr:g}, {spec.genes.steps} steps, "
+                      f"rehearsal {spec.genes.rehearsal if spec.genes.rehearsal is not None else cfg.stream.train_replay:g})",
+                      flush=True)
+            seed = cfg.seed + 1000 * len(st["history"]) + i
+            record = fit_adapter(spec, start, train, folder / spec.name, seed=seed, threads=threads)
+            self.adapter_dirs[spec.name] = str(folder / spec.name)
+            deltas[spec.name] = self._model_delta(folder / spec.name)
+            loop.store.event("adapted", version=st["version"], release=st["release"], adapter=spec.name,
+                             **{k: record.get(k) for k in ("loss_start", "loss_end", "steps", "rehearsal_share",
+                                                           "seconds", "cpu_seconds")})
+            if not loop.quiet:
+                print(f"  {spec.name}: loss {record['loss_start']:.3f} -> {record['loss_end']:.3f} "
+                      f"in {record['seconds']:.0f}s", flush=True)
+        return deltas
+
     def _release_delta(self, loop) -> dict[str, np.ndarray]:
-        base = self.sources.base
         if not loop.state["release_dir"]:
-            return {k: np.zeros_like(v) for k, v in base.items()}
+            return {k: np.zeros_like(v) for k, v in self.sources.base.items()}
+        return self._model_delta(loop.state["release_dir"])
+
+    def _model_delta(self, model_dir) -> dict[str, np.ndarray]:
+        """The model in ``model_dir`` minus the base, in the sources' dtype."""
+        base = self.sources.base
         from evo.merge import load_model_dir
 
-        weights, _ = load_model_dir(loop.state["release_dir"])
+        weights, _ = load_model_dir(model_dir)
         missing = [k for k in base if k not in weights]
         if missing:
-            raise EvoError(f"{loop.state['release_dir']}: tensor {missing[0]} is missing (present in the base)")
+            raise EvoError(f"{model_dir}: tensor {missing[0]} is missing (present in the base)")
         import torch
 
         from evo.scoring.evaluator import DTYPES, float32_array, to_numpy
@@ -427,6 +472,8 @@ class ShardStream(VersionSource):
         ref = loop.cache[keys[f"{tag}-reference"]]
         st["reference"] = {"key": keys[f"{tag}-reference"], "values": step.values(ref)}
         seeds = []
+        for spec in self.adapters:  # "the adapted model alone": sequential LoRA (+ rehearsal) as a candidate
+            seeds.append(self.space.uniform_genome(per_model={spec.name: {"weight": 1.0}}, weight=0.0, density=1.0))
         if st["release"]:  # "release + LoRA on the newest data": the sequential fine-tune, as a candidate
             release_only = {"per_model": {RELEASE: {"weight": 1.0}}, "weight": 0.0, "density": 1.0}
             shipped = self._shipped_lora(loop)
@@ -470,12 +517,18 @@ class ShardStream(VersionSource):
                  "reference": ref, "rule": d.rule, "decision": d.decision}
         if d.candidate is not None:
             entry["candidate"] = d.candidate["candidate"]
+        objective = next(o for o in cfg.objectives if o.name == cfg.release_objectives()[0])
+        entry["gain"] = _gain(ref, d.candidate, loop.objective_names.index(objective.name), objective.goal)
         if d.release:
+            t0 = time.perf_counter()
             out = self._export(loop, d.candidate, d.rule, d.drift if anchored else None)
+            st.setdefault("seconds", {})["export"] = round(time.perf_counter() - t0, 2)
             entry.update(released=True, release=out.name, values=d.candidate["values"], decision=f"released {out.name}")
             st["release"], st["release_dir"] = out.name, str(out)
             if anchored:
                 st["drift"] = entry["drift"] = d.drift
+        # where this version's time went (the release step itself is added by the loop after this)
+        entry["seconds"] = dict(st.get("seconds") or {})
         st["history"].append(entry)
         loop.store.event("release" if entry["released"] else "release_skipped", **entry)
         if not loop.quiet:
@@ -488,6 +541,7 @@ class ShardStream(VersionSource):
         recipe = Recipe.from_dict(cand["recipe"], source=f"candidate {cand['candidate']}")
         paths = model_dirs(cfg.models)
         paths[RELEASE] = st["release_dir"] or paths["base"]
+        paths.update(self.adapter_dirs)
         out = next_release_dir(loop.store)
         specs = [o.__dict__ for o in cfg.objectives]
         fitness = {
@@ -518,6 +572,15 @@ class ShardStream(VersionSource):
         loop.store.event("exported", release=str(out), recipe_key=recipe.key(), values=cand["values"],
                          seconds=round(time.time() - t0, 2), version=st["version"])
         return out
+
+
+def _gain(reference: list[float] | None, candidate: dict | None, index: int, goal: str) -> float | None:
+    """How much the version's chosen candidate improves the release objective over the current
+    release on the same blocks (positive: better, whichever the goal)."""
+    if not reference or candidate is None or not candidate.get("values"):
+        return None
+    diff = float(reference[index]) - float(candidate["values"][index])
+    return round(diff if goal == "minimize" else -diff, 6)
 
 
 def _sample(blocks: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:

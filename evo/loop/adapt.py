@@ -1,0 +1,105 @@
+"""The version's adaptation, done once: ``stream.adapters`` fitted on the newest data, then merged.
+
+With ``stream.adapters`` a stream run does not fit a LoRA for every candidate (``lora.*`` genes,
+one fit per candidate, the cost of the loop). Instead, when a data version is installed, each
+configured adapter (fixed LoRA settings: rank, learning rate, steps, rehearsal share) is fitted
+**once**, starting from the current release, on the version's training split plus the rehearsal
+pool, and folded into plain weights: ``adapters/<version>@<release>/<name>/`` is a model directory
+like any other source. The search then merges ``{current release, adapted models, specialists}``,
+so a candidate costs a merge and a forward pass, not a fit. The candidate "the adapted model
+alone" is sequential LoRA with rehearsal; everything else the search finds is a blend that the
+release rule must prefer on the newest held-out text while guarding every older stratum.
+
+The fit runs in the driver, between versions, while the evaluators wait for the new version:
+with one adapter there is nothing for them to do in parallel, and the driver may use every core.
+A finished fit is reused on resume (its directory holds ``evo_adapter.json``), so a resumed run
+merges exactly the weights the interrupted one evaluated.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from evo.core.config import ExperimentConfig
+from evo.core.errors import EvoError
+from evo.scoring.lora import LoraGenes, TrainingData, fit_lora, merged_state_dict, unload
+
+MARKER = "evo_adapter.json"  # written last into an adapted model's directory: the fit is complete
+RESERVED = ("base", "release")
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """One adapter of ``stream.adapters``: its name among the merge's models, and its LoRA settings."""
+
+    name: str
+    genes: LoraGenes
+
+
+def adapter_specs(cfg: ExperimentConfig) -> list[AdapterSpec]:
+    """``stream.adapters`` validated (one-line errors naming the field); empty when unset."""
+    specs = []
+    for name, genes in (cfg.stream.adapters or {}).items():
+        where = f"{cfg.source}: stream.adapters.{name}"
+        if name in RESERVED or name in cfg.models.sources:
+            raise EvoError(f"{where}: the name {name!r} is taken (base, release and the source models are reserved)")
+        if not name.replace("_", "").replace("-", "").isalnum():
+            raise EvoError(f"{where}: a name of letters, digits, '-' and '_' is required")
+        try:
+            specs.append(AdapterSpec(name, LoraGenes.from_dict(genes, source=where)))
+        except EvoError as exc:
+            raise EvoError(str(exc)) from None
+    return specs
+
+
+def fit_adapter(spec: AdapterSpec, start_dir: str | Path, train: TrainingData, out_dir: str | Path, *, seed: int,
+                threads: int | None = None) -> dict:
+    """Fit ``spec`` on ``train`` starting from the model in ``start_dir``; write the adapted model
+    (LoRA folded into the weights, float32 safetensors) to ``out_dir`` atomically.
+
+    Returns the fit's record (``evo_adapter.json``): genes, seed, start model, loss at start and
+    end, trainable parameters, rehearsal share, seconds and CPU-seconds. An ``out_dir`` that holds
+    a finished fit is returned as is (resume).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out_dir)
+    if (out / MARKER).is_file():
+        return json.loads((out / MARKER).read_text(encoding="utf-8"))
+    t0, c0 = time.perf_counter(), time.process_time()
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(start_dir, dtype=torch.float32, trust_remote_code=False)
+        peft_model, stats = fit_lora(model, train, spec.genes, seed=seed)
+        weights = merged_state_dict(peft_model)
+        model = unload(peft_model)
+        model.load_state_dict(weights, strict=False)
+        record = {"name": spec.name, "genes": spec.genes.to_dict(), "seed": seed, "start": str(start_dir),
+                  **{k: v for k, v in stats.items() if k != "seconds"}, "fit_seconds": round(stats["seconds"], 2),
+                  "seconds": round(time.perf_counter() - t0, 2), "cpu_seconds": round(time.process_time() - c0, 2)}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            model.save_pretrained(str(staging), safe_serialization=True)
+            (staging / MARKER).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+            if out.exists():  # a directory without the marker: an interrupted write of an older process
+                shutil.rmtree(out)
+            os.rename(staging, out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return record
+    except EvoError:
+        raise
+    except (OSError, ValueError, FloatingPointError) as exc:
+        raise EvoError(f"stream.adapters.{spec.name}: fit from {start_dir} failed: {type(exc).__name__}: {exc}") from None
+    finally:
+        torch.set_num_threads(before)
