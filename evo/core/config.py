@@ -189,6 +189,9 @@ class StreamConfig:
     # the static evaluation sets in the replay: one stratum together ("joint"), or one stratum
     # per set ("per_set": the release rule then guards each, e.g. general text the base was good at)
     prior: str = "joint"
+    # seed of the held-out split (by content hash): None is the run's seed. Fix it to vary the
+    # search seed over the same splits (benchmarks over seeds; a pipeline whose split is given)
+    split_seed: int | None = None
 
 
 @dataclass(frozen=True)

@@ -208,6 +208,12 @@ DOMAINS: dict[str, Domain] = {
                _BIBLE_SOURCE.format("e"), _BIBLE_LICENCE, _BIBLE_INSTALL, _bible("e")),
         Domain("fr", "French Bible, Louis Segond 1910 (chapters)",
                _BIBLE_SOURCE.format("l"), _BIBLE_LICENCE, _BIBLE_INSTALL, _bible("l")),
+        Domain("it", "Italian Bible, Diodati (chapters)",
+               _BIBLE_SOURCE.format("d"), _BIBLE_LICENCE, _BIBLE_INSTALL, _bible("d")),
+        Domain("es", "Spanish Bible, Reina-Valera 1909 (chapters)",
+               _BIBLE_SOURCE.format("v"), _BIBLE_LICENCE, _BIBLE_INSTALL, _bible("v")),
+        Domain("ru", "Russian Bible, Synodal (chapters)",
+               _BIBLE_SOURCE.format("r"), _BIBLE_LICENCE, _BIBLE_INSTALL, _bible("r")),
     ]
 }
 

@@ -249,7 +249,7 @@ class ShardStream(VersionSource):
         cfg, st = self.cfg, self.cfg.stream
         tokenizer = load_tokenizer(cfg)
         self.stream = DataStream(st.folder, tokenizer, seq_len=cfg.eval.seq_len, heldout_frac=st.heldout_frac,
-                                 replay_blocks=st.replay_blocks, seed=cfg.seed, min_chars=st.min_chars,
+                                 replay_blocks=st.replay_blocks, seed=cfg.seed if st.split_seed is None else st.split_seed, min_chars=st.min_chars,
                                  near_dup_threshold=st.near_dup_threshold, order=st.order,
                                  state_path=loop.store.root / STREAM_STATE, replay_train_blocks=st.replay_train_blocks)
         self.sources = Sources.load(cfg, tokenizer)
