@@ -30,7 +30,7 @@ def cand(name, adaptation, **strata):
 
 
 def test_first_release_is_the_best_weighted_sum_if_it_beats_the_base(make_cfg):
-    cfg = make_cfg()
+    cfg = make_cfg(first="weighted")
     base = cand("base", 6.0, prior=4.0)
     pool = [cand("a", 5.0, prior=4.6), cand("b", 5.3, prior=4.1), cand("c", 5.9, prior=4.0)]
     d = decide(cfg, pool, base["values"], base["metrics"], first=True)
@@ -86,3 +86,16 @@ def test_release_guard_must_be_known(make_cfg):
 
     with pytest.raises(EvoError, match=r"release.guard: must be 'anchored' or 'current', got 'latest'"):
         make_cfg(guard="latest")
+
+
+def test_first_release_is_guarded_against_the_base_by_default(make_cfg):
+    """``release.first: guarded``: the best adaptation whose every prior stratum is within the
+    tolerance of the base (the base is their anchor), and the drift starts counting there."""
+    cfg = make_cfg()
+    base = cand("base", 6.0, prior=4.0)
+    pool = [cand("adapts-most", 4.8, prior=4.2), cand("within", 5.0, prior=4.04), cand("c", 5.9, prior=3.9)]
+    d = decide(cfg, pool, base["values"], base["metrics"], first=True)
+    assert d.release and d.candidate["candidate"] == "within"  # adapts-most forgets 0.2 nats of the prior
+    assert d.drift == {PRIOR: pytest.approx(0.04)}
+    d = decide(cfg, [cand("forgets", 4.0, prior=4.3)], base["values"], base["metrics"], first=True)
+    assert not d.release and d.decision == "no candidate passed the retention guard"

@@ -202,15 +202,17 @@ class ReleaseConfig:
     if it beats the current release (re-measured on the same data) by more than
     ``min_improvement`` and its ``retention`` objective is no worse than the current release's
     by more than ``tolerance`` (same units as the objective: nats of log-perplexity; in a stream
-    run, on every older data version separately). The first release has nothing shipped to
-    guard: it is the best weighted sum of the objectives (their declared weights), released if
-    that beats the base's.
+    run, on every older data version separately). The first release is guarded against the base
+    (``first``, below).
 
     ``guard: anchored`` (default) holds each older version to ``tolerance`` against its
     *anchor*, the release that was current when that version was first guarded, rather than
     against the current release alone: the drift of every release since is summed (each step
     paired on the same blocks), so many small losses cannot add up to forgetting. ``current``
     compares with the current release only.
+
+    ``first: guarded`` (default) holds the first release to the same rule against the base;
+    ``weighted`` releases the best weighted sum of the objectives if it beats the base's.
     """
 
     auto: bool = True
@@ -220,6 +222,10 @@ class ReleaseConfig:
     min_improvement: float = 0.0
     lora: str = "merged"            # or "adapter"
     guard: str = "anchored"         # or "current"
+    # the first release: "guarded" by the same rule as later ones against the base (the base is
+    # the anchor of the static sets: what the model knew before the stream may not decay by more
+    # than the tolerance), or "weighted": the best weighted sum of the objectives
+    first: str = "guarded"
 
 
 STREAM_SETS = ("newest", "replay")
@@ -393,6 +399,8 @@ class ExperimentConfig:
             raise EvoError(f"{where}: release.lora: must be 'merged' or 'adapter', got {rel.lora!r}")
         if rel.tolerance < 0:
             raise EvoError(f"{where}: release.tolerance: must be >= 0")
+        if rel.first not in ("guarded", "weighted"):
+            raise EvoError(f"{where}: release.first: must be 'guarded' or 'weighted', got {rel.first!r}")
         if rel.guard not in ("anchored", "current"):
             raise EvoError(f"{where}: release.guard: must be 'anchored' or 'current', got {rel.guard!r}")
         if not self.streaming:

@@ -56,7 +56,10 @@ def decide(cfg: ExperimentConfig, candidates: list[dict], reference_values: list
         next(o for o in cfg.objectives if o.name == retention).sets == ["replay"]
     anchored = rel.guard == "anchored"
     drift = dict(drift or {}) if anchored else {}
-    guarded = not first and ri is not None and ref is not None
+    # release.first: "guarded" holds the first release to the same rule, the base being every
+    # prior stratum's anchor; "weighted" takes the best weighted sum (nothing shipped to guard)
+    weighted_first = first and rel.first == "weighted"
+    guarded = not weighted_first and ri is not None and ref is not None
 
     def losses(c) -> dict[str, float]:
         """Retention lost against the current release per guarded key (positive: worse)."""
@@ -73,7 +76,7 @@ def decide(cfg: ExperimentConfig, candidates: list[dict], reference_values: list
                    if anchored else "the current release's")
         rule = (f"best {objective} among candidates whose {what} is within {rel.tolerance} of {against}, "
                 f"improving {objective} by more than {rel.min_improvement}")
-    elif first:
+    elif weighted_first:
         rule = ("first release: best weighted sum of the objectives ("
                 + " + ".join(f"{o.weight:g}·{o.name}" for o in cfg.objectives)
                 + f"), improving on the base's by more than {rel.min_improvement}")
@@ -82,7 +85,7 @@ def decide(cfg: ExperimentConfig, candidates: list[dict], reference_values: list
 
     best, best_loss = None, np.inf
     for c in candidates:
-        if first:  # nothing shipped to guard against: the best trade-off by the declared weights
+        if weighted_first:  # nothing shipped to guard against: the best trade-off by the declared weights
             loss = weighted(c["values"])
         else:
             if guarded and max(drift.get(k, 0.0) + d for k, d in losses(c).items()) > rel.tolerance:
@@ -94,9 +97,9 @@ def decide(cfg: ExperimentConfig, candidates: list[dict], reference_values: list
     out = Decision(rule=rule, decision="", candidate=best, drift=drift)
     if best is None:
         out.decision = "no candidate passed the retention guard" if guarded else "no successful candidate"
-    elif first and ref is not None and not weighted(ref) - best_loss > rel.min_improvement:
+    elif weighted_first and ref is not None and not weighted(ref) - best_loss > rel.min_improvement:
         out.decision = f"best weighted sum {best_loss:.4f} does not improve on the base's {weighted(ref):.4f}"
-    elif not first and ref is not None and not sign[objective] * (ref[oi] - best["values"][oi]) > rel.min_improvement:
+    elif not weighted_first and ref is not None and not sign[objective] * (ref[oi] - best["values"][oi]) > rel.min_improvement:
         out.decision = f"best {objective} {best['values'][oi]:.4f} does not improve on {ref[oi]:.4f}"
     elif not rel.auto:
         out.decision = "rule met; release.auto is off"
