@@ -325,6 +325,9 @@ def test_adapters_are_fitted_once_per_version_and_merged(micro_zoo, ray_session,
     assert verify(tmp_path / "run" / "releases" / "v0001")["adaptation"] == pytest.approx(
         fit["objectives"]["adaptation"]["value"], abs=1e-3)
     assert "model: lora" in (tmp_path / "run" / "releases" / "v0001" / "mergekit.yaml").read_text()
+    assert fit["stream"]["adapters"]["lora"]["genes"]["rank"] == 4 and fit["stream"]["adapters"]["lora"]["steps"] == 20
+    fit2 = json.loads((tmp_path / "run" / "releases" / "v0002" / "fitness.json").read_text())
+    assert fit2["stream"]["parent_release"] == "v0001" and fit2["stream"]["adapters"]["lora"]["start"].endswith("v0001")
 
     # where each version's time went, and its gain over the release before it
     for h in result.versions:

@@ -27,6 +27,7 @@ that asks whether a run follows a stream: :func:`version_source` picks the sourc
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import time
 from abc import ABC, abstractmethod
@@ -41,7 +42,7 @@ from evo.core.config import ExperimentConfig
 from evo.data.stream import DataStream
 from evo.data.draws import BlockDraws
 from evo.core.errors import EvoError
-from evo.loop.adapt import adapter_specs, fit_adapter
+from evo.loop.adapt import MARKER, adapter_specs, fit_adapter
 from evo.loop.generation import RELEASE, RunResult, make_space, make_stream_space, search_draws
 from evo.zoo.gguf import model_dirs
 from evo.loop.selection import Selection, print_selection, weights_recipe
@@ -531,6 +532,8 @@ class ShardStream(VersionSource):
         entry["seconds"] = dict(st.get("seconds") or {})
         st["history"].append(entry)
         loop.store.event("release" if entry["released"] else "release_skipped", **entry)
+        if loop.metrics is not None:
+            loop.metrics.version_done(entry)
         if not loop.quiet:
             print(f"version {st['version']}: {entry['decision']}")
 
@@ -554,7 +557,9 @@ class ShardStream(VersionSource):
             "stream": {"folder": cfg.stream.folder, "version": st["version"], "shard": st["shard"],
                        "versions": list(self.window.versions), "parent_release": st["release"], "rule": rule,
                        # retention lost since each guarded version's anchor (nats; negative: gained)
-                       "retention_drift": drift},
+                       "retention_drift": drift,
+                       # the adapters fitted on this version (stream.adapters): settings, loss, time
+                       "adapters": {name: _adapter_record(d) for name, d in self.adapter_dirs.items()}},
             "current_release_same_data": {
                 "name": st["release"] or "base",
                 "objectives": dict(zip(loop.objective_names, st["reference"]["values"] or [])),
@@ -572,6 +577,11 @@ class ShardStream(VersionSource):
         loop.store.event("exported", release=str(out), recipe_key=recipe.key(), values=cand["values"],
                          seconds=round(time.time() - t0, 2), version=st["version"])
         return out
+
+
+def _adapter_record(model_dir: str) -> dict:
+    """The fit's record (``evo_adapter.json``), for the release's fitness.json."""
+    return json.loads((Path(model_dir) / MARKER).read_text(encoding="utf-8"))
 
 
 def _gain(reference: list[float] | None, candidate: dict | None, index: int, goal: str) -> float | None:
