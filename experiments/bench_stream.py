@@ -445,7 +445,7 @@ def main(argv=None) -> int:
     p.add_argument("--population", type=int, default=6)
     p.add_argument("--generations", type=int, default=2, help="generations per version")
     p.add_argument("--eval-blocks", type=int, default=12, help="newest held-out blocks per candidate")
-    p.add_argument("--replay-blocks", type=int, default=24, help="replay blocks per candidate (all strata)")
+    p.add_argument("--replay-blocks", type=int, default=32, help="replay blocks per candidate (all strata)")
     p.add_argument("--tolerance", type=float, default=0.05)
     p.add_argument("--evaluators", type=int, default=2)
     p.add_argument("--object-store-mb", type=int, default=4096)

@@ -51,7 +51,9 @@ def stream_config(zoo, space, folder, **over):
         "optimizer": {"name": "ga", "population": 4, "options": {"elites": 1}},
         "stream": {"folder": str(folder), "generations": 1, "replay_blocks": 6, "heldout_frac": 0.2, "poll_s": 0.3,
                    "replay_train_blocks": 24},
-        "release": {"tolerance": 10.0},
+        # the weighted first release (release.first): these tests follow per-candidate LoRA genes from
+        # a balanced first release; the guarded default is exercised with stream.adapters below
+        "release": {"tolerance": 10.0, "first": "weighted"},
         "ray": {"evaluators": 2, "cpus_per_evaluator": 0.5, "candidate_timeout_s": 120},
     }
     cfg.update(over)
@@ -273,6 +275,7 @@ def test_restarted_evaluator_gets_the_newest_data_again(micro_zoo, ray_session, 
 def adapters_config(zoo, repo_root, folder, **over):
     """A merge-only space over the specialists, the release and one adapter fitted per version."""
     cfg = stream_config(zoo, repo_root / "search_spaces" / "stream_adapters.yaml", folder, **over)
+    cfg["release"] = {"tolerance": 10.0}  # first: guarded, the default
     cfg["stream"] = {**cfg["stream"], "prior": "per_set",
                      "adapters": {"lora": {"rank": 4, "alpha": 8, "target_modules": "all", "lr": 2e-2, "steps": 20,
                                            "batch_size": 4, "rehearsal": 0.5}}}

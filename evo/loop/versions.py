@@ -52,6 +52,7 @@ from evo.search.space import Recipe, SearchSpace
 log = logging.getLogger(__name__)
 
 STREAM_STATE = "stream.json"
+ADAPTER_STEPS = (1.0, 0.75, 0.5)  # seeds per adapter: release·(1 − t) + adapted·t
 
 
 @dataclass
@@ -473,8 +474,13 @@ class ShardStream(VersionSource):
         ref = loop.cache[keys[f"{tag}-reference"]]
         st["reference"] = {"key": keys[f"{tag}-reference"], "values": step.values(ref)}
         seeds = []
-        for spec in self.adapters:  # "the adapted model alone": sequential LoRA (+ rehearsal) as a candidate
-            seeds.append(self.space.uniform_genome(per_model={spec.name: {"weight": 1.0}}, weight=0.0, density=1.0))
+        for spec in self.adapters:
+            # "the adapted model alone" (sequential LoRA + rehearsal) and partial steps towards it
+            # from the release (release + t·LoRA): the same adaptation with less drift, which the
+            # guard may accept where the full step forgets a stratum by a little more than allowed
+            for t in ADAPTER_STEPS:
+                seeds.append(self.space.uniform_genome(per_model={spec.name: {"weight": t}, RELEASE: {"weight": 1.0 - t}},
+                                                       weight=0.0, density=1.0))
         if st["release"]:  # "release + LoRA on the newest data": the sequential fine-tune, as a candidate
             release_only = {"per_model": {RELEASE: {"weight": 1.0}}, "weight": 0.0, "density": 1.0}
             shipped = self._shipped_lora(loop)
