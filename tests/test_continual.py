@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 import yaml
 
 import evo
@@ -309,15 +310,23 @@ def test_adapters_are_fitted_once_per_version_and_merged(micro_zoo, ray_session,
     for v, parent in zip(versions, ("base", "v0001")):
         fitted = tmp_path / "run" / "adapters" / f"{v}@{parent}" / "lora"
         assert (fitted / MARKER).is_file() and (fitted / "model.safetensors").is_file()
+    # the adapter directory holds base + the step: exactly the base outside the LoRA targets, and
+    # release + step == the fit (the step from v0001 on the second version)
+    from evo.merge import load_model_dir
 
-    # candidates merge; none fits a LoRA, and "the adapted model alone" is one of them
+    base, _ = load_model_dir(micro_zoo.base_dir)
+    step, _ = load_model_dir(tmp_path / "run" / "adapters" / f"{versions[1]}@v0001" / "lora")
+    assert all(torch.equal(step[k], base[k]) for k in base if "proj" not in k)
+    assert any(not torch.equal(step[k], base[k]) for k in base if "proj" in k)
+
+    # candidates merge; none fits a LoRA, and "release + the adapter's step" is one of them
     cands = store.candidates()
     assert cands and not any(c.get("lora") for c in cands if c["status"] == "ok")
     def weights(c):
         return {m["model"]: set(m["parameters"]["weight"]) for m in c["recipe"]["merge"]["models"]}
 
     alone = [c for c in cands if not c.get("reference") and c["status"] == "ok"
-             and weights(c) == {"lora": {1.0}, "release": {0.0}, **{d: {0.0} for d in micro_zoo.domains}}]
+             and weights(c) == {"lora": {1.0}, "release": {1.0}, **{d: {0.0} for d in micro_zoo.domains}}]
     assert {c["data_version"] for c in alone} == {f"{versions[0]}@base", f"{versions[1]}@v0001"}
     # the static sets are guarded one by one (stream.prior: per_set)
     prior = {f"logppl/replay:prior:{d}" for d in micro_zoo.domains}
@@ -329,8 +338,8 @@ def test_adapters_are_fitted_once_per_version_and_merged(micro_zoo, ray_session,
         fit["objectives"]["adaptation"]["value"], abs=1e-3)
     assert "model: lora" in (tmp_path / "run" / "releases" / "v0001" / "mergekit.yaml").read_text()
     assert fit["stream"]["adapters"]["lora"]["genes"]["rank"] == 4 and fit["stream"]["adapters"]["lora"]["steps"] == 20
-    fit2 = json.loads((tmp_path / "run" / "releases" / "v0002" / "fitness.json").read_text())
-    assert fit2["stream"]["parent_release"] == "v0001" and fit2["stream"]["adapters"]["lora"]["start"].endswith("v0001")
+    second = json.loads((tmp_path / "run" / "adapters" / f"{versions[1]}@v0001" / "lora" / MARKER).read_text())
+    assert second["start"].endswith("v0001")  # the step was fitted from the release current then
 
     # where each version's time went, and its gain over the release before it
     for h in result.versions:

@@ -4,11 +4,13 @@ With ``stream.adapters`` a stream run does not fit a LoRA for every candidate (`
 one fit per candidate, the cost of the loop). Instead, when a data version is installed, each
 configured adapter (fixed LoRA settings: rank, learning rate, steps, rehearsal share) is fitted
 **once**, starting from the current release, on the version's training split plus the rehearsal
-pool, and folded into plain weights: ``adapters/<version>@<release>/<name>/`` is a model directory
-like any other source. The search then merges ``{current release, adapted models, specialists}``,
-so a candidate costs a merge and a forward pass, not a fit. The candidate "the adapted model
-alone" is sequential LoRA with rehearsal; everything else the search finds is a blend that the
-release rule must prefer on the newest held-out text while guarding every older stratum.
+pool. Its weight change (the LoRA folded into the weights, minus the release it started from) is
+written on top of the **base** as a plain model directory, ``adapters/<version>@<release>/<name>/``,
+so its task vector is the step alone. The search then merges ``{specialists, release, adapters}``
+and a candidate costs a merge and a forward pass, not a fit: ``release·1 + adapter·1`` is
+sequential LoRA with rehearsal; ``adapter·t`` with t ≠ 1 tunes the step after the fit (shorter:
+less drift; longer: more adaptation), the specialists' weights blend back what they know, and the
+release rule must prefer the result on the newest held-out text while guarding every older stratum.
 
 The fit runs in the driver, between versions, while the evaluators wait for the new version:
 with one adapter there is nothing for them to do in parallel, and the driver may use every core.
@@ -57,9 +59,10 @@ def adapter_specs(cfg: ExperimentConfig) -> list[AdapterSpec]:
 
 
 def fit_adapter(spec: AdapterSpec, start_dir: str | Path, train: TrainingData, out_dir: str | Path, *, seed: int,
-                threads: int | None = None) -> dict:
-    """Fit ``spec`` on ``train`` starting from the model in ``start_dir``; write the adapted model
-    (LoRA folded into the weights, float32 safetensors) to ``out_dir`` atomically.
+                base_dir: str | Path, threads: int | None = None) -> dict:
+    """Fit ``spec`` on ``train`` starting from the model in ``start_dir``; write ``base + (adapted −
+    start)`` (float32 safetensors) to ``out_dir`` atomically: a model whose task vector against
+    ``base_dir`` is the adapter's weight change alone.
 
     Returns the fit's record (``evo_adapter.json``): genes, seed, start model, loss at start and
     end, trainable parameters, rehearsal share, seconds and CPU-seconds. An ``out_dir`` that holds
@@ -78,10 +81,14 @@ def fit_adapter(spec: AdapterSpec, start_dir: str | Path, train: TrainingData, o
     try:
         model = AutoModelForCausalLM.from_pretrained(start_dir, dtype=torch.float32, trust_remote_code=False)
         peft_model, stats = fit_lora(model, train, spec.genes, seed=seed)
-        weights = merged_state_dict(peft_model)
-        model = unload(peft_model)
-        model.load_state_dict(weights, strict=False)
+        adapted = merged_state_dict(peft_model)
+        start = unload(peft_model).state_dict()  # the very tensors it started from (unload keeps them)
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, trust_remote_code=False)
+        with torch.no_grad():  # named_parameters lists tied weights once: each step is added once
+            for name, param in model.named_parameters():
+                param.add_(adapted[name] - start[name])
         record = {"name": spec.name, "genes": spec.genes.to_dict(), "seed": seed, "start": str(start_dir),
+                  "holds": "base + (start + LoRA − start): the adapter's weight change on top of the base",
                   **{k: v for k, v in stats.items() if k != "seconds"}, "fit_seconds": round(stats["seconds"], 2),
                   "seconds": round(time.perf_counter() - t0, 2), "cpu_seconds": round(time.process_time() - c0, 2)}
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -52,7 +52,7 @@ from evo.search.space import Recipe, SearchSpace
 log = logging.getLogger(__name__)
 
 STREAM_STATE = "stream.json"
-ADAPTER_STEPS = (1.0, 0.75, 0.5)  # seeds per adapter: release·(1 − t) + adapted·t
+ADAPTER_STEPS = (1.0, 1.2, 0.75, 0.5)  # seeds per adapter: release + t·(the adapter's step)
 
 
 @dataclass
@@ -405,7 +405,8 @@ class ShardStream(VersionSource):
                       f"rehearsal {spec.genes.rehearsal if spec.genes.rehearsal is not None else cfg.stream.train_replay:g})",
                       flush=True)
             seed = cfg.seed + 1000 * len(st["history"]) + i
-            record = fit_adapter(spec, start, train, folder / spec.name, seed=seed, threads=threads)
+            record = fit_adapter(spec, start, train, folder / spec.name, seed=seed, threads=threads,
+                                 base_dir=model_dirs(cfg.models)["base"])
             self.adapter_dirs[spec.name] = str(folder / spec.name)
             deltas[spec.name] = self._model_delta(folder / spec.name)
             loop.store.event("adapted", version=st["version"], release=st["release"], adapter=spec.name,
@@ -475,11 +476,11 @@ class ShardStream(VersionSource):
         st["reference"] = {"key": keys[f"{tag}-reference"], "values": step.values(ref)}
         seeds = []
         for spec in self.adapters:
-            # "the adapted model alone" (sequential LoRA + rehearsal) and partial steps towards it
-            # from the release (release + t·LoRA): the same adaptation with less drift, which the
-            # guard may accept where the full step forgets a stratum by a little more than allowed
+            # release + t·step: t = 1 is sequential LoRA with rehearsal; shorter steps drift less (the
+            # guard may accept them where the full step forgets a stratum by a little too much),
+            # a longer one adapts more where the fit stopped short
             for t in ADAPTER_STEPS:
-                seeds.append(self.space.uniform_genome(per_model={spec.name: {"weight": t}, RELEASE: {"weight": 1.0 - t}},
+                seeds.append(self.space.uniform_genome(per_model={spec.name: {"weight": t}, RELEASE: {"weight": 1.0}},
                                                        weight=0.0, density=1.0))
         if st["release"]:  # "release + LoRA on the newest data": the sequential fine-tune, as a candidate
             release_only = {"per_model": {RELEASE: {"weight": 1.0}}, "weight": 0.0, "density": 1.0}
