@@ -136,7 +136,7 @@ def evolve(zoo, folder, versions, args) -> tuple[list[dict], dict]:
         "optimizer": {"name": "nsga2", "population": args.population},
         "stream": {"folder": str(folder), "generations": args.generations, "replay_blocks": args.replay_blocks,
                    "heldout_frac": args.heldout_frac, "replay_train_blocks": args.replay_train_blocks},
-        "release": {"tolerance": args.tolerance},
+        "release": {"tolerance": args.tolerance, "first": args.first},
         "ray": {"evaluators": 2, "cpus_per_evaluator": 1, "threads_per_evaluator": 1, "dashboard": False,
                 "object_store_mb": 512},
     }
@@ -250,6 +250,8 @@ def main(argv=None) -> int:
     p.add_argument("--generations", type=int, default=3, help="generations per data version")
     p.add_argument("--tolerance", type=float, default=0.05,
                    help="retention tolerance of the release rule (nats, per older shard and the prior)")
+    p.add_argument("--first", default="weighted", choices=["weighted", "guarded"],
+                   help="release.first (the README's figures were measured with the weighted first release)")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--eval-blocks", type=int, default=32, help="held-out and replay blocks per candidate")
     p.add_argument("--heldout-frac", type=float, default=0.15)

