@@ -164,7 +164,8 @@ def full_finetune(model, blocks: np.ndarray, args, seed: int):
     return model.eval()
 
 
-def run_baseline(method: str, data, args) -> list[dict]:
+def run_baseline(method: str, data, args, seed0: int = 0) -> list[dict]:
+    """``method`` over the versions; ``seed0`` seeds the fits (adapter initialisation, batch order)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -176,7 +177,7 @@ def run_baseline(method: str, data, args) -> list[dict]:
     rows = []
     for k, v in enumerate(versions):
         t0, c0 = time.time(), cpu_seconds()
-        seed = args.split_seed + 1000 * k
+        seed = seed0 + 1000 * k
         if method == "sequential":
             model = fit_lora_into(model, v["train"], lora_genes(args, 0.0), seed)
         elif method == "rehearsal":
@@ -298,6 +299,18 @@ def summarise(results: dict, args) -> str:
         cells = [str(k), s, ppl(mean(base[s]))] + [ppl(mean(rows[k]["nll"][s])) for rows in methods.values()]
         cells += [ppl(mean(r["rows"][k]["nll"][s])) for r in evo_runs]
         lines.append("| " + " | ".join(cells) + " |")
+
+    # 1b. the rehearsal baseline over its seeds, where run (--baseline-seeds)
+    reh_runs = [methods["rehearsal"], *results.get("rehearsal_seeds", {}).values()] if "rehearsal" in methods else []
+    if len(reh_runs) > 1:
+        lines += ["", f"**Sequential LoRA + rehearsal over {len(reh_runs)} seeds of its fits** against evo over its "
+                  f"{len(evo_runs)} search seeds (newest-shard held-out log-perplexity, median [min, max]):", "",
+                  "| version | shard | + rehearsal | evo | evo − (+ rehearsal), medians |", "|---|---|---:|---:|---:|"]
+        for k, s in enumerate(shards):
+            r = [mean(x[k]["nll"][s]) for x in reh_runs]
+            e = [mean(x["rows"][k]["nll"][s]) for x in evo_runs] or [float("nan")]
+            lines.append(f"| {k} | {s} | {np.median(r):.4f} [{min(r):.4f}, {max(r):.4f}] | "
+                         f"{np.median(e):.4f} [{min(e):.4f}, {max(e):.4f}] | {np.median(e) - np.median(r):+.4f} |")
 
     # 2. share of the gain of sequential LoRA (+ rehearsal), per version; median over seeds
     lines += ["", "**Share of the newest-shard gain** (improvement over the base, in nats, as a share of the "
@@ -442,6 +455,7 @@ def main(argv=None) -> int:
     p.add_argument("--rehearsal", type=float, default=0.5, help="rehearsal share (baseline and evo's adapter)")
     p.add_argument("--replay-train-blocks", type=int, default=128, help="rehearsal pool: blocks per older stratum")
     p.add_argument("--seeds", default="0,1,2", help="evo's search seeds")
+    p.add_argument("--baseline-seeds", default="0", help="seeds of the baselines' fits (0 is the tables' row)")
     p.add_argument("--population", type=int, default=6)
     p.add_argument("--generations", type=int, default=2, help="generations per version")
     p.add_argument("--eval-blocks", type=int, default=12, help="newest held-out blocks per candidate")
@@ -457,9 +471,14 @@ def main(argv=None) -> int:
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
 
+    mine: set[str] = set()  # keys this process wrote: parts may run at once in separate processes
+
     def save():
-        tmp = results_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results))
+        on_disk = json.loads(results_path.read_text()) if results_path.exists() else {}
+        on_disk.update({k: results[k] for k in mine | {"args", "machine", "versions"} if k in results})
+        results.update(on_disk)
+        tmp = results_path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(on_disk))
         os.replace(tmp, results_path)
 
     data = prepare(args)
@@ -476,19 +495,30 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
         base = AutoModelForCausalLM.from_pretrained(data["zoo"].base_dir, dtype=torch.float32)
         results["base"] = measure(base, data, len(data["versions"]) - 1)
+        mine.add("base")
         del base
         for m in args.methods.split(","):
-            print(f"{METHODS[m]}:", flush=True)
-            results[m] = run_baseline(m, data, args)
-            save()
+            for seed in map(int, args.baseline_seeds.split(",")):
+                print(f"{METHODS[m]}, seed {seed}:", flush=True)
+                rows = run_baseline(m, data, args, seed)
+                if seed == 0:  # seed 0 is the method's row in every table; others give its spread
+                    results[m] = rows
+                    mine.add(m)
+                else:
+                    results.setdefault(f"{m}_seeds", {})[str(seed)] = rows
+                    mine.add(f"{m}_seeds")
+                save()
     if args.only in (None, "evo"):
         runs = {r["seed"]: r for r in results.get("evo", [])}
         for seed in map(int, args.seeds.split(",")):
             print(f"evo, seed {seed}:", flush=True)
             runs[seed] = run_evo(data, args, seed)
             results["evo"] = [runs[s] for s in sorted(runs)]
+            mine.add("evo")
             save()
     save()
+    if args.only in (None, "baselines") and args.methods == "rehearsal" and args.baseline_seeds != "0":
+        return 0  # extra seeds of one baseline: the table is made by a run that has them all
     if "base" in results and "rehearsal" in results:
         text = summarise(results, args)
         (out / "table.md").write_text(text + "\n")
