@@ -129,13 +129,39 @@ def _cmd_report(args) -> None:
     print(report(args.run_dir, args.out))
 
 
+LIBRARIES = ("torch", "transformers", "peft", "ray", "deap", "safetensors", "numpy")
+
+
+def version_text(verbose: bool = False) -> str:
+    """``evo X.Y.Z``; verbose: the Python and library versions a bug report needs, read from the
+    installed distributions' metadata (nothing is imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    text = f"evo {of('evo')}"
+    if verbose:
+        import platform
+
+        text += "\n" + "\n".join([f"python {platform.python_version()} ({platform.machine()})",
+                                  *[f"{lib} {of(lib)}" for lib in LIBRARIES]])
+    return text
+
+
 def _terminate(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="evo", description="Evolutionary model merging on Ray")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--version", action="store_true",
+                   help="print evo's version (with --verbose: Python's and the libraries' too) and exit")
+    p.add_argument("--verbose", action="store_true", help="with --version: the libraries' versions too")
+    sub = p.add_subparsers(dest="command")
 
     r = sub.add_parser("run", help="start an experiment", epilog=EXIT_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -197,7 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        print(version_text(args.verbose))
+        return EXIT_OK
+    if args.command is None:
+        parser.error("a command is required (evo --help lists them)")
     previous = None
     if args.command in ("run", "resume") and threading.current_thread() is threading.main_thread():
         # SIGTERM before the loop installs its own handler (loading sources, starting Ray and the

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -21,7 +22,8 @@ from evo.zoo.gguf import model_dirs
 from evo.zoo.gguf import MARKER as GGUF_MARKER
 from evo.search.space import Recipe
 from evo.artifacts.checkpoint import Checkpoint
-from evo.artifacts.store import RunStore, atomic_write_text
+from evo.artifacts.lock import RunLock
+from evo.artifacts.store import RunStore, atomic_write_text, umask_tree
 
 MANIFEST = "MANIFEST.sha256"
 EVAL_BLOCKS = "eval/blocks.safetensors"  # in a subfolder: loaders take every top-level *.safetensors as weights
@@ -62,6 +64,11 @@ def export(run_dir: str | Path, out: str | Path | None = None, *, lora: str = "m
             raise EvoError(f"release name {name!r}: use letters, digits, '.', '_' and '-' only "
                            "(no path separators; it names a folder under RUN_DIR/releases)")
     store = RunStore.open(run_dir)
+    with RunLock(store.root, "export"):  # refused while a driver works in the run (its checkpoint moves)
+        return _export(store, out, lora=lora, name=name, candidate=candidate)
+
+
+def _export(store: RunStore, out, *, lora: str, name: str | None, candidate: str) -> Path:
     if name is not None:
         out = store.releases_dir / name
     ckpt = store.load_checkpoint()
@@ -137,13 +144,65 @@ def write_release(store: RunStore, cfg: ExperimentConfig, recipe: Recipe, paths:
             save_file({k: np.ascontiguousarray(v, dtype=np.int64) for k, v in eval_blocks.items()},
                       str(staging / EVAL_BLOCKS))
             fitness = {**fitness, "eval_blocks": EVAL_BLOCKS}
+        fitness = _portable_fitness(fitness, cfg, store, staging)
         previous = _previous_release(store, out)
         _write_release_files(staging, recipe, paths, cfg, fitness, store, previous=previous)
+        umask_tree(staging)
         os.rename(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+TASKS_DIR = "eval/tasks"  # the task files a release was scored on, copied in (evo verify re-scores them)
+
+
+def _portable_fitness(fitness: dict, cfg: ExperimentConfig, store: RunStore, staging: Path) -> dict:
+    """fitness.json as shipped: what the release was evaluated on named by relative name and
+    sha256, never by the builder's absolute paths (which leak a machine's layout and mean nothing
+    elsewhere). Task files are copied into ``eval/tasks/`` so ``evo verify`` re-scores them from
+    the release alone; evaluation text is in ``eval/blocks.safetensors`` already."""
+    fitness = json.loads(json.dumps(fitness, default=str))  # a deep copy, plain JSON types
+    if "run" in fitness:
+        fitness["run"] = store.root.name
+    ev = fitness.get("eval") or {}
+    if ev.get("sets"):
+        ev["sets_sha256"] = {n: _sha256(Path(p)) for n, p in ev["sets"].items() if Path(p).is_file()}
+    if ev.get("tasks"):
+        ev["tasks_sha256"] = {}
+        for name, path in list(ev["tasks"].items()):
+            ev["tasks"][name] = _copy_task(Path(path), name, staging)
+            ev["tasks_sha256"][name] = _sha256(staging / ev["tasks"][name])
+    inputs = fitness.get("data_inputs") or {}
+    if inputs.get("files"):
+        inputs["sha256"] = [_sha256(Path(p)) if Path(p).is_file() else None for p in inputs["files"]]
+
+    def portable(value):
+        if isinstance(value, dict):
+            return {k: portable(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [portable(v) for v in value]
+        if isinstance(value, str) and os.path.isabs(value) and "\n" not in value:
+            return portable_name(value, cfg)
+        return value
+
+    return portable(fitness)
+
+
+def _copy_task(path: Path, name: str, staging: Path) -> str:
+    """Copy a task YAML and its data file into the release; returns the YAML's relative path."""
+    from evo.scoring.tasks.spec import TaskFile
+
+    task = TaskFile.read(path)
+    data = task.dataset()
+    folder = staging / TASKS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = {k: v for k, v in task.data.items() if k not in ("dataset_kwargs", "dataset_path")}
+    spec["dataset_file"] = f"{name}{data.suffix or '.jsonl'}"
+    shutil.copyfile(data, folder / spec["dataset_file"])
+    atomic_write_text(folder / f"{name}.yaml", yaml.safe_dump(spec, sort_keys=False))
+    return f"{TASKS_DIR}/{name}.yaml"
 
 
 def _run_fitness(cfg: ExperimentConfig, ckpt: Checkpoint, store: RunStore, label: str | None = None) -> dict:
@@ -421,6 +480,7 @@ def verify_manifest(root: str | Path) -> None:
     an edited release. For provenance, sign MANIFEST.sha256 (e.g. ``gpg --detach-sign`` or
     ``ssh-keygen -Y sign``) and verify that signature before ``evo verify``."""
     root = Path(root)
+    check_self_contained(root)
     manifest = root / MANIFEST
     if not manifest.is_file():
         raise EvoError(f"{root}: no {MANIFEST}")
@@ -447,6 +507,22 @@ def verify_manifest(root: str | Path) -> None:
     extra = sorted(set(_release_files(root)) - set(paths))
     if extra:
         raise EvoError(f"{root / extra[0]}: not listed in {MANIFEST} (a file was added to the release)")
+
+
+def check_self_contained(root: Path) -> None:
+    """Refuse a release holding anything but regular files and folders: a symlink (to a file or
+    a folder, inside or outside the release), a FIFO, a socket or a device. Hashing follows
+    symlinks, so a manifest check alone passed a ``tokenizer.json`` or an ``eval/`` that pointed
+    at copies elsewhere: the release shipped would not be the one verified."""
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        for name in sorted(dirs + files):
+            path = Path(folder) / name
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                raise EvoError(f"{path}: a symlink (to {os.readlink(path)}); a release holds regular files only, "
+                               "so it verifies what it ships: copy the target in and re-export")
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                raise EvoError(f"{path}: not a regular file or folder; a release holds regular files only")
 
 
 def _sha256(path: Path) -> str:
@@ -521,7 +597,8 @@ def verify(release: str | Path, tolerance: float = 1e-3) -> dict[str, float]:
         from evo.scoring.tasks import load_task
 
         for name, path in tasks.items():
-            if not Path(path).is_file():
+            path = Path(path) if Path(path).is_absolute() else root / path  # copied into the release
+            if not path.is_file():
                 raise EvoError(f"{path}: recorded task file is missing")
             task = load_task(path, tokenizer, limit=ev.get("task_limit"))
             metrics[f"task/{name}"] = task.score(model, batch_size=ev["batch_size"])["value"]

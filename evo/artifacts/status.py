@@ -1,6 +1,7 @@
 """``evo status``: the population table of a run, read from its run store."""
 from __future__ import annotations
 
+from evo.artifacts.lock import holder
 from evo.artifacts.store import RunStore
 
 
@@ -8,7 +9,8 @@ def status_table(run_dir, top: int = 10) -> str:
     store = RunStore.open(run_dir)
     ckpt = store.load_checkpoint()
     candidates = store.candidates()
-    lines = [f"run {store.root}"]
+    live = holder(store.root)
+    lines = [f"run {store.root}" + (f"  (running: {live})" if live else "")]
     if not ckpt:
         lines.append(f"no complete generation yet ({len(candidates)} candidates evaluated)")
         return "\n".join(lines)

@@ -43,6 +43,21 @@ def umask_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~mask
 
 
+def umask_tree(root: Path) -> None:
+    """Give a staged folder (and all in it) the modes the umask gives new files and folders,
+    before it is renamed into place: files copied from elsewhere keep their source's mode and
+    some writers create 0600 files, but what evo ships follows the user's umask."""
+    file_mode, dir_mode = umask_mode(), umask_mode(directory=True)
+    os.chmod(root, dir_mode)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(folder, name), dir_mode)
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                os.chmod(path, file_mode)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` via a temp file in the same folder and ``os.replace``."""
     path = Path(path)
@@ -78,12 +93,14 @@ class RunStore:
     """Reads and writes one run directory. All writes are atomic or append-only."""
 
     CONFIG = "config.yaml"
+    APPLIED = "config.applied.yaml"  # the config the run's state was made with (resume compares)
     SEARCH_LOG = "search_log.jsonl"
     CHECKPOINT = "checkpoint.json"
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.created = False  # whether ``create`` made the folder (not just filled an empty one)
+        self._recorded: set | None = None  # candidates already in candidates.jsonl (loaded on first record)
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
@@ -97,7 +114,9 @@ class RunStore:
         root.mkdir(parents=True, exist_ok=True)
         store = cls(root)
         store.created = created
-        atomic_write_text(root / cls.CONFIG, yaml.safe_dump(config, sort_keys=False))
+        text = yaml.safe_dump(config, sort_keys=False)
+        atomic_write_text(root / cls.APPLIED, text)
+        atomic_write_text(root / cls.CONFIG, text)
         return store
 
     @classmethod
@@ -121,7 +140,34 @@ class RunStore:
         return True
 
     def config(self) -> dict:
-        return yaml.safe_load((self.root / self.CONFIG).read_text())
+        path = self.root / self.CONFIG
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise EvoError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+        if not isinstance(data, dict):
+            raise EvoError(f"{self.root / self.CONFIG}: not a YAML mapping")
+        return data
+
+    def accept_config_changes(self) -> dict[str, tuple]:
+        """Compare ``config.yaml`` (which the user may have edited) with the config the run was
+        made with: apply the changes a resume may make (``evo.core.config.RESUMABLE``) and
+        return them; refuse any other in one line naming the field."""
+        from evo.core.config import ExperimentConfig, config_changes
+
+        applied_path = self.root / self.APPLIED
+        edited = self.config()
+        if not applied_path.is_file():  # a run made before evo kept this copy: what it has is what ran
+            atomic_write_text(applied_path, yaml.safe_dump(edited, sort_keys=False))
+            return {}
+        applied = yaml.safe_load(applied_path.read_text())
+        where = str(self.root / self.CONFIG)
+        # both through the schema, so a key written out or left to its default compares equal
+        normal = lambda d, src: ExperimentConfig.from_dict(d, source=src).to_dict()  # noqa: E731
+        changes = config_changes(normal(applied, str(applied_path)), normal(edited, where), where=where)
+        if changes:
+            atomic_write_text(applied_path, yaml.safe_dump(edited, sort_keys=False))
+        return changes
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, ckpt: Checkpoint) -> None:
@@ -154,10 +200,26 @@ class RunStore:
         return list(read_jsonl(self.root / "events.jsonl"))
 
     def record_candidate(self, record: dict) -> None:
+        """Append a candidate's record once: a resumed driver that re-tells a candidate already
+        recorded before the kill (its generation was not checkpointed) writes no second line."""
+        if self._recorded is None:
+            self._recorded = {_candidate_id(r) for r in self.candidates()}
+        ident = _candidate_id(record)
+        if ident in self._recorded:
+            return
+        self._recorded.add(ident)
         self._append("candidates.jsonl", record)
 
     def candidates(self) -> list[dict]:
-        return list(read_jsonl(self.root / "candidates.jsonl"))
+        """Every candidate record, one per candidate (runs written before records were kept
+        unique may hold a repeat after a resume: the first stands)."""
+        seen, out = set(), []
+        for rec in read_jsonl(self.root / "candidates.jsonl"):
+            ident = _candidate_id(rec)
+            if ident not in seen:
+                seen.add(ident)
+                out.append(rec)
+        return out
 
     def first_failure(self) -> str:
         """The first failed candidate's id and error (for a run in which none succeeded)."""
@@ -184,6 +246,13 @@ class RunStore:
     @property
     def releases_dir(self) -> Path:
         return self.root / "releases"
+
+
+def _candidate_id(record: dict) -> tuple:
+    """What makes a candidate record one candidate: its id, generation and the result it was
+    told (cache key: recipe, data version, block draw). An elite re-scored on a later draw is a
+    new record; the same telling repeated by a resume is not."""
+    return record.get("candidate"), record.get("generation"), record.get("key")
 
 
 def _default(obj):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError, WorkerCrashedError
 from tqdm import tqdm
 
 from evo.core.config import ExperimentConfig
@@ -66,6 +66,23 @@ def start_ray(cfg: ExperimentConfig, object_store: int | None = None) -> tuple[b
     return started
 
 
+@contextlib.contextmanager
+def _signals_held():
+    """SIGINT/SIGTERM recorded instead of acted on for the block (main thread only); yields the
+    list of those received, for the caller to honour once the block is done."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _exit_on_sigterm(signum, frame):
     sys.exit(signum)
 
@@ -107,9 +124,57 @@ def _init_ray(cfg: ExperimentConfig, object_store: int | None) -> tuple[bool, st
             kwargs["_metrics_export_port"] = rc.metrics_export_port  # evo_* metrics: /metrics there
         if rc.temp_dir:
             kwargs["_temp_dir"] = rc.temp_dir
-        with _loopback_node(), normal_priority_workers():
+        with _loopback_node(), normal_priority_workers(), _quiet_token_banner():
             ctx = ray.init(**kwargs)
+        url = _dashboard_url(ctx)
+        if url and rc.dashboard and not _is_loopback(rc.dashboard_host):
+            # Ray's context names 127.0.0.1 whatever the dashboard binds: say where it listens
+            port = url.rsplit(":", 1)[-1].strip("/")
+            url = f"http://{_url_host(rc.dashboard_host)}:{port}"
+            print(f"evo: warning: the Ray dashboard listens on {rc.dashboard_host}:{port} "
+                  f"({'every interface' if rc.dashboard_host in ('0.0.0.0', '::') else 'not loopback'}): anyone who "
+                  "can reach it and holds the token can run code on this machine (ray.dashboard_host)",
+                  file=sys.stderr, flush=True)
+        return True, url
     return True, _dashboard_url(ctx)
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+class _DropTokenBanner:
+    """A logging filter for Ray's start-up banner ("Token authentication is enabled for this Ray
+    cluster ..."): with ``configure_logging=False`` it reached the user's stderr through
+    Python's last-resort handler, a second line before evo's own. evo prints the dashboard URL and
+    points to the README's token section instead."""
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith("Token authentication is enabled for this Ray cluster")
+
+
+@contextlib.contextmanager
+def _quiet_token_banner():
+    import logging
+
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    drop = _DropTokenBanner()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 @contextlib.contextmanager
@@ -167,6 +232,32 @@ def check_reachable(address: str, timeout_s: float) -> None:
     except OSError as exc:
         raise EvoError(f"ray.address: nothing answers at {address} within {timeout_s:g} s "
                        f"({exc.strerror or exc}); is the cluster up? (ray.connect_timeout_s)") from None
+    if "://" not in address:  # host:port is a GCS; ray:// is Ray Client's server, another service
+        _check_gcs(address, timeout_s)
+
+
+def _check_gcs(address: str, timeout_s: float) -> None:
+    """Ask the server at ``address`` what a Ray GCS answers first (``GetClusterId``, the call
+    ``ray.init`` starts with). Something that accepts TCP but is not Ray (a web server, a proxy)
+    made ``ray.init`` retry for minutes, deaf to SIGINT/SIGTERM; here it is one line within
+    ``ray.connect_timeout_s``. A GCS that refuses the call for want of a token is still Ray."""
+    import grpc  # Ray's own RPC library, installed with it
+
+    channel = grpc.insecure_channel(address)
+    try:
+        call = channel.unary_unary("/ray.rpc.NodeInfoGcsService/GetClusterId",
+                                   request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        call(b"", timeout=timeout_s)  # an empty GetClusterIdRequest
+    except grpc.RpcError as exc:
+        code = exc.code() if hasattr(exc, "code") else None
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            return
+        why = {grpc.StatusCode.DEADLINE_EXCEEDED: f"no answer within {timeout_s:g} s",
+               grpc.StatusCode.UNIMPLEMENTED: "it does not serve Ray's GCS calls"}.get(code, "not a gRPC server")
+        raise EvoError(f"ray.address: {address} is not a Ray cluster's GCS ({why}); give the head node's "
+                       "GCS address (host:6379 by default, as `ray start --head` prints)") from None
+    finally:
+        channel.close()
 
 
 def check_resources(cfg: ExperimentConfig, *, wait_s: float, say=print) -> None:
@@ -286,7 +377,8 @@ class EvaluatorPool:
                 self.sources.base = self._put(self.sources.base)
         except BaseException:
             if self.started_ray:
-                ray.shutdown()
+                with _signals_held():
+                    ray.shutdown()
             raise
         # The sources go through the object store once and reach each actor with its first
         # update(), not as constructor arguments: Ray restarts an actor by re-running its
@@ -355,14 +447,23 @@ class EvaluatorPool:
         return actor.update.remote(self.epoch, **self._update_refs)
 
     def __exit__(self, *exc) -> None:
-        for actor in self.actors:
-            try:
-                ray.kill(actor)
-            except Exception:
-                pass
-        self.actors = []
-        if self.started_ray:
-            ray.shutdown()
+        # a Ctrl-C (or SIGTERM) now would cut ray.shutdown short and orphan Ray's agents: it is
+        # held until Ray is down, then honoured (KeyboardInterrupt: the CLI exits 130)
+        with _signals_held() as held:
+            for actor in self.actors:
+                try:
+                    ray.kill(actor)
+                except Exception:
+                    pass
+            self.actors = []
+            if self.started_ray:
+                ray.shutdown()
+        if held and exc[0] is None:
+            raise KeyboardInterrupt
+
+    def _say(self, message: str) -> None:
+        if not self.quiet:
+            print(message, flush=True)
 
     @property
     def size(self) -> int:
@@ -401,6 +502,11 @@ class EvaluatorPool:
         # it (its ping answers), so a retry goes to a live evaluator instead of queueing behind a
         # restart that may never be placed (its node gone): ping ref -> actor index
         recovering: dict = {}
+        # actors Ray reports RESTARTING (a ping raised ActorUnavailableError): pinged again until
+        # they answer, Ray gives up on them (ActorDiedError: out of restarts) or
+        # ray.restart_timeout_s passes: actor index -> (next ping time, give-up time)
+        restarting: dict[int, tuple[float, float]] = {}
+        restart_timeout = self.cfg.ray.restart_timeout_s
         timeout = self.cfg.ray.candidate_timeout_s
         failed = rejected = stale_updates = 0
 
@@ -431,7 +537,12 @@ class EvaluatorPool:
                     inflight[ref] = (job, a, time.time())
                 if not ray.is_initialized():
                     raise EvoError("Ray was shut down while candidates were running")
-                if not inflight and not recovering:
+                now = time.time()
+                for a, (next_ping, give_up) in list(restarting.items()):
+                    if now >= next_ping:  # one ping out at a time
+                        recovering[self.actors[a].pid.remote()] = a
+                        restarting[a] = (float("inf"), give_up)
+                if not inflight and not recovering and not restarting:
                     if idle:
                         break  # feed has nothing and nothing runs
                     job = take()
@@ -439,15 +550,30 @@ class EvaluatorPool:
                         break
                     raise EvoError(f"every evaluator was lost ({len(self.lost)} of {len(self.actors)}); "
                                    f"candidate {job.name} of {desc or 'this batch'} could not run")
-                ready, _ = ray.wait([*inflight, *recovering], num_returns=1, timeout=1.0)
+                if inflight or recovering:
+                    ready, _ = ray.wait([*inflight, *recovering], num_returns=1, timeout=0.5 if restarting else 1.0)
+                else:  # only restarting actors: nothing to wait on until their next ping
+                    ready = []
+                    time.sleep(0.2)
                 now = time.time()
                 for ref in ready:
                     if ref in recovering:
                         a = recovering.pop(ref)
                         try:
                             ray.get(ref)
+                            restarting.pop(a, None)
                             idle.append(a)
+                        except ActorUnavailableError:  # RESTARTING: Ray is bringing it back
+                            give_up = restarting.get(a, (0.0, now + restart_timeout))[1]
+                            if now < give_up:
+                                restarting[a] = (now + 0.5, give_up)
+                            else:
+                                restarting.pop(a, None)
+                                self.lost.add(a)
+                                self._say(f"evaluator {a} did not come back within ray.restart_timeout_s "
+                                          f"({restart_timeout:g} s): going on without it")
                         except (RayActorError, WorkerCrashedError, RayTaskError):
+                            restarting.pop(a, None)
                             self.lost.add(a)  # out of restarts: gone for this run
                         continue
                     job, a, start = inflight.pop(ref)

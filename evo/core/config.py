@@ -149,6 +149,9 @@ class RayConfig:
     object_store_mb: int | None = None
     candidate_timeout_s: float = 600.0
     retries: int = 2
+    # an evaluator whose process died is restarted by Ray (up to retries + 1 times): wait this
+    # long for it to answer again before going on without it
+    restart_timeout_s: float = 120.0
     temp_dir: str | None = None
     connect_timeout_s: float = 30.0  # ray.address: give up (one line) when nothing answers by then
     # a cluster (ray.address) short of what the evaluators need: wait this long for nodes to join
@@ -229,6 +232,43 @@ class ReleaseConfig:
 
 
 STREAM_SETS = ("newest", "replay")
+
+# What `evo resume` applies from an edited RUN_DIR/config.yaml: how long the run goes on and where
+# and how it runs. Anything else (population, search space, data, seed, objectives, dtype) would
+# make the checkpoint, the search log and the fitness cache describe another experiment, so a
+# resume that finds it changed is refused, naming the field. A prefix ending in "." covers a section.
+RESUMABLE = ("optimizer.generations", "stream.generations", "stream.max_versions", "stream.poll_s", "name", "ray.")
+
+
+def config_changes(applied: dict, edited: dict, *, where: str) -> dict[str, tuple]:
+    """``{dotted field: (applied value, edited value)}`` for the fields a resume may change;
+    raises EvoError naming the first other field that differs."""
+    old, new = _flatten(applied), _flatten(edited)
+    changes = {}
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) == new.get(key):
+            continue
+        if not any(key == r or (r.endswith(".") and key.startswith(r)) for r in RESUMABLE):
+            raise EvoError(f"{where}: {key} changed from {old.get(key)!r} to {new.get(key)!r} since the run started; "
+                           f"a resume may change only {', '.join(r.rstrip('.') + ('.*' if r.endswith('.') else '') for r in RESUMABLE)} "
+                           "(put the old value back, or start a new run)")
+        changes[key] = (old.get(key), new.get(key))
+    return changes
+
+
+def _flatten(data, prefix: str = "") -> dict:
+    if not isinstance(data, dict):
+        return {prefix.rstrip("."): data}
+    out = {}
+    for k, v in data.items():
+        if isinstance(v, dict) and v:
+            # the order of a mapping the user names (models.sources, eval.sets) is part of the
+            # experiment: the genome's genes follow it (schema sections come out in schema order)
+            out[f"{prefix}{k} (order)"] = list(v)
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 @dataclass(frozen=True)
@@ -348,6 +388,8 @@ class ExperimentConfig:
             raise EvoError(f"{where}: ray.cpus_per_evaluator and ray.gpus_per_evaluator: must be >= 0")
         if self.ray.node_memory_gb is not None and not self.ray.node_memory_gb > 0:
             raise EvoError(f"{where}: ray.node_memory_gb must be > 0 (or left out: the node's free memory)")
+        if self.ray.restart_timeout_s <= 0:
+            raise EvoError(f"{where}: ray.restart_timeout_s must be > 0, got {self.ray.restart_timeout_s}")
         if self.ray.connect_timeout_s <= 0 or self.ray.resources_timeout_s < 0:
             raise EvoError(f"{where}: ray.connect_timeout_s must be > 0 and ray.resources_timeout_s >= 0")
         if self.ray.threads_per_evaluator < 1:

@@ -18,6 +18,25 @@ from evo.scoring.evaluator import to_numpy
 from evo.scoring.fitness import token_blocks
 
 
+def check_context(cfg: ExperimentConfig) -> None:
+    """Refuse, in one line, an ``eval.seq_len`` longer than the base model's context
+    (``max_position_embeddings``): positions past it are extrapolated (or index out of range),
+    so every fitness would describe a model used outside what it was built for."""
+    import json
+
+    base = Path(cfg.models.base)
+    config = base / "config.json"
+    if not config.is_file():  # a GGUF base is checked once converted (evo.zoo.gguf writes config.json)
+        return
+    try:
+        context = json.loads(config.read_text(encoding="utf-8")).get("max_position_embeddings")
+    except (OSError, ValueError):
+        return  # the loader reports a broken config.json itself, naming it
+    if isinstance(context, int) and cfg.eval.seq_len > context:
+        raise EvoError(f"{cfg.source}: eval.seq_len {cfg.eval.seq_len} exceeds the base model's context "
+                       f"(max_position_embeddings {context} in {config}); set eval.seq_len <= {context}")
+
+
 @dataclass
 class Sources:
     base: dict[str, np.ndarray]

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from evo.artifacts.store import umask_tree
 from evo.core.config import ExperimentConfig
 from evo.core.errors import EvoError
 from evo.scoring.lora import LoraGenes, TrainingData, fit_lora, merged_state_dict, unload
@@ -97,6 +98,7 @@ def fit_adapter(spec: AdapterSpec, start_dir: str | Path, train: TrainingData, o
         try:
             model.save_pretrained(str(staging), safe_serialization=True)
             (staging / MARKER).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+            umask_tree(staging)
             if out.exists():  # a directory without the marker: an interrupted write of an older process
                 shutil.rmtree(out)
             os.rename(staging, out)

@@ -24,12 +24,14 @@ from pathlib import Path
 from evo.artifacts.checkpoint import Checkpoint
 from evo.core.config import ExperimentConfig
 from evo.core.errors import EvoError
+from evo.data.sources import check_context
 from evo.loop.generation import GenerationStep, RunResult, new_optimizer, print_generation_row
 from evo.cluster.metrics import RunMetrics
 from evo.search.optim import restore_optimizer
 from evo.cluster.pool import EvaluatorPool, Interrupted
 from evo.loop.signals import StopSignals
 from evo.loop.steady_state import evolve
+from evo.artifacts.lock import RunLock
 from evo.artifacts.store import RunStore
 from evo.loop.versions import VersionSource, version_source
 
@@ -206,7 +208,9 @@ def run(config, run_dir: str | Path, *, quiet: bool = False, stop_after: int | N
         new_optimizer(cfg, versions.space)
     except EvoError as exc:
         raise EvoError(f"{cfg.source}: {exc}") from None
+    check_context(cfg)
     store = RunStore.create(run_dir, cfg.to_dict())
+    lock = RunLock(store.root, "run").acquire()  # a `evo resume` of this folder is refused while it runs
     try:
         store.event("run_started", name=cfg.name, pid=os.getpid(), follow=follow)
         return Loop(cfg, store, versions, quiet=quiet).run(follow=follow, stop_after=stop_after)
@@ -215,12 +219,24 @@ def run(config, run_dir: str | Path, *, quiet: bool = False, stop_after: int | N
         # refuse; once a candidate is cached or a generation checkpointed, `evo resume` continues
         store.discard_if_unstarted()
         raise
+    finally:
+        lock.release()
 
 
 def resume(run_dir: str | Path, *, quiet: bool = False, stop_after: int | None = None, follow: bool = False) -> RunResult:
-    """Continue a stopped or killed run from the step it was in."""
+    """Continue a stopped or killed run from the step it was in.
+
+    ``RUN_DIR/config.yaml`` may have been edited since: the fields in
+    :data:`evo.core.config.RESUMABLE` (more generations, other evaluators, the dashboard)
+    apply; any other change is refused in one line naming the field.
+    """
     store = RunStore.open(run_dir)
-    cfg = ExperimentConfig.from_dict(store.config(), source=str(store.root / RunStore.CONFIG))
-    versions = version_source(cfg, follow=follow)
-    store.event("run_resumed", pid=os.getpid(), follow=follow)
-    return Loop(cfg, store, versions, quiet=quiet).run(follow=follow, stop_after=stop_after)
+    with RunLock(store.root, "resume"):  # refused while another driver works in this folder
+        changes = store.accept_config_changes()
+        cfg = ExperimentConfig.from_dict(store.config(), source=str(store.root / RunStore.CONFIG))
+        versions = version_source(cfg, follow=follow)
+        check_context(cfg)
+        store.event("run_resumed", pid=os.getpid(), follow=follow, config_changes=changes)
+        if changes and not quiet:
+            print("resume applies " + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+        return Loop(cfg, store, versions, quiet=quiet).run(follow=follow, stop_after=stop_after)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from evo.core.errors import EvoError
-from evo.artifacts.store import umask_mode
+from evo.artifacts.store import umask_mode, umask_tree
 from evo.merge.config import MergeConfig
 from evo.merge.engine import Merger, check_same_tensors
 from evo.merge.safetensors_io import SafetensorsWriter, check_finite, open_model_files
@@ -165,9 +165,10 @@ def merge_to_dir(config: MergeConfig, out_dir, *, resolve: Callable[[str], Path]
             raise EvoError(f"{tok_dir}: tokenizer_source directory not found")
         for name in _TOKENIZER_FILES:
             if (Path(tok_dir) / name).is_file():
-                shutil.copy2(Path(tok_dir) / name, tmp / name)
+                shutil.copyfile(Path(tok_dir) / name, tmp / name)  # not copy2: the umask's modes, not the source's
         if (Path(base_dir) / "generation_config.json").is_file():
-            shutil.copy2(Path(base_dir) / "generation_config.json", tmp / "generation_config.json")
+            shutil.copyfile(Path(base_dir) / "generation_config.json", tmp / "generation_config.json")
+        umask_tree(tmp)
         os.rename(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
