@@ -37,6 +37,13 @@ def _config(name, density=0.6, weights=(0.5, 0.3, 0.8), extra=None):
         d["parameters"] = {"t": 0.3}
     if name == "model_stock":
         d["parameters"] = {"filter_wise": False}
+    if name == "nearswap":
+        d["parameters"] = {"t": 0.2}
+    if name == "sce":
+        d["parameters"] = {"select_topk": density}
+    if name == "passthrough":  # one input in all: no base beside it
+        d.pop("base_model")
+        d["models"] = [{"model": "m1", "parameters": {"scale": 0.7}}]
     d.setdefault("parameters", {}).update(extra or {})
     return MergeConfig.from_dict(d)
 
@@ -95,7 +102,8 @@ def _mergekit():
 
 # Random sparsifiers cannot share mergekit's global-RNG draws; at density 1 they are deterministic.
 ORACLE = [(n, 0.6) for n in ("linear", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties",
-                             "slerp", "nuslerp", "model_stock")] + \
+                             "slerp", "nuslerp", "model_stock", "sce", "nearswap", "multislerp", "karcher",
+                             "passthrough")] + \
          [(n, 1.0) for n in ("dare_ties", "dare_linear", "della", "della_linear")]
 
 
@@ -103,7 +111,8 @@ OPTIONS = [("model_stock", 1.0, {"filter_wise": True}), ("nuslerp", 1.0, {"nusle
            ("nuslerp", 1.0, {"nuslerp_flatten": False, "nuslerp_row_wise": True}),
            ("ties", 0.4, {"rescale": True, "lambda": 1.3, "normalize": False}),
            ("breadcrumbs", 0.7, {"rescale": True, "gamma": 0.05}), ("task_arithmetic", 1.0, {"normalize": True}),
-           ("linear", 1.0, {"normalize": False})]
+           ("linear", 1.0, {"normalize": False}), ("sce", 1.0, {}), ("sce", 0.1, {}),
+           ("multislerp", 1.0, {"normalize_weights": False}), ("karcher", 1.0, {"max_iter": 3, "tol": 1e-3})]
 
 
 @pytest.mark.parametrize("name,density,extra", [(n, d, {}) for n, d in ORACLE] + OPTIONS)
@@ -121,6 +130,8 @@ def test_matches_mergekit(merger, name, density, extra):
         if name == "linear":
             params["weight"] = [e.parameters["weight"] for e in cfg.models]
             ref = merge_tensors(tensors, "linear", parameters=params)
+        elif cfg.base_model is None:  # passthrough: the one model is the only input
+            ref = merge_tensors(tensors[1:], name, parameters=params)
         else:
             ref = merge_tensors(tensors, name, parameters=params, base_index=0)
         torch.testing.assert_close(ours[n], ref, rtol=1e-5, atol=1e-5, msg=f"{name} differs on {n}")
@@ -163,3 +174,28 @@ def test_della_keep_probability_rises_with_magnitude_rank_within_each_row(shape)
     # one-column rows have no spread: every entry at density − ε
     col = della_prune(torch.randn(20_000, 1), 0.5, 0.3, torch.empty(20_000, 1), seed=3) != 0
     assert abs(col.float().mean().item() - 0.2) < 0.015
+
+
+@pytest.mark.parametrize("name", ["multislerp", "karcher"])
+def test_spherical_means_without_a_base_match_mergekit(merger, name):
+    """No base_model: multislerp averages the raw weights on the sphere, karcher every entry's."""
+    merge_tensors = _mergekit()
+    m, base, models = merger
+    params = {"weight": [0.5, 0.3, 0.8]} if name == "multislerp" else {}
+    cfg = MergeConfig.from_dict({"merge_method": name, "models": [
+        {"model": n, "parameters": {"weight": w} if name == "multislerp" else {}}
+        for n, w in zip(NAMES, (0.5, 0.3, 0.8))]})
+    ours = m.merge(cfg)
+    for n in SHAPES:
+        ref = merge_tensors([models[k][n] for k in NAMES], name, parameters=params)
+        torch.testing.assert_close(ours[n], ref, rtol=1e-5, atol=1e-5, msg=f"{name} differs on {n}")
+
+
+def test_passthrough_refuses_a_base_and_nearswap_takes_one_model():
+    from evo.core.errors import EvoError
+
+    with pytest.raises(EvoError, match="passthrough.*no base_model"):
+        MergeConfig.from_dict({"merge_method": "passthrough", "base_model": "base", "models": [{"model": "m0"}]})
+    with pytest.raises(EvoError, match="nearswap' needs 1 models besides the base, got 2"):
+        MergeConfig.from_dict({"merge_method": "nearswap", "base_model": "base", "parameters": {"t": 0.1},
+                               "models": [{"model": "m0"}, {"model": "m1"}]})

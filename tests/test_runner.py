@@ -224,8 +224,14 @@ def test_steady_state_run_replays_its_recorded_arrival_order(micro_zoo, ray_sess
     shutil.copytree(tmp_path / "run", tmp_path / "other")
     (tmp_path / "other" / "checkpoint.json").unlink()
     conf = yaml.safe_load((tmp_path / "other" / "config.yaml").read_text())
+    seed = conf["seed"]
     conf["seed"] = 8
-    (tmp_path / "other" / "config.yaml").write_text(yaml.safe_dump(conf))
+    (tmp_path / "other" / "config.yaml").write_text(yaml.safe_dump(conf, sort_keys=False))
+    # the resume policy refuses the edit first, naming the field (the seed is not a resumable field)
+    with pytest.raises(EvoError, match=f"config.yaml: seed changed from {seed} to 8 since the run started"):
+        evo.resume(tmp_path / "other", quiet=True)
+    # and a run directory whose recorded config was changed too still cannot replay another search
+    (tmp_path / "other" / "config.applied.yaml").write_text(yaml.safe_dump(conf, sort_keys=False))
     with pytest.raises(EvoError, match="search log replay diverged at g0000-c0"):
         evo.resume(tmp_path / "other", quiet=True)
 

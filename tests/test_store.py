@@ -28,7 +28,7 @@ def test_checkpoint_round_trip_and_no_temp_files_left(tmp_path):
     store.save_checkpoint(_checkpoint(3))
     store.save_checkpoint(_checkpoint(4))
     assert store.load_checkpoint() == _checkpoint(4)  # typed, every field round-trips
-    assert sorted(p.name for p in store.root.iterdir()) == ["checkpoint.json", "config.yaml"]
+    assert sorted(p.name for p in store.root.iterdir()) == ["checkpoint.json", "config.applied.yaml", "config.yaml"]
     assert RunStore.open(tmp_path / "run").config() == {"name": "t"}
 
 

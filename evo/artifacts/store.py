@@ -149,26 +149,6 @@ class RunStore:
             raise EvoError(f"{self.root / self.CONFIG}: not a YAML mapping")
         return data
 
-    def accept_config_changes(self) -> dict[str, tuple]:
-        """Compare ``config.yaml`` (which the user may have edited) with the config the run was
-        made with: apply the changes a resume may make (``evo.core.config.RESUMABLE``) and
-        return them; refuse any other in one line naming the field."""
-        from evo.core.config import ExperimentConfig, config_changes
-
-        applied_path = self.root / self.APPLIED
-        edited = self.config()
-        if not applied_path.is_file():  # a run made before evo kept this copy: what it has is what ran
-            atomic_write_text(applied_path, yaml.safe_dump(edited, sort_keys=False))
-            return {}
-        applied = yaml.safe_load(applied_path.read_text())
-        where = str(self.root / self.CONFIG)
-        # both through the schema, so a key written out or left to its default compares equal
-        normal = lambda d, src: ExperimentConfig.from_dict(d, source=src).to_dict()  # noqa: E731
-        changes = config_changes(normal(applied, str(applied_path)), normal(edited, where), where=where)
-        if changes:
-            atomic_write_text(applied_path, yaml.safe_dump(edited, sort_keys=False))
-        return changes
-
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, ckpt: Checkpoint) -> None:
         atomic_write_text(self.root / self.CHECKPOINT, json.dumps(ckpt.to_dict(), default=_default))

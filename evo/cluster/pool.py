@@ -348,6 +348,7 @@ class EvaluatorPool:
         self.dashboard_url = None
         self.actors = []
         self.lost: set[int] = set()  # evaluators Ray could not restart (out of restarts)
+        self.restarting: dict[int, float] = {}  # evaluators Ray is restarting -> when to give up on them
         self.plan = None  # evo.cluster.memory.MemoryPlan, made on entry
         self._refs: dict[int, ray.ObjectRef] = {}  # id(view) -> the object it views
 
@@ -496,22 +497,25 @@ class EvaluatorPool:
         driver's clock when it was sent and when its result came back (busy-time accounting).
         """
         retry: list[Job] = []
-        idle = [a for a in range(len(self.actors)) if a not in self.lost]
+        idle = [a for a in range(len(self.actors)) if a not in self.lost and a not in self.restarting]
         inflight: dict = {}  # ref -> (job, actor index, start time)
-        # an actor whose worker or node died is pinged; it takes work again once Ray has restarted
-        # it (its ping answers), so a retry goes to a live evaluator instead of queueing behind a
-        # restart that may never be placed (its node gone): ping ref -> actor index
-        recovering: dict = {}
-        # actors Ray reports RESTARTING (a ping raised ActorUnavailableError): pinged again until
-        # they answer, Ray gives up on them (ActorDiedError: out of restarts) or
-        # ray.restart_timeout_s passes: actor index -> (next ping time, give-up time)
-        restarting: dict[int, tuple[float, float]] = {}
+        # an actor whose worker or node died is pinged until Ray has restarted it (its ping
+        # answers), so a retry goes to a live evaluator instead of queueing behind a restart that
+        # may never be placed (its node gone). While Ray reports it RESTARTING (the ping raises
+        # ActorUnavailableError) it is pinged again every half second, up to
+        # ray.restart_timeout_s; out of restarts (ActorDiedError) it is lost for the run.
+        recovering: dict = {}  # ping ref -> actor index
+        next_ping = {a: 0.0 for a in self.restarting}  # actors restarting since an earlier batch: ping now
         restart_timeout = self.cfg.ray.restart_timeout_s
         timeout = self.cfg.ray.candidate_timeout_s
         failed = rejected = stale_updates = 0
 
         def take() -> Job | None:
             return retry.pop(0) if retry else feed()
+
+        def restart(a: int, now: float) -> None:
+            self.restarting.setdefault(a, now + restart_timeout)
+            next_ping[a] = now
 
         def deliver(job: Job, result: dict) -> None:
             nonlocal failed, rejected
@@ -538,21 +542,24 @@ class EvaluatorPool:
                 if not ray.is_initialized():
                     raise EvoError("Ray was shut down while candidates were running")
                 now = time.time()
-                for a, (next_ping, give_up) in list(restarting.items()):
-                    if now >= next_ping:  # one ping out at a time
+                for a in self.restarting:
+                    if next_ping.get(a, 0.0) <= now:  # one ping out at a time
                         recovering[self.actors[a].pid.remote()] = a
-                        restarting[a] = (float("inf"), give_up)
-                if not inflight and not recovering and not restarting:
+                        next_ping[a] = float("inf")
+                if not inflight:
                     if idle:
-                        break  # feed has nothing and nothing runs
+                        break  # feed has nothing and nothing runs (a restarting actor is pinged next batch)
                     job = take()
                     if job is None:
                         break
-                    raise EvoError(f"every evaluator was lost ({len(self.lost)} of {len(self.actors)}); "
-                                   f"candidate {job.name} of {desc or 'this batch'} could not run")
+                    retry.insert(0, job)
+                    if not self.restarting:
+                        raise EvoError(f"every evaluator was lost ({len(self.lost)} of {len(self.actors)}); "
+                                       f"candidate {job.name} of {desc or 'this batch'} could not run")
                 if inflight or recovering:
-                    ready, _ = ray.wait([*inflight, *recovering], num_returns=1, timeout=0.5 if restarting else 1.0)
-                else:  # only restarting actors: nothing to wait on until their next ping
+                    ready, _ = ray.wait([*inflight, *recovering], num_returns=1,
+                                        timeout=0.5 if self.restarting else 1.0)
+                else:  # only restarting actors, none pinged now: wait for their next ping
                     ready = []
                     time.sleep(0.2)
                 now = time.time()
@@ -561,19 +568,18 @@ class EvaluatorPool:
                         a = recovering.pop(ref)
                         try:
                             ray.get(ref)
-                            restarting.pop(a, None)
+                            self.restarting.pop(a, None)
                             idle.append(a)
                         except ActorUnavailableError:  # RESTARTING: Ray is bringing it back
-                            give_up = restarting.get(a, (0.0, now + restart_timeout))[1]
-                            if now < give_up:
-                                restarting[a] = (now + 0.5, give_up)
+                            if now < self.restarting[a]:
+                                next_ping[a] = now + 0.5
                             else:
-                                restarting.pop(a, None)
+                                self.restarting.pop(a)
                                 self.lost.add(a)
                                 self._say(f"evaluator {a} did not come back within ray.restart_timeout_s "
                                           f"({restart_timeout:g} s): going on without it")
                         except (RayActorError, WorkerCrashedError, RayTaskError):
-                            restarting.pop(a, None)
+                            self.restarting.pop(a, None)
                             self.lost.add(a)  # out of restarts: gone for this run
                         continue
                     job, a, start = inflight.pop(ref)
@@ -584,7 +590,7 @@ class EvaluatorPool:
                         if isinstance(exc, RayTaskError) and not isinstance(exc, RayActorError):
                             idle.append(a)  # the task died, the actor did not
                         else:
-                            recovering[self.actors[a].pid.remote()] = a
+                            restart(a, now)
                         if job.attempt < self.cfg.ray.retries:
                             retry.append(job.retried())
                             continue

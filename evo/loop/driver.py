@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from evo.artifacts.checkpoint import Checkpoint
-from evo.core.config import ExperimentConfig
+from evo.core.config import ExperimentConfig, config_changes
 from evo.core.errors import EvoError
 from evo.data.sources import check_context
 from evo.loop.generation import GenerationStep, RunResult, new_optimizer, print_generation_row
@@ -32,7 +32,7 @@ from evo.cluster.pool import EvaluatorPool, Interrupted
 from evo.loop.signals import StopSignals
 from evo.loop.steady_state import evolve
 from evo.artifacts.lock import RunLock
-from evo.artifacts.store import RunStore
+from evo.artifacts.store import RunStore, atomic_write_text
 from evo.loop.versions import VersionSource, version_source
 
 
@@ -223,6 +223,27 @@ def run(config, run_dir: str | Path, *, quiet: bool = False, stop_after: int | N
         lock.release()
 
 
+def accept_config_changes(store: RunStore) -> dict[str, tuple]:
+    """Compare ``config.yaml`` (which the user may have edited) with the config the run was
+    made with: apply the changes a resume may make (``evo.core.config.RESUMABLE``) and return
+    them; refuse any other in one line naming the field."""
+    import yaml
+
+    applied_path = store.root / RunStore.APPLIED
+    edited = store.config()
+    if not applied_path.is_file():  # a run made before evo kept this copy: what it has is what ran
+        atomic_write_text(applied_path, yaml.safe_dump(edited, sort_keys=False))
+        return {}
+    applied = yaml.safe_load(applied_path.read_text())
+    where = str(store.root / RunStore.CONFIG)
+    # both through the schema, so a key written out or left to its default compares equal
+    normal = lambda d, src: ExperimentConfig.from_dict(d, source=src).to_dict()  # noqa: E731
+    changes = config_changes(normal(applied, str(applied_path)), normal(edited, where), where=where)
+    if changes:
+        atomic_write_text(applied_path, yaml.safe_dump(edited, sort_keys=False))
+    return changes
+
+
 def resume(run_dir: str | Path, *, quiet: bool = False, stop_after: int | None = None, follow: bool = False) -> RunResult:
     """Continue a stopped or killed run from the step it was in.
 
@@ -232,7 +253,7 @@ def resume(run_dir: str | Path, *, quiet: bool = False, stop_after: int | None =
     """
     store = RunStore.open(run_dir)
     with RunLock(store.root, "resume"):  # refused while another driver works in this folder
-        changes = store.accept_config_changes()
+        changes = accept_config_changes(store)
         cfg = ExperimentConfig.from_dict(store.config(), source=str(store.root / RunStore.CONFIG))
         versions = version_source(cfg, follow=follow)
         check_context(cfg)

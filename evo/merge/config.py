@@ -108,6 +108,9 @@ class MergeConfig:
 
         if method.needs_base and base is None:
             raise EvoError(f"{source}: merge_method '{name}' needs a base_model")
+        if getattr(method, "forbids_base", False) and base is not None:
+            raise EvoError(f"{source}: merge_method '{name}' takes one model and no base_model "
+                           f"(drop base_model: {base})")
         n = sum(1 for m in models if method.base_entries_merge or m.model != base)
         if n < method.min_models or (method.max_models is not None and n > method.max_models):
             want = method.min_models if method.max_models == method.min_models else f">= {method.min_models}"
