@@ -103,7 +103,7 @@ def _mergekit():
 # Random sparsifiers cannot share mergekit's global-RNG draws; at density 1 they are deterministic.
 ORACLE = [(n, 0.6) for n in ("linear", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties",
                              "slerp", "nuslerp", "model_stock", "sce", "nearswap", "multislerp", "karcher",
-                             "passthrough")] + \
+                             "passthrough", "ram", "ramplus_tl", "arcee_fusion")] + \
          [(n, 1.0) for n in ("dare_ties", "dare_linear", "della", "della_linear")]
 
 
@@ -112,7 +112,8 @@ OPTIONS = [("model_stock", 1.0, {"filter_wise": True}), ("nuslerp", 1.0, {"nusle
            ("ties", 0.4, {"rescale": True, "lambda": 1.3, "normalize": False}),
            ("breadcrumbs", 0.7, {"rescale": True, "gamma": 0.05}), ("task_arithmetic", 1.0, {"normalize": True}),
            ("linear", 1.0, {"normalize": False}), ("sce", 1.0, {}), ("sce", 0.1, {}),
-           ("multislerp", 1.0, {"normalize_weights": False}), ("karcher", 1.0, {"max_iter": 3, "tol": 1e-3})]
+           ("multislerp", 1.0, {"normalize_weights": False}), ("karcher", 1.0, {"max_iter": 3, "tol": 1e-3}),
+           ("ram", 1.0, {"epsilon": 0.3}), ("ramplus_tl", 1.0, {"epsilon": 0.3, "r": 0.5, "alpha": 0.9})]
 
 
 @pytest.mark.parametrize("name,density,extra", [(n, d, {}) for n, d in ORACLE] + OPTIONS)
@@ -199,3 +200,11 @@ def test_passthrough_refuses_a_base_and_nearswap_takes_one_model():
     with pytest.raises(EvoError, match="nearswap' needs 1 models besides the base, got 2"):
         MergeConfig.from_dict({"merge_method": "nearswap", "base_model": "base", "parameters": {"t": 0.1},
                                "models": [{"model": "m0"}, {"model": "m1"}]})
+
+
+def test_every_mergekit_method_is_registered():
+    _mergekit()
+    from mergekit.merge_methods.registry import registered_methods
+
+    theirs = {m.spec.name for m in registered_methods()}
+    assert len(theirs) == 20 and theirs == set(METHODS), sorted(theirs ^ set(METHODS))

@@ -122,6 +122,10 @@ NEW_METHOD_YAMLS = {
                    "models: [{model: a, parameters: {weight: 0.7}}, {model: b, parameters: {weight: 0.4}}]\n"),
     "karcher": "merge_method: karcher\nbase_model: base\nmodels: [{model: a}, {model: b}]\n",
     "passthrough": "merge_method: passthrough\nmodels: [{model: a, parameters: {scale: 0.5}}]\n",
+    "ram": "merge_method: ram\nbase_model: base\nparameters: {epsilon: 0.002}\nmodels: [{model: a}, {model: b}]\n",
+    "ramplus_tl": ("merge_method: ramplus_tl\nbase_model: base\nparameters: {epsilon: 0.002, r: 0.5, alpha: 0.9}\n"
+                   "models: [{model: a}, {model: b}]\n"),
+    "arcee_fusion": "merge_method: arcee_fusion\nbase_model: base\nmodels: [{model: a}]\n",
 }
 
 
