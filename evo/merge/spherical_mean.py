@@ -68,6 +68,8 @@ class MultiSlerp:
         weights = [p["weight"] for p in job.per_model]
         if job.shared["normalize_weights"]:
             total = sum(weights)
+            if total == 0:
+                raise EvoError(f"multislerp: the weights sum to 0 on tensor {job.name}; they cannot be normalised")
             weights = [w / total for w in weights]
         g = job.cached(("gram", job.has_base, *job.models), lambda: gram(vectors))  # sources only: reused
         coef = multislerp_coefficients(g, weights, job.shared["eps"], job.name)
