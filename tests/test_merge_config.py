@@ -54,7 +54,7 @@ def test_yaml_round_trip(tmp_path):
     ({"models": [{"parameters": {}}]}, r"models\[0\]: missing field 'model'"),
     ({"base_model": None}, "needs a base_model"),
     ({"dtype": "float8"}, "dtype 'float8'"),
-    ({"slices": []}, "unsupported field 'slices'"),
+    ({"slices": []}, "give 'models' or 'slices', not both"),
 ])
 def test_validation_errors_name_field_and_source(patch, message):
     d = {"merge_method": "ties", "base_model": "b", "models": [{"model": "a", "parameters": {"weight": 1.0}}]}

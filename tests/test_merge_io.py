@@ -3,6 +3,7 @@
 import math
 import os
 import pickle
+import json
 import shutil
 import subprocess
 
@@ -152,6 +153,50 @@ def test_added_methods_match_mergekit_yaml_end_to_end(zoo, tmp_path, method):
     for name in ref:
         # karcher: mergekit iterates over whole float32 tensors, evo on the float64 Gram matrix (~2e-6 apart)
         torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-5, msg=f"{method}: {name}")
+
+
+SLICE_YAMLS = {
+    # a frankenmerge: a's two layers, then b's second layer again (3 layers out of 2-layer models)
+    "stack": ("merge_method: passthrough\nslices:\n"
+              "  - sources: [{model: a, layer_range: [0, 2]}]\n"
+              "  - sources: [{model: b, layer_range: [1, 2], parameters: {scale: 0.5}}]\n"),
+    # a merge inside each slice, with a per-slice gradient and a base named per slice
+    "ties_slices": ("merge_method: ties\nbase_model: base\nparameters: {normalize: true}\nslices:\n"
+                    "  - sources: [{model: base, layer_range: [0, 2]}, {model: a, layer_range: [0, 2]},"
+                    " {model: b, layer_range: [0, 2]}]\n"
+                    "    parameters: {weight: [0.2, 0.9], density: 0.6}\n"
+                    "  - sources: [{model: base, layer_range: [1, 2]}, {model: b, layer_range: [0, 1]}]\n"
+                    "    parameters: {weight: 0.7, density: 0.8}\n"),
+}
+
+
+@pytest.mark.parametrize("which", sorted(SLICE_YAMLS))
+def test_slices_match_mergekit_yaml(zoo, tmp_path, which):
+    """mergekit's ``slices:``: the same layers, in the same order, the same tensors and depth."""
+    pytest.importorskip("mergekit", reason="mergekit is not installed (optional oracle)")
+    exe = shutil.which("mergekit-yaml")
+    if exe is None:
+        pytest.skip("mergekit-yaml entry point not on PATH")
+    text = SLICE_YAMLS[which].replace("base_model: base", f"base_model: {zoo / 'base'}")
+    for m in ("base", "a", "b"):
+        text = text.replace(f"model: {m},", f"model: {zoo / m},")
+    (tmp_path / "mk.yaml").write_text(text)
+    subprocess.run([exe, str(tmp_path / "mk.yaml"), str(tmp_path / "mk_out"), "--no-lazy-unpickle"],
+                   check=True, capture_output=True, timeout=300)
+    assert cli_merge(tmp_path / "mk.yaml", tmp_path / "ours") == 0
+    ref = {}
+    for f in (tmp_path / "mk_out").glob("*.safetensors"):
+        ref.update(load_file(str(f)))
+    got = load_file(str(tmp_path / "ours" / "model.safetensors"))
+    assert set(ref) == set(got)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6, msg=f"{which}: {name}")
+    depth = lambda d: json.loads((tmp_path / d / "config.json").read_text())["num_hidden_layers"]  # noqa: E731
+    assert depth("ours") == depth("mk_out") == (3 if which == "stack" else 3)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ours")  # a plain transformers model of the new depth
+    assert len(model.model.layers) == depth("ours")
 
 
 def cli_merge(config, out) -> int:

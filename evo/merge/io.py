@@ -21,6 +21,7 @@ from evo.core.errors import EvoError
 from evo.artifacts.store import umask_mode, umask_tree
 from evo.merge.config import MergeConfig
 from evo.merge.engine import Merger, check_same_tensors
+from evo.merge.params import LAYER_RE
 from evo.merge.safetensors_io import SafetensorsWriter, check_finite, open_model_files
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -108,6 +109,8 @@ def merge_to_dir(config: MergeConfig, out_dir, *, resolve: Callable[[str], Path]
         raise EvoError(f"{out_dir}: output directory already exists")
     if not out_dir.parent.is_dir():
         raise EvoError(f"{out_dir.parent}: parent directory of the output does not exist")
+    if config.slices:
+        return _merge_slices(config, out_dir, resolve, seed)
     # Without a base model (linear, nuslerp) the first model is only the reference the task
     # vectors are taken against; it still gets its own (zero) delta so the recipe is unchanged.
     base_name = config.base_model or config.models[0].model
@@ -160,20 +163,129 @@ def merge_to_dir(config: MergeConfig, out_dir, *, resolve: Callable[[str], Path]
                 out = merger.merge_tensor(plan, name, b, deltas, scratch.get("io.out", t.shape), seed)
                 writer.write(name, out if dtype == torch.float32 else out.to(dtype))
         _write_config(base_dir, tmp, config.dtype)
-        tok_dir = resolve(config.tokenizer_source) if config.tokenizer_source else base_dir
-        if config.tokenizer_source and not Path(tok_dir).is_dir():
-            raise EvoError(f"{tok_dir}: tokenizer_source directory not found")
-        for name in _TOKENIZER_FILES:
-            if (Path(tok_dir) / name).is_file():
-                shutil.copyfile(Path(tok_dir) / name, tmp / name)  # not copy2: the umask's modes, not the source's
-        if (Path(base_dir) / "generation_config.json").is_file():
-            shutil.copyfile(Path(base_dir) / "generation_config.json", tmp / "generation_config.json")
+        _copy_tokenizer(config, resolve, base_dir, tmp)
         umask_tree(tmp)
         os.rename(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _layer_names(tensors: dict, layer: int) -> dict[str, str]:
+    """``{name with the layer index as {}: name}`` of one layer's tensors (``model.layers.{}.mlp...``)."""
+    out = {}
+    for name in tensors:
+        m = LAYER_RE.search(name)
+        if m and int(m.group(1)) == layer:
+            start, end = m.span(1)
+            out[name[:start] + "{}" + name[end:]] = name
+    return out
+
+
+def _merge_slices(config: MergeConfig, out_dir: Path, resolve: Callable[[str], Path], seed: int) -> Path:
+    """mergekit ``slices:``: the output's layers are each slice's layers in turn, merged with the
+    method from the slice's sources (passthrough: copied from its one source); tensors outside the
+    layers (embeddings, final norm, head) are merged from the first slice's sources when their name
+    holds ``embed``, else from the last slice's, as mergekit places pre- and post-layer weights.
+    Per-layer ("gradient") parameters run over each slice's own layers, as in mergekit. The output's
+    config is the base's (else the first source's) with ``num_hidden_layers`` the total."""
+    names = {s.model for sl in config.slices for s in sl.sources}
+    dirs = {m: Path(resolve(m)) for m in names | ({config.base_model} if config.base_model else set())}
+    models = {m: open_model(d) for m, d in dirs.items()}
+    ref_name = config.base_model or config.slices[0].sources[0].model
+    hf_config = read_config(dirs[ref_name])
+    ref = models[ref_name]
+    outside = [n for n in ref if not LAYER_RE.search(n)]
+    pre = [n for n in outside if "embed" in n]
+    post = [n for n in outside if "embed" not in n]
+    # (output name, slice index, name the merge sees (its layer position in the slice), {model: input name})
+    plan: list[tuple[str, int, str, dict[str, str]]] = []
+    for name in pre:
+        plan.append((name, 0, name, {s.model: name for s in config.slices[0].sources}))
+    layer = 0
+    for k, sl in enumerate(config.slices):
+        for offset in range(sl.num_layers):
+            per_source = {}
+            for s in sl.sources:
+                at = s.layer_range[0] + offset
+                found = _layer_names({n: None for n in models[s.model]}, at)
+                if not found:
+                    raise EvoError(f"slices[{k}]: model '{s.model}' has no layer {at} "
+                                   f"(layer_range {list(s.layer_range)})")
+                per_source[s.model] = found
+            template = per_source[sl.sources[0].model]
+            for key in template:
+                missing = [m for m, f in per_source.items() if key not in f]
+                if missing:
+                    raise EvoError(f"slices[{k}]: model '{missing[0]}' has no tensor {key.format('N')}")
+                plan.append((key.format(layer), k, key.format(offset), {m: f[key] for m, f in per_source.items()}))
+            layer += 1
+    for name in post:
+        plan.append((name, len(config.slices) - 1, name, {s.model: name for s in config.slices[-1].sources}))
+
+    infos = {}
+    for out_name, _, _, inputs in plan:
+        m, n = next(iter(inputs.items()))
+        infos[out_name] = models[m][n][1]
+        for other, n2 in inputs.items():
+            if models[other][n2][1].shape != infos[out_name].shape:
+                raise EvoError(f"model '{other}': tensor {n2} has shape {tuple(models[other][n2][1].shape)}, "
+                               f"'{m}' has {tuple(infos[out_name].shape)} ({out_name})")
+    floats = {n for n, info in infos.items() if info.dtype.is_floating_point}
+    largest = max((infos[n].numel for n in floats), default=1)
+    mergers = [Merger({}, {}, num_layers=sl.num_layers, largest=largest) for sl in config.slices]
+    plans = []
+    for k in range(len(config.slices)):
+        cfg = config.slice_config(k)
+        plans.append(mergers[k].plan(cfg, {e.model for e in cfg.models if e.model != cfg.base_model}))
+    dtype = DTYPES[config.dtype]
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        specs = [(n, dtype if n in floats else infos[n].dtype, infos[n].shape) for n, *_ in plan]
+        with SafetensorsWriter(tmp / "model.safetensors", specs, {"format": "pt"}) as writer:
+            for out_name, k, seen_as, inputs in plan:
+                scratch, mplan = mergers[k].scratch, plans[k]
+                read = {}
+                for m, n in inputs.items():
+                    f, _ = models[m][n]
+                    read[m] = f.tensor(n)
+                    check_finite(read[m], str(f.path), n)
+                if out_name not in floats:
+                    writer.write(out_name, next(iter(read.values())))
+                    continue
+                ref_model = mplan.config.base_model or mplan.config.models[0].model
+                b = scratch.get("io.base", read[ref_model].shape).copy_(read[ref_model])
+                deltas = {}
+                for i, e in enumerate(mplan.config.models):
+                    if e.model == mplan.config.base_model:
+                        continue
+                    deltas[e.model] = torch.sub(read[e.model], b, out=scratch.get(f"io.delta{i}", b.shape))
+                out = mergers[k].merge_tensor(mplan, seen_as, b, deltas, scratch.get("io.out", b.shape), seed)
+                writer.write(out_name, out if dtype == torch.float32 else out.to(dtype))
+        hf_config["num_hidden_layers"] = layer
+        hf_config.pop("torch_dtype", None)
+        hf_config["dtype"] = config.dtype
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        _copy_tokenizer(config, resolve, dirs[ref_name], tmp)
+        umask_tree(tmp)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _copy_tokenizer(config: MergeConfig, resolve: Callable[[str], Path], base_dir: Path, target: Path) -> None:
+    """The tokenizer files of ``tokenizer_source`` (else the base) and the base's generation config."""
+    tok_dir = resolve(config.tokenizer_source) if config.tokenizer_source else base_dir
+    if config.tokenizer_source and not Path(tok_dir).is_dir():
+        raise EvoError(f"{tok_dir}: tokenizer_source directory not found")
+    for name in _TOKENIZER_FILES:
+        if (Path(tok_dir) / name).is_file():
+            shutil.copyfile(Path(tok_dir) / name, target / name)  # not copy2: the umask's modes, not the source's
+    if (Path(base_dir) / "generation_config.json").is_file():
+        shutil.copyfile(Path(base_dir) / "generation_config.json", target / "generation_config.json")
 
 
 def open_model(path: Path) -> dict:
