@@ -370,11 +370,11 @@ def summarise(results: dict, args) -> str:
         cells.append(f"{np.median(ratio):.2f}×" if ratio else "-")
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     if evo_runs:
-        steps = ("install", "reevaluate", "evolve", "export")
+        steps = ("install", "reevaluate", "start", "evolve", "export")
         lines += ["", "**Where evo's time went** (wall seconds per version, seed " + str(evo_runs[0]["seed"]) +
                   "; install = the adapter fit and shipping the version's data to the evaluators; other = "
                   "noticing the shard, reading and de-duplicating it, checkpoints):", "",
-                  "| version | decision | " + " | ".join(steps) + " | other |", "|---|---|" + "---:|" * 5]
+                  "| version | decision | " + " | ".join(steps) + " | other |", "|---|---|" + "---:|" * (len(steps) + 1)]
         for k, r in enumerate(evo_runs[0]["rows"]):
             st = r.get("steps_seconds") or {}
             other = r["seconds"] - sum(st.get(x, 0) for x in steps)

@@ -227,16 +227,23 @@ def private_zoo_release(micro_zoo, ray_session, tmp_path_factory, repo_root):
            "ray": {"evaluators": 1, "cpus_per_evaluator": 0.5}}
     previous = os.umask(0o027)
     try:
-        evo.run(cfg, root / "run", quiet=True)
+        result = evo.run(cfg, root / "run", quiet=True)
         release = evo.export(root / "run")
     finally:
         os.umask(previous)
     shutil.rmtree(task_dir)
+    # where the run's time went, as the run prints it at the end (issue 26)
+    split = result.time
+    assert {"start points", "search", "selection", "start-up and other"} <= set(split["steps_s"]), split
+    assert abs(sum(split["steps_s"].values()) - split["wall_s"]) < 0.1 and 0 < split["busy"] <= 1, split
+    assert split["tokens_per_s"] > 0 and set(split["per_evaluator"]) == {"0"}, split
     return root, release
 
 
-def test_a_release_follows_the_umask_and_names_no_builder_path(private_zoo_release):
+def test_a_release_follows_the_umask_and_names_no_builder_path(private_zoo_release, capsys):
     root, release = private_zoo_release
+    assert cli(["status", str(root / "run")]) == EXIT_OK
+    assert "last driver call: time " in capsys.readouterr().out
     modes = {p.relative_to(root).as_posix(): stat.S_IMODE(p.stat().st_mode)
              for p in [release, *release.rglob("*"), *(root / "run").iterdir()]}
     wrong = {k: oct(m) for k, m in modes.items() if m != (0o750 if (root / k).is_dir() else 0o640)}

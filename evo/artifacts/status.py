@@ -11,6 +11,9 @@ def status_table(run_dir, top: int = 10) -> str:
     candidates = store.candidates()
     live = holder(store.root)
     lines = [f"run {store.root}" + (f"  (running: {live})" if live else "")]
+    split = next((e for e in reversed(store.events()) if e["event"] == "time_split"), None)
+    if split is not None:
+        lines.append("last driver call: " + format_time_split(split))
     if not ckpt:
         lines.append(f"no complete generation yet ({len(candidates)} candidates evaluated)")
         return "\n".join(lines)
@@ -58,3 +61,44 @@ def version_summary(h: dict) -> str:
         total = sum(h["seconds"].values())
         parts.append(f"{total:.0f}s (" + ", ".join(f"{k} {v:.0f}s" for k, v in h["seconds"].items()) + ")")
     return "; ".join(parts)
+
+
+# the loop's steps (evo.loop.driver.Loop.timed) as a user reads them
+STEP_NAMES = {"install": "data install", "reevaluate": "re-evaluation", "start": "start points", "evolve": "search"}
+
+
+def time_split(seconds: dict, wall: float, results: list[dict], seq_len: int, evaluators: int,
+               release_step: str = "release") -> dict:
+    """Where one driver call's wall time went: each loop step's seconds in this call, the rest
+    (Ray and evaluator start-up, source loading, shut-down) as "start-up and other", the
+    evaluators' busy fraction (time a candidate was out to each, over the wall time) and the
+    tokens scored per busy evaluator-second."""
+    names = {**STEP_NAMES, "release": release_step}
+    steps = {names.get(k, k): round(v, 2) for k, v in seconds.items() if v > 0.005}
+    steps["start-up and other"] = round(max(wall - sum(seconds.values()), 0.0), 2)
+    busy: dict[int, float] = {}
+    tokens: dict[int, int] = {}
+    for r in results:
+        d = r["dispatch"]
+        busy[d["evaluator"]] = busy.get(d["evaluator"], 0.0) + max(d["end"] - d["start"], 0.0)
+        scored = sum(len(v) for v in (r.get("block_nlls") or {}).values())
+        tokens[d["evaluator"]] = tokens.get(d["evaluator"], 0) + scored * seq_len
+    per = {str(a): {"busy": round(busy[a] / wall, 3) if wall > 0 else None,
+                    "tokens_per_s": round(tokens.get(a, 0) / busy[a], 1) if busy[a] > 0 else None}
+           for a in sorted(busy)}
+    total_busy = sum(busy.values())
+    return {"wall_s": round(wall, 2), "steps_s": steps, "evaluators": evaluators, "per_evaluator": per,
+            "busy": round(total_busy / (wall * max(evaluators, 1)), 3) if wall > 0 else None,
+            "tokens_per_s": round(sum(tokens.values()) / total_busy, 1) if total_busy > 0 else None}
+
+
+def format_time_split(t: dict) -> str:
+    """One line: ``time 52.3 s: start points 4.1 s, search 31.2 s, ...; evaluators busy 87% ...``."""
+    steps = ", ".join(f"{k} {v:.1f} s" for k, v in t["steps_s"].items())
+    line = f"time {t['wall_s']:.1f} s: {steps or 'no step ran'}"
+    if t.get("busy") is not None:
+        each = ", ".join(f"{a}: {v['busy']:.0%}" for a, v in t["per_evaluator"].items() if v["busy"] is not None)
+        line += f"; evaluators busy {t['busy']:.0%} ({each})"
+    if t.get("tokens_per_s"):
+        line += f"; {t['tokens_per_s']:,.0f} tokens scored per busy evaluator-second"
+    return line

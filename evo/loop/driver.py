@@ -32,6 +32,7 @@ from evo.cluster.pool import EvaluatorPool, Interrupted
 from evo.loop.signals import StopSignals
 from evo.loop.steady_state import evolve
 from evo.artifacts.lock import RunLock
+from evo.artifacts.status import format_time_split, time_split
 from evo.artifacts.store import RunStore, atomic_write_text
 from evo.loop.versions import VersionSource, version_source
 
@@ -59,12 +60,14 @@ class Loop:
         self.pool: EvaluatorPool | None = None
         self.stop: StopSignals | None = None
         self.metrics: RunMetrics | None = None
+        self.call_seconds: dict[str, float] = {}  # seconds per loop step in this call (the time split)
 
     def run(self, *, follow: bool = False, stop_after: int | None = None) -> RunResult:
         """Until the version source has nothing more (``follow``: wait for more until a signal),
         a signal, or ``stop_after`` generations done by this call."""
         cfg, st, versions = self.cfg, self.state, self.versions
         stopped = False
+        t0 = time.time()
         with EvaluatorPool(cfg, versions.sources, run_name=self.store.root.name, quiet=self.quiet) as pool, \
                 StopSignals() as stop:
             self.pool, self.stop = pool, stop
@@ -105,8 +108,9 @@ class Loop:
                         st["phase"] = "evolve"
                         self.checkpoint()
                     if st["phase"] == "evolve" and st["gen_in_version"] < versions.generations:
-                        with self.timed("evolve"):
+                        with self.timed("start"):
                             self._start(should_stop)
+                        with self.timed("evolve"):
                             self._evolve(should_stop)
                     if st["phase"] == "evolve":
                         st["phase"] = "release"
@@ -129,6 +133,12 @@ class Loop:
         if stopped:
             result.outcome = "stopped"
         versions.finish(self, result, stopped)
+        result.time = time_split(self.call_seconds, time.time() - t0,
+                                 [r for r in self.cache.values() if (r.get("dispatch") or {}).get("start", 0) >= t0],
+                                 cfg.eval.seq_len, pool.size, "release" if cfg.streaming else "selection")
+        self.store.event("time_split", **result.time)
+        if not self.quiet:
+            print(format_time_split(result.time))
         return result
 
     @contextmanager
@@ -139,8 +149,10 @@ class Loop:
         try:
             yield
         finally:
+            took = time.perf_counter() - t0
             spent = self.state.setdefault("seconds", {})
-            spent[step] = round(spent.get(step, 0.0) + time.perf_counter() - t0, 2)
+            spent[step] = round(spent.get(step, 0.0) + took, 2)
+            self.call_seconds[step] = self.call_seconds.get(step, 0.0) + took  # this driver call's split
 
     def _start(self, should_stop) -> None:
         """Before a fresh search's first ask: start it at the best of the version source's start

@@ -66,6 +66,7 @@ class RunResult:
     outcome: str = "finished"
     reason: str | None = None
     release_dir: str | None = None  # stream runs: the current release's folder
+    time: dict = field(default_factory=dict)  # where this call's wall time went (evo.artifacts.status.time_split)
 
     @property
     def release_recipe(self) -> Recipe | None:
