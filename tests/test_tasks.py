@@ -301,13 +301,17 @@ def test_bad_task_files_name_the_key_line(tmp_path, byte_tok, spec, key, words):
     assert f"task.yaml:{line}:" in message and words in message
 
 
-def test_lm_eval_adapter_refuses_cleanly_without_lm_eval(byte_tok):
-    from evo.scoring.tasks.lm_eval_adapter import evaluate_lm_eval, lm_eval_available
+def test_lm_eval_adapter_refuses_cleanly_without_lm_eval(byte_tok, monkeypatch):
+    import importlib.util
 
-    if lm_eval_available():
-        pytest.skip("lm-eval is installed; the refusal path is not reachable")
+    from evo.scoring.tasks import lm_eval_adapter
+
+    real = importlib.util.find_spec
+    # a machine without lm-eval (CI installs it for the parity tests below)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
+    assert not lm_eval_adapter.lm_eval_available()
     with pytest.raises(EvoError, match="pip install lm-eval"):
-        evaluate_lm_eval(None, byte_tok, ["arc_easy"])
+        lm_eval_adapter.evaluate_lm_eval(None, byte_tok, ["arc_easy"])
 
 
 @pytest.mark.parametrize("style", ["fields", "jinja"])
