@@ -135,7 +135,7 @@ class Loop:
         # before the finish events (run_finished, run_paused, stream_idle), which stay the log's last word
         result.time = time_split(self.call_seconds, time.time() - t0,
                                  [r for r in self.cache.values() if (r.get("dispatch") or {}).get("start", 0) >= t0],
-                                 cfg.eval.seq_len, pool.size, "release" if cfg.streaming else "selection")
+                                 cfg.eval.seq_len, pool.size, versions.release_step)
         self.store.event("time_split", **result.time)
         if not self.quiet:
             print(format_time_split(result.time))

@@ -73,6 +73,8 @@ class VersionSource(ABC):
     ``phase`` (``reevaluate`` -> ``evolve`` -> ``release`` -> ``done``) and ``gen_in_version``;
     a source may keep more there."""
 
+    release_step = "release"  # what the time split (evo.artifacts.status.time_split) calls the release step
+
     space: SearchSpace
     generations: int  # generations evolved on each version
     sources: Any  # the evaluator pool's sources: a Sources or a loader called once Ray is up
@@ -138,6 +140,8 @@ def version_source(cfg: ExperimentConfig, *, follow: bool = False) -> VersionSou
 
 class FixedData(VersionSource):
     """One data version, the config's evaluation sets; released by the selection stage."""
+
+    release_step = "selection"  # what the time split calls the release step
 
     def __init__(self, cfg: ExperimentConfig):
         super().__init__(cfg)
