@@ -134,12 +134,21 @@ NEW_METHOD_YAMLS = {
 def test_added_methods_match_mergekit_yaml_end_to_end(zoo, tmp_path, method):
     """The methods added after the first twelve, as whole models: the same YAML through
     `mergekit-yaml` and `evo merge` gives the same tensors."""
+    ref, got = _mergekit_and_evo(zoo, tmp_path, NEW_METHOD_YAMLS[method])
+    for name in ref:
+        # karcher: mergekit iterates over whole float32 tensors, evo on the float64 Gram matrix (~2e-6 apart)
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-5, msg=f"{method}: {name}")
+
+
+def _mergekit_and_evo(zoo, tmp_path, text: str) -> tuple[dict, dict]:
+    """The same YAML (model names a, b, base made paths into ``zoo``) through `mergekit-yaml` and
+    `evo merge`: their tensors, checked to have the same names."""
     pytest.importorskip("mergekit", reason="mergekit is not installed (optional oracle)")
     exe = shutil.which("mergekit-yaml")
     if exe is None:
         pytest.skip("mergekit-yaml entry point not on PATH")
-    text = NEW_METHOD_YAMLS[method].replace("base_model: base", f"base_model: {zoo / 'base'}")
-    for m in ("a", "b"):
+    text = text.replace("base_model: base", f"base_model: {zoo / 'base'}")
+    for m in ("base", "a", "b"):
         text = text.replace(f"model: {m}}}", f"model: {zoo / m}}}").replace(f"model: {m},", f"model: {zoo / m},")
     (tmp_path / "mk.yaml").write_text(text)
     subprocess.run([exe, str(tmp_path / "mk.yaml"), str(tmp_path / "mk_out"), "--no-lazy-unpickle"],
@@ -150,9 +159,7 @@ def test_added_methods_match_mergekit_yaml_end_to_end(zoo, tmp_path, method):
         ref.update(load_file(str(f)))
     got = load_file(str(tmp_path / "ours" / "model.safetensors"))
     assert set(ref) == set(got)
-    for name in ref:
-        # karcher: mergekit iterates over whole float32 tensors, evo on the float64 Gram matrix (~2e-6 apart)
-        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-5, msg=f"{method}: {name}")
+    return ref, got
 
 
 SLICE_YAMLS = {
@@ -173,26 +180,11 @@ SLICE_YAMLS = {
 @pytest.mark.parametrize("which", sorted(SLICE_YAMLS))
 def test_slices_match_mergekit_yaml(zoo, tmp_path, which):
     """mergekit's ``slices:``: the same layers, in the same order, the same tensors and depth."""
-    pytest.importorskip("mergekit", reason="mergekit is not installed (optional oracle)")
-    exe = shutil.which("mergekit-yaml")
-    if exe is None:
-        pytest.skip("mergekit-yaml entry point not on PATH")
-    text = SLICE_YAMLS[which].replace("base_model: base", f"base_model: {zoo / 'base'}")
-    for m in ("base", "a", "b"):
-        text = text.replace(f"model: {m},", f"model: {zoo / m},")
-    (tmp_path / "mk.yaml").write_text(text)
-    subprocess.run([exe, str(tmp_path / "mk.yaml"), str(tmp_path / "mk_out"), "--no-lazy-unpickle"],
-                   check=True, capture_output=True, timeout=300)
-    assert cli_merge(tmp_path / "mk.yaml", tmp_path / "ours") == 0
-    ref = {}
-    for f in (tmp_path / "mk_out").glob("*.safetensors"):
-        ref.update(load_file(str(f)))
-    got = load_file(str(tmp_path / "ours" / "model.safetensors"))
-    assert set(ref) == set(got)
+    ref, got = _mergekit_and_evo(zoo, tmp_path, SLICE_YAMLS[which])
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6, msg=f"{which}: {name}")
     depth = lambda d: json.loads((tmp_path / d / "config.json").read_text())["num_hidden_layers"]  # noqa: E731
-    assert depth("ours") == depth("mk_out") == (3 if which == "stack" else 3)
+    assert depth("ours") == depth("mk_out") == 3  # both recipes stack 2 + 1 layers
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "ours")  # a plain transformers model of the new depth
