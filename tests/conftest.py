@@ -71,3 +71,20 @@ def write_layerwise_space(folder, repo_root, groups: int = 2):
 def space_file(tmp_path, repo_root):
     """A 2-group layer-wise space (a test module may define its own ``space_file``)."""
     return write_layerwise_space(tmp_path, repo_root)
+
+
+def write_llama(path, seed, **overrides):
+    """A micro Llama (hidden 16, 2 layers, vocabulary 64) saved to ``path``, every tensor moved off its init."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kw = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+              num_key_value_heads=1, vocab_size=64)
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**kw))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # norms start at 1: give every tensor a real delta
+    model.save_pretrained(path)
+    return path

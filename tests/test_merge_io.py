@@ -14,6 +14,8 @@ from safetensors.torch import load_file, save_file
 from evo.core.errors import EvoError
 from evo.merge import MergeConfig, Merger, load_model_dir, merge_to_dir, task_vectors
 
+from conftest import write_llama as _llama
+
 TIES_YAML = """\
 merge_method: ties
 base_model: base
@@ -34,21 +36,6 @@ parameters:
   normalize: true
 dtype: float32
 """
-
-
-def _llama(path, seed, **overrides):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    kw = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-              num_key_value_heads=1, vocab_size=64)
-    kw.update(overrides)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**kw))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)  # norms start at 1: give every tensor a real delta
-    model.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

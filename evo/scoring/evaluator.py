@@ -12,6 +12,7 @@ import os
 import resource
 import time
 import traceback
+from contextlib import contextmanager
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -122,6 +123,8 @@ class Evaluator:
         # stored base and task vectors, in the same dtype, are widened per tensor) and rounded
         # once into it, as the exported release is, with forward passes in that dtype
         self.model = build_model(model_config, dtype=DTYPES[dtype], device=device)
+        self.model_config = dict(model_config)
+        self.resident: dict = {}  # whole source models, built on a data-flow path's first use (evo.scoring.path)
         self.num_layers = int(model_config.get("num_hidden_layers", 1))
         self.merger = None
         self.stream_sources = stream_sources  # sources stay in host memory, copied per tensor (evo.cluster.memory)
@@ -172,6 +175,7 @@ class Evaluator:
                 self.train = _training_data(train)
         for model, delta in (deltas or {}).items():
             self.merger.set_delta(model, from_numpy(delta))
+            self.resident.pop(model, None)
         self.epoch = epoch
         return os.getpid()
 
@@ -182,9 +186,48 @@ class Evaluator:
         """Per-block mean NLL of ``recipe`` on arbitrary ``sets`` of blocks (studies of which
         blocks to score, e.g. ``experiments/bench_search.py``); no LoRA, no rejection."""
         rec = Recipe.from_dict(recipe)
-        self.merger.merge(rec.merge, seed=rec.seed)
-        return {name: block_nlls(self.model, blocks, self.batch_size, self.device).numpy()
-                for name, blocks in sets.items()}
+        if rec.lora:
+            raise ValueError("block_scores scores merges, not LoRA fits")
+        with self._candidate(rec) as (model, _):
+            return {name: block_nlls(model, blocks, self.batch_size, self.device).numpy()
+                    for name, blocks in sets.items()}
+
+    @contextmanager
+    def _candidate(self, rec: Recipe):
+        """(model, LoRA fit statistics) of a recipe, for the duration of the block: its merge written into the
+        resident model, then its LoRA fitted on it (removed after) or its data-flow path run through
+        it (evo.scoring.path; the resident model is restored after)."""
+        if rec.path is None or rec.path.uses_merge:
+            self.merger.merge(rec.merge, seed=rec.seed)
+        if rec.path is not None:
+            from evo.scoring.path import path_model
+
+            with path_model(self.model, rec.path, self._resident_model) as model:
+                yield model, None
+            return
+        model, stats = self.model, None
+        if rec.lora:
+            model, stats = self._fit_lora(rec)
+        try:
+            yield model, stats
+        finally:
+            if model is not self.model:
+                from evo.scoring.lora import unload
+
+                unload(model)  # the resident model must be bare for the next candidate
+
+    def _resident_model(self, name: str):
+        """Source model ``name`` (or the base) as a whole model, for data-flow paths; built once."""
+        if name not in self.resident:
+            from evo.scoring.path import resident_model
+
+            if name != "base" and name not in self.merger.deltas:
+                raise ValueError(f"a path step names model {name!r}, which this evaluator does not hold "
+                                 f"(it holds base, {', '.join(self.merger.deltas)})")
+            self.resident[name] = resident_model(
+                lambda: build_model(self.model_config, dtype=self.model.dtype, device=self.device),
+                self.merger.base, self.merger.deltas.get(name), self.device)
+        return self.resident[name]
 
     def pid(self) -> int:
         return os.getpid()
@@ -208,12 +251,8 @@ class Evaluator:
         t0 = time.perf_counter()
         try:
             rec = Recipe.from_dict(recipe)
-            self.merger.merge(rec.merge, seed=rec.seed)
-            model, lora_stats = self.model, None
-            if rec.lora:
-                model, lora_stats = self._fit_lora(rec)
-            t1 = time.perf_counter()
-            try:
+            with self._candidate(rec) as (model, lora_stats):
+                t1 = time.perf_counter()
                 sets = self.eval_sets[collection]
                 if blocks is not None:
                     sets = {name: b[torch.as_tensor(list(blocks[name]), dtype=torch.long)] for name, b in sets.items()}
@@ -226,11 +265,6 @@ class Evaluator:
                         if not math.isfinite(value):
                             raise FloatingPointError(f"non-finite score on task {name!r}")
                         metrics[f"task/{name}"] = value
-            finally:
-                if model is not self.model:
-                    from evo.scoring.lora import unload
-
-                    unload(model)  # the resident model must be bare for the next candidate
             t3 = time.perf_counter()
             out = {
                 "status": "rejected" if rejected else "ok",

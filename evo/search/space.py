@@ -33,6 +33,7 @@ import numpy as np
 
 from evo.core.errors import EvoError
 from evo.merge.config import MergeConfig, ModelEntry
+from evo.search.dataflow import MERGED, SKIP, DataflowSpec, LayerPath, PathStep, path_slices
 
 SCOPES = ("global", "layer", "model", "model_layer")
 
@@ -160,18 +161,29 @@ class Recipe:
     merge: MergeConfig
     lora: dict | None = None
     seed: int = 0
+    # the data-flow part (``evo.search.dataflow``): the layers a token passes through; None: the
+    # merge's own layers in order
+    path: LayerPath | None = None
 
     def to_dict(self) -> dict:
         out = {"merge": self.merge.to_dict(), "seed": int(self.seed)}
         if self.lora:
             out["lora"] = dict(self.lora)
+        if self.path is not None:
+            out["path"] = self.path.to_dict()
         return out
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "<recipe>") -> "Recipe":
         if "merge" not in data:
             raise EvoError(f"{source}: recipe has no 'merge' field")
-        return cls(MergeConfig.from_dict(data["merge"], source=source), data.get("lora") or None, int(data.get("seed", 0)))
+        path = LayerPath.from_dict(data["path"], source) if data.get("path") is not None else None
+        return cls(MergeConfig.from_dict(data["merge"], source=source), data.get("lora") or None,
+                   int(data.get("seed", 0)), path)
+
+    def mergekit(self) -> MergeConfig:
+        """The config that builds this candidate: the merge, or the path as mergekit ``slices``."""
+        return self.merge if self.path is None else path_slices(self.path, self.merge)
 
     def key(self) -> str:
         """Stable content hash: equal recipes give equal keys across processes and runs."""
@@ -203,7 +215,7 @@ class Slot:
         if self.model is not None:
             parts.append(self.model)
         if self.group is not None:
-            parts.append(f"g{self.group}")
+            parts.append(f"{'s' if self.gene.startswith('path') else 'g'}{self.group}")  # path slot / layer group
         return "/".join(parts)
 
 
@@ -217,6 +229,7 @@ class SearchSpaceSpec:
     parameters: dict
     genes: dict  # name -> (gene, scope)
     source: str = "<space>"
+    dataflow: DataflowSpec | None = None
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "SearchSpaceSpec":
@@ -230,10 +243,17 @@ class SearchSpaceSpec:
     def from_dict(cls, data: Any, source: str = "<space>") -> "SearchSpaceSpec":
         if not isinstance(data, dict):
             raise EvoError(f"{source}: a search space must be a mapping")
-        unknown = set(data) - {"name", "description", "merge_method", "layer_groups", "parameters", "genes"}
+        unknown = set(data) - {"name", "description", "merge_method", "layer_groups", "parameters", "genes", "dataflow"}
         if unknown:
             raise EvoError(f"{source}: unknown field(s) {', '.join(sorted(unknown))}")
-        if "genes" not in data or not isinstance(data["genes"], dict) or not data["genes"]:
+        dataflow = DataflowSpec.from_dict(data["dataflow"], source) if "dataflow" in data else None
+        if dataflow is not None and dataflow.layers_from == "models":
+            # a path of single models' layers is a passthrough of each; there is no merge to tune
+            if data.get("genes") or data.get("merge_method", "passthrough") != "passthrough":
+                raise EvoError(f"{source}: dataflow.layers_from: models takes no genes and merge_method "
+                               "passthrough (use layers_from: merged to search a merge and its path)")
+            data = {**data, "merge_method": "passthrough", "genes": {}}
+        elif "genes" not in data or not isinstance(data["genes"], dict) or not data["genes"]:
             raise EvoError(f"{source}: field 'genes' is missing or empty")
         groups = data.get("layer_groups", 1)
         if not isinstance(groups, int) or groups < 1:
@@ -256,6 +276,8 @@ class SearchSpaceSpec:
                 raise EvoError(f"{where}: merge_method must be a global categorical gene")
             if name.startswith("lora.") and scope != "global":
                 raise EvoError(f"{where}.scope: LoRA genes are global")
+            if name.startswith("lora.") and dataflow is not None:
+                raise EvoError(f"{where}: LoRA genes and a data-flow path cannot be combined (yet)")
             genes[name] = (gene, scope)
         method = data.get("merge_method")
         if method is None and "merge_method" not in genes:
@@ -263,13 +285,14 @@ class SearchSpaceSpec:
         params = data.get("parameters") or {}
         if not isinstance(params, dict):
             raise EvoError(f"{source}: field 'parameters' must be a mapping")
-        return cls(str(data.get("name", Path(source).stem)), method, groups, dict(params), genes, source)
+        return cls(str(data.get("name", Path(source).stem)), method, groups, dict(params), genes, source, dataflow)
 
 
 class SearchSpace:
     """A space bound to a base model and its source models: genome <-> Recipe."""
 
-    def __init__(self, spec: SearchSpaceSpec, models: Sequence[str], base_model: str, *, seed: int = 0, dtype: str = "float32"):
+    def __init__(self, spec: SearchSpaceSpec, models: Sequence[str], base_model: str, *, seed: int = 0,
+                 dtype: str = "float32", num_layers: int | None = None):
         if not models:
             raise EvoError(f"{spec.source}: no source models to merge")
         self.spec = spec
@@ -278,12 +301,27 @@ class SearchSpace:
         self.seed = seed
         self.dtype = dtype
         self.slots: list[Slot] = []
+        self.genes = {name: gene for name, (gene, _) in spec.genes.items()}
         for name, (_, scope) in spec.genes.items():
             groups = range(spec.layer_groups) if scope in ("layer", "model_layer") else [None]
             owners = self.models if scope in ("model", "model_layer") else [None]
             for model in owners:
                 for group in groups:
                     self.slots.append(Slot(name, model, group))
+        self.num_layers = num_layers
+        flow = spec.dataflow
+        if flow is not None:
+            if not num_layers:
+                raise EvoError(f"{spec.source}: a data-flow space needs the base model's num_hidden_layers")
+            # which layer each path slot may run: nothing, or layer t mod L of one of these
+            self.path_choices = (SKIP, MERGED) if flow.layers_from == MERGED else (SKIP, base_model, *self.models)
+            self.genes["path"] = CategoricalGene(self.path_choices)
+            if flow.scale:
+                self.genes["path.scale"] = FloatGene(*flow.scale)
+            for t in range(flow.repeats * num_layers):
+                self.slots.append(Slot("path", None, t))
+                if flow.scale:
+                    self.slots.append(Slot("path.scale", None, t))
         from evo.merge.registry import METHODS
 
         methods = [spec.merge_method] if spec.merge_method else list(spec.genes["merge_method"][0].choices)
@@ -317,7 +355,7 @@ class SearchSpace:
 
     def values(self, genome: Sequence[float]) -> dict[str, Any]:
         """Decoded value of every slot, keyed by its label (for tables and plots)."""
-        return {s.label: self.spec.genes[s.gene][0].decode(u) for s, u in zip(self.slots, self._check(genome))}
+        return {s.label: self.genes[s.gene].decode(u) for s, u in zip(self.slots, self._check(genome))}
 
     def decode(self, genome: Sequence[float]) -> Recipe:
         genome = self._check(genome)
@@ -325,7 +363,11 @@ class SearchSpace:
         glob: dict[str, Any] = {}
         lora: dict[str, Any] = {}
         method = self.spec.merge_method
+        path: dict[int, list] = {}
         for slot, u in zip(self.slots, genome):
+            if slot.gene.startswith("path"):
+                path.setdefault(slot.group, [SKIP, 1.0])[slot.gene == "path.scale"] = self.genes[slot.gene].decode(u)
+                continue
             gene, scope = self.spec.genes[slot.gene]
             value = gene.decode(u)
             if slot.gene == "density" and isinstance(value, float):
@@ -344,14 +386,35 @@ class SearchSpace:
                 per_model[slot.model].setdefault(slot.gene, []).append(value)
         per_model = {m: {k: _squeeze(v) for k, v in p.items()} for m, p in per_model.items()}
         glob = {k: _squeeze(v) for k, v in glob.items()}
-        return Recipe(self._merge_config(method, per_model, glob), lora or None, self.seed)
+        if self.spec.dataflow is None:
+            return Recipe(self._merge_config(method, per_model, glob), lora or None, self.seed)
+        return Recipe(self._merge_config(method, per_model, glob), None, self.seed, self._path(path))
+
+    def _path(self, slots: dict[int, list]) -> LayerPath:
+        """Slots in order, skipped ones dropped; a path that skips everything keeps slot 0's
+        first model (a model needs one layer)."""
+        L = self.num_layers
+        steps = [PathStep(choice, t % L, round(float(scale), 6)) for t, (choice, scale) in sorted(slots.items())
+                 if choice != SKIP]
+        return LayerPath(L, tuple(steps) or (PathStep(self.path_choices[1], 0, 1.0),))
+
+    def identity_genome(self, model: str | None = None, **values) -> np.ndarray:
+        """:meth:`uniform_genome` with the path running every layer of ``model`` (default: the
+        merge, or the base) once, in order, at scale 1 (the extra passes skipped)."""
+        return self.uniform_genome(path_model=model, **values)
 
     def encode(self, recipe: Recipe) -> np.ndarray:
         """Inverse of :meth:`decode` for recipes that lie in this space (used to seed populations)."""
         cfg = recipe.merge
         params = {e.model: e.parameters for e in cfg.models}
         out = []
+        where = self._slots_of(recipe.path) if self.spec.dataflow is not None else {}
         for slot in self.slots:
+            if slot.gene.startswith("path"):
+                step = where.get(slot.group)
+                value = (SKIP if step is None else step.model) if slot.gene == "path" else (1.0 if step is None else step.scale)
+                out.append(min(max(self.genes[slot.gene].encode(value), 0.0), 1.0))
+                continue
             gene, scope = self.spec.genes[slot.gene]
             if slot.gene == "merge_method":
                 value = cfg.merge_method
@@ -366,11 +429,38 @@ class SearchSpace:
             out.append(min(max(gene.encode(value), 0.0), 1.0))
         return np.asarray(out, dtype=np.float64)
 
-    def uniform_genome(self, per_model: dict[str, dict] | None = None, **values) -> np.ndarray:
+    def _slots_of(self, path: LayerPath | None) -> dict[int, PathStep]:
+        """Inverse of :meth:`_path`: the slot each step came from (slot t runs layer t mod L)."""
+        if path is None:
+            raise EvoError(f"{self.spec.source}: the recipe has no path, the space searches one")
+        L, out, t = self.num_layers, {}, 0
+        for step in path.steps:
+            while t % L != step.layer:
+                t += 1
+            out[t] = step
+            t += 1
+        if t > self.spec.dataflow.repeats * L or any(s.model not in self.path_choices for s in path.steps):
+            raise EvoError(f"{self.spec.source}: the recipe's path does not lie in this space")
+        return out
+
+    def uniform_genome(self, per_model: dict[str, dict] | None = None, path_model: str | None = None,
+                       **values) -> np.ndarray:
         """A genome with every slot of gene ``g`` set to ``values[g]`` (others at the centre);
-        ``per_model[m][g]`` overrides gene ``g`` for model ``m`` (e.g. one model at weight 1)."""
+        ``per_model[m][g]`` overrides gene ``g`` for model ``m`` (e.g. one model at weight 1).
+        A data-flow path starts as the identity over ``path_model`` (:meth:`identity_genome`)."""
         out = np.full(self.dim, 0.5)
+        if self.spec.dataflow is not None:
+            model = path_model or self.path_choices[1]
+            if model not in self.path_choices[1:]:
+                raise EvoError(f"{self.spec.source}: a path cannot run model {model!r} (choices: {', '.join(self.path_choices[1:])})")
+            identity = LayerPath(self.num_layers, tuple(PathStep(model, i) for i in range(self.num_layers)))
+            where = self._slots_of(identity)
         for i, slot in enumerate(self.slots):
+            if slot.gene.startswith("path"):
+                step = where.get(slot.group)
+                value = (SKIP if step is None else step.model) if slot.gene == "path" else 1.0
+                out[i] = min(max(self.genes[slot.gene].encode(value), 0.0), 1.0)
+                continue
             own = (per_model or {}).get(slot.model, {})
             if slot.gene in own or slot.gene in values:
                 value = own.get(slot.gene, values.get(slot.gene))
@@ -378,6 +468,10 @@ class SearchSpace:
         return out
 
     def _merge_config(self, method, per_model, glob) -> MergeConfig:
+        if self.spec.dataflow is not None and self.spec.dataflow.layers_from != MERGED:
+            # a path of single models' layers merges nothing: the placeholder names the base
+            return MergeConfig.from_dict({"merge_method": "passthrough", "models": [{"model": self.base_model}],
+                                          "dtype": self.dtype}, source=self.spec.source)
         accepts = self._accepts[method]
         params = {k: v for k, v in {**self.spec.parameters, **glob}.items() if k in accepts}
         per_model = {m: {k: v for k, v in p.items() if k in accepts} for m, p in per_model.items()}
