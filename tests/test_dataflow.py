@@ -150,3 +150,46 @@ def test_a_path_naming_an_unknown_model_fails_as_a_candidate(evaluator):
     evaluator.eval_sets = {"valid": {"x": _blocks()}}
     out = evaluator.evaluate(recipe)
     assert out["status"] == "failed" and "'zz'" in out["error"]
+
+
+def test_a_dataflow_run_exports_a_release_of_another_depth(micro_zoo, ray_session, tmp_path, repo_root):
+    """evo run over the data-flow space on the micro zoo, then export the best evolved path: the
+    release has its path's depth, passes evo verify, and its mergekit.yaml (portable names pointed
+    back at the zoo) makes mergekit-yaml write the same tensors."""
+    import evo
+    from evo.artifacts.release import verify
+
+    space = yaml.safe_load((repo_root / "search_spaces" / "dataflow_layers.yaml").read_text())
+    space["dataflow"]["repeats"] = 2
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    cfg = {"zoo": str(micro_zoo.root), "search_space": str(tmp_path / "space.yaml"), "seed": 1,
+           "eval": {"seq_len": 32, "max_blocks": 4, "batch_size": 4},
+           "optimizer": {"name": "ga", "generations": 2, "population": 6, "options": {"elites": 1}},
+           "ray": {"evaluators": 2, "cpus_per_evaluator": 0.5}}
+    evo.run(cfg, tmp_path / "run", quiet=True)
+    release = evo.export(tmp_path / "run", tmp_path / "rel", candidate="best-evolved")
+    recipe = Recipe.from_dict(yaml.safe_load((release / "recipe.yaml").read_text()))
+    depth = json_load(release / "config.json")["num_hidden_layers"]
+    assert recipe.path is not None and depth == len(recipe.path.steps)
+    assert "data-flow path of" in (release / "README.md").read_text()
+    verify(release)  # re-measured from the release's own weights with plain transformers
+
+    exe = shutil.which("mergekit-yaml")
+    assert exe, "mergekit-yaml is a test dependency"
+    text = (release / "mergekit.yaml").read_text().replace(f"{micro_zoo.root.name}/", f"{micro_zoo.root}/")
+    (tmp_path / "mk.yaml").write_text(text)
+    subprocess.run([exe, str(tmp_path / "mk.yaml"), str(tmp_path / "mk_out"), "--no-lazy-unpickle"],
+                   check=True, capture_output=True, timeout=300)
+    ref = {}
+    for f in (tmp_path / "mk_out").glob("*.safetensors"):
+        ref.update(load_file(str(f)))
+    got = load_file(str(release / "model.safetensors"))
+    assert set(ref) == set(got)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-6, atol=1e-6, msg=name)
+
+
+def json_load(path):
+    import json
+
+    return json.loads(path.read_text())

@@ -60,7 +60,7 @@ def test_bad_gene_specs(spec, needle):
 @pytest.mark.parametrize("path", SPACES, ids=[p.name for p in SPACES])
 def test_every_shipped_space_loads_and_round_trips(path):
     """Contract test over every YAML under search_spaces/ (recursively)."""
-    space = SearchSpace.load(path, ["en", "de", "code"], "base")
+    space = SearchSpace.load(path, ["en", "de", "code"], "base", num_layers=4)
     assert space.dim > 0
     rng = np.random.default_rng(0)
     for _ in range(5):
@@ -68,8 +68,13 @@ def test_every_shipped_space_loads_and_round_trips(path):
         recipe = space.decode(genome)
         again = space.decode(space.encode(recipe))
         assert again.key() == recipe.key()  # decode(encode(recipe)) is the recipe itself
-        assert recipe.merge.base_model == "base"
-        assert [e.model for e in recipe.merge.models] == ["en", "de", "code"]
+        recipe.mergekit()  # a valid mergekit config (slices for a data-flow path)
+        if space.spec.dataflow is not None:
+            assert recipe.path.num_layers == 4
+            assert {s.model for s in recipe.path.steps} <= set(space.path_choices[1:])
+        if space.spec.dataflow is None or space.spec.dataflow.layers_from == "merged":
+            assert recipe.merge.base_model == "base"
+            assert [e.model for e in recipe.merge.models] == ["en", "de", "code"]
 
 
 def test_layerwise_decode_gives_gradient_lists(tmp_path):

@@ -277,7 +277,9 @@ def _materialise(recipe: Recipe, paths: dict[str, str], target: Path) -> None:
         return Path(paths[name])
 
     # the sources rounded as the evaluators held them: the release is the model that was measured
-    merge_to_dir(recipe.merge, target, resolve=resolve, seed=recipe.seed, source_dtype=recipe.merge.dtype)
+    # a data-flow recipe is built from its mergekit form (slices): a release may be deeper or
+    # shallower than the base
+    merge_to_dir(recipe.mergekit(), target, resolve=resolve, seed=recipe.seed, source_dtype=recipe.merge.dtype)
 
 
 def _apply_lora(recipe: Recipe, train, target: Path, mode: str) -> None:
@@ -316,10 +318,14 @@ def _write_release_files(root: Path, recipe: Recipe, paths: dict, cfg: Experimen
     atomic_write_text(root / "recipe.yaml", yaml.safe_dump({**recipe.to_dict(), "key": recipe.key()}, sort_keys=False))
     # mergekit form: the same merge with model names replaced by portable names of their
     # directories (the builder's paths stay out of a shipped release; point them at local copies)
-    mk = recipe.merge.to_dict()
-    mk["base_model"] = portable_name(paths["base"], cfg)
-    for entry in mk["models"]:
+    mk = recipe.mergekit().to_dict()
+    if "base_model" in mk:
+        mk["base_model"] = portable_name(paths[mk["base_model"]], cfg)
+    for entry in [*mk.get("models", []), *(src for sl in mk.get("slices", []) for src in sl["sources"])]:
         entry["model"] = portable_name(paths[entry["model"]], cfg)
+    for sl in mk.get("slices", []):
+        if "base_model" in sl:
+            sl["base_model"] = portable_name(paths[sl["base_model"]], cfg)
     atomic_write_text(root / "mergekit.yaml", "# model paths are portable names: replace them with your local copies\n"
                       + yaml.safe_dump(mk, sort_keys=False))
     atomic_write_text(root / "README.md", _card(recipe, paths, fitness, cfg))
@@ -346,17 +352,40 @@ def portable_name(path: str, cfg: ExperimentConfig) -> str:
     return p.name
 
 
+def _path_models(recipe: Recipe) -> list[str]:
+    """Models a data-flow path takes layers from that the merge does not already name."""
+    named = {"base", "merged", *(e.model for e in recipe.merge.models)}
+    return sorted({s.model for s in recipe.path.steps} - named) if recipe.path else []
+
+
+def _what_it_is(recipe: Recipe) -> str:
+    """The card's first sentence: the merge, and the layer path when the recipe has one."""
+    merge = (f"A `{recipe.merge.merge_method}` merge of {len(recipe.merge.models)} models over a common base"
+             if not recipe.path or recipe.path.uses_merge else "A stack of layers taken from the parent models")
+    if not recipe.path:
+        return merge + ", found by evo's evolutionary search."
+    steps, n = recipe.path.steps, recipe.path.num_layers
+    used = {}
+    for s in steps:
+        used[s.model] = used.get(s.model, 0) + 1
+    scaled = sum(1 for s in steps if s.scale != 1.0)
+    return (f"{merge}, run as a data-flow path of **{len(steps)} layers** (the parents have {n}): "
+            + ", ".join(f"{k} layers from {m}" for m, k in used.items())
+            + (f"; {scaled} of them with their residual update scaled" if scaled else "")
+            + ". Found by evo's evolutionary search; `mergekit.yaml` builds it as mergekit `slices`.")
+
+
 def _card(recipe: Recipe, paths: dict, fitness: dict, cfg: ExperimentConfig) -> str:
     lines = [
         f"# {cfg.name}: evolved merge",
         "",
-        f"A `{recipe.merge.merge_method}` merge of {len(recipe.merge.models)} models over a common base, "
-        "found by evo's evolutionary search.",
+        _what_it_is(recipe),
         "",
         "## Parent models",
         "",
         f"- base: `{portable_name(paths['base'], cfg)}`",
-        *[f"- {e.model}: `{portable_name(paths[e.model], cfg)}`" for e in recipe.merge.models],
+        *[f"- {e.model}: `{portable_name(paths[e.model], cfg)}`" for e in recipe.merge.models if e.model != "base"],
+        *[f"- {m}: `{portable_name(paths[m], cfg)}`" for m in _path_models(recipe)],
         "",
         f"## Fitness (data version `{fitness['data_version']}`, generation {fitness['generation']})",
         "",
@@ -533,6 +562,18 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _check_depth(root: Path, model) -> None:
+    """A data-flow release has as many layers as its recipe's path (it may differ from the base's)."""
+    try:
+        recipe = yaml.safe_load((root / "recipe.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return  # the manifest already vouched for the files; an older release may have no recipe
+    steps = ((recipe.get("path") or {}).get("steps") or []) if isinstance(recipe, dict) else []
+    depth = getattr(model.config, "num_hidden_layers", None)
+    if steps and depth != len(steps):
+        raise EvoError(f"{root / 'config.json'}: num_hidden_layers is {depth}, the recipe's path has {len(steps)} layers")
+
+
 def verify(release: str | Path, tolerance: float = 1e-3) -> dict[str, float]:
     """Check the manifest, load the model with plain transformers, and re-measure every
     objective on the recorded data. Returns the re-measured values; raises EvoError otherwise."""
@@ -567,6 +608,7 @@ def verify(release: str | Path, tolerance: float = 1e-3) -> dict[str, float]:
             model = PeftModel.from_pretrained(model, root / "adapter").eval()
     except Exception as exc:  # any load failure is a broken release
         raise EvoError(f"{root}: model does not load ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})") from None
+    _check_depth(root, model)
     if fitness.get("eval_blocks"):  # a stream release carries the exact blocks it was measured on
         from safetensors.numpy import load_file
 

@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 
 from evo.core.config import ExperimentConfig  # noqa: E402
 from evo.core.errors import EvoError  # noqa: E402
-from evo.search.space import SearchSpaceSpec, SearchSpace  # noqa: E402
+from evo.search.space import SearchSpace  # noqa: E402
 from evo.artifacts.checkpoint import Checkpoint  # noqa: E402
 from evo.artifacts.store import RunStore, atomic_write_text  # noqa: E402
 from evo.artifacts.status import version_summary  # noqa: E402
@@ -41,7 +41,9 @@ def report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     goals = [o["goal"] for o in ckpt.objectives]
     # the genome's models as the run recorded them (a stream run adds its current release)
     models = ckpt.space.get("models") or list(cfg.models.sources)
-    space = SearchSpace(SearchSpaceSpec.from_yaml(cfg.search_space), models, "base")
+    from evo.zoo.gguf import as_model_dir
+
+    space = SearchSpace.load(cfg.search_space, models, "base", base_dir=as_model_dir(cfg.models.base))
 
     figures = {
         "fitness": _plot_fitness(ckpt.logbook, names),

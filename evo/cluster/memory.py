@@ -169,7 +169,10 @@ def plan_for(cfg, *, evaluators_per_node: int | None = None, node_available: int
     per = BYTES[cfg.dtype]
     k = rc.evaluators if evaluators_per_node is None else evaluators_per_node
     on_gpu = rc.gpus_per_evaluator > 0
-    lora = any(g.startswith("lora.") for g in SearchSpaceSpec.from_yaml(cfg.search_space).genes)
+    spec = SearchSpaceSpec.from_yaml(cfg.search_space)
+    lora = any(g.startswith("lora.") for g in spec.genes)
+    # a path of single models' layers runs the sources' own layers: each evaluator holds them whole
+    paths = spec.dataflow is not None and spec.dataflow.layers_from == "models"
 
     sources = (1 + n_src) * base.params * per
     model = base.params * per
@@ -188,6 +191,8 @@ def plan_for(cfg, *, evaluators_per_node: int | None = None, node_available: int
     per_eval = [("resident model", model), ("merge scratch (float32)", scratch),
                 (f"activations (batch {ev.batch_size} x seq {ev.seq_len}{', LoRA training' if lora else ''})",
                  activations)]
+    if paths:
+        per_eval.append((f"base + {n_src} source models whole, for data-flow paths", (1 + n_src) * model))
     if gpu_total == -1:
         gpu_total = _gpu_total() if on_gpu else None
     stream = False
@@ -222,6 +227,9 @@ def plan_for(cfg, *, evaluators_per_node: int | None = None, node_available: int
     elif node_available == -1:
         node_available = available_memory()
     plan = MemoryPlan(items, k, node_available, gpu_total, per_gpu, object_store=sources, stream_sources=stream)
+    if spec.dataflow is not None:
+        plan.notes.append(f"data-flow paths of up to {spec.dataflow.repeats} x {base.layers} layers: activations are "
+                          "one layer's (inference keeps no earlier layer); a deeper path costs time, not memory")
     if on_gpu and gpu_total is None:
         plan.notes.append("no GPU visible to the driver: the per-GPU figure is not checked; sources live on the GPU")
     elif on_gpu:

@@ -88,11 +88,22 @@ def objective_directions(cfg: ExperimentConfig) -> list[str]:
 
 
 def make_space(cfg: ExperimentConfig) -> SearchSpace:
-    return SearchSpace.load(cfg.search_space, list(cfg.models.sources), "base", seed=cfg.seed, dtype=cfg.dtype)
+    return load_space(cfg, list(cfg.models.sources))
+
+
+def load_space(cfg: ExperimentConfig, models: list[str]) -> SearchSpace:
+    """The run's search space over ``models`` (a data-flow space also learns the base's depth)."""
+    from evo.zoo.gguf import as_model_dir
+
+    return SearchSpace.load(cfg.search_space, models, "base", base_dir=as_model_dir(cfg.models.base),
+                            seed=cfg.seed, dtype=cfg.dtype)
 
 
 def initial_genomes(cfg: ExperimentConfig, space: SearchSpace) -> list[np.ndarray]:
-    """Known-good starting points: the uniform average and plain task arithmetic."""
+    """Known-good starting points: the uniform average and plain task arithmetic (a path of
+    single models' layers: each model as it is)."""
+    if cfg.optimizer.seed_baselines and space.spec.dataflow is not None and "weight" not in space.spec.genes:
+        return [space.identity_genome(m) for m in space.path_choices[1:]]
     if not cfg.optimizer.seed_baselines or "weight" not in space.spec.genes:
         return []
     n = len(space.models)
@@ -407,5 +418,4 @@ def new_optimizer(cfg: ExperimentConfig, space: SearchSpace):
 def make_stream_space(cfg: ExperimentConfig) -> SearchSpace:
     """A stream run's space: the sources plus the current release as one more model to merge, and
     the models adapted once per version (``stream.adapters``, ``evo.loop.adapt``)."""
-    return SearchSpace.load(cfg.search_space, [*cfg.models.sources, RELEASE, *cfg.stream.adapters], "base",
-                            seed=cfg.seed, dtype=cfg.dtype)
+    return load_space(cfg, [*cfg.models.sources, RELEASE, *cfg.stream.adapters])

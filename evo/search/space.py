@@ -342,8 +342,14 @@ class SearchSpace:
                               UserWarning, stacklevel=2)
 
     @classmethod
-    def load(cls, path, models, base_model, **kw) -> "SearchSpace":
-        return cls(SearchSpaceSpec.from_yaml(path), models, base_model, **kw)
+    def load(cls, path, models, base_model, *, base_dir=None, **kw) -> "SearchSpace":
+        """The space file at ``path``; a data-flow space reads its depth from ``base_dir``'s config."""
+        spec = SearchSpaceSpec.from_yaml(path)
+        if spec.dataflow is not None and kw.get("num_layers") is None and base_dir is not None:
+            from evo.merge.io import read_config
+
+            kw["num_layers"] = int(read_config(Path(base_dir)).get("num_hidden_layers") or 0) or None
+        return cls(spec, models, base_model, **kw)
 
     @property
     def dim(self) -> int:
