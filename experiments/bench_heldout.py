@@ -35,12 +35,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SPACE = ROOT / "search_spaces" / "task_arithmetic_layerwise.yaml"
 
 
-def run_one(zoo: str, blocks: int, seed: int, redraw: bool, args) -> dict:
+def run_one(zoo: str, blocks: int, seed: int, redraw: bool, args, space: Path = SPACE) -> dict:
     import evo
+    from evo.artifacts.store import RunStore
+    from evo.search.space import Recipe
 
     config = {
         "name": f"heldout-b{blocks}-s{seed}-{'redraw' if redraw else 'fixed'}",
-        "zoo": zoo, "search_space": str(SPACE),
+        "zoo": zoo, "search_space": str(space),
         "eval": {"seq_len": 128, "max_blocks": blocks, "batch_size": args.batch_size, "redraw": redraw,
                  "selection": {"blocks": args.heldout_blocks}, "test_blocks": args.heldout_blocks},
         "optimizer": {"name": args.optimizer, "generations": args.generations, "population": args.population,
@@ -52,7 +54,13 @@ def run_one(zoo: str, blocks: int, seed: int, redraw: bool, args) -> dict:
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         result = evo.run(config, Path(tmp) / "run", quiet=True)
+        # the forward cost of a search candidate (a deeper data-flow path costs more)
+        timed = [c["timings"]["ppl_s"] / max(c.get("evaluated_fraction") or 1.0, 1e-9)
+                 for c in RunStore.open(Path(tmp) / "run").candidates()
+                 if c.get("status") == "ok" and (c.get("timings") or {}).get("ppl_s") is not None]
     sel = result.selection
+    released = Recipe.from_dict(sel["release_recipe"]) if sel.get("release_recipe") else None
+    depth = len(released.path.steps) if released is not None and released.path else None
     table = sel["table"]
 
     def test_mean(label):
@@ -62,7 +70,8 @@ def run_one(zoo: str, blocks: int, seed: int, redraw: bool, args) -> dict:
     margin = sel["margins"].get("release_vs_best_baseline/test")
     return {
         "blocks": blocks, "seed": seed, "mode": "redraw" if redraw else "fixed", "start": args.start,
-        "seconds": time.time() - t0,
+        "seconds": time.time() - t0, "space": Path(space).stem, "release_depth": depth,
+        "ppl_s_per_candidate": statistics.median(timed) if timed else None,
         "release": sel["release"], "release_kind": sel["release_kind"], "best_baseline": sel["best_baseline"],
         "test": {"release": test_mean(sel["release"]), "search_best": test_mean(search_best),
                  "best_baseline": test_mean(sel["best_baseline"]), "uniform": test_mean("uniform average")},
