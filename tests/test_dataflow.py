@@ -164,13 +164,15 @@ def test_a_dataflow_run_exports_a_release_of_another_depth(micro_zoo, ray_sessio
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
     cfg = {"zoo": str(micro_zoo.root), "search_space": str(tmp_path / "space.yaml"), "seed": 1,
            "eval": {"seq_len": 32, "max_blocks": 4, "batch_size": 4},
-           "optimizer": {"name": "ga", "generations": 2, "population": 6, "options": {"elites": 1}},
+           "optimizer": {"name": "random", "generations": 1, "population": 4, "start": "uniform",
+                         "seed_baselines": False},
            "ray": {"evaluators": 2, "cpus_per_evaluator": 0.5}}
     evo.run(cfg, tmp_path / "run", quiet=True)
     release = evo.export(tmp_path / "run", tmp_path / "rel", candidate="best-evolved")
     recipe = Recipe.from_dict(yaml.safe_load((release / "recipe.yaml").read_text()))
     depth = json_load(release / "config.json")["num_hidden_layers"]
     assert recipe.path is not None and depth == len(recipe.path.steps)
+    assert depth != recipe.path.num_layers  # random paths over two passes: another depth than the zoo's
     assert "data-flow path of" in (release / "README.md").read_text()
     verify(release)  # re-measured from the release's own weights with plain transformers
 
