@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 import typing
 from pathlib import Path
 
 import yaml
 
-from evo.core import config as schema
+if __name__ == "__main__":  # run as a script: the checkout's evo
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from evo.core import config as schema  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -60,6 +64,13 @@ def schema_fields(cls=None, prefix: str = "") -> dict[str, dataclasses.Field]:
         if item is not None:
             out.update(schema_fields(item, path + "[]."))
     return out
+
+
+def type_name(f: dataclasses.Field) -> str:
+    """A field's type as the schema writes it (``int | None``)."""
+    if isinstance(f.type, str):  # the schema uses postponed annotations
+        return f.type
+    return f.type.__name__ if isinstance(f.type, type) else str(f.type).replace("typing.", "")
 
 
 def render(value) -> str:
@@ -165,10 +176,13 @@ def documented_rows() -> dict[str, list[str]]:
     return rows
 
 
+def _cell(text: str) -> str:
+    return "`" + text.replace("|", "\\|") + "`"
+
+
 def _row_for(path: str, f: dataclasses.Field) -> str:
     default = default_of(f)
-    cell = lambda s: "`" + s.replace("|", "\\|") + "`"
-    return f"| {cell(path)} | {cell(str(f.type))} | {cell(default) if default else '...'} | ... |"
+    return f"| {_cell(path)} | {_cell(type_name(f))} | {_cell(default) if default else '...'} | ... |"
 
 
 def test_every_schema_field_is_documented():
@@ -192,8 +206,8 @@ def test_documented_types_and_defaults_match_the_schema():
         if f is None:
             continue
         assert len(cells) == 4, f"docs/config.md: {path}: a row has 4 cells (field, type, default, meaning)"
-        if code(cells[1]) != str(f.type):
-            wrong.append(f"{path}: type {code(cells[1])!r}, schema says {str(f.type)!r}")
+        if code(cells[1]) != type_name(f):
+            wrong.append(f"{path}: type {code(cells[1])!r}, schema says {type_name(f)!r}")
         default = default_of(f)
         if default is not None and code(cells[2]) != default:
             wrong.append(f"{path}: default {code(cells[2])!r}, schema says {default!r}")
@@ -209,7 +223,7 @@ def _names_a_field(token: str, fields: dict) -> bool:
     """A field, a section of fields, or an entry of a mapping field (``eval.sets.en``)."""
     if token in fields or any(p.startswith(token + ".") for p in fields):
         return True
-    return any(token.startswith(p + ".") and str(f.type).startswith("dict[") for p, f in fields.items())
+    return any(token.startswith(p + ".") and type_name(f).startswith("dict[") for p, f in fields.items())
 
 
 def test_config_doc_names_only_existing_fields():
@@ -311,6 +325,5 @@ def test_relative_links_resolve():
 
 if __name__ == "__main__":
     fields, rows = schema_fields(), documented_rows()
-    for p, f in fields.items():
-        if p not in rows:
-            print(_row_for(p, f))
+    missing = [_row_for(p, f) for p, f in fields.items() if p not in rows]
+    print("\n".join(missing) if missing else f"docs/config.md documents all {len(fields)} config fields")
