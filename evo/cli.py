@@ -101,11 +101,16 @@ def _cmd_merge(args) -> None:
 
 
 def _cmd_verify(args) -> None:
-    from evo.artifacts.release import verify
+    import json
+    from pathlib import Path
+
+    from evo.artifacts.release import SPLIT_TEXT, verify
 
     values = verify(args.release, tolerance=args.tolerance)
     shown = ", ".join(f"{k}={v:.4f}" for k, v in values.items())
-    print(f"{args.release}: OK (manifest matches; re-measured {shown})")
+    split = json.loads((Path(args.release) / "fitness.json").read_text(encoding="utf-8")).get("measured_on")
+    where = f" on the {split} split: {SPLIT_TEXT[split]}" if split in SPLIT_TEXT else ""
+    print(f"{args.release}: OK (manifest matches; re-measured {shown}{where})")
 
 
 def _cmd_plan(args) -> int:

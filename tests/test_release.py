@@ -55,7 +55,11 @@ def test_export_loads_verifies_and_detects_a_flipped_byte(finished_run, tmp_path
     AutoModelForCausalLM.from_pretrained(release)
     values = verify(release)
     assert cli(["verify", str(release)]) == 0
-    assert "OK" in capsys.readouterr().out
+    out = capsys.readouterr().out  # says which text the re-measured values are on
+    assert "OK" in out and "on the selection split: documents of the evaluation sets' files held out" in out
+    card = (release / "README.md").read_text()
+    if "Margin in mean log-perplexity" in card:  # the margins' intervals: stratified, and over which text
+        assert "stratified by evaluation set" in card and "- selection: documents of the evaluation sets'" in card
 
     blob = bytearray((release / "model.safetensors").read_bytes())
     blob[len(blob) // 2] ^= 0x01

@@ -250,6 +250,17 @@ def _run_fitness(cfg: ExperimentConfig, ckpt: Checkpoint, store: RunStore, label
     return fitness
 
 
+# what text a split's blocks come from (the card and `evo verify` say it beside every figure)
+SPLIT_TEXT = {
+    "search": "the blocks the search scored (fitted to them: not a held-out figure)",
+    "valid": "the evaluation sets' blocks the search scored (not held out)",
+    "selection": "documents of the evaluation sets' files held out of every search draw (the same sources as "
+                 "the search: unseen documents, not a shift)",
+    "test": "the zoo's test documents (test.jsonl beside each evaluation set), read by neither the search nor "
+            "the selection; drawn from the same sources as the evaluation sets",
+}
+
+
 def lineage_record(store: RunStore, candidate: str | None) -> list[dict]:
     """fitness.json's lineage: ``candidate`` and its ancestors, from the run's candidate records."""
     from evo.artifacts.report import lineage
@@ -432,17 +443,24 @@ def _card(recipe: Recipe, paths: dict, fitness: dict, cfg: ExperimentConfig) -> 
                 lines.append(f"| {split}{note} | " + " | ".join(f"{vals.get(n, float('nan')):.4f}" for n in fitness["objectives"]) + " |")
         margins = {k: m for k, m in (fitness.get("margins") or {}).items() if m}
         if margins:
-            lines += ["", f"Margin in mean log-perplexity (nats; negative: this release is better), paired over the same "
-                      f"blocks, with a normal 95% interval over blocks:", ""]
+            lines += ["", "Margin in mean log-perplexity (nats; negative: this release is better), paired over the same "
+                      "blocks and stratified by evaluation set (each set's mean difference, averaged over sets as the "
+                      "objective is; the spread is within sets only), with a normal 95% interval:", ""]
+            splits = []
             for key, m in margins.items():
                 what, split = key.split("/")
+                splits += [split] if split not in splits else []
                 lines.append(f"- {what.replace('_', ' ')} ({rel['best_baseline'] if 'baseline' in what else 'uniform average'}), "
                              f"{split} split: {m['mean']:+.4f} [{m['lo']:+.4f}, {m['hi']:+.4f}] over {m['blocks']} blocks")
+            lines += ["", "Which text each interval covers (none covers documents from other sources, periods or "
+                      "books than the evaluation sets; a margin there can be smaller):", ""]
+            lines += [f"- {split}: {SPLIT_TEXT.get(split, 'blocks of the evaluation sets')}" for split in splits]
     comp = fitness.get("comparison")
     if comp:
         coll = next((c for c in ("test", "selection", "valid") if any(c in v for v in comp.values())), "valid")
         sets = fitness.get("comparison_sets") or list(cfg.eval.sets)
         lines += ["", f"## Comparison (log-perplexity, {coll} split)", "",
+                  f"The {coll} split: {SPLIT_TEXT.get(coll, 'blocks of the evaluation sets')}.", "",
                   "| model | " + " | ".join(sets) + " | mean |", "|---" * (len(sets) + 2) + "|"]
         for label, colls in comp.items():
             m = colls.get(coll, {})
