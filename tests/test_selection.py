@@ -2,6 +2,7 @@
 selection split (with the baseline fallback) and paired intervals."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -12,7 +13,8 @@ from evo.data.stream import canonical, selection_split
 from evo.data.draws import BlockDraws, adjust_metrics, paired_difference
 from evo.core.errors import EvoError
 from evo.scoring.evaluator import Evaluator
-from evo.loop.selection import Selection, baseline_recipes, control_recipe, weights_recipe
+from evo.loop.racing import race_z, round_counts
+from evo.loop.selection import Selection, baseline_recipes, control_recipe, print_selection, weights_recipe
 from evo.data.sources import Sources
 
 
@@ -73,12 +75,14 @@ def test_sources_hold_a_search_pool_a_selection_split_and_a_test_split(resident,
 
 
 def _evaluate(ev):
-    return lambda named, coll: {k: ev.evaluate(r.to_dict(), collection=coll) for k, r in named.items()}
+    return lambda named, coll, blocks=None: {k: ev.evaluate(r.to_dict(), collection=coll, blocks=blocks)
+                                             for k, r in named.items()}
 
 
 def test_release_is_chosen_on_selection_and_falls_back_to_the_best_baseline(resident):
     cfg, sources, ev = resident
     names = list(cfg.models.sources)
+    cfg = _racing(cfg, False)  # the full rule: every candidate on every block (racing: below)
     stage = Selection(cfg, _evaluate(ev), has_selection=True, has_test=True)
     # an evolved recipe far worse than every simple baseline: the release is the best baseline
     bad = weights_recipe(cfg, {m: 2.0 for m in names})
@@ -114,6 +118,8 @@ def test_selection_config_errors_are_one_line(micro_zoo, repo_root, tmp_path):
     raw = {"zoo": str(micro_zoo.root), "search_space": str(repo_root / "search_spaces" / "task_arithmetic_layerwise.yaml")}
     for bad, match in (({"fraction": 1.0}, "eval.selection.fraction"), ({"blocks": 0}, "eval.selection"),
                        ({"lambdas": [0.0]}, "eval.selection.lambdas"),
+                       ({"racing_rounds": 0}, "eval.selection.racing_rounds"),
+                       ({"racing": "yes"}, "eval.selection.racing"),
                        ({"sets": {"nope": str(tmp_path)}}, "eval.selection.sets.nope")):
         with pytest.raises(EvoError, match=match):
             ExperimentConfig.from_dict({**raw, "eval": {"selection": bad}})
@@ -134,3 +140,146 @@ def test_single_document_files_are_split_by_position(micro_zoo, repo_root, tmp_p
     pool, sel = sources.eval_sets["valid"]["code"], sources.eval_sets["selection"]["code"]
     assert len(sel) >= 1 and not {tuple(r) for r in sel.tolist()} & {tuple(r) for r in pool.tolist()}
     json.dumps(sources.version_inputs)  # recorded for verify, JSON-clean
+
+
+# ---------------------------------------------------------------- racing (evo.loop.racing)
+def _racing(cfg: ExperimentConfig, on: bool, rounds: int = 4) -> ExperimentConfig:
+    """``cfg`` with ``eval.selection.racing`` set (configs are frozen: a replaced copy)."""
+    sel = dataclasses.replace(cfg.eval.selection, racing=on, racing_rounds=rounds)
+    return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, selection=sel))
+
+
+RACE_SIZES = {"code": 64, "c": 96, "doc": 64}  # blocks per set of a synthetic selection split
+RACE_OFFSETS = {  # each candidate's true mean NLL offset (nats); the per-block noise is 0.01
+    "evolved #1 (best)": -0.05, "evolved #2 (close)": -0.0497, "evolved #3 (worse)": 0.10,
+    "uniform average": 0.05, "task arithmetic (lambda=0.3)": 0.0, "task arithmetic (lambda=0.5)": 0.0003,
+    "task arithmetic (lambda=1)": 0.20, "ties (w=1, density=0.5)": 0.30, "dare_ties (w=1, density=0.5)": 0.60,
+}
+
+
+class FakeEvaluate:
+    """An ``evaluate`` callback that looks per-block NLLs up instead of running a model, and
+    counts the selection blocks each candidate was scored on."""
+
+    def __init__(self, nlls: dict[str, dict[str, np.ndarray]]):
+        self.nlls = nlls
+        self.scored: dict[str, int] = {}
+
+    def __call__(self, named, collection, blocks=None):
+        assert collection == "selection"
+        out = {}
+        for label in named:
+            rows = blocks or {s: range(len(v)) for s, v in self.nlls[label].items()}
+            per = {s: [float(self.nlls[label][s][i]) for i in rows[s]] for s in rows}
+            self.scored[label] = self.scored.get(label, 0) + sum(len(v) for v in per.values())
+            out[label] = {"status": "ok", "metrics": {f"logppl/{s}": float(np.mean(v)) for s, v in per.items()},
+                          "block_nlls": per}
+        return out
+
+
+@pytest.fixture(scope="module")
+def race_setup(micro_zoo, repo_root):
+    """A config whose sets and λ sweep match ``RACE_OFFSETS``, the hall of fame's three
+    entries, and synthetic NLLs: a block difficulty shared by every candidate (sd 0.5, what
+    pairing cancels) plus each candidate's offset and its own noise."""
+    cfg = ExperimentConfig.from_dict({
+        "zoo": str(micro_zoo.root), "search_space": str(repo_root / "search_spaces" / "task_arithmetic_layerwise.yaml"),
+        "eval": {"selection": {"lambdas": [0.3, 0.5, 1.0]}}, "seed": 3,
+    })
+    assert sorted(cfg.eval.sets) == sorted(RACE_SIZES)
+    rng = np.random.default_rng(0)
+    difficulty = {s: rng.normal(4.0, 0.5, n) for s, n in RACE_SIZES.items()}
+    nlls = {label: {s: d + off + rng.normal(0.0, 0.01, len(d)) for s, d in difficulty.items()}
+            for label, off in RACE_OFFSETS.items()}
+    names = list(cfg.models.sources)
+    evolved = [(cid, weights_recipe(cfg, {m: 0.1 * (i + 1) for m in names}), [0.0])
+               for i, cid in enumerate(("best", "close", "worse"))]
+    return cfg, nlls, evolved
+
+
+def _race(cfg, nlls, evolved, on: bool):
+    fake = FakeEvaluate(nlls)
+    stage = Selection(_racing(cfg, on), fake, has_selection=True, has_test=False, sizes=RACE_SIZES)
+    return stage.run(evolved), fake.scored
+
+
+def test_race_drops_clearly_worse_candidates_early_and_keeps_close_ones(race_setup, capsys):
+    cfg, nlls, evolved = race_setup
+    raced, scored = _race(cfg, nlls, evolved, True)
+    full, full_scored = _race(cfg, nlls, evolved, False)
+    total, first_look = sum(RACE_SIZES.values()), 8 + 12 + 8  # 1/8 of each set
+    race = raced["race"]
+    assert race["racing"] and race["rounds"] == [first_look, 2 * first_look, 4 * first_look, total]
+    assert race["z"] == pytest.approx(race_z(3, len(RACE_OFFSETS)))  # Bonferroni: 3 looks x 8 rivals
+    # the clearly worse leave after the first look; the close ones and the leaders run to the end
+    worse = {"evolved #3 (worse)", "uniform average", "task arithmetic (lambda=1)", "ties (w=1, density=0.5)",
+             "dare_ties (w=1, density=0.5)"}
+    assert set(race["dropped"]) == worse
+    assert all(race["dropped"][k]["after_blocks"] == first_look == scored[k] for k in worse)
+    assert all(scored[k] == total for k in set(RACE_OFFSETS) - worse)
+    assert race["dropped"]["evolved #3 (worse)"]["vs"] == "evolved #1 (best)"
+    assert race["dropped"]["task arithmetic (lambda=1)"]["vs"] == raced["best_lambda"]
+    assert race["blocks_scored"] == sum(scored.values()) < race["blocks_full"] == sum(full_scored.values())
+    assert full["race"] == {**full["race"], "racing": False, "why_not": "eval.selection.racing: false",
+                            "dropped": {}, "blocks_scored": len(RACE_OFFSETS) * total}
+
+    # the same choice as scoring everything, and the release and best baseline on every block
+    for key in ("release", "best_baseline", "best_lambda", "best_evolved", "release_kind"):
+        assert raced[key] == full[key], key
+    assert raced["release"] == "evolved #1 (best)" and scored[raced["best_baseline"]] == total
+    # the printed interval is paired_difference on the whole split, as without racing
+    sets = list(cfg.eval.sets)
+    expect = paired_difference(nlls[raced["release"]], nlls[raced["best_baseline"]], sets)
+    assert raced["margins"]["release_vs_best_baseline/selection"] == expect
+    assert full["margins"]["release_vs_best_baseline/selection"] == pytest.approx(expect)
+    for label, row in raced["table"].items():  # a row's selection values are whole-split values
+        if "selection" in row:
+            assert row["selection"]["mean"] == pytest.approx(full["table"][label]["selection"]["mean"])
+    ties = raced["table"]["ties (w=1, density=0.5)"]
+    assert "selection" not in ties and ties["dropped"]["of_blocks"] == total
+    assert "release_vs_uniform/selection" not in raced["margins"]  # the uniform average was dropped
+
+    print_selection(raced, sets)
+    out = capsys.readouterr().out
+    assert f"drop@{first_look}" in out and f"dropped after {first_look} of {total} blocks" in out
+
+    # deterministic: the same race again, the same record (but for its wall time)
+    again, _ = _race(cfg, nlls, evolved, True)
+    assert {**again, "race": {**again["race"], "seconds": 0}} == {**raced, "race": {**race, "seconds": 0}}
+
+
+def test_race_rounds_double_and_wait_for_enough_blocks():
+    assert round_counts({"a": 64, "b": 30}, 4) == [{"a": 16, "b": 8}, {"a": 32, "b": 15}, {"a": 64, "b": 30}]
+    assert round_counts({"a": 7}, 4) == [{"a": 7}]  # too few blocks to look: scored in one round
+    assert round_counts({"a": 64}, 1) == [{"a": 64}]
+    assert race_z(1, 2) == pytest.approx(1.959964, abs=1e-5) and race_z(3, 19) > 3.3
+
+
+def test_racing_picks_the_release_full_selection_picks_on_fewer_blocks(micro_zoo, ray_session, space_file, tmp_path):
+    """End to end through the loop: the same (synchronous, reproducible) search, then selection
+    raced and not: the same release with the same whole-split values, fewer blocks scored."""
+    import evo
+
+    cfg = {
+        "name": "race", "zoo": str(micro_zoo.root), "search_space": str(space_file),
+        "eval": {"seq_len": 32, "max_blocks": 6, "batch_size": 6},
+        "optimizer": {"name": "ga", "generations": 2, "population": 6, "options": {"elites": 1}, "async": False},
+        "ray": {"evaluators": 2, "cpus_per_evaluator": 0.5, "candidate_timeout_s": 120},
+        "seed": 7,
+    }
+    raced = evo.run(cfg, tmp_path / "raced", quiet=True)
+    off = {**cfg, "eval": {**cfg["eval"], "selection": {"racing": False}}}
+    full = evo.run(off, tmp_path / "full", quiet=True)
+    assert raced.best_recipe.key() == full.best_recipe.key()  # the same search
+    r, f = raced.selection, full.selection
+    assert r["release"] == f["release"] and r["best_baseline"] == f["best_baseline"]
+    assert raced.release_recipe.key() == full.release_recipe.key()
+    assert r["race"]["racing"] and not f["race"]["racing"] and r["race"]["dropped"]
+    assert r["race"]["blocks_scored"] < f["race"]["blocks_scored"] == r["race"]["blocks_full"]
+    for label in (r["release"], r["best_baseline"]):
+        assert raced.comparison[label]["selection"]["mean"] == pytest.approx(
+            full.comparison[label]["selection"]["mean"], abs=1e-6)
+    for key, m in f["margins"].items():
+        if key.startswith("release_vs_best_baseline"):
+            assert r["margins"][key]["mean"] == pytest.approx(m["mean"], abs=1e-6)
+            assert r["margins"][key]["blocks"] == m["blocks"]

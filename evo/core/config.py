@@ -76,6 +76,11 @@ class SelectionConfig:
     every ``lambdas`` value, TIES and DARE-TIES defaults) are scored on ``blocks`` blocks of
     every selection set; the release is the best of them there, a baseline when no evolved
     recipe beats it.
+
+    ``racing`` (default): the selection split is scored in ``racing_rounds`` rounds over
+    doubling shares of its blocks, and a candidate clearly worse than the leader of its kind,
+    paired per block, is dropped (``evo.loop.racing``); the release and its interval still come
+    from the whole split. false: every candidate on every block, as before.
     """
 
     fraction: float = 0.5
@@ -83,6 +88,8 @@ class SelectionConfig:
     blocks: int = 64
     top_k: int = 8
     lambdas: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+    racing: bool = True
+    racing_rounds: int = 4
 
 
 @dataclass(frozen=True)
@@ -413,6 +420,8 @@ class ExperimentConfig:
             raise EvoError(f"{where}: eval.selection.fraction: a share of documents in [0, 1), got {sel.fraction}")
         if sel.blocks < 1 or sel.top_k < 1:
             raise EvoError(f"{where}: eval.selection: blocks >= 1 and top_k >= 1 are required")
+        if sel.racing_rounds < 1:
+            raise EvoError(f"{where}: eval.selection.racing_rounds: a number of rounds >= 1, got {sel.racing_rounds}")
         if any(not 0.0 < lam <= 2.0 for lam in sel.lambdas):
             raise EvoError(f"{where}: eval.selection.lambdas: task-arithmetic scales in (0, 2], got {sel.lambdas}")
         for name, path in sel.sets.items():

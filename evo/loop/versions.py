@@ -195,11 +195,12 @@ class FixedData(VersionSource):
             return  # every candidate failed: nothing to select
         pool, cfg = loop.pool, self.cfg
 
-        def evaluate(named: dict[str, Recipe], collection: str) -> dict[str, dict]:
+        def evaluate(named: dict[str, Recipe], collection: str,
+                     blocks: dict[str, list[int]] | None = None) -> dict[str, dict]:
             todo = {label: (f"{collection}-{i:02d}", r) for i, (label, r) in enumerate(named.items())}
             results: dict[str, dict] = {}
             pool.evaluate(todo, lambda k, r: results.__setitem__(k, r), desc=f"{collection} split",
-                          collection=collection)
+                          collection=collection, blocks=blocks)
             return results
 
         evolved = []
@@ -208,11 +209,14 @@ class FixedData(VersionSource):
                 evolved.append((e.id or "?", self.space.decode(e.genome), e.values))
             except EvoError:
                 continue
+        sizes = {name: len(b) for name, b in pool.sources.eval_sets.get("selection", {}).items()}
         stage = Selection(cfg, evaluate, has_selection=pool.sources.has_selection,
-                          has_test=pool.sources.has_report_sets)
+                          has_test=pool.sources.has_report_sets, sizes=sizes)
         self.selection = stage.run(evolved)
+        race = self.selection.get("race") or {}
         loop.store.event("selection", release=self.selection["release"], reason=self.selection["reason"],
-                         margins=self.selection["margins"])
+                         margins=self.selection["margins"],
+                         race={k: race[k] for k in ("racing", "blocks_scored", "blocks_full", "seconds") if k in race})
         if not loop.quiet:
             print_selection(self.selection, list(cfg.eval.sets))
 
