@@ -49,9 +49,9 @@ def table(runs: list[dict], args) -> str:
         f"seen by search or selection); median [min–max] over seeds {args.seeds_list}. Δ = release − best simple "
         "baseline (chosen on selection), on test; negative: the release is better.",
         "",
-        "| space | release (test) | best simple baseline (test) | Δ release − best baseline | release beats it "
-        "| evolved released | release depth | forward s / candidate | run wall s |",
-        "|---|---|---|---|---:|---:|---|---:|---:|",
+        "| space | release (test) | search's best (test) | best simple baseline (test) | Δ release − best baseline "
+        "| release beats it | evolved released | release depth | forward s / candidate | run wall s |",
+        "|---|---|---|---|---|---:|---:|---|---:|---:|",
     ]
     for name in args.space_list:
         group = [r for r in runs if r["space_label"] == name]
@@ -62,6 +62,7 @@ def table(runs: list[dict], args) -> str:
         cost = [r["ppl_s_per_candidate"] for r in group if r["ppl_s_per_candidate"]]
         lines.append(
             f"| {name} | {spread([r['test']['release'] for r in group])} | "
+            f"{spread([r['test']['search_best'] for r in group])} | "
             f"{spread([r['test']['best_baseline'] for r in group])} | {signed(delta)} | "
             f"{sum(d < 0 for d in delta)}/{len(group)} | {sum(r['release_kind'] == 'evolved' for r in group)}/{len(group)} | "
             f"{', '.join(map(str, depths)) or 'base depth'} | {statistics.median(cost):.2f} | "

@@ -180,6 +180,9 @@ class FixedData(VersionSource):
         genomes of the search space; the other genes at their centre. Not for a space with LoRA
         genes: each start point would be a LoRA fit at arbitrary settings."""
         genes = self.space.spec.genes
+        if self.cfg.optimizer.start == "best_lambda" and self.space.spec.dataflow is not None and "weight" not in genes:
+            # a path of single models' layers: each model as it is, the λ sweep's end points
+            return {f"{m} (every layer)": self.space.identity_genome(m) for m in self.space.path_choices[1:]}
         if self.cfg.optimizer.start != "best_lambda" or "weight" not in genes or any(g.startswith("lora.") for g in genes):
             return {}
         n = len(self.space.models)
