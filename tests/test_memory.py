@@ -52,6 +52,24 @@ def test_plan_reads_headers_and_scales_with_dtype_and_evaluators(small, micro_zo
     assert "node total" in one.table() and one.problem() is None
 
 
+def test_the_plan_says_which_dtype_auto_chose_and_why(small, micro_zoo, space_file, tmp_path, repo_root):
+    from evo.core.hardware import dtype_reason, native_bf16
+
+    assert native_bf16(frozenset({"fpu", "avx2"})) is None
+    assert native_bf16(frozenset({"avx512_bf16", "amx_bf16"})) == "AMX-BF16"
+    assert native_bf16(frozenset({"avx512_bf16"})) == "AVX512-BF16"
+    assert "no AVX512-BF16 or AMX-BF16" in dtype_reason(gpu=False, flags=frozenset({"avx2"}))
+    assert "this CPU has AVX512-BF16" in dtype_reason(gpu=False, flags=frozenset({"avx512_bf16"}))
+    auto = plan_for(ExperimentConfig.from_dict(_config(small, micro_zoo, space_file, dtype="auto")))
+    assert auto.notes[0] == f"dtype float32 ({dtype_reason(gpu=False)})"  # this machine's CPU, detected
+    fixed = plan_for(ExperimentConfig.from_dict(_config(small, micro_zoo, space_file, dtype="bfloat16")))
+    assert fixed.notes[0] == "dtype bfloat16 (as the config gives it)"
+    # a data-flow space of single models' layers: each evaluator holds the base and every source whole
+    flow = plan_for(ExperimentConfig.from_dict(_config(small, micro_zoo, repo_root / "search_spaces" / "dataflow_layers.yaml")))
+    whole = next(i.bytes for i in flow.items if "source models whole" in i.what)
+    assert whole == 4 * SMALL.params * 4 and any("data-flow paths" in n for n in flow.notes)
+
+
 def test_a_run_that_cannot_fit_is_refused_in_one_line_before_ray_starts(small, micro_zoo, space_file, tmp_path, repo_root):
     cfg = _config(small, micro_zoo, space_file, evaluators=2, node_memory_gb=0.5)
     with pytest.raises(EvoError, match=r"memory plan: needs [\d.]+ GiB on this node, 0.5 GiB available; try ") as err:

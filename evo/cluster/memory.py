@@ -227,6 +227,7 @@ def plan_for(cfg, *, evaluators_per_node: int | None = None, node_available: int
     elif node_available == -1:
         node_available = available_memory()
     plan = MemoryPlan(items, k, node_available, gpu_total, per_gpu, object_store=sources, stream_sources=stream)
+    plan.notes.append(f"dtype {cfg.dtype} ({cfg.dtype_note or 'as the config gives it'})")
     if spec.dataflow is not None:
         plan.notes.append(f"data-flow paths of up to {spec.dataflow.repeats} x {base.layers} layers: activations are "
                           "one layer's (inference keeps no earlier layer); a deeper path costs time, not memory")

@@ -22,8 +22,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 def default_dtype(*, gpu: bool) -> str:
     """``dtype: auto``: bfloat16 on GPUs (tensor cores), float32 on CPUs. On a CPU with native
-    bf16 (AVX512-BF16/AMX) bench_runner measured bf16 at 2.5x the candidates per minute for a mean
-    0.005-nat change; it becomes the CPU default once the README's float32 figures are re-measured."""
+    bf16 (AVX512-BF16/AMX, ``evo.core.hardware.native_bf16``) bench_runner measured bf16 at 2.5x the
+    candidates per minute for a mean 0.005-nat change; it becomes that CPU's default once the
+    held-out benchmark shows the test-split result unchanged (not yet measured on such a CPU)."""
     return "bfloat16" if gpu else "float32"
 
 
@@ -295,6 +296,8 @@ class ExperimentConfig:
     # the stored sources, resident models and release: "auto" is bfloat16 on GPUs, float32 on CPUs
     dtype: str = "auto"
     source: str = field(default="<config>", repr=False)
+    # why ``dtype`` is what it is when the config said ``auto`` (the memory plan prints it)
+    dtype_note: str = field(default="", repr=False)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -318,13 +321,17 @@ class ExperimentConfig:
         cfg = cfg._with_paths_resolved(Path(base_dir) if base_dir is not None else Path.cwd())
         cfg = cfg._with_zoo_defaults()
         if cfg.dtype == "auto":  # resolved once here, so config.yaml (and a resume) keeps what ran
-            cfg = replace(cfg, dtype=default_dtype(gpu=cfg.ray.gpus_per_evaluator > 0))
+            from evo.core.hardware import dtype_reason
+
+            gpu = cfg.ray.gpus_per_evaluator > 0
+            cfg = replace(cfg, dtype=default_dtype(gpu=gpu), dtype_note=dtype_reason(gpu=gpu))
         cfg.validate()
         return cfg
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out.pop("source")
+        out.pop("dtype_note")
         return out
 
     # ------------------------------------------------------------------ checks
