@@ -216,6 +216,13 @@ def _run_fitness(cfg: ExperimentConfig, ckpt: Checkpoint, store: RunStore, label
     row = sel["table"].get(label) or {}
     measured = row.get("selection") or row.get(split) or {}
     if "objectives" not in measured:
+        dropped = (row.get("dropped") or ((sel.get("candidates") or {}).get(label) or {}).get("dropped") or {})
+        if dropped:
+            raise EvoError(f"{store.root}: {label!r} has no full {split} values: it was {dropped.get('reason', 'dropped from the selection race')}; "
+                           "export the release or the best evolved recipe (evo export --candidate best-evolved)")
+        if not row:
+            raise EvoError(f"{store.root}: {label!r} is not a row of the run's selection table "
+                           f"(rows: {', '.join(sel['table'])})")
         raise EvoError(f"{store.root}: {label!r} has no {split} values: "
                        f"its evaluation failed ({measured.get('error')})")
     values = [measured["objectives"][o["name"]] for o in objectives]

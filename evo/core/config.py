@@ -245,7 +245,9 @@ STREAM_SETS = ("newest", "replay")
 # and how it runs. Anything else (population, search space, data, seed, objectives, dtype) would
 # make the checkpoint, the search log and the fitness cache describe another experiment, so a
 # resume that finds it changed is refused, naming the field. A prefix ending in "." covers a section.
-RESUMABLE = ("optimizer.generations", "stream.generations", "stream.max_versions", "stream.poll_s", "name", "ray.")
+RESUMABLE = ("optimizer.generations", "stream.generations", "stream.max_versions", "stream.poll_s", "name", "ray.",
+             # the selection stage runs after the search and keeps no state a resume replays
+             "eval.selection.racing", "eval.selection.racing_rounds")
 
 
 def config_changes(applied: dict, edited: dict, *, where: str) -> dict[str, tuple]:
