@@ -79,3 +79,17 @@ def test_a_record_appended_after_a_torn_line_is_not_lost(tmp_path):
         fh.write('{"step": "tell", "na')  # the kill
     store.log_step({"step": "tell", "name": "g0000-c000"})
     assert store.search_log() == [{"step": "ask", "name": "g0000-c000"}, {"step": "tell", "name": "g0000-c000"}]
+
+
+def test_time_split_busy_fraction_is_per_evaluator_that_worked():
+    """Two evaluators each busy half the wall time: 50 % busy, whether the pool still holds both
+    actors at the end or only one (a lost evaluator's work still counts against its own time)."""
+    from evo.artifacts.status import format_time_split, time_split
+
+    results = [{"dispatch": {"evaluator": a, "start": 0.0, "end": 5.0}, "block_nlls": {"x": [1.0] * 4}} for a in (0, 1)]
+    for pool_size in (2, 1):
+        t = time_split({"evolve": 8.0}, 10.0, results, 32, pool_size)
+        assert t["busy"] == 0.5 and {v["busy"] for v in t["per_evaluator"].values()} == {0.5}
+        assert t["steps_s"] == {"search": 8.0, "start-up and other": 2.0}
+        assert t["tokens_per_s"] == 4 * 32 / 5.0
+    assert "evaluators busy 50% (0: 50%, 1: 50%)" in format_time_split(t)

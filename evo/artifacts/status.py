@@ -88,7 +88,8 @@ def time_split(seconds: dict, wall: float, results: list[dict], seq_len: int, ev
            for a in sorted(busy)}
     total_busy = sum(busy.values())
     return {"wall_s": round(wall, 2), "steps_s": steps, "evaluators": evaluators, "per_evaluator": per,
-            "busy": round(total_busy / (wall * max(evaluators, 1)), 3) if wall > 0 else None,
+            # every evaluator that took work counts (the pool may hold fewer actors by the end: one lost)
+            "busy": round(total_busy / (wall * max(evaluators, len(busy), 1)), 3) if wall > 0 else None,
             "tokens_per_s": round(sum(tokens.values()) / total_busy, 1) if total_busy > 0 else None}
 
 
