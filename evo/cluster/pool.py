@@ -158,7 +158,7 @@ class _DropTokenBanner:
     """A logging filter for Ray's start-up banner ("Token authentication is enabled for this Ray
     cluster ..."): with ``configure_logging=False`` it reached the user's stderr through
     Python's last-resort handler, a second line before evo's own. evo prints the dashboard URL and
-    points to the README's token section instead."""
+    points to docs/running.md's token section instead."""
 
     def filter(self, record) -> bool:
         return not str(record.msg).startswith("Token authentication is enabled for this Ray cluster")

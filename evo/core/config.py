@@ -135,7 +135,7 @@ class OptimizerConfig:
     # where the search starts: "best_lambda" (the uniform average and every weight of
     # eval.selection.lambdas on all sources, scored on the first generation's blocks; the search
     # starts at the best, CMA-ES with its shorter start_sigma step) or "uniform" (CMA-ES centred on
-    # the uniform average). bench_heldout: best_lambda won on test on both zoos (README)
+    # the uniform average). bench_heldout: best_lambda won on test on both zoos (docs/heldout.md, docs/smollm2.md)
     start: str = "best_lambda"
     # asynchronous steady-state search (evo.loop.steady_state): a candidate is asked whenever an evaluator
     # is free and told as it arrives; a generation is every `population` results. false (YAML

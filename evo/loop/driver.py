@@ -72,8 +72,9 @@ class Loop:
                 StopSignals() as stop:
             self.pool, self.stop = pool, stop
             if not self.quiet and pool.dashboard_url:
-                print(f"Ray dashboard: {pool.dashboard_url}  (token auth: see README)")
-            self.store.event("ray_started", dashboard=pool.dashboard_url, evaluators=pool.size, **versions.describe(pool))
+                print(f"Ray dashboard: {pool.dashboard_url}  (token auth: see docs/running.md)")
+            evaluators = pool.size  # the pool holds no actors once closed, where the time split is made
+            self.store.event("ray_started", dashboard=pool.dashboard_url, evaluators=evaluators, **versions.describe(pool))
             self.metrics = RunMetrics(self.store.root.name, self.objective_names)
             start = self.optimizer.generation
 
@@ -135,7 +136,7 @@ class Loop:
         # before the finish events (run_finished, run_paused, stream_idle), which stay the log's last word
         result.time = time_split(self.call_seconds, time.time() - t0,
                                  [r for r in self.cache.values() if (r.get("dispatch") or {}).get("start", 0) >= t0],
-                                 cfg.eval.seq_len, pool.size, versions.release_step)
+                                 cfg.eval.seq_len, evaluators, versions.release_step)
         self.store.event("time_split", **result.time)
         if not self.quiet:
             print(format_time_split(result.time))
