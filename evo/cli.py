@@ -104,7 +104,8 @@ def _cmd_verify(args) -> None:
     import json
     from pathlib import Path
 
-    from evo.artifacts.release import SPLIT_TEXT, verify
+    from evo.artifacts.release import verify
+    from evo.data.draws import SPLIT_TEXT
 
     values = verify(args.release, tolerance=args.tolerance)
     shown = ", ".join(f"{k}={v:.4f}" for k, v in values.items())

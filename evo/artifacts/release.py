@@ -18,6 +18,7 @@ import yaml
 
 from evo.core.config import ExperimentConfig
 from evo.core.errors import EvoError
+from evo.data.draws import SPLIT_TEXT
 from evo.zoo.gguf import model_dirs
 from evo.zoo.gguf import MARKER as GGUF_MARKER
 from evo.search.space import Recipe
@@ -255,17 +256,6 @@ def _run_fitness(cfg: ExperimentConfig, ckpt: Checkpoint, store: RunStore, label
         best_id = label.rsplit("(", 1)[-1].rstrip(")")
     fitness["lineage"] = lineage_record(store, best_id) if kind == "evolved" else []
     return fitness
-
-
-# what text a split's blocks come from (the card and `evo verify` say it beside every figure)
-SPLIT_TEXT = {
-    "search": "the blocks the search scored (fitted to them: not a held-out figure)",
-    "valid": "the evaluation sets' blocks the search scored (not held out)",
-    "selection": "documents of the evaluation sets' files held out of every search draw (the same sources as "
-                 "the search: unseen documents, not a shift)",
-    "test": "the zoo's test documents (test.jsonl beside each evaluation set), read by neither the search nor "
-            "the selection; drawn from the same sources as the evaluation sets",
-}
 
 
 def lineage_record(store: RunStore, candidate: str | None) -> list[dict]:

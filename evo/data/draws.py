@@ -82,3 +82,14 @@ def adjust_metrics(metrics: Mapping[str, float], control: Mapping[str, float],
         if key.startswith("logppl/") and key in control and key in anchor:
             out[key] = value - control[key] + anchor[key]
     return out
+
+
+# what text a split's blocks come from (the card and `evo verify` say it beside every figure)
+SPLIT_TEXT = {
+    "search": "the blocks the search scored (fitted to them: not a held-out figure)",
+    "valid": "the evaluation sets' blocks the search scored (not held out)",
+    "selection": "documents of the evaluation sets' files held out of every search draw (the same sources as "
+                 "the search: unseen documents, not a shift)",
+    "test": "the zoo's test documents (test.jsonl beside each evaluation set), read by neither the search nor "
+            "the selection; drawn from the same sources as the evaluation sets",
+}

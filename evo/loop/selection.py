@@ -25,7 +25,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from evo.core.config import ExperimentConfig
-from evo.data.draws import paired_difference
+from evo.data.draws import SPLIT_TEXT, paired_difference
 from evo.loop.racing import Lane, Rivals, merged_result, run_race
 from evo.scoring.fitness import objective_values
 from evo.search.optim.base import scalar_score
@@ -320,6 +320,10 @@ def print_selection(record: dict, set_names: list[str]) -> None:
     for key, m in record.get("margins", {}).items():
         if m:
             print(f"{key}: {m['mean']:+.4f} nats [95% {m['lo']:+.4f}, {m['hi']:+.4f}] over {m['blocks']} blocks")
+    splits = list(dict.fromkeys(k.split("/")[-1] for k, m in record.get("margins", {}).items() if m))
+    if splits:
+        print("(intervals: paired per block, stratified by evaluation set; "
+              + "; ".join(f"{s}: {SPLIT_TEXT[s]}" for s in splits if s in SPLIT_TEXT) + ")")
     print("(* = released; search values are adjusted to the first draw's scale, see evo/data/draws.py)")
 
 
