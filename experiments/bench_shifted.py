@@ -105,8 +105,13 @@ def models_to_score(run_dir: Path, result) -> dict:
     by_id = {c["candidate"]: c for c in store.candidates() if c.get("genome") is not None}
     # every re-scored evolved recipe, by its selection mean (a raced-out one by the blocks it saw:
     # it was dropped as clearly worse, so it ranks low either way)
-    evolved = sorted((row["selection"]["mean"], label) for label, row in (sel.get("candidates") or {}).items()
-                     if (row.get("selection") or {}).get("mean") is not None)
+    evolved = []
+    for label, row in (sel.get("candidates") or {}).items():
+        full = (row.get("selection") or {}).get("mean")
+        partial = ((row.get("dropped") or {}).get("partial") or {}).get("mean")
+        if full is not None or partial is not None:  # survivors first, then the raced-out by what they saw
+            evolved.append((full is None, full if full is not None else partial, label))
+    evolved = [(m, label) for _, m, label in sorted(evolved)]
     genomes = []
     for _, label in evolved:
         cid = label.split("(")[-1].rstrip(")")
