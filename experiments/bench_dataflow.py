@@ -85,7 +85,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--label", default="Tiny zoo (en, de, code)")
-    p.add_argument("--from-json", default=None, metavar="FILE", help="no runs: the table of a saved bench_dataflow.json")
+    p.add_argument("--from-json", nargs="*", default=None, metavar="FILE",
+                   help="no runs: the table of runs saved in these bench_dataflow.json files (e.g. one per seed)")
     p.add_argument("--out", default=str(ROOT / "out" / "bench_dataflow.json"))
     args = p.parse_args(argv)
     args.space_list = args.spaces.split(",")
@@ -96,7 +97,8 @@ def main(argv=None) -> int:
         print(f"bench_dataflow: unknown space {unknown[0]!r} (known: {', '.join(SPACES)})", file=sys.stderr)
         return 2
     if args.from_json:
-        runs = json.loads(Path(args.from_json).read_text())["runs"]
+        runs = [r for f in args.from_json for r in json.loads(Path(f).read_text())["runs"]]
+        args.seeds_list = sorted({r["seed"] for r in runs})
         print(table(runs, args))
         return 0
     if not (Path(args.zoo) / "zoo.json").is_file():
