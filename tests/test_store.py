@@ -93,3 +93,20 @@ def test_time_split_busy_fraction_is_per_evaluator_that_worked():
         assert t["steps_s"] == {"search": 8.0, "start-up and other": 2.0}
         assert t["tokens_per_s"] == 4 * 32 / 5.0
     assert "evaluators busy 50% (0: 50%, 1: 50%)" in format_time_split(t)
+
+
+def test_live_split_covers_the_running_call_only():
+    """`evo status` on a running driver: seconds since this call's Ray started, candidates scored
+    since, busy fraction per evaluator; nothing once the call wrote its own time split."""
+    from evo.artifacts.status import live_split
+
+    events = [{"event": "ray_started", "time": 0.0, "evaluators": 2}, {"event": "time_split", "time": 50.0},
+              {"event": "ray_started", "time": 100.0, "evaluators": 2}]
+    cands = [{"dispatch": {"evaluator": 0, "start": 10.0, "end": 40.0}},           # the earlier call
+             {"dispatch": {"evaluator": 0, "start": 110.0, "end": 130.0}},
+             {"dispatch": {"evaluator": 1, "start": 110.0, "end": 120.0}},
+             {"dispatch": {"evaluator": 1, "start": 120.0, "end": 125.0}, "cached": True}]
+    line = live_split(events, cands, now=140.0)
+    assert line == "40 s since Ray started, 2 candidates scored; evaluators busy 38% (0: 50%, 1: 25%)"
+    assert live_split(events + [{"event": "time_split", "time": 150.0}], cands, now=160.0) is None
+    assert live_split([], cands) is None

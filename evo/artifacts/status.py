@@ -11,8 +11,12 @@ def status_table(run_dir, top: int = 10) -> str:
     candidates = store.candidates()
     live = holder(store.root)
     lines = [f"run {store.root}" + (f"  (running: {live})" if live else "")]
-    split = next((e for e in reversed(store.events()) if e["event"] == "time_split"), None)
-    if split is not None:
+    events = store.events()
+    split = next((e for e in reversed(events) if e["event"] == "time_split"), None)
+    so_far = live_split(events, candidates) if live else None
+    if so_far is not None:
+        lines.append("this driver call so far: " + so_far)
+    elif split is not None:
         lines.append("last driver call: " + format_time_split(split))
     if not ckpt:
         lines.append(f"no complete generation yet ({len(candidates)} candidates evaluated)")
@@ -91,6 +95,32 @@ def time_split(seconds: dict, wall: float, results: list[dict], seq_len: int, ev
             # every evaluator that took work counts (the pool may hold fewer actors by the end: one lost)
             "busy": round(total_busy / (wall * max(evaluators, len(busy), 1)), 3) if wall > 0 else None,
             "tokens_per_s": round(sum(tokens.values()) / total_busy, 1) if total_busy > 0 else None}
+
+
+def live_split(events: list[dict], candidates: list[dict], now: float | None = None) -> str | None:
+    """A running driver's split so far: the seconds since its Ray started, how many went to
+    scoring on each evaluator (candidates dispatched since then), the candidates finished; None
+    when the newest call already wrote its time split (it has ended) or Ray has not started."""
+    import time
+
+    start = next((i for i in range(len(events) - 1, -1, -1) if events[i]["event"] == "ray_started"), None)
+    if start is None or any(e["event"] == "time_split" for e in events[start:]):
+        return None
+    t0 = events[start]["time"]
+    wall = (time.time() if now is None else now) - t0
+    busy: dict[int, float] = {}
+    done = 0
+    for c in candidates:
+        d = c.get("dispatch") or {}
+        if d.get("start", 0) >= t0 and not c.get("cached"):
+            busy[d["evaluator"]] = busy.get(d["evaluator"], 0.0) + max(d["end"] - d["start"], 0.0)
+            done += 1
+    n = max(int(events[start].get("evaluators") or 0), len(busy), 1)
+    line = f"{wall:.0f} s since Ray started, {done} candidates scored"
+    if busy and wall > 0:
+        each = ", ".join(f"{a}: {b / wall:.0%}" for a, b in sorted(busy.items()))
+        line += f"; evaluators busy {sum(busy.values()) / (wall * n):.0%} ({each})"
+    return line
 
 
 def format_time_split(t: dict) -> str:
