@@ -150,6 +150,9 @@ def test_a_path_naming_an_unknown_model_fails_as_a_candidate(evaluator):
     evaluator.eval_sets = {"valid": {"x": _blocks()}}
     out = evaluator.evaluate(recipe)
     assert out["status"] == "failed" and "'zz'" in out["error"]
+    out = evaluator.evaluate({**recipe, "path": {"num_layers": 3, "steps": [{"model": "a", "layer": 0}]},
+                              "lora": {"rank": 4}})
+    assert out["status"] == "failed" and "LoRA" in out["error"]
 
 
 def test_a_dataflow_run_exports_a_release_of_another_depth(micro_zoo, ray_session, tmp_path, repo_root):

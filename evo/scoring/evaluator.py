@@ -197,6 +197,8 @@ class Evaluator:
         """(model, LoRA fit statistics) of a recipe, for the duration of the block: its merge written into the
         resident model, then its LoRA fitted on it (removed after) or its data-flow path run through
         it (evo.scoring.path; the resident model is restored after)."""
+        if rec.path is not None and rec.lora:
+            raise ValueError("a recipe with a data-flow path cannot have LoRA genes (not supported yet)")
         if rec.path is None or rec.path.uses_merge:
             self.merger.merge(rec.merge, seed=rec.seed)
         if rec.path is not None:
