@@ -88,3 +88,24 @@ def write_llama(path, seed, **overrides):
             p.add_(torch.randn_like(p) * 0.05)  # norms start at 1: give every tensor a real delta
     model.save_pretrained(path)
     return path
+
+
+def mergekit_yaml_tensors(config_path, out_dir) -> dict:
+    """Run mergekit's own ``mergekit-yaml`` on ``config_path`` into ``out_dir`` and return every
+    tensor it wrote (the parity oracle; skips where mergekit is not installed)."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    pytest.importorskip("mergekit", reason="mergekit is not installed (optional oracle)")
+    exe = shutil.which("mergekit-yaml")
+    if exe is None:
+        pytest.skip("mergekit-yaml entry point not on PATH")
+    subprocess.run([exe, str(config_path), str(out_dir), "--no-lazy-unpickle"], check=True, capture_output=True,
+                   timeout=300)
+    out = {}
+    for f in sorted(Path(out_dir).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out

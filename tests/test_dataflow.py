@@ -1,7 +1,6 @@
 """Data-flow space (evo.search.dataflow, evo.scoring.path): a path is scored without building its
 model, and the model its mergekit form builds (evo merge, mergekit-yaml) scores the same."""
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -9,7 +8,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import write_llama
+from conftest import mergekit_yaml_tensors, write_llama
 from evo.core.errors import EvoError
 from evo.merge import load_model_dir, merge_to_dir, task_vectors
 from evo.scoring.evaluator import Evaluator, to_numpy
@@ -82,10 +81,6 @@ def test_identity_path_scores_as_the_plain_merge(evaluator):
 @pytest.mark.parametrize("which", sorted(SPACES))
 def test_mergekit_yaml_builds_the_same_tensors(zoo, tmp_path, which):
     """The decoded recipe is a plain mergekit config: mergekit-yaml writes evo merge's tensors."""
-    pytest.importorskip("mergekit", reason="mergekit is not installed (optional oracle)")
-    exe = shutil.which("mergekit-yaml")
-    if exe is None:
-        pytest.skip("mergekit-yaml entry point not on PATH")
     space = _space(which)
     recipe = space.decode(np.random.default_rng(2).random(space.dim))
     mk = recipe.mergekit().to_dict()
@@ -93,12 +88,8 @@ def test_mergekit_yaml_builds_the_same_tensors(zoo, tmp_path, which):
     for m in ("base", "a", "b"):
         text = text.replace(f"model: {m}\n", f"model: {zoo / m}\n").replace(f"base_model: {m}\n", f"base_model: {zoo / m}\n")
     (tmp_path / "mk.yaml").write_text(text)
-    subprocess.run([exe, str(tmp_path / "mk.yaml"), str(tmp_path / "mk_out"), "--no-lazy-unpickle"],
-                   check=True, capture_output=True, timeout=300)
+    ref = mergekit_yaml_tensors(tmp_path / "mk.yaml", tmp_path / "mk_out")
     merge_to_dir(recipe.mergekit(), tmp_path / "ours", resolve=lambda n: zoo / n)
-    ref = {}
-    for f in (tmp_path / "mk_out").glob("*.safetensors"):
-        ref.update(load_file(str(f)))
     got = load_file(str(tmp_path / "ours" / "model.safetensors"))
     assert set(ref) == set(got)
     for name in ref:
@@ -179,15 +170,10 @@ def test_a_dataflow_run_exports_a_release_of_another_depth(micro_zoo, ray_sessio
     assert "data-flow path of" in (release / "README.md").read_text()
     verify(release)  # re-measured from the release's own weights with plain transformers
 
-    exe = shutil.which("mergekit-yaml")
-    assert exe, "mergekit-yaml is a test dependency"
+    assert shutil.which("mergekit-yaml"), "mergekit-yaml is a test dependency"
     text = (release / "mergekit.yaml").read_text().replace(f"{micro_zoo.root.name}/", f"{micro_zoo.root}/")
     (tmp_path / "mk.yaml").write_text(text)
-    subprocess.run([exe, str(tmp_path / "mk.yaml"), str(tmp_path / "mk_out"), "--no-lazy-unpickle"],
-                   check=True, capture_output=True, timeout=300)
-    ref = {}
-    for f in (tmp_path / "mk_out").glob("*.safetensors"):
-        ref.update(load_file(str(f)))
+    ref = mergekit_yaml_tensors(tmp_path / "mk.yaml", tmp_path / "mk_out")
     got = load_file(str(release / "model.safetensors"))
     assert set(ref) == set(got)
     for name in ref:

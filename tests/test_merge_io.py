@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from evo.core.errors import EvoError
 from evo.merge import MergeConfig, Merger, load_model_dir, merge_to_dir, task_vectors
 
-from conftest import write_llama as _llama
+from conftest import mergekit_yaml_tensors, write_llama as _llama
 
 TIES_YAML = """\
 merge_method: ties
@@ -83,20 +83,12 @@ def test_bfloat16_output_and_no_base_linear(zoo, tmp_path):
 
 
 def test_matches_mergekit_yaml_end_to_end(zoo, tmp_path):
-    pytest.importorskip("mergekit", reason="mergekit is not installed (optional oracle)")
-    exe = shutil.which("mergekit-yaml")
-    if exe is None:
-        pytest.skip("mergekit-yaml entry point not on PATH")
     text = TIES_YAML.replace("base_model: base", f"base_model: {zoo / 'base'}")
     for m in ("base", "a", "b"):
         text = text.replace(f"model: {m}\n", f"model: {zoo / m}\n")
     (tmp_path / "mk.yaml").write_text(text)
-    subprocess.run([exe, str(tmp_path / "mk.yaml"), str(tmp_path / "mk_out"), "--no-lazy-unpickle"],
-                   check=True, capture_output=True, timeout=300)
+    ref = mergekit_yaml_tensors(tmp_path / "mk.yaml", tmp_path / "mk_out")
     ours = merge_to_dir(MergeConfig.from_yaml(tmp_path / "mk.yaml"), tmp_path / "ours")
-    ref = {}
-    for f in (tmp_path / "mk_out").glob("*.safetensors"):
-        ref.update(load_file(str(f)))
     got = load_file(str(ours / "model.safetensors"))
     assert set(ref) == set(got)
     for name in ref:
@@ -130,20 +122,12 @@ def test_added_methods_match_mergekit_yaml_end_to_end(zoo, tmp_path, method):
 def _mergekit_and_evo(zoo, tmp_path, text: str) -> tuple[dict, dict]:
     """The same YAML (model names a, b, base made paths into ``zoo``) through `mergekit-yaml` and
     `evo merge`: their tensors, checked to have the same names."""
-    pytest.importorskip("mergekit", reason="mergekit is not installed (optional oracle)")
-    exe = shutil.which("mergekit-yaml")
-    if exe is None:
-        pytest.skip("mergekit-yaml entry point not on PATH")
     text = text.replace("base_model: base", f"base_model: {zoo / 'base'}")
     for m in ("base", "a", "b"):
         text = text.replace(f"model: {m}}}", f"model: {zoo / m}}}").replace(f"model: {m},", f"model: {zoo / m},")
     (tmp_path / "mk.yaml").write_text(text)
-    subprocess.run([exe, str(tmp_path / "mk.yaml"), str(tmp_path / "mk_out"), "--no-lazy-unpickle"],
-                   check=True, capture_output=True, timeout=300)
+    ref = mergekit_yaml_tensors(tmp_path / "mk.yaml", tmp_path / "mk_out")
     assert cli_merge(tmp_path / "mk.yaml", tmp_path / "ours") == 0
-    ref = {}
-    for f in (tmp_path / "mk_out").glob("*.safetensors"):
-        ref.update(load_file(str(f)))
     got = load_file(str(tmp_path / "ours" / "model.safetensors"))
     assert set(ref) == set(got)
     return ref, got
