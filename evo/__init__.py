@@ -3,6 +3,7 @@
 Python API (the CLI is a thin shell over it)::
 
     import evo
+    cfg = evo.load_config("experiment.yaml")         # validated; a zoo's models and sets filled in
     result = evo.run("experiment.yaml", "runs/r1")   # or an ExperimentConfig / dict
     evo.resume("runs/r1")
     release = evo.export("runs/r1")                   # runs/r1/releases/v0001
@@ -10,6 +11,12 @@ Python API (the CLI is a thin shell over it)::
 """
 
 __version__ = "0.1.0"
+
+
+def load_config(config, **kw):
+    from evo.loop.experiment import load_config as _load
+
+    return _load(config, **kw)
 
 
 def run(config, run_dir, **kw):

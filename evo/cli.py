@@ -30,12 +30,12 @@ EXIT_HELP = """exit codes:
 def _cmd_run(args) -> int:
     from dataclasses import replace
 
-    from evo.core.config import ExperimentConfig
+    from evo.loop.experiment import load_config
     from evo.loop.driver import run
 
     config = args.config
     if args.sync:  # generation-synchronous search, recorded in the run's config (resume keeps it)
-        config = ExperimentConfig.from_yaml(args.config)
+        config = load_config(args.config)
         config = replace(config, optimizer=replace(config.optimizer, asynchronous=False))
     return _print_best(run(config, args.run_dir, quiet=args.quiet, follow=args.follow))
 
@@ -115,10 +115,10 @@ def _cmd_verify(args) -> None:
 
 
 def _cmd_plan(args) -> int:
-    from evo.core.config import ExperimentConfig
+    from evo.loop.experiment import load_config
     from evo.cluster.memory import plan_for, suggestions
 
-    cfg = ExperimentConfig.from_yaml(args.config)
+    cfg = load_config(args.config)
     plan = plan_for(cfg)
     print(plan.table())
     problem = plan.problem()

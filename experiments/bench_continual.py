@@ -76,7 +76,7 @@ def zoo_train_blocks(zoo, tokenizer, args):
     import numpy as np
 
     from evo.data.stream import read_texts
-    from evo.scoring.fitness import token_blocks
+    from evo.data.tokens import token_blocks
 
     return np.concatenate([token_blocks(read_texts(zoo.data_dir(d, "train")), tokenizer, args.seq_len,
                                         args.replay_train_blocks).numpy() for d in zoo.domains])
@@ -96,7 +96,6 @@ def rehearsal_pool(prior, versions, k, args):
 def sequential(zoo, versions, args, tokenizer=None, share: float = 0.0) -> list[dict]:
     """LoRA on each new shard in turn, merged into the weights; with ``share`` > 0 each batch
     rehearses that share of older training blocks (the loop's pool) at a fixed rate."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     from evo.scoring.lora import LoraGenes, TrainingData, fit_lora, merged_state_dict, unload

@@ -49,9 +49,9 @@ EVAL = {"seq_len": 128, "max_blocks": 48, "batch_size": 16}  # the quickstart's 
 
 
 def make_config(zoo: str, evaluators: int = 1):
-    from evo.core.config import ExperimentConfig
+    from evo.loop.experiment import load_config
 
-    return ExperimentConfig.from_dict({
+    return load_config({
         "name": "bench-runner",
         "zoo": zoo,
         "search_space": str(SPACE),
@@ -124,7 +124,7 @@ def pool_run(cfg, sources, recipes, warmup, label: str) -> dict:
 def bench_ray(zoo: str, recipes, warmup, repeats: int) -> list[dict]:
     import ray
 
-    from evo.data.sources import Sources
+    from evo.scoring.sources import Sources
 
     sources = Sources.load(make_config(zoo))
     tmp = tempfile.mkdtemp(prefix="rayb-", dir="/tmp")
@@ -151,7 +151,7 @@ def bench_dtype(zoo: str, recipes, dtypes: list[str], seq_len: int) -> str:
     machine load hits every dtype alike): mean log-perplexity per recipe and seconds per candidate.
     Every dtype merges in float32 and rounds each tensor once into its resident model."""
     from evo.scoring.evaluator import Evaluator
-    from evo.data.sources import Sources
+    from evo.scoring.sources import Sources
 
     EVAL.update(seq_len=seq_len)
     cfg = make_config(zoo)
@@ -192,7 +192,7 @@ def bench_reload(zoo: str, recipes) -> dict:
     from evo.scoring.evaluator import Evaluator, build_model
     from evo.scoring.fitness import block_nlls
     from evo.merge import Merger, load_model_dir, task_vectors
-    from evo.data.sources import Sources
+    from evo.scoring.sources import Sources
 
     cfg = make_config(zoo)
     sources = Sources.load(cfg)

@@ -90,7 +90,7 @@ def main() -> None:
 
     import yaml
 
-    from evo.core.config import ExperimentConfig
+    from evo.loop.experiment import load_config
 
     zoo, work = Path(args.zoo), Path(args.work)
     rows = []
@@ -104,7 +104,7 @@ def main() -> None:
                 cfg = config(base, sources, zoo, dtype, k)
                 cfg_path = work / f"{size}-{dtype}-{k}.yaml"
                 cfg_path.write_text(yaml.safe_dump(cfg))
-                plan = plan_for(ExperimentConfig.from_yaml(cfg_path))
+                plan = plan_for(load_config(cfg_path))
                 row = {"size": size, "params": shape.params, "dtype": dtype, "evaluators": k,
                        "plan": plan.node_bytes, "available": plan.node_available,
                        "model_bytes": shape.params * (4 if dtype == "float32" else 2)}

@@ -8,7 +8,7 @@ rejection, and subset fitness.
     python experiments/bench_search.py --async              # async vs sync search (experiments/bench_async.py)
 
 One process, one torch thread, no Ray and no run store: a single resident
-``evo.scoring.evaluator.Evaluator`` built from ``evo.data.sources.Sources.load(cfg)`` scores every candidate,
+``evo.scoring.evaluator.Evaluator`` built from ``evo.scoring.sources.Sources.load(cfg)`` scores every candidate,
 and the optimizers are driven through ask/tell exactly as ``evo.loop.driver`` does (same initial
 genomes: the uniform average and plain task arithmetic). A recipe seen before in the same run
 costs no budget; results are memoised across runs to save wall time only.
@@ -60,9 +60,9 @@ OPTIMIZERS = ("ga", "cmaes", "random")
 
 
 def make_config(zoo: str):
-    from evo.core.config import ExperimentConfig
+    from evo.loop.experiment import load_config
 
-    return ExperimentConfig.from_dict({
+    return load_config({
         "name": "bench-search",
         "zoo": zoo,
         "search_space": str(SPACE),
@@ -90,7 +90,7 @@ class Bench:
         from evo.scoring.evaluator import Evaluator
         from evo.scoring.rejection import RejectionTest
         from evo.loop.generation import initial_genomes, make_space
-        from evo.data.sources import Sources
+        from evo.scoring.sources import Sources
 
         self.cfg = make_config(zoo)
         self.sources = Sources.load(self.cfg)
@@ -429,7 +429,7 @@ def main(argv=None) -> int:
     near = ga0["evaluated"][-args.subset_candidates:]
     sub = subset_study(bench, baselines, near, args.subset_candidates, args.subset_fraction)
     timings["subset study"] = time.time() - t0
-    print(f"  subset: " + ", ".join(f"{g}: rho {v['spearman']:.3f}" for g, v in sub["groups"].items()), flush=True)
+    print("  subset: " + ", ".join(f"{g}: rho {v['spearman']:.3f}" for g, v in sub["groups"].items()), flush=True)
 
     # 4. optional: 2 objectives
     mo = None

@@ -66,7 +66,7 @@ def shifted_blocks(zoo: Path, n: int) -> dict:
     from transformers import AutoTokenizer
 
     from evo.data.stream import read_texts
-    from evo.scoring.fitness import token_blocks
+    from evo.data.tokens import token_blocks
 
     tok = AutoTokenizer.from_pretrained(zoo / "tokenizer")
     return {f.stem: token_blocks(read_texts(f), tok, 128, n) for f in sorted((zoo / "shifted").glob("*.jsonl"))}
@@ -75,8 +75,9 @@ def shifted_blocks(zoo: Path, n: int) -> dict:
 def scorer(zoo: Path, dtype: str):
     """An in-process evaluator over the zoo's base and specialists (as the run's evaluators hold them)."""
     from evo.merge import load_model_dir, task_vectors
-    from evo.scoring.evaluator import Evaluator, to_numpy
+    from evo.scoring.evaluator import Evaluator
 
+    from evo.core.tensors import to_numpy
     manifest = json.loads((zoo / "zoo.json").read_text())
     base, config = load_model_dir(zoo / manifest["paths"]["base"])
     specs = {m: load_model_dir(zoo / p)[0] for m, p in manifest["paths"]["specialists"].items()}
@@ -88,13 +89,13 @@ def scorer(zoo: Path, dtype: str):
 def models_to_score(run_dir: Path, result) -> dict:
     """label -> Recipe: the release, the λ sweep, uniform, soups and the shrunk release."""
     from evo.artifacts.store import RunStore
-    from evo.core.config import ExperimentConfig
+    from evo.loop.experiment import load_config
     from evo.loop.generation import make_space
     from evo.loop.selection import baseline_recipes
     from evo.search.space import Recipe
 
     store = RunStore.open(run_dir)
-    cfg = ExperimentConfig.from_dict(store.config(), source=str(run_dir / "config.yaml"))
+    cfg = load_config(store.config(), source=str(run_dir / "config.yaml"))
     space = make_space(cfg)
     sel = result.selection
     out = {"release": Recipe.from_dict(sel["release_recipe"])}

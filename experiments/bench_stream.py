@@ -62,7 +62,7 @@ def prepare(args) -> dict:
     from evo.data.corpus import load_domain, split_documents
     from evo.data.stream import DataStream, read_texts
     from evo.zoo.build import Zoo, write_jsonl
-    from evo.scoring.fitness import token_blocks
+    from evo.data.tokens import token_blocks
 
     out = Path(args.out)
     zoo = Zoo.load(args.zoo)
@@ -94,7 +94,7 @@ def prepare(args) -> dict:
         versions.append({"version": w.version, "shard": made[-1].shard, "train": w.train,
                          "heldout": w.heldout[: args.measure_blocks]})
     general_test = token_blocks(general["test"], tokenizer, args.seq_len, args.measure_blocks).numpy()
-    # the zoo's training text, one rehearsal stratum as the loop builds it (evo.data.sources.train_blocks)
+    # the zoo's training text, one rehearsal stratum as the loop builds it (evo.scoring.sources.train_blocks)
     prior = np.concatenate([token_blocks(read_texts(zoo.data_dir(d, "train")), tokenizer, args.seq_len).numpy()
                             for d in zoo.domains])
     return {"zoo": zoo, "versions": versions, "general": general_test, "prior_train": prior}

@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
     from evo.data.stream import read_texts
-    from evo.scoring.fitness import token_blocks
+    from evo.data.tokens import token_blocks
 
     tok = AutoTokenizer.from_pretrained(release)
     tests = sorted(zoo.glob("data/*/test.jsonl"))

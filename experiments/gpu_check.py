@@ -36,12 +36,12 @@ SIZES = {**SHAPES, "tiny": LlamaShape(256, 4, 688, 4, 2, 4096)}
 def bench_evaluator(family, zoo, dtype: str, device: str, candidates: int = 4) -> dict:
     import numpy as np
 
-    from evo.core.config import ExperimentConfig
+    from evo.loop.experiment import load_config
     from evo.scoring.evaluator import Evaluator
     from evo.cluster.memory import plan_for
-    from evo.data.sources import Sources
+    from evo.scoring.sources import Sources
 
-    cfg = ExperimentConfig.from_dict(_config(family, zoo, dtype, gpus=1 if device == "cuda" else 0))
+    cfg = load_config(_config(family, zoo, dtype, gpus=1 if device == "cuda" else 0))
     plan = plan_for(cfg)
     sources = Sources.load(cfg)
     if device == "cuda":

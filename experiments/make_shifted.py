@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     p.add_argument("--zoo", required=True)
     p.add_argument("--chars", type=int, default=200_000, help="characters of shifted text per domain")
     args = p.parse_args(argv)
-    from evo.artifacts.store import atomic_write_text
+    from evo.core.fs import atomic_write_text
     from evo.data import corpus
     from evo.data.stream import read_texts
 

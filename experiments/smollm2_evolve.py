@@ -71,7 +71,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def make_config(args, zoo, space_path: Path) -> dict:
-    from evo.core.config import EvalConfig
 
     config = {
         "name": "smollm2-evolve",

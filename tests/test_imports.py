@@ -107,11 +107,70 @@ def test_layers_artifacts_and_search_never_reach_the_loop():
     assert reachable(edges, "evo.loop.driver") >= {"evo.loop.steady_state", "evo.loop.generation", "evo.cluster.pool"}  # the walk works
 
 
-def test_only_the_data_layer_asks_whether_a_run_follows_a_stream():
+def test_only_the_sources_ask_whether_a_run_follows_a_stream():
     """One loop (``evo.loop.driver``) for fixed data and streams: the question is asked in the config
-    (validation), the data layer (``evo.data.sources``) and where the loop's versions come from
-    (``evo.loop.versions.version_source``), nowhere else."""
+    (validation), where the evaluators' inputs load (``evo.scoring.sources``) and where the loop's
+    versions come from (``evo.loop.versions.version_source``), nowhere else."""
     asking = sorted(str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.py") if ".streaming" in p.read_text())
-    assert asking == ["evo/core/config.py", "evo/data/sources.py", "evo/loop/versions.py"], asking
+    assert asking == ["evo/core/config.py", "evo/loop/versions.py", "evo/scoring/sources.py"], asking
     versions = (PACKAGE / "loop" / "versions.py").read_text()
     assert versions.count(".streaming") == 1  # version_source picks the source once
+
+
+# The declared layer order, ground first (DESIGN.md "Layer order"; docs/architecture.md). A package
+# imports only packages of a lower level (or, within its level, without a cycle: checked below).
+LAYERS = [
+    {"core"},                        # errors, dtypes, filesystem helpers, the config schema
+    {"zoo", "data", "merge"},        # models to merge, text -> blocks, merge methods
+    {"search", "scoring"},           # genes -> recipes, one candidate's score
+    {"cluster", "artifacts"},        # Ray, the run directory and releases
+    {"loop"},                        # the loop over data versions; where a run is assembled
+    {"cli", "__init__"},             # the `evo` command and the Python API
+]
+LEVEL = {pkg: i for i, layer in enumerate(LAYERS) for pkg in layer}
+
+
+def package(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def package_edges(edges: dict[str, set[str]]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for mod, deps in edges.items():
+        for dep in deps:
+            if package(dep) != package(mod):
+                out.setdefault(package(mod), set()).add(package(dep))
+    return out
+
+
+def upward_imports(edges: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{mod} -> {dep}" for mod, deps in edges.items() for dep in deps
+                  if LEVEL[package(dep)] > LEVEL[package(mod)])
+
+
+def test_every_package_has_a_declared_layer():
+    packages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()} | {"cli", "__init__"}
+    assert packages == set(LEVEL), sorted(packages ^ set(LEVEL))
+
+
+def test_imports_point_down_the_layer_order():
+    """A lower layer never imports a higher one, not even inside a function."""
+    edges = graph()
+    assert "evo.core.fs" in edges and "evo.loop.experiment" in edges  # the walk sees the ground and the top
+    offenders = upward_imports(edges)
+    assert not offenders, offenders
+    assert not {m for m, deps in edges.items() if package(m) == "core" and any(package(d) != "core" for d in deps)}
+
+
+def test_no_package_level_cycle():
+    cycle = find_cycle(package_edges(graph()) | {p: set() for p in LEVEL})
+    assert cycle is None, " -> ".join(cycle)
+
+
+def test_the_layer_check_sees_an_upward_import():
+    """The checks above fail on the kind of edge they forbid (a config reading the zoo; two data
+    packages importing each other)."""
+    assert upward_imports({"evo.core.config": {"evo.zoo.build"}, "evo.zoo.build": set()}) == \
+        ["evo.core.config -> evo.zoo.build"]
+    assert find_cycle(package_edges({"evo.data.x": {"evo.zoo.y"}, "evo.zoo.y": {"evo.data.x"}})) is not None

@@ -17,7 +17,7 @@ GENES = LoraGenes(rank=4, alpha=8.0, dropout=0.1, target_modules="all", lr=1e-2,
 def blocks(micro_zoo):
     from transformers import AutoTokenizer
 
-    from evo.scoring.fitness import token_blocks
+    from evo.data.tokens import token_blocks
 
     tok = AutoTokenizer.from_pretrained(micro_zoo.tokenizer_dir)
     return token_blocks(micro_zoo.texts("doc", "train"), tok, micro_zoo.seq_len, max_blocks=16).numpy()
@@ -131,7 +131,8 @@ def test_lora_genes_from_space_and_validation(repo_root):
 def test_rehearsal_share_mixes_older_blocks_into_batches(micro_zoo, blocks):
     from transformers import AutoTokenizer
 
-    from evo.scoring.fitness import mean_nll, token_blocks
+    from evo.scoring.fitness import mean_nll
+    from evo.data.tokens import token_blocks
     from evo.scoring.lora import TrainingData
 
     tok = AutoTokenizer.from_pretrained(micro_zoo.tokenizer_dir)

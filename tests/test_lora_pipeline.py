@@ -9,12 +9,12 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 import evo
-from evo.core.config import ExperimentConfig
+from evo.loop.experiment import load_config
 from evo.core.errors import EvoError
 from evo.scoring.evaluator import Evaluator
 from evo.artifacts.release import verify
 from evo.loop.generation import make_space
-from evo.data.sources import Sources
+from evo.scoring.sources import Sources
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def lora_config(micro_zoo, repo_root, tmp_path_factory):
 
 
 def test_lora_gene_changes_the_model_reproducibly_and_leaves_it_bare(lora_config):
-    cfg = ExperimentConfig.from_dict(lora_config)
+    cfg = load_config(lora_config)
     sources = Sources.load(cfg)
     assert sources.train is not None and sources.train.shape[1] == 32
     ev = Evaluator(sources.base, sources.deltas, sources.model_config, sources.eval_sets, train=sources.train)

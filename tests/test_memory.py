@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from evo.core.config import ExperimentConfig
+from evo.loop.experiment import load_config
 from evo.core.errors import EvoError
 from evo.cluster.memory import GiB, PeakSampler, check_plan, plan_for
 from evo.zoo.synthetic import LlamaShape, write_family
@@ -39,14 +39,14 @@ def small(tmp_path_factory, micro_zoo):
 
 
 def test_plan_reads_headers_and_scales_with_dtype_and_evaluators(small, micro_zoo, space_file):
-    one = plan_for(ExperimentConfig.from_dict(_config(small, micro_zoo, space_file)))
+    one = plan_for(load_config(_config(small, micro_zoo, space_file)))
     shared = next(i.bytes for i in one.items if i.what.startswith("sources"))
     assert shared == 4 * SMALL.params * 4  # base + 3 task vectors, float32, once per node
-    bf16 = plan_for(ExperimentConfig.from_dict(_config(small, micro_zoo, space_file, dtype="bfloat16")))
+    bf16 = plan_for(load_config(_config(small, micro_zoo, space_file, dtype="bfloat16")))
     assert next(i.bytes for i in bf16.items if i.what.startswith("sources")) == shared // 2
     model = next(i.bytes for i in bf16.items if "resident model" in i.what)
     assert model == SMALL.params * 2
-    two = plan_for(ExperimentConfig.from_dict(_config(small, micro_zoo, space_file, evaluators=2)))
+    two = plan_for(load_config(_config(small, micro_zoo, space_file, evaluators=2)))
     per_eval = two.node_bytes - one.node_bytes
     assert per_eval > SMALL.params * 4  # a second evaluator adds its own model, scratch and runtime, not the sources
     assert "node total" in one.table() and one.problem() is None
@@ -60,12 +60,12 @@ def test_the_plan_says_which_dtype_auto_chose_and_why(small, micro_zoo, space_fi
     assert native_bf16(frozenset({"avx512_bf16"})) == "AVX512-BF16"
     assert "no AVX512-BF16 or AMX-BF16" in dtype_reason(gpu=False, flags=frozenset({"avx2"}))
     assert "this CPU has AVX512-BF16" in dtype_reason(gpu=False, flags=frozenset({"avx512_bf16"}))
-    auto = plan_for(ExperimentConfig.from_dict(_config(small, micro_zoo, space_file, dtype="auto")))
+    auto = plan_for(load_config(_config(small, micro_zoo, space_file, dtype="auto")))
     assert auto.notes[0] == f"dtype float32 ({dtype_reason(gpu=False)})"  # this machine's CPU, detected
-    fixed = plan_for(ExperimentConfig.from_dict(_config(small, micro_zoo, space_file, dtype="bfloat16")))
+    fixed = plan_for(load_config(_config(small, micro_zoo, space_file, dtype="bfloat16")))
     assert fixed.notes[0] == "dtype bfloat16 (as the config gives it)"
     # a data-flow space of single models' layers: each evaluator holds the base and every source whole
-    flow = plan_for(ExperimentConfig.from_dict(_config(small, micro_zoo, repo_root / "search_spaces" / "dataflow_layers.yaml")))
+    flow = plan_for(load_config(_config(small, micro_zoo, repo_root / "search_spaces" / "dataflow_layers.yaml")))
     whole = next(i.bytes for i in flow.items if "source models whole" in i.what)
     assert whole == 4 * SMALL.params * 4 and any("data-flow paths" in n for n in flow.notes)
 
@@ -73,7 +73,7 @@ def test_the_plan_says_which_dtype_auto_chose_and_why(small, micro_zoo, space_fi
 def test_a_run_that_cannot_fit_is_refused_in_one_line_before_ray_starts(small, micro_zoo, space_file, tmp_path, repo_root):
     cfg = _config(small, micro_zoo, space_file, evaluators=2, node_memory_gb=0.5)
     with pytest.raises(EvoError, match=r"memory plan: needs [\d.]+ GiB on this node, 0.5 GiB available; try ") as err:
-        check_plan(ExperimentConfig.from_dict(cfg), plan_for(ExperimentConfig.from_dict(cfg)))
+        check_plan(load_config(cfg), plan_for(load_config(cfg)))
     assert "\n" not in str(err.value) and "ray.evaluators: 1" in str(err.value)
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -87,7 +87,7 @@ def test_a_run_that_cannot_fit_is_refused_in_one_line_before_ray_starts(small, m
                            text=True, env=env, cwd=repo_root)
     assert shown.returncode == 2 and "node total" in shown.stdout and "does not fit" in shown.stdout
     cfg["ray"]["memory_check"] = False  # the escape hatch: the plan is an estimate
-    check_plan(ExperimentConfig.from_dict(cfg), plan_for(ExperimentConfig.from_dict(cfg)))
+    check_plan(load_config(cfg), plan_for(load_config(cfg)))
 
 
 @pytest.mark.parametrize("shape,dtype,evaluators", [(SMALL, "float32", 2), (LARGER, "bfloat16", 1)],
@@ -100,7 +100,7 @@ def test_plan_matches_the_measured_pss_of_a_real_run(shape, dtype, evaluators, m
     family = write_family(tmp_path / "family", shape, sources=3, dtype="bfloat16", tokenizer=micro_zoo.tokenizer_dir)
     cfg = _config(family, micro_zoo, space_file, dtype=dtype, evaluators=evaluators)
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(cfg))
-    plan = plan_for(ExperimentConfig.from_dict(cfg))
+    plan = plan_for(load_config(cfg))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     child = subprocess.Popen([sys.executable, "-m", "evo.cli", "run", str(tmp_path / "exp.yaml"), "--run-dir",
                               str(tmp_path / "run"), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -118,7 +118,7 @@ def test_gpu_plan_keeps_sources_on_the_gpu_when_they_fit_else_streams_them(small
     """The placement logic, on CPU: sources on the GPU while they fit beside the model; a smaller
     GPU streams them per tensor from host memory (and says so); a GPU too small even for the
     model is refused."""
-    cfg = ExperimentConfig.from_dict(_config(small, micro_zoo, space_file, evaluators=2, gpus_per_evaluator=0.5))
+    cfg = load_config(_config(small, micro_zoo, space_file, evaluators=2, gpus_per_evaluator=0.5))
     roomy = plan_for(cfg, gpu_total=8 * GiB)
     assert not roomy.stream_sources and roomy.evaluators_per_gpu == 2
     assert any("sources on the GPU" in i.what for i in roomy.items) and "live on the GPU" in roomy.table()

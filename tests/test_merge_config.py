@@ -70,7 +70,7 @@ def test_unreadable_and_invalid_yaml(tmp_path):
         MergeConfig.from_yaml(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("merge_method: [ties\n")
-    with pytest.raises(EvoError, match="bad.yaml: invalid YAML"):
+    with pytest.raises(EvoError, match=r"bad.yaml(:\d+)?: not valid YAML"):
         MergeConfig.from_yaml(bad)
 
 

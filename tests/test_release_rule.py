@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from evo.core.config import ExperimentConfig
+from evo.loop.experiment import load_config
 from evo.loop.release_rule import decide
 
 PRIOR, V0 = "logppl/replay:prior", "logppl/replay:000-a"
@@ -15,7 +15,7 @@ def make_cfg(micro_zoo, tmp_path, repo_root):
     (tmp_path / "stream").mkdir()
 
     def make(**release):
-        return ExperimentConfig.from_dict({
+        return load_config({
             "zoo": str(micro_zoo.root), "search_space": str(repo_root / "search_spaces" / "merge_lora.yaml"), "stream": {"folder": str(tmp_path / "stream")},
             "release": {"tolerance": 0.05, **release}})
     return make

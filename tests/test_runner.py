@@ -10,12 +10,11 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import evo
-from evo.core.config import ExperimentConfig
-from evo.data.stream import read_texts
+from evo.loop.experiment import load_config
 from evo.core.errors import EvoError
-from evo.scoring.fitness import mean_nll, token_blocks
+from evo.scoring.fitness import mean_nll
 from evo.artifacts.release import verify_manifest
-from evo.data.sources import search_and_selection
+from evo.scoring.sources import search_and_selection
 from evo.artifacts.store import RunStore
 
 
@@ -85,7 +84,7 @@ def test_run_export_load_and_resume_matches_uninterrupted(micro_zoo, ray_session
     assert f"{len(cands)} candidates ({n_failed} failed, {n_rejected} stopped early by rejection)" in page
 
     # stop after one generation, then resume: same final best recipe and values
-    part = evo.run(cfg, tmp_path / "part", quiet=True, stop_after=1)
+    evo.run(cfg, tmp_path / "part", quiet=True, stop_after=1)
     assert RunStore.open(tmp_path / "part").load_checkpoint().generation == 1
     resumed = evo.resume(tmp_path / "part", quiet=True)
     assert resumed.best_recipe.key() == full.best_recipe.key()
@@ -106,7 +105,7 @@ def test_run_export_load_and_resume_matches_uninterrupted(micro_zoo, ray_session
     verify_manifest(release)
     model = AutoModelForCausalLM.from_pretrained(release).eval()
     tok = AutoTokenizer.from_pretrained(release)
-    config = ExperimentConfig.from_dict(store.config())
+    config = load_config(store.config())
     _, selection_blocks = search_and_selection(config, tok)
     nlls = [mean_nll(model, torch.from_numpy(b), batch_size=6) for b in selection_blocks.values()]
     recorded = comp[sel["release"]]["selection"]["mean"]
@@ -199,7 +198,7 @@ def test_steady_state_run_replays_its_recorded_arrival_order(micro_zoo, ray_sess
     assert start["start"] == max(start["scores"], key=start["scores"].get)
     from evo.loop.generation import make_space
 
-    space = make_space(ExperimentConfig.from_dict(store.config()))
+    space = make_space(load_config(store.config()))
     lam = {"uniform average": 1 / len(space.models), "weight 0.3": 0.3, "weight 1": 1.0}[start["start"]]
     centre = space.uniform_genome(weight=lam, density=1.0).tolist()
     assert store.load_checkpoint().optimizer["options"]["initial"][0] == pytest.approx(centre)

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 
 from evo.core.config import ExperimentConfig
+from evo.loop.experiment import load_config
 from evo.data.stream import canonical, selection_split
 from evo.data.draws import BlockDraws, adjust_metrics, paired_difference
 from evo.core.errors import EvoError
 from evo.scoring.evaluator import Evaluator
 from evo.loop.racing import race_z, round_counts
 from evo.loop.selection import Selection, baseline_recipes, control_recipe, print_selection, weights_recipe
-from evo.data.sources import Sources
+from evo.scoring.sources import Sources
 
 
 def test_selection_split_is_by_content_not_order():
@@ -55,7 +56,7 @@ def test_paired_difference_and_adjustment():
 
 @pytest.fixture(scope="module")
 def resident(micro_zoo, repo_root):
-    cfg = ExperimentConfig.from_dict({
+    cfg = load_config({
         "zoo": str(micro_zoo.root), "search_space": str(repo_root / "search_spaces" / "task_arithmetic_layerwise.yaml"),
         "eval": {"seq_len": 32, "max_blocks": 6, "batch_size": 8, "selection": {"blocks": 24, "lambdas": [0.3, 0.6, 1.0]},
                  "test_blocks": 24},
@@ -122,16 +123,16 @@ def test_selection_config_errors_are_one_line(micro_zoo, repo_root, tmp_path):
                        ({"racing": "yes"}, "eval.selection.racing"),
                        ({"sets": {"nope": str(tmp_path)}}, "eval.selection.sets.nope")):
         with pytest.raises(EvoError, match=match):
-            ExperimentConfig.from_dict({**raw, "eval": {"selection": bad}})
+            load_config({**raw, "eval": {"selection": bad}})
     with pytest.raises(EvoError, match="eval.pool_blocks"):
-        ExperimentConfig.from_dict({**raw, "eval": {"max_blocks": 8, "pool_blocks": 4}})
+        load_config({**raw, "eval": {"max_blocks": 8, "pool_blocks": 4}})
 
 
 def test_single_document_files_are_split_by_position(micro_zoo, repo_root, tmp_path):
     text = "\n\n".join(micro_zoo.texts("code", "valid"))
     one = tmp_path / "one.txt"
     one.write_text(text)
-    cfg = ExperimentConfig.from_dict({
+    cfg = load_config({
         "models": {"base": str(micro_zoo.base_dir), "sources": {d: str(p) for d, p in micro_zoo.specialist_dirs.items()}},
         "search_space": str(repo_root / "search_spaces" / "task_arithmetic_layerwise.yaml"),
         "eval": {"sets": {"code": str(one)}, "seq_len": 32, "max_blocks": 4, "selection": {"fraction": 0.25}},
@@ -182,7 +183,7 @@ def race_setup(micro_zoo, repo_root):
     """A config whose sets and λ sweep match ``RACE_OFFSETS``, the hall of fame's three
     entries, and synthetic NLLs: a block difficulty shared by every candidate (sd 0.5, what
     pairing cancels) plus each candidate's offset and its own noise."""
-    cfg = ExperimentConfig.from_dict({
+    cfg = load_config({
         "zoo": str(micro_zoo.root), "search_space": str(repo_root / "search_spaces" / "task_arithmetic_layerwise.yaml"),
         "eval": {"selection": {"lambdas": [0.3, 0.5, 1.0]}}, "seed": 3,
     })

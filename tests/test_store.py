@@ -6,9 +6,10 @@ import pytest
 
 from evo.core.errors import EvoError
 from evo.artifacts.checkpoint import Checkpoint
-from evo.artifacts.store import RunStore, atomic_write_text
+from evo.artifacts.store import RunStore
 
 
+from evo.core.fs import atomic_write_text
 def test_create_refuses_a_non_empty_directory(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "x").write_text("keep me")

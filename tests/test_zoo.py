@@ -9,7 +9,8 @@ import torch
 
 from evo.data import corpus
 from evo.core.errors import EvoError
-from evo.scoring.fitness import mean_nll, token_blocks
+from evo.scoring.fitness import mean_nll
+from evo.data.tokens import token_blocks
 from evo.zoo.build import MANIFEST, SPLITS, Zoo, build_zoo, markdown_table
 
 

@@ -24,8 +24,9 @@ from evo.zoo.gguf import MARKER as GGUF_MARKER
 from evo.search.space import Recipe
 from evo.artifacts.checkpoint import Checkpoint
 from evo.artifacts.lock import RunLock
-from evo.artifacts.store import RunStore, atomic_write_text, umask_tree
+from evo.artifacts.store import RunStore
 
+from evo.core.fs import atomic_write_text, umask_tree
 MANIFEST = "MANIFEST.sha256"
 EVAL_BLOCKS = "eval/blocks.safetensors"  # in a subfolder: loaders take every top-level *.safetensors as weights
 
@@ -97,7 +98,7 @@ def _export(store: RunStore, out, *, lora: str, name: str | None, candidate: str
         raise EvoError(f"{store.root}: {label} has no LoRA genes, so there is no adapter to write: "
                        f"export it without --lora adapter{hint}")
     paths = model_dirs(cfg.models)
-    from evo.data.sources import load_tokenizer, search_and_selection, train_blocks
+    from evo.scoring.sources import load_tokenizer, search_and_selection, train_blocks
 
     tok = load_tokenizer(cfg)
     train = train_blocks(cfg, tok) if recipe.lora else None
@@ -597,8 +598,9 @@ def verify(release: str | Path, tolerance: float = 1e-3) -> dict[str, float]:
 
     from evo.core.config import Objective
     from evo.data.stream import data_version, read_texts
-    from evo.scoring.fitness import mean_nll, objective_values, token_blocks
+    from evo.scoring.fitness import mean_nll, objective_values
 
+    from evo.data.tokens import token_blocks
     root = Path(release)
     if not root.is_dir():
         raise EvoError(f"{root}: release directory not found")

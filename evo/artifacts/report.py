@@ -23,7 +23,8 @@ from evo.core.config import ExperimentConfig  # noqa: E402
 from evo.core.errors import EvoError  # noqa: E402
 from evo.search.space import SearchSpace  # noqa: E402
 from evo.artifacts.checkpoint import Checkpoint  # noqa: E402
-from evo.artifacts.store import RunStore, atomic_write_text  # noqa: E402
+from evo.artifacts.store import RunStore  # noqa: E402
+from evo.core.fs import atomic_write_text
 from evo.artifacts.status import version_summary  # noqa: E402
 
 

@@ -21,72 +21,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 
 from evo.artifacts.checkpoint import Checkpoint
 from evo.core.errors import EvoError
-
-
-def umask_mode(directory: bool = False) -> int:
-    """The mode ``open``/``mkdir`` would give a new file or folder under the current umask.
-
-    ``mkstemp``/``mkdtemp`` create 0600/0700 whatever the umask; what evo renames into place
-    (releases, merged models, run files) is meant to be shared like any other output, so it
-    gets this mode before the rename."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return (0o777 if directory else 0o666) & ~mask
-
-
-def umask_tree(root: Path) -> None:
-    """Give a staged folder (and all in it) the modes the umask gives new files and folders,
-    before it is renamed into place: files copied from elsewhere keep their source's mode and
-    some writers create 0600 files, but what evo ships follows the user's umask."""
-    file_mode, dir_mode = umask_mode(), umask_mode(directory=True)
-    os.chmod(root, dir_mode)
-    for folder, dirs, files in os.walk(root):
-        for name in dirs:
-            os.chmod(os.path.join(folder, name), dir_mode)
-        for name in files:
-            path = os.path.join(folder, name)
-            if not os.path.islink(path):
-                os.chmod(path, file_mode)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same folder and ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, umask_mode())
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def read_jsonl(path: Path) -> Iterator[dict]:
-    """Records of a JSONL file; a torn final line (driver killed mid-write) is skipped."""
-    if not Path(path).exists():
-        return
-    with open(path) as fh:
-        for line in fh:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                continue
+from evo.core.fs import atomic_write_text, read_jsonl, read_yaml
 
 
 class RunStore:
@@ -140,11 +83,7 @@ class RunStore:
         return True
 
     def config(self) -> dict:
-        path = self.root / self.CONFIG
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise EvoError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+        data = read_yaml(self.root / self.CONFIG, "run config")
         if not isinstance(data, dict):
             raise EvoError(f"{self.root / self.CONFIG}: not a YAML mapping")
         return data

@@ -2,7 +2,7 @@
 headers before anything is loaded, so a run that cannot fit is refused in one line instead of
 being killed by the OOM killer an hour in.
 
-Where the bytes go (``evo.data.sources``, ``evo.cluster.pool``, ``evo.scoring.evaluator``, ``evo.merge.engine``):
+Where the bytes go (``evo.scoring.sources``, ``evo.cluster.pool``, ``evo.scoring.evaluator``, ``evo.merge.engine``):
 
 * **sources**: the base and one task vector per source, in ``cfg.dtype``, once per node in
   Ray's object store (evaluators on a node map the same pages);

@@ -27,7 +27,7 @@ from evo.core.errors import EvoError
 from evo.scoring.evaluator import Evaluator
 from evo.cluster.memory import check_plan, object_store_bytes, plan_for
 from evo.scoring.rejection import RejectionTest
-from evo.data.sources import Sources
+from evo.scoring.sources import Sources
 
 
 class Interrupted(EvoError):

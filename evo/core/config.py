@@ -11,13 +11,15 @@ import types
 import typing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 from evo.core.errors import EvoError
+from evo.core.fs import read_yaml
+from evo.core.paths import is_gguf_spec, names_package, resolve_gguf
+from evo.core.tensors import DTYPE_NAMES
 
 # what a merged model and a release can be stored as (the merge arithmetic itself is fp32)
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def default_dtype(*, gpu: bool) -> str:
@@ -303,15 +305,19 @@ class ExperimentConfig:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "ExperimentConfig":
-        from evo.data.stream import read_yaml
-
+    def from_yaml(cls, path: str | Path, *, complete: Callable[["ExperimentConfig"], "ExperimentConfig"] | None = None,
+                  ) -> "ExperimentConfig":
         path = Path(path)
         data = read_yaml(path, "experiment config")
-        return cls.from_dict(data or {}, source=str(path), base_dir=path.parent)
+        return cls.from_dict(data or {}, source=str(path), base_dir=path.parent, complete=complete)
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "<config>", base_dir: str | Path | None = None) -> "ExperimentConfig":
+    def from_dict(cls, data: dict, source: str = "<config>", base_dir: str | Path | None = None, *,
+                  complete: Callable[["ExperimentConfig"], "ExperimentConfig"] | None = None) -> "ExperimentConfig":
+        """The schema: fields built and coerced, paths resolved against ``base_dir``, ``dtype: auto``
+        resolved, then validated. ``complete`` fills, before validation, what only the layers
+        above the ground know (a zoo's models and sets: ``evo.loop.experiment.load_config``); a
+        stored run config is already complete."""
         if isinstance(data, dict) and isinstance(data.get("stream"), dict) and data["stream"].get("folder") \
                 and "objectives" not in data:
             # the continual loop's two objectives: adapt to the newest data, keep the old
@@ -321,7 +327,8 @@ class ExperimentConfig:
         # frozen from here: the resolved paths and the zoo's defaults make new records
         cfg = dataclasses.replace(cfg, source=source)
         cfg = cfg._with_paths_resolved(Path(base_dir) if base_dir is not None else Path.cwd())
-        cfg = cfg._with_zoo_defaults()
+        if complete is not None:
+            cfg = complete(cfg)
         if cfg.dtype == "auto":  # resolved once here, so config.yaml (and a resume) keeps what ran
             from evo.core.hardware import dtype_reason
 
@@ -338,13 +345,14 @@ class ExperimentConfig:
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
-        from evo.zoo.gguf import is_gguf_spec, resolve_gguf
-
         where = self.source
         if not self.search_space:
             raise EvoError(f"{where}: search_space: missing field")
         if not Path(self.search_space).is_file():
             raise EvoError(f"{where}: search_space: file not found: {self.search_space}")
+        if not self.models.base and self.zoo:
+            raise EvoError(f"{where}: zoo: {self.zoo} was not read (load the config with evo.load_config, "
+                           "which fills the zoo's models and sets)")
         if not self.models.base:
             raise EvoError(f"{where}: models.base: missing field (or give 'zoo')")
         if not self.models.sources:
@@ -386,15 +394,10 @@ class ExperimentConfig:
             for s in obj.sets or []:
                 if s not in known:
                     raise EvoError(f"{at}.sets: unknown {'evaluation set' if obj.metric == 'logppl' else 'task'} {s!r} (known: {', '.join(known)})")
-        from evo.search.optim import OPTIMIZERS
-
-        if self.optimizer.name not in OPTIMIZERS:
-            raise EvoError(f"{where}: optimizer.name: unknown optimizer {self.optimizer.name!r} "
-                           f"(known: {', '.join(sorted(OPTIMIZERS))})")
         if self.optimizer.start not in STARTS:
             raise EvoError(f"{where}: optimizer.start: must be {' or '.join(STARTS)}, got {self.optimizer.start!r}")
-        if self.dtype not in DTYPES:
-            raise EvoError(f"{where}: dtype: must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPE_NAMES:
+            raise EvoError(f"{where}: dtype: must be auto or one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
         for key in ("generations", "population"):
             if getattr(self.optimizer, key) < 1:
                 raise EvoError(f"{where}: optimizer.{key}: must be >= 1")
@@ -499,8 +502,6 @@ class ExperimentConfig:
     def _with_paths_resolved(self, base: Path) -> "ExperimentConfig":
         """Relative paths made absolute against the config's folder. A GGUF model entry stays a
         GGUF entry: it is de-quantised where the sources load (``evo.zoo.gguf.model_dirs``), not here."""
-        from evo.zoo.gguf import is_gguf_spec, names_package
-
         def fix(p):
             return p if p is None or Path(p).is_absolute() else str((base / p).resolve())
 
@@ -515,23 +516,6 @@ class ExperimentConfig:
                      selection=replace(ev.selection, sets={k: fix(v) for k, v in ev.selection.sets.items()}))
         return replace(self, search_space=fix(self.search_space) if self.search_space else "", zoo=fix(self.zoo),
                        models=models, eval=ev, stream=replace(self.stream, folder=fix(self.stream.folder)))
-
-    def _with_zoo_defaults(self) -> "ExperimentConfig":
-        """Models and evaluation sets the config leaves out, from the zoo's ``zoo.json``."""
-        if not self.zoo:
-            return self
-        from evo.zoo.build import Zoo
-
-        try:
-            zoo = Zoo.load(self.zoo)
-        except EvoError as exc:
-            raise EvoError(f"{self.source}: zoo: {exc}") from None
-        models = replace(self.models, base=self.models.base or str(zoo.base_dir),
-                         sources=self.models.sources or {d: str(p) for d, p in zoo.specialist_dirs.items()})
-        ev = replace(self.eval,
-                     sets=self.eval.sets or {d: str(zoo.data_dir(d, self.zoo_split)) for d in zoo.domains},
-                     train_sets=self.eval.train_sets or {d: str(zoo.data_dir(d, "train")) for d in zoo.domains})
-        return replace(self, models=models, eval=ev)
 
 
 # ---------------------------------------------------------------------- generic validation

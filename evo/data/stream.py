@@ -26,6 +26,7 @@ from typing import Iterable
 import numpy as np
 
 from evo.core.errors import EvoError
+from evo.core.fs import read_records
 
 log = logging.getLogger("evo.data.stream")
 
@@ -35,19 +36,6 @@ PARTIAL_SUFFIXES = (".tmp", ".part")
 # settings that change what a shard keeps or how it is cut: part of every version id, and a
 # resumed stream must use the same ones (replay size and shard order may change)
 CONTENT_SETTINGS = ("seq_len", "heldout_frac", "seed", "min_chars", "near_dup_threshold", "num_perm", "tokenizer")
-
-
-def read_yaml(path: str | Path, what: str):
-    """A user's YAML file, or a one-line EvoError naming it (missing file, bad syntax)."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise EvoError(f"{path}: {what} not found")
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise EvoError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
 
 
 def read_texts(path: str | Path) -> list[str]:
@@ -62,14 +50,8 @@ def read_texts(path: str | Path) -> list[str]:
     if path.suffix != ".jsonl":
         return [raw] if raw.strip() else []
     docs = []
-    for lineno, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise EvoError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+    for lineno, record in read_records(path):
+        if not isinstance(record.get("text"), str):
             raise EvoError(f"{path}:{lineno}: line has no string field 'text'")
         docs.append(record["text"])
     return docs
@@ -266,7 +248,7 @@ class DataStream:
             reports.append(report)
             made += report.version is not None
         if reports and self.state_path is not None:
-            from evo.artifacts.store import atomic_write_text
+            from evo.core.fs import atomic_write_text
 
             atomic_write_text(self.state_path, json.dumps(self.state()))
         return reports

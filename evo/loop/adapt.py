@@ -20,13 +20,11 @@ merges exactly the weights the interrupted one evaluated.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from evo.artifacts.store import umask_tree
+from evo.core.fs import staged_dir
 from evo.core.config import ExperimentConfig
 from evo.core.errors import EvoError
 from evo.scoring.lora import LoraGenes, TrainingData, fit_lora, merged_state_dict, unload
@@ -92,19 +90,10 @@ def fit_adapter(spec: AdapterSpec, start_dir: str | Path, train: TrainingData, o
                   "holds": "base + (start + LoRA − start): the adapter's weight change on top of the base",
                   **{k: v for k, v in stats.items() if k != "seconds"}, "fit_seconds": round(stats["seconds"], 2),
                   "seconds": round(time.perf_counter() - t0, 2), "cpu_seconds": round(time.process_time() - c0, 2)}
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        try:
+        # an existing folder without the marker (an interrupted write of an older process) is replaced
+        with staged_dir(out, replace=True) as staging:
             model.save_pretrained(str(staging), safe_serialization=True)
             (staging / MARKER).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-            umask_tree(staging)
-            if out.exists():  # a directory without the marker: an interrupted write of an older process
-                shutil.rmtree(out)
-            os.rename(staging, out)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         return record
     except EvoError:
         raise

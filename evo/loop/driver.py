@@ -23,8 +23,9 @@ from pathlib import Path
 
 from evo.artifacts.checkpoint import Checkpoint
 from evo.core.config import ExperimentConfig, config_changes
+from evo.loop.experiment import load_config
 from evo.core.errors import EvoError
-from evo.data.sources import check_context
+from evo.scoring.sources import check_context
 from evo.loop.generation import GenerationStep, RunResult, new_optimizer, print_generation_row
 from evo.cluster.metrics import RunMetrics
 from evo.search.optim import restore_optimizer
@@ -33,7 +34,8 @@ from evo.loop.signals import StopSignals
 from evo.loop.steady_state import evolve
 from evo.artifacts.lock import RunLock
 from evo.artifacts.status import format_time_split, time_split
-from evo.artifacts.store import RunStore, atomic_write_text
+from evo.artifacts.store import RunStore
+from evo.core.fs import atomic_write_text
 from evo.loop.versions import VersionSource, version_source
 
 
@@ -199,14 +201,6 @@ class Loop:
                                                  **self.versions.checkpoint_fields(self)))
 
 
-def _as_config(config) -> ExperimentConfig:
-    if isinstance(config, ExperimentConfig):
-        return config
-    if isinstance(config, dict):
-        return ExperimentConfig.from_dict(config)
-    return ExperimentConfig.from_yaml(config)
-
-
 def run(config, run_dir: str | Path, *, quiet: bool = False, stop_after: int | None = None,
         follow: bool = False) -> RunResult:
     """Start a new run in ``run_dir`` (which must not exist or be empty).
@@ -216,7 +210,7 @@ def run(config, run_dir: str | Path, *, quiet: bool = False, stop_after: int | N
     follows that folder's shards; ``follow=True`` keeps waiting for new shards until
     SIGINT/SIGTERM (or ``stream.max_versions``).
     """
-    cfg = _as_config(config)
+    cfg = load_config(config)
     versions = version_source(cfg, follow=follow)
     try:  # fail on what the config alone can show before the run directory exists
         new_optimizer(cfg, versions.space)
@@ -251,7 +245,7 @@ def accept_config_changes(store: RunStore) -> dict[str, tuple]:
     applied = yaml.safe_load(applied_path.read_text())
     where = str(store.root / RunStore.CONFIG)
     # both through the schema, so a key written out or left to its default compares equal
-    normal = lambda d, src: ExperimentConfig.from_dict(d, source=src).to_dict()  # noqa: E731
+    normal = lambda d, src: load_config(d, source=src).to_dict()  # noqa: E731
     changes = config_changes(normal(applied, str(applied_path)), normal(edited, where), where=where)
     if changes:
         atomic_write_text(applied_path, yaml.safe_dump(edited, sort_keys=False))
@@ -268,7 +262,7 @@ def resume(run_dir: str | Path, *, quiet: bool = False, stop_after: int | None =
     store = RunStore.open(run_dir)
     with RunLock(store.root, "resume"):  # refused while another driver works in this folder
         changes = accept_config_changes(store)
-        cfg = ExperimentConfig.from_dict(store.config(), source=str(store.root / RunStore.CONFIG))
+        cfg = load_config(store.config(), source=str(store.root / RunStore.CONFIG))
         versions = version_source(cfg, follow=follow)
         check_context(cfg)
         store.event("run_resumed", pid=os.getpid(), follow=follow, config_changes=changes)

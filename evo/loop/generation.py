@@ -294,7 +294,7 @@ class GenerationStep:
     # ------------------------------------------------------------------ one generation
     def run(self, gen: int, *, should_stop=None) -> dict:
         t0 = time.time()
-        optimizer, space, cfg = self.optimizer, self.space, self.cfg
+        optimizer, space = self.optimizer, self.space
         control = anchor = None
         if self.draws is not None:
             anchor = self._control(0, should_stop)

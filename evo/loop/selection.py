@@ -301,7 +301,7 @@ def print_selection(record: dict, set_names: list[str]) -> None:
     table = record["table"]
     print("\nRelease chosen on the selection split: " + record["reason"])
     header = f"{'model':<40}{'search':>10}{'selection':>11}" + "".join(f"{s[:9]:>10}" for s in set_names) + f"{'test':>10}"
-    print(f"\nMean log-perplexity (lower is better); per-set columns on the test split")
+    print("\nMean log-perplexity (lower is better); per-set columns on the test split")
     print(header)
     print("-" * len(header))
     for label, row in table.items():

@@ -4,7 +4,7 @@ The loop runs the same steps for every data version; a version source says what 
 are, what is installed for each, and what its release step does:
 
 * :class:`FixedData` — one data version: the config's ``eval.sets`` split into search,
-  selection and test blocks (``evo.data.sources``), evolved for ``optimizer.generations``
+  selection and test blocks (``evo.scoring.sources``), evolved for ``optimizer.generations``
   generations and released by the selection stage (``evo.loop.selection``); ``evo export`` writes it.
 * :class:`ShardStream` — one data version per shard of ``stream.folder`` (``evo.data.stream``):
 
@@ -21,7 +21,7 @@ are, what is installed for each, and what its release step does:
   4. **release** by the rule of :class:`evo.core.config.ReleaseConfig`; the release records its data
      versions, parent release and lineage.
 
-This is the only module outside the data layer (``evo.data.sources``, ``evo.data.stream``) and the config
+This is the only module outside the data layer (``evo.scoring.sources``, ``evo.data.stream``) and the config
 that asks whether a run follows a stream: :func:`version_source` picks the source once.
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ from evo.loop.adapt import MARKER, adapter_specs, fit_adapter
 from evo.loop.generation import RELEASE, RunResult, make_space, make_stream_space, search_draws
 from evo.zoo.gguf import model_dirs
 from evo.loop.selection import Selection, print_selection, weights_recipe
-from evo.data.sources import Sources, load_tokenizer, train_blocks
+from evo.scoring.sources import Sources, load_tokenizer, train_blocks
 from evo.search.space import Recipe, SearchSpace
 
 log = logging.getLogger(__name__)
@@ -444,7 +444,7 @@ class ShardStream(VersionSource):
             raise EvoError(f"{model_dir}: tensor {missing[0]} is missing (present in the base)")
         import torch
 
-        from evo.scoring.evaluator import DTYPES, float32_array, to_numpy
+        from evo.core.tensors import DTYPES, float32_array, to_numpy
 
         # δ in float32 against the stored base, rounded once into the sources' dtype
         store = DTYPES[self.cfg.dtype]

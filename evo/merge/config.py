@@ -17,9 +17,9 @@ from typing import Any
 import yaml
 
 from evo.core.errors import EvoError
-from evo.artifacts.store import umask_mode
+from evo.core.fs import read_yaml, umask_mode
+from evo.core.tensors import DTYPE_NAMES
 
-DTYPES = ("float32", "float16", "bfloat16")
 _TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "tokenizer_source", "slices"}
 
 
@@ -200,16 +200,7 @@ class MergeConfig:
 
     @classmethod
     def from_yaml(cls, path) -> "MergeConfig":
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as err:
-            raise EvoError(f"{path}: cannot read merge config ({err.strerror})") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise EvoError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_yaml(path, "merge config"), source=str(path))
 
     def to_yaml(self, path) -> None:
         """Write atomically: a reader never sees a half-written recipe."""
@@ -241,8 +232,8 @@ def _check_inputs(method, name: str, models, base, source: str) -> None:
 
 def _dtype_and_tokenizer(d: dict, source: str) -> tuple[str, str | None]:
     dtype = d.get("dtype", "float32")
-    if dtype not in DTYPES:
-        raise EvoError(f"{source}: dtype '{dtype}' is not one of {', '.join(DTYPES)}")
+    if dtype not in DTYPE_NAMES:
+        raise EvoError(f"{source}: dtype '{dtype}' is not one of {', '.join(DTYPE_NAMES)}")
     tok = d.get("tokenizer_source")
     if tok is not None and not isinstance(tok, str):
         raise EvoError(f"{source}: tokenizer_source must be a model name or path")

@@ -8,9 +8,7 @@ place, so a failed merge never leaves a partial directory behind.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -18,7 +16,8 @@ import torch
 from torch import Tensor
 
 from evo.core.errors import EvoError
-from evo.artifacts.store import umask_mode, umask_tree
+from evo.core.fs import staged_dir
+from evo.core.tensors import DTYPES
 from evo.merge.config import MergeConfig
 from evo.merge.engine import Merger, check_same_tensors
 from evo.merge.params import LAYER_RE
@@ -27,7 +26,6 @@ from evo.merge.safetensors_io import SafetensorsWriter, check_finite, open_model
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "vocab.txt")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -101,7 +99,7 @@ def merge_to_dir(config: MergeConfig, out_dir, *, resolve: Callable[[str], Path]
     existing ``out_dir``; on any error nothing is left behind.
 
     ``source_dtype``: first round the base to this dtype and each task vector (taken in float32
-    against that rounded base) too, as a search's evaluators hold them (``evo.data.sources``), so a
+    against that rounded base) too, as a search's evaluators hold them (``evo.scoring.sources``), so a
     release is the model its recorded fitness was measured on.
     """
     out_dir = Path(out_dir)
@@ -134,9 +132,7 @@ def merge_to_dir(config: MergeConfig, out_dir, *, resolve: Callable[[str], Path]
     held = DTYPES[source_dtype] if source_dtype not in (None, "float32") else None
     scratch = merger.scratch
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    os.chmod(tmp, umask_mode(directory=True))  # mkdtemp's 0700 would make the merged model private
-    try:
+    with staged_dir(out_dir) as tmp:  # renamed into place when complete, removed on any error
         specs = [(n, dtype if n in floats else info.dtype, info.shape) for n, info in infos.items()]
         with SafetensorsWriter(tmp / "model.safetensors", specs, {"format": "pt"}) as writer:
             for name, info in infos.items():
@@ -164,11 +160,6 @@ def merge_to_dir(config: MergeConfig, out_dir, *, resolve: Callable[[str], Path]
                 writer.write(name, out if dtype == torch.float32 else out.to(dtype))
         _write_config(base_dir, tmp, config.dtype)
         _copy_tokenizer(config, resolve, base_dir, tmp)
-        umask_tree(tmp)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -240,8 +231,7 @@ def _merge_slices(config: MergeConfig, out_dir: Path, resolve: Callable[[str], P
         cfg = config.slice_config(k)
         plans.append(mergers[k].plan(cfg, {e.model for e in cfg.models if e.model != cfg.base_model}))
     dtype = DTYPES[config.dtype]
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as tmp:
         specs = [(n, dtype if n in floats else infos[n].dtype, infos[n].shape) for n, *_ in plan]
         with SafetensorsWriter(tmp / "model.safetensors", specs, {"format": "pt"}) as writer:
             for out_name, k, seen_as, inputs in plan:
@@ -268,11 +258,6 @@ def _merge_slices(config: MergeConfig, out_dir: Path, resolve: Callable[[str], P
         hf_config["dtype"] = config.dtype
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         _copy_tokenizer(config, resolve, dirs[ref_name], tmp)
-        umask_tree(tmp)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -20,37 +20,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from evo.core.errors import EvoError
+from evo.core.tensors import DTYPES, from_numpy
 from evo.scoring.fitness import block_nlls
 from evo.merge import Merger
 from evo.scoring.rejection import RejectionTest, Threshold
 from evo.search.space import Recipe
-
-
-def to_numpy(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """Tensors -> numpy arrays for the object store (Ray shares numpy zero-copy, not torch).
-
-    numpy has no bfloat16: a bf16 tensor travels as its bit pattern in ``uint16`` (no float
-    tensor of a model is ever uint16, so :func:`from_numpy` can tell)."""
-    return {k: _to_array(v) for k, v in state.items()}
-
-
-def _to_array(t: torch.Tensor) -> np.ndarray:
-    t = t.detach().cpu().contiguous()
-    return t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
-
-
-def from_numpy(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    # Object-store arrays are read-only; torch warns about that but we never write into them.
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return {k: _from_array(v) for k, v in arrays.items()}
-
-
-def _from_array(a: np.ndarray) -> torch.Tensor:
-    t = torch.from_numpy(a)
-    return t.view(torch.bfloat16) if t.dtype == torch.uint16 else t
 
 
 def _resolve(value):
@@ -61,14 +35,6 @@ def _resolve(value):
 
         return ray.get(value)
     return value
-
-
-def float32_array(a: np.ndarray) -> np.ndarray:
-    """A stored source array (float32, float16 or bf16 bits) as float32, for driver-side arithmetic."""
-    return _from_array(a).float().numpy() if a.dtype in (np.uint16, np.float16) else a
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def build_model(model_config: dict, dtype: torch.dtype = torch.float32, device: str = "cpu"):

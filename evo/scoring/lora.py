@@ -9,10 +9,7 @@ resident model; :func:`save_adapter` writes the adapter alone as a PEFT director
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +18,7 @@ import numpy as np
 import torch
 
 from evo.core.errors import EvoError
+from evo.core.fs import staged_dir
 
 # Named groups of Llama-style projection modules (the micro/tiny zoo, Llama, Mistral, Qwen).
 TARGET_PRESETS: dict[str, tuple[str, ...]] = {
@@ -273,17 +271,6 @@ def save_adapter(peft_model, out_dir) -> Path:
     """Write the adapter as a PEFT directory (``adapter_config.json`` + safetensors), atomically:
     it is written to a sibling temp dir and renamed into place."""
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with staged_dir(out, replace=True) as tmp:
         peft_model.save_pretrained(str(tmp), safe_serialization=True)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

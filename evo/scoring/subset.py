@@ -25,7 +25,8 @@ def quantile_pick(difficulty: np.ndarray, fraction: float) -> list[int]:
 def block_difficulty(base: Mapping[str, np.ndarray], deltas: Mapping[str, Mapping[str, np.ndarray]],
                      model_config: dict, sets: Mapping[str, np.ndarray], batch_size: int = 8) -> dict[str, np.ndarray]:
     """Mean NLL of every block over the base model and each source model (base + its task vector)."""
-    from evo.scoring.evaluator import build_model, float32_array
+    from evo.scoring.evaluator import build_model
+    from evo.core.tensors import float32_array
     from evo.scoring.fitness import block_nlls
 
     model = build_model(model_config)

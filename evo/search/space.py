@@ -233,7 +233,7 @@ class SearchSpaceSpec:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "SearchSpaceSpec":
-        from evo.data.stream import read_yaml
+        from evo.core.fs import read_yaml
 
         path = Path(path)
         data = read_yaml(path, "search space file")

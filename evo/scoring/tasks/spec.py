@@ -11,7 +11,6 @@ as lm-eval does. Every error is one line that names the file and the line (YAML 
 from __future__ import annotations
 
 import ast
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError, Undefine
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from evo.core.errors import EvoError
+from evo.core.fs import read_records
 
 _JINJA = ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True)
 _UNDEFINED = re.compile(r"'([^']+)' is undefined|has no attribute '([^']+)'")
@@ -135,18 +135,9 @@ def read_jsonl(path: Path, limit: int | None = None) -> list[Record]:
     """Records of a JSONL file (blank lines skipped). Every line is parsed, even past ``limit``,
     so a broken file fails at load time however small the subset asked for."""
     records: list[Record] = []
-    with path.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise EvoError(f"{path}:{number}: malformed JSON line ({err.msg} at column {err.colno})") from None
-            if not isinstance(doc, dict):
-                raise EvoError(f"{path}:{number}: a record must be a JSON object, got {type(doc).__name__}")
-            if limit is None or len(records) < limit:
-                records.append(Record(doc, f"{path}:{number}"))
+    for number, doc in read_records(path):
+        if limit is None or len(records) < limit:
+            records.append(Record(doc, f"{path}:{number}"))
     if not records:
         raise EvoError(f"{path}:1: empty task: no records")
     return records

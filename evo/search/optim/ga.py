@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 from deap import base, tools
 
-from evo.search.optim.base import Evaluated, Optimizer, deap_random, evaluated, register
+from evo.search.optim.base import Optimizer, deap_random, evaluated, register
 from evo.search.optim.variation import Individual, Variation
 
 

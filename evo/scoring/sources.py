@@ -14,8 +14,8 @@ from evo.core.config import ExperimentConfig
 from evo.data.stream import data_version, read_texts, selection_split
 from evo.core.errors import EvoError
 from evo.zoo.gguf import as_model_dir, model_dirs
-from evo.scoring.evaluator import to_numpy
-from evo.scoring.fitness import token_blocks
+from evo.core.tensors import to_numpy
+from evo.data.tokens import token_blocks
 
 
 def check_context(cfg: ExperimentConfig) -> None:
@@ -142,7 +142,7 @@ def load_task_vectors(cfg: ExperimentConfig, *, put=None):
     """(base, config, {source: task vector}) as numpy arrays in ``cfg.dtype`` (bf16 as uint16
     bits, see :func:`evo.scoring.evaluator.to_numpy`); δ = θ − θ_base in float32, rounded once. One
     source model is in memory at a time; ``put`` (see :meth:`Sources.load`) takes each result."""
-    from evo.scoring.evaluator import DTYPES
+    from evo.core.tensors import DTYPES
     from evo.merge import load_model_dir
     from evo.merge.engine import task_vector
 
