@@ -109,10 +109,10 @@ def test_layers_artifacts_and_search_never_reach_the_loop():
 
 def test_only_the_sources_ask_whether_a_run_follows_a_stream():
     """One loop (``evo.loop.driver``) for fixed data and streams: the question is asked in the config
-    (validation), where the evaluators' inputs load (``evo.scoring.sources``) and where the loop's
+    (its validation, ``evo.core.validate``), where the evaluators' inputs load (``evo.scoring.sources``) and where the loop's
     versions come from (``evo.loop.versions.version_source``), nowhere else."""
     asking = sorted(str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.py") if ".streaming" in p.read_text())
-    assert asking == ["evo/core/config.py", "evo/loop/versions.py", "evo/scoring/sources.py"], asking
+    assert asking == ["evo/core/validate.py", "evo/loop/versions.py", "evo/scoring/sources.py"], asking
     versions = (PACKAGE / "loop" / "versions.py").read_text()
     assert versions.count(".streaming") == 1  # version_source picks the source once
 

@@ -7,8 +7,6 @@ Relative paths are resolved against the config file's folder.
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -16,10 +14,10 @@ from typing import Any, Callable
 
 from evo.core.errors import EvoError
 from evo.core.fs import read_yaml
-from evo.core.paths import is_gguf_spec, names_package, resolve_gguf
-from evo.core.tensors import DTYPE_NAMES
+from evo.core.paths import is_gguf_spec, names_package
+from evo.core.schema import build
+from evo.core.validate import validate
 
-# what a merged model and a release can be stored as (the merge arithmetic itself is fp32)
 
 
 def default_dtype(*, gpu: bool) -> str:
@@ -30,7 +28,6 @@ def default_dtype(*, gpu: bool) -> str:
     return "bfloat16" if gpu else "float32"
 
 
-METRICS = ("logppl", "task")
 
 
 @dataclass(frozen=True)
@@ -241,7 +238,6 @@ class ReleaseConfig:
     first: str = "guarded"
 
 
-STREAM_SETS = ("newest", "replay")
 
 # What `evo resume` applies from an edited RUN_DIR/config.yaml: how long the run goes on and where
 # and how it runs. Anything else (population, search space, data, seed, objectives, dtype) would
@@ -323,7 +319,7 @@ class ExperimentConfig:
             # the continual loop's two objectives: adapt to the newest data, keep the old
             data = {**data, "objectives": [{"name": "adaptation", "sets": ["newest"]},
                                            {"name": "retention", "sets": ["replay"]}]}
-        cfg = _build(cls, data, source, "")
+        cfg = build(cls, data, source, aliases=FIELD_ALIASES)
         # frozen from here: the resolved paths and the zoo's defaults make new records
         cfg = dataclasses.replace(cfg, source=source)
         cfg = cfg._with_paths_resolved(Path(base_dir) if base_dir is not None else Path.cwd())
@@ -345,152 +341,12 @@ class ExperimentConfig:
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
-        where = self.source
-        if not self.search_space:
-            raise EvoError(f"{where}: search_space: missing field")
-        if not Path(self.search_space).is_file():
-            raise EvoError(f"{where}: search_space: file not found: {self.search_space}")
-        if not self.models.base and self.zoo:
-            raise EvoError(f"{where}: zoo: {self.zoo} was not read (load the config with evo.load_config, "
-                           "which fills the zoo's models and sets)")
-        if not self.models.base:
-            raise EvoError(f"{where}: models.base: missing field (or give 'zoo')")
-        if not self.models.sources:
-            raise EvoError(f"{where}: models.sources: no source models to merge")
-        if not self.eval.sets and not self.streaming:
-            raise EvoError(f"{where}: eval.sets: no evaluation sets (or follow a data stream: stream.folder)")
-        for name, path in {"base": self.models.base, **self.models.sources}.items():
-            field_name = f"models.{'sources.' + name if name != 'base' else 'base'}"
-            if is_gguf_spec(path):  # converted where the sources load; here only found
-                try:
-                    resolve_gguf(path)
-                except EvoError as exc:
-                    raise EvoError(f"{where}: {field_name}: {exc}") from None
-            elif not Path(path).is_dir():
-                raise EvoError(f"{where}: {field_name}: model directory not found: {path}")
-        for name, path in self.eval.sets.items():
-            if not Path(path).is_file():
-                raise EvoError(f"{where}: eval.sets.{name}: file not found: {path}")
-        for name, path in self.eval.tasks.items():
-            if not Path(path).is_file():
-                raise EvoError(f"{where}: eval.tasks.{name}: file not found: {path}")
-        if not self.objectives:
-            raise EvoError(f"{where}: objectives: at least one objective is needed")
-        names = set()
-        for i, obj in enumerate(self.objectives):
-            at = f"{where}: objectives[{i}]"
-            if obj.name in names:
-                raise EvoError(f"{at}.name: duplicate objective {obj.name!r}")
-            names.add(obj.name)
-            if obj.metric not in METRICS:
-                raise EvoError(f"{at}.metric: unknown metric {obj.metric!r} (known: {', '.join(METRICS)})")
-            if obj.goal not in ("minimize", "maximize"):
-                raise EvoError(f"{at}.goal: must be 'minimize' or 'maximize', got {obj.goal!r}")
-            if obj.reduce not in ("mean", "max", "sum"):
-                raise EvoError(f"{at}.reduce: must be mean, max or sum, got {obj.reduce!r}")
-            known = (STREAM_SETS if self.streaming else self.eval.sets) if obj.metric == "logppl" else self.eval.tasks
-            if obj.metric == "task" and not known:
-                raise EvoError(f"{at}.metric: 'task' needs eval.tasks")
-            for s in obj.sets or []:
-                if s not in known:
-                    raise EvoError(f"{at}.sets: unknown {'evaluation set' if obj.metric == 'logppl' else 'task'} {s!r} (known: {', '.join(known)})")
-        if self.optimizer.start not in STARTS:
-            raise EvoError(f"{where}: optimizer.start: must be {' or '.join(STARTS)}, got {self.optimizer.start!r}")
-        if self.dtype not in DTYPE_NAMES:
-            raise EvoError(f"{where}: dtype: must be auto or one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
-        for key in ("generations", "population"):
-            if getattr(self.optimizer, key) < 1:
-                raise EvoError(f"{where}: optimizer.{key}: must be >= 1")
-        if self.ray.evaluators < 1:
-            raise EvoError(f"{where}: ray.evaluators: must be >= 1")
-        if self.ray.cpus_per_evaluator < 0 or self.ray.gpus_per_evaluator < 0:
-            raise EvoError(f"{where}: ray.cpus_per_evaluator and ray.gpus_per_evaluator: must be >= 0")
-        if self.ray.node_memory_gb is not None and not self.ray.node_memory_gb > 0:
-            raise EvoError(f"{where}: ray.node_memory_gb must be > 0 (or left out: the node's free memory)")
-        if self.ray.restart_timeout_s <= 0:
-            raise EvoError(f"{where}: ray.restart_timeout_s must be > 0, got {self.ray.restart_timeout_s}")
-        if self.ray.connect_timeout_s <= 0 or self.ray.resources_timeout_s < 0:
-            raise EvoError(f"{where}: ray.connect_timeout_s must be > 0 and ray.resources_timeout_s >= 0")
-        if self.ray.threads_per_evaluator < 1:
-            raise EvoError(f"{where}: ray.threads_per_evaluator: must be >= 1")
-        if not 0.0 < self.eval.subset <= 1.0:
-            raise EvoError(f"{where}: eval.subset: a fraction in (0, 1], got {self.eval.subset}")
-        if self.eval.task_subset is not None and (isinstance(self.eval.task_subset, bool)
-                                                  or not isinstance(self.eval.task_subset, int)
-                                                  or self.eval.task_subset < 1):
-            raise EvoError(f"{where}: eval.task_subset: a number of items >= 1, got {self.eval.task_subset!r}")
-        self._validate_stream()
-        if self.eval.seq_len < 2 or self.eval.max_blocks < 1 or self.eval.batch_size < 1:
-            raise EvoError(f"{where}: eval: seq_len >= 2, max_blocks >= 1 and batch_size >= 1 are required")
-        if self.eval.pool_blocks is not None and self.eval.pool_blocks < self.eval.max_blocks:
-            raise EvoError(f"{where}: eval.pool_blocks: must be >= eval.max_blocks ({self.eval.max_blocks}), "
-                           f"got {self.eval.pool_blocks}")
-        if self.eval.test_blocks < 1:
-            raise EvoError(f"{where}: eval.test_blocks: must be >= 1")
-        sel = self.eval.selection
-        if not 0.0 <= sel.fraction < 1.0:
-            raise EvoError(f"{where}: eval.selection.fraction: a share of documents in [0, 1), got {sel.fraction}")
-        if sel.blocks < 1 or sel.top_k < 1:
-            raise EvoError(f"{where}: eval.selection: blocks >= 1 and top_k >= 1 are required")
-        if sel.racing_rounds < 1:
-            raise EvoError(f"{where}: eval.selection.racing_rounds: a number of rounds >= 1, got {sel.racing_rounds}")
-        if any(not 0.0 < lam <= 2.0 for lam in sel.lambdas):
-            raise EvoError(f"{where}: eval.selection.lambdas: task-arithmetic scales in (0, 2], got {sel.lambdas}")
-        for name, path in sel.sets.items():
-            if name not in self.eval.sets:
-                raise EvoError(f"{where}: eval.selection.sets.{name}: no evaluation set of that name "
-                               f"(known: {', '.join(self.eval.sets)})")
-            if not Path(path).is_file():
-                raise EvoError(f"{where}: eval.selection.sets.{name}: file not found: {path}")
-        if sel.sets and set(sel.sets) != set(self.eval.sets):
-            missing = sorted(set(self.eval.sets) - set(sel.sets))
-            raise EvoError(f"{where}: eval.selection.sets: give a selection file for every evaluation set "
-                           f"(missing: {', '.join(missing)}), or none to split them by document hash")
+        """Every field checked against the others (``evo.core.validate``); one EvoError line."""
+        validate(self)
 
     @property
     def streaming(self) -> bool:
         return bool(self.stream.folder)
-
-    def _validate_stream(self) -> None:
-        where, st, rel = self.source, self.stream, self.release
-        names = [o.name for o in self.objectives]
-        for key in ("objective", "retention"):
-            value = getattr(rel, key)
-            if value is not None and value not in names:
-                raise EvoError(f"{where}: release.{key}: unknown objective {value!r} (declared: {', '.join(names)})")
-        if rel.lora not in ("merged", "adapter"):
-            raise EvoError(f"{where}: release.lora: must be 'merged' or 'adapter', got {rel.lora!r}")
-        if rel.tolerance < 0:
-            raise EvoError(f"{where}: release.tolerance: must be >= 0")
-        if rel.first not in ("guarded", "weighted"):
-            raise EvoError(f"{where}: release.first: must be 'guarded' or 'weighted', got {rel.first!r}")
-        if rel.guard not in ("anchored", "current"):
-            raise EvoError(f"{where}: release.guard: must be 'anchored' or 'current', got {rel.guard!r}")
-        if not self.streaming:
-            return
-        if rel.lora != "merged":
-            raise EvoError(f"{where}: release.lora: a stream run merges LoRA into its releases (the next version "
-                           "builds on the release's weights); use 'merged'")
-        if st.generations < 1:
-            raise EvoError(f"{where}: stream.generations: must be >= 1")
-        if not 0.0 < st.heldout_frac < 1.0:
-            raise EvoError(f"{where}: stream.heldout_frac: must be in (0, 1), got {st.heldout_frac}")
-        if not 0.0 < st.near_dup_threshold <= 1.0:
-            raise EvoError(f"{where}: stream.near_dup_threshold: must be in (0, 1], got {st.near_dup_threshold}")
-        if st.order not in ("name", "mtime"):
-            raise EvoError(f"{where}: stream.order: must be 'name' or 'mtime', got {st.order!r}")
-        if st.replay_blocks < 1 or st.poll_s <= 0:
-            raise EvoError(f"{where}: stream: replay_blocks >= 1 and poll_s > 0 are required")
-        if not 0.0 <= st.train_replay < 1.0:
-            raise EvoError(f"{where}: stream.train_replay: a share in [0, 1), got {st.train_replay}")
-        if st.prior not in ("joint", "per_set"):
-            raise EvoError(f"{where}: stream.prior: must be 'joint' or 'per_set', got {st.prior!r}")
-        if st.max_versions is not None and st.max_versions < 1:
-            raise EvoError(f"{where}: stream.max_versions: must be >= 1")
-        if "release" in self.models.sources:
-            raise EvoError(f"{where}: models.sources.release: the name 'release' is reserved for the current release in a stream run")
-        if not Path(st.folder).is_dir():
-            raise EvoError(f"{where}: stream.folder: folder not found: {st.folder}")
 
     def release_objectives(self) -> tuple[str, str | None]:
         """(objective to improve, retention objective guarded by the tolerance, or None)."""
@@ -518,57 +374,5 @@ class ExperimentConfig:
                        models=models, eval=ev, stream=replace(self.stream, folder=fix(self.stream.folder)))
 
 
-# ---------------------------------------------------------------------- generic validation
 # YAML keys that are Python keywords: `optimizer.async` is the field `asynchronous`
-STARTS = ("uniform", "best_lambda")  # optimizer.start
 FIELD_ALIASES = {("OptimizerConfig", "async"): "asynchronous"}
-
-
-def _build(cls, data: Any, source: str, prefix: str):
-    """Build dataclass ``cls`` from a mapping, checking keys and scalar types as it goes."""
-    if not isinstance(data, dict):
-        raise EvoError(f"{source}: {prefix.rstrip('.') or 'top level'}: expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
-    data = {FIELD_ALIASES.get((cls.__name__, k), k): v for k, v in data.items()}
-    unknown = set(data) - set(fields)
-    if unknown:
-        raise EvoError(f"{source}: {prefix}{sorted(unknown)[0]}: unknown field (known: {', '.join(fields)})")
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for name, value in data.items():
-        kwargs[name] = _coerce(hints[name], value, source, f"{prefix}{name}")
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:  # a required field without default
-        raise EvoError(f"{source}: {prefix.rstrip('.')}: {exc}") from None
-
-
-def _coerce(hint, value, source, where):
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, source, where)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, source, where + ".")
-    if origin is list:
-        if not isinstance(value, list):
-            raise EvoError(f"{source}: {where}: expected a list, got {type(value).__name__}")
-        return [_coerce(args[0], v, source, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise EvoError(f"{source}: {where}: expected a mapping, got {type(value).__name__}")
-        return {str(k): _coerce(args[1], v, source, f"{where}.{k}") for k, v in value.items()}
-    if hint is Any:
-        return value
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if hint is bool and isinstance(value, bool):
-        return value
-    if hint is str and isinstance(value, (str, Path)):
-        return str(value)
-    raise EvoError(f"{source}: {where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
