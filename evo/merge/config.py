@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +15,7 @@ from typing import Any
 import yaml
 
 from evo.core.errors import EvoError
-from evo.core.fs import read_yaml, umask_mode
+from evo.core.fs import atomic_write_text, read_yaml
 from evo.core.tensors import DTYPE_NAMES
 
 _TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "tokenizer_source", "slices"}
@@ -204,16 +202,7 @@ class MergeConfig:
 
     def to_yaml(self, path) -> None:
         """Write atomically: a reader never sees a half-written recipe."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
-        try:
-            os.fchmod(fd, umask_mode())
-            with os.fdopen(fd, "w") as f:
-                yaml.safe_dump(self.to_dict(), f, sort_keys=False)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 def _check_inputs(method, name: str, models, base, source: str) -> None:
