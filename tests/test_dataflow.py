@@ -15,8 +15,9 @@ from evo.scoring.evaluator import Evaluator
 from evo.core.tensors import to_numpy
 from evo.scoring.fitness import block_nlls
 from evo.search.dataflow import LayerPath
-from evo.search.space import Recipe, SearchSpace, SearchSpaceSpec
+from evo.search.space import SearchSpace, SearchSpaceSpec
 
+from evo.search.recipe import Recipe
 MODELS_SPACE = {"name": "df", "dataflow": {"layers_from": "models", "repeats": 2, "scale": {"low": 0.5, "high": 1.5}}}
 MERGED_SPACE = {"name": "both", "merge_method": "ties", "layer_groups": 2, "parameters": {"normalize": True},
                 "genes": {"weight": {"type": "float", "low": 0.0, "high": 1.0, "scope": "model_layer"},

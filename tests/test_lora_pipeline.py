@@ -42,7 +42,7 @@ def test_lora_gene_changes_the_model_reproducibly_and_leaves_it_bare(lora_config
     recipe = space.decode(genome)
     assert recipe.lora and recipe.lora["steps"] >= 2
     plain = recipe.merge
-    from evo.search.space import Recipe
+    from evo.search.recipe import Recipe
 
     before = ev.evaluate(Recipe(plain, None, recipe.seed).to_dict())
     tuned = ev.evaluate(recipe.to_dict())

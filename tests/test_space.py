@@ -6,8 +6,9 @@ import pytest
 import yaml
 
 from evo.core.errors import EvoError
-from evo.search.space import CategoricalGene, FloatGene, IntGene, SearchSpace, SearchSpaceSpec, gene_from_spec
+from evo.search.space import SearchSpace, SearchSpaceSpec
 
+from evo.search.genes import CategoricalGene, FloatGene, IntGene, gene_from_spec
 SPACES = sorted(Path(__file__).resolve().parents[1].joinpath("search_spaces").rglob("*.yaml"))
 
 

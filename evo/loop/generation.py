@@ -32,8 +32,9 @@ from evo.search.optim import Evaluated, make_optimizer
 from evo.cluster.pool import Sources
 from evo.scoring.rejection import Threshold, kth_best
 from evo.loop.selection import control_recipe
-from evo.search.space import Recipe, SearchSpace
+from evo.search.space import SearchSpace
 
+from evo.search.recipe import Recipe
 RELEASE = "release"  # a stream run's name for the current release among the models to merge
 
 

@@ -29,7 +29,7 @@ from evo.data.draws import SPLIT_TEXT, paired_difference
 from evo.loop.racing import Lane, Rivals, merged_result, run_race
 from evo.scoring.fitness import objective_values
 from evo.search.optim.base import scalar_score
-from evo.search.space import Recipe
+from evo.search.recipe import Recipe
 
 SIMPLE = "simple baseline"  # the kinds of row in the comparison
 EVOLVED = "evolved"

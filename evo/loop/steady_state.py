@@ -26,7 +26,7 @@ from evo.core.errors import EvoError
 from evo.loop.generation import GenerationStep, Told
 from evo.search.optim import Evaluated
 from evo.cluster.pool import Job
-from evo.search.space import Recipe
+from evo.search.recipe import Recipe
 
 
 @dataclass

@@ -24,7 +24,7 @@ from evo.core.tensors import DTYPES, from_numpy
 from evo.scoring.fitness import block_nlls
 from evo.merge import Merger
 from evo.scoring.rejection import RejectionTest, Threshold
-from evo.search.space import Recipe
+from evo.search.recipe import Recipe
 
 
 def _resolve(value):
