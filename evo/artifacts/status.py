@@ -3,17 +3,19 @@ from __future__ import annotations
 
 from evo.artifacts.lock import holder
 from evo.artifacts.store import RunStore
+from evo.core.records import CandidateRecord
 
 
 def status_table(run_dir, top: int = 10) -> str:
     store = RunStore.open(run_dir)
     ckpt = store.load_checkpoint()
-    candidates = store.candidates()
+    raw = store.candidates()
+    candidates = [CandidateRecord.from_dict(c) for c in raw]
     live = holder(store.root)
     lines = [f"run {store.root}" + (f"  (running: {live})" if live else "")]
     events = store.events()
     split = next((e for e in reversed(events) if e["event"] == "time_split"), None)
-    so_far = live_split(events, candidates) if live else None
+    so_far = live_split(events, raw) if live else None
     if so_far is not None:
         lines.append("this driver call so far: " + so_far)
     elif split is not None:
@@ -22,23 +24,20 @@ def status_table(run_dir, top: int = 10) -> str:
         lines.append(f"no complete generation yet ({len(candidates)} candidates evaluated)")
         return "\n".join(lines)
     names = [o["name"] for o in ckpt.objectives]
-    failed = sum(c["status"] == "failed" for c in candidates)
-    rejected = sum(c["status"] == "rejected" for c in candidates)  # a verdict, not a failure
+    failed = sum(c.status == "failed" for c in candidates)
+    rejected = sum(c.status == "rejected" for c in candidates)  # a verdict, not a failure
     stream = ckpt.stream
     of = "" if stream else f"/{ckpt.generations}"
     lines.append(
         f"generation {ckpt.generation}{of}  data {ckpt.data_version}  "
         f"candidates {len(candidates)} (failed {failed}, stopped early {rejected}, "
-        f"cached {sum(bool(c.get('cached')) for c in candidates)})"
+        f"cached {sum(c.cached for c in candidates)})"
     )
     if stream:
         lines.append(f"stream: {len(stream['history'])} version(s) done, now {stream['version']} ({stream['phase']}), "
                      f"current release {stream['release'] or 'none'}")
         for h in stream["history"]:
             lines.append(f"  {h['version']:<24} {version_summary(h)}")
-    latest = {}
-    for c in candidates:  # the newest record of each recipe key
-        latest[c["key"]] = c
     pop = [e for e in ckpt.optimizer["population"]]
     lines.append("")
     lines.append(f"{'rank':>4}  " + "  ".join(f"{n:>14}" for n in names) + "  genome (first 6 genes)")

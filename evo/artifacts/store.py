@@ -29,6 +29,7 @@ import yaml
 
 from evo.artifacts.checkpoint import Checkpoint
 from evo.core.errors import EvoError
+from evo.core.records import CandidateRecord
 from evo.core.fs import atomic_write_text, read_jsonl, read_yaml
 
 
@@ -118,9 +119,11 @@ class RunStore:
     def events(self) -> list[dict]:
         return list(read_jsonl(self.root / "events.jsonl"))
 
-    def record_candidate(self, record: dict) -> None:
+    def record_candidate(self, record: CandidateRecord | dict) -> None:
         """Append a candidate's record once: a resumed driver that re-tells a candidate already
         recorded before the kill (its generation was not checkpointed) writes no second line."""
+        if isinstance(record, CandidateRecord):
+            record = record.to_dict()
         if self._recorded is None:
             self._recorded = {_candidate_id(r) for r in self.candidates()}
         ident = _candidate_id(record)

@@ -27,6 +27,7 @@ from deap import tools
 from evo.core.config import ExperimentConfig
 from evo.data.draws import BlockDraws, adjust_metrics, paired_difference
 from evo.core.errors import EvoError
+from evo.core.records import CandidateRecord
 from evo.scoring.fitness import objective_values
 from evo.search.optim import Evaluated, make_optimizer
 from evo.cluster.pool import Sources
@@ -338,18 +339,14 @@ class GenerationStep:
         se = None
         if control is not None and result.get("block_nlls") and control.get("block_nlls"):
             se = paired_difference(result["block_nlls"], control["block_nlls"], self.set_names)["se"]
-        self.store.record_candidate(
-            {
-                "generation": gen, "candidate": name, "parents": parent_ids, "key": key,
-                "cached": not fresh, "status": result["status"], "error": result.get("error"),
-                "values": vals, "raw_values": raw, "se": se, "metrics": result.get("metrics"),
-                "timings": result.get("timings"), "dispatch": result.get("dispatch"),
-                "genome": list(map(float, genome)), "recipe": recipe.to_dict() if recipe else None,
-                "data_version": self.data_key, "draw": self.draws.draw_id(gen) if self.draws else None,
-                "evaluated_fraction": result.get("evaluated_fraction"),
-                "lora": result.get("lora"), **self.extra, **(extra or {}),
-            }
-        )
+        self.store.record_candidate(CandidateRecord(
+            generation=gen, candidate=name, parents=parent_ids, key=key, cached=not fresh,
+            status=result["status"], error=result.get("error"), values=vals, raw_values=raw, se=se,
+            metrics=result.get("metrics"), timings=result.get("timings"), dispatch=result.get("dispatch"),
+            genome=list(map(float, genome)), recipe=recipe.to_dict() if recipe else None,
+            data_version=self.data_key, draw=self.draws.draw_id(gen) if self.draws else None,
+            evaluated_fraction=result.get("evaluated_fraction"), lora=result.get("lora"),
+            extra={**self.extra, **(extra or {})}))
         return Told(vals, se, result["status"], fresh, result.get("evaluated_fraction", 1.0) if fresh else 0.0)
 
     def row(self, gen: int, told: list["Told"], *, threshold, control: dict | None, seconds: float) -> dict:
