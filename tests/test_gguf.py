@@ -13,7 +13,7 @@ gguf = pytest.importorskip("gguf", reason="GGUF sources need the gguf package (p
 
 from evo.core.errors import EvoError  # noqa: E402
 from evo.zoo.gguf import MARKER, as_model_dir, file_sha256, gguf_to_hf_dir  # noqa: E402
-from evo.core.paths import is_gguf_spec, resolve_gguf
+from evo.core.paths import is_gguf_spec, resolve_gguf  # noqa: E402
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, FFN, CTX = 32, 2, 4, 2, 64, 64
 MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]

@@ -22,7 +22,7 @@ def zdt(g):
 
 def drive(opt, generations, fail_every=0):
     history = []
-    for gen in range(generations):
+    for _ in range(generations):
         genomes = opt.ask()
         values = [None if fail_every and i % fail_every == 0 else sphere(g) for i, g in enumerate(genomes)]
         opt.tell(genomes, values)

@@ -135,7 +135,7 @@ def merge_to_dir(config: MergeConfig, out_dir, *, resolve: Callable[[str], Path]
     with staged_dir(out_dir) as tmp:  # renamed into place when complete, removed on any error
         specs = [(n, dtype if n in floats else info.dtype, info.shape) for n, info in infos.items()]
         with SafetensorsWriter(tmp / "model.safetensors", specs, {"format": "pt"}) as writer:
-            for name, info in infos.items():
+            for name in infos:
                 src, _ = base[name]
                 t = src.tensor(name)
                 check_finite(t, str(src.path), name)
