@@ -104,7 +104,7 @@ def _cmd_verify(args) -> None:
     import json
     from pathlib import Path
 
-    from evo.artifacts.release import verify
+    from evo.artifacts.verify import verify
     from evo.data.draws import SPLIT_TEXT
 
     values = verify(args.release, tolerance=args.tolerance)

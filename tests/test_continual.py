@@ -17,7 +17,7 @@ import evo
 from evo.loop.experiment import load_config
 from evo.data.corpus import load_domain
 from evo.core.errors import EvoError
-from evo.artifacts.release import verify
+from evo.artifacts.verify import verify
 from evo.artifacts.store import RunStore
 
 

@@ -153,7 +153,7 @@ def test_a_dataflow_run_exports_a_release_of_another_depth(micro_zoo, ray_sessio
     release has its path's depth, passes evo verify, and its mergekit.yaml (portable names pointed
     back at the zoo) makes mergekit-yaml write the same tensors."""
     import evo
-    from evo.artifacts.release import verify
+    from evo.artifacts.verify import verify
 
     space = yaml.safe_load((repo_root / "search_spaces" / "dataflow_layers.yaml").read_text())
     space["dataflow"]["repeats"] = 2

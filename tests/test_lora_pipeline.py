@@ -12,7 +12,7 @@ import evo
 from evo.loop.experiment import load_config
 from evo.core.errors import EvoError
 from evo.scoring.evaluator import Evaluator
-from evo.artifacts.release import verify
+from evo.artifacts.verify import verify
 from evo.loop.generation import make_space
 from evo.scoring.sources import Sources
 

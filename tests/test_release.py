@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 import evo
 from evo.cli import main as cli
 from evo.core.errors import EvoError
-from evo.artifacts.release import verify
+from evo.artifacts.verify import verify
 from evo.artifacts.store import RunStore
 
 
@@ -75,7 +75,7 @@ def test_verify_re_measures_fitness(finished_run, tmp_path):
     """A release whose weights changed (manifest rewritten to match) fails on fitness."""
     from safetensors.torch import load_file, save_file
 
-    from evo.artifacts.release import write_manifest
+    from evo.artifacts.manifest import write_manifest
 
     release = evo.export(finished_run, tmp_path / "rel")
     sd = load_file(release / "model.safetensors")
@@ -92,7 +92,7 @@ def test_verify_checks_the_manifest_is_complete_and_the_only_files(finished_run,
     fitness.json: each fails verify with one line."""
     import shutil
 
-    from evo.artifacts.release import MANIFEST, write_manifest
+    from evo.artifacts.manifest import MANIFEST, write_manifest
 
     release = evo.export(finished_run, tmp_path / "rel")
     verify(release)

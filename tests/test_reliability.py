@@ -28,7 +28,7 @@ import yaml
 
 import evo
 from evo.artifacts.lock import LOCK_NAME
-from evo.artifacts.release import verify
+from evo.artifacts.verify import verify
 from evo.artifacts.store import RunStore
 from evo.cli import EXIT_ABORTED, EXIT_ERROR, EXIT_OK, main as cli
 from evo.core.errors import EvoError

@@ -13,7 +13,7 @@ import evo
 from evo.loop.experiment import load_config
 from evo.core.errors import EvoError
 from evo.scoring.fitness import mean_nll
-from evo.artifacts.release import verify_manifest
+from evo.artifacts.manifest import verify_manifest
 from evo.scoring.sources import search_and_selection
 from evo.artifacts.store import RunStore
 

@@ -556,7 +556,8 @@ class ShardStream(VersionSource):
             print(f"version {st['version']}: {entry['decision']}")
 
     def _export(self, loop, cand: dict, rule: str, drift: dict | None) -> Path:
-        from evo.artifacts.release import eval_record, lineage_record, next_release_dir, write_release
+        from evo.artifacts.fitness import fitness_record
+        from evo.artifacts.release import next_release_dir, write_release
 
         cfg, st = self.cfg, loop.state
         recipe = Recipe.from_dict(cand["recipe"], source=f"candidate {cand['candidate']}")
@@ -564,31 +565,26 @@ class ShardStream(VersionSource):
         paths[RELEASE] = st["release_dir"] or paths["base"]
         paths.update(self.adapter_dirs)
         out = next_release_dir(loop.store)
-        specs = [o.__dict__ for o in cfg.objectives]
-        fitness = {
-            "objectives": {o["name"]: {"value": v, "goal": o["goal"]} for o, v in zip(specs, cand["values"])},
-            "data_version": loop.data_key,
-            "generation": cand["generation"],
-            "run": str(loop.store.root.resolve()),
-            "eval": {**eval_record(cfg), "sets": {}},  # the stream's blocks: eval_blocks below
-            "objective_specs": specs,
-            "stream": {"folder": cfg.stream.folder, "version": st["version"], "shard": st["shard"],
-                       "versions": list(self.window.versions), "parent_release": st["release"], "rule": rule,
-                       # retention lost since each guarded version's anchor (nats; negative: gained)
-                       "retention_drift": drift,
-                       # the adapters fitted on this version (stream.adapters): settings, loss, time
-                       "adapters": {name: _adapter_record(d) for name, d in self.adapter_dirs.items()}},
-            "current_release_same_data": {
+        fitness = fitness_record(
+            cfg, loop.store, [o.__dict__ for o in cfg.objectives], cand["values"], data_version=loop.data_key,
+            generation=cand["generation"], lineage_of=cand["candidate"],
+            eval_sets=False,  # the stream's blocks: eval_blocks below
+            stream={"folder": cfg.stream.folder, "version": st["version"], "shard": st["shard"],
+                    "versions": list(self.window.versions), "parent_release": st["release"], "rule": rule,
+                    # retention lost since each guarded version's anchor (nats; negative: gained)
+                    "retention_drift": drift,
+                    # the adapters fitted on this version (stream.adapters): settings, loss, time
+                    "adapters": {name: _adapter_record(d) for name, d in self.adapter_dirs.items()}},
+            current_release_same_data={
                 "name": st["release"] or "base",
                 "objectives": dict(zip(loop.objective_names, st["reference"]["values"] or [])),
             },
-            "comparison_sets": list(self.blocks),
-            "comparison": {
+            comparison_sets=list(self.blocks),
+            comparison={
                 f"current release ({st['release'] or 'base'})": {"valid": loop.cache[st["reference"]["key"]].get("metrics", {})},
                 "this release": {"valid": cand["metrics"]},
             },
-            "lineage": lineage_record(loop.store, cand["candidate"]),
-        }
+        )
         t0 = time.time()
         out = write_release(loop.store, cfg, recipe, paths, fitness, out=out, lora="merged", train=self.train,
                             eval_blocks=self.blocks)
