@@ -33,7 +33,7 @@ def shard_texts(zoo, domain: str, n: int, doc_chars: int) -> list[str]:
     """Documents a model of the zoo never trained on: the zoo's test split for its own
     domains, otherwise the domain's text from the start."""
     from evo.data.corpus import load_domain
-    from evo.data.stream import read_texts
+    from evo.data.text import read_texts
 
     if domain in zoo.domains:
         return read_texts(zoo.data_dir(domain, "test"))[:n]
@@ -75,7 +75,7 @@ def zoo_train_blocks(zoo, tokenizer, args):
     """The zoo's own training text, the oldest rehearsal stratum (as the loop's prior)."""
     import numpy as np
 
-    from evo.data.stream import read_texts
+    from evo.data.text import read_texts
     from evo.data.tokens import token_blocks
 
     return np.concatenate([token_blocks(read_texts(zoo.data_dir(d, "train")), tokenizer, args.seq_len,

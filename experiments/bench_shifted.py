@@ -65,7 +65,7 @@ def config(zoo: Path, blocks: int, seed: int, args, sets: dict | None = None) ->
 def shifted_blocks(zoo: Path, n: int) -> dict:
     from transformers import AutoTokenizer
 
-    from evo.data.stream import read_texts
+    from evo.data.text import read_texts
     from evo.data.tokens import token_blocks
 
     tok = AutoTokenizer.from_pretrained(zoo / "tokenizer")

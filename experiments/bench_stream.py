@@ -60,7 +60,8 @@ def prepare(args) -> dict:
     from transformers import AutoTokenizer
 
     from evo.data.corpus import load_domain, split_documents
-    from evo.data.stream import DataStream, read_texts
+    from evo.data.stream import DataStream
+    from evo.data.text import read_texts
     from evo.zoo.build import Zoo, write_jsonl
     from evo.data.tokens import token_blocks
 

@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     theirs = AutoModelForCausalLM.from_pretrained(work / "mk_out").eval()
     from transformers import AutoTokenizer
 
-    from evo.data.stream import read_texts
+    from evo.data.text import read_texts
     from evo.data.tokens import token_blocks
 
     tok = AutoTokenizer.from_pretrained(release)

@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from evo.core.fs import atomic_write_text
     from evo.data import corpus
-    from evo.data.stream import read_texts
+    from evo.data.text import read_texts
 
     zoo = Path(args.zoo)
     manifest = json.loads((zoo / "zoo.json").read_text())

@@ -40,7 +40,7 @@ def ray_session(tmp_path_factory):
     """
     import ray
 
-    from evo.cluster.pool import normal_priority_workers
+    from evo.cluster.bootstrap import normal_priority_workers
 
     with normal_priority_workers():  # as evo's own embedded Ray: evaluators are not starved on a busy machine
         ray.init(

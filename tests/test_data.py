@@ -9,7 +9,9 @@ import pickle
 import numpy as np
 import pytest
 
-from evo.data.stream import DataStream, clean_document, is_heldout, read_texts
+from evo.data.splits import is_heldout
+from evo.data.stream import DataStream
+from evo.data.text import clean_document, read_texts
 from evo.core.errors import EvoError
 
 WORDS = [f"w{i:03d}" for i in range(600)]

@@ -344,7 +344,7 @@ def test_exposed_dashboard_is_announced_and_a_double_ctrl_c_exits_130_leaving_no
 
 
 def test_the_dashboard_url_names_the_bind_address():
-    from evo.cluster.pool import _is_loopback, _url_host
+    from evo.cluster.network import is_loopback as _is_loopback, url_host as _url_host
 
     assert _is_loopback("127.0.0.1") and _is_loopback("::1") and _is_loopback("localhost")
     assert not _is_loopback("0.0.0.0") and not _is_loopback("10.1.2.3") and not _is_loopback("example.org")

@@ -10,7 +10,8 @@ import pytest
 
 from evo.core.config import ExperimentConfig
 from evo.loop.experiment import load_config
-from evo.data.stream import canonical, selection_split
+from evo.data.splits import selection_split
+from evo.data.text import canonical
 from evo.data.draws import BlockDraws, adjust_metrics, paired_difference
 from evo.core.errors import EvoError
 from evo.scoring.evaluator import Evaluator

@@ -5,15 +5,13 @@ Candidates run as actor tasks named ``gXXXX-cYYY`` so the dashboard shows the po
 candidate whose worker dies is re-run (the actor is restarted by Ray) up to ``ray.retries``
 times; one that times out has its actor killed and restarted; a candidate that raises is
 returned as failed by the evaluator itself.
+
+Ray itself is started in ``evo.cluster.bootstrap``; whether the cluster can host the evaluators,
+and the memory plan of its largest node, is ``evo.cluster.placement``.
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import socket
-import sys
-import threading
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable
@@ -22,314 +20,18 @@ import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError, WorkerCrashedError
 from tqdm import tqdm
 
+from evo.cluster.bootstrap import signals_held, start_ray
+from evo.cluster.memory import check_plan, object_store_bytes, plan_for
+from evo.cluster.placement import check_resources, cluster_plan
 from evo.core.config import ExperimentConfig
 from evo.core.errors import EvoError
 from evo.scoring.evaluator import Evaluator
-from evo.cluster.memory import check_plan, object_store_bytes, plan_for
 from evo.scoring.rejection import RejectionTest
 from evo.scoring.sources import Sources
 
 
 class Interrupted(EvoError):
     """A stop was requested (SIGINT/SIGTERM) while candidates were being evaluated."""
-
-
-def start_ray(cfg: ExperimentConfig, object_store: int | None = None) -> tuple[bool, str | None]:
-    """Connect to a cluster (``ray.address`` / ``RAY_ADDRESS``) or start an embedded local Ray
-    (``object_store``: its object store's bytes where ``ray.object_store_mb`` is unset).
-
-    Returns (whether we started it, dashboard URL). A Ray already initialised in this process
-    (a notebook, a test session) is reused as is.
-    """
-    if ray.is_initialized():
-        return False, _dashboard_url(None)
-    if threading.current_thread() is not threading.main_thread():
-        return _init_ray(cfg, object_store)
-    # ray.init installs a SIGTERM handler that raises SystemExit(15) wherever the main thread is,
-    # even inside a finalizer, where Python swallows it ("Exception ignored"): a SIGTERM during
-    # start-up was then lost and the run went on to exit 0. During ray.init evo's own handler only
-    # records the signal (Ray's is not installed), and a SIGTERM received is a clean stop after it.
-    previous = signal.getsignal(signal.SIGTERM)
-    received: list[int] = []
-    signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
-    try:
-        with _ray_keeps_sigterm_handler():
-            started = _init_ray(cfg, object_store)
-    finally:
-        # the caller's handler (evo's CLI turns SIGTERM into a clean stop); without one, exit as
-        # Ray's handler would (atexit then shuts Ray down)
-        signal.signal(signal.SIGTERM, previous if callable(previous) else _exit_on_sigterm)
-    if received:
-        if started[0]:
-            ray.shutdown()
-        raise KeyboardInterrupt
-    return started
-
-
-@contextlib.contextmanager
-def _signals_held():
-    """SIGINT/SIGTERM recorded instead of acted on for the block (main thread only); yields the
-    list of those received, for the caller to honour once the block is done."""
-    received: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
-    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield received
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _exit_on_sigterm(signum, frame):
-    sys.exit(signum)
-
-
-@contextlib.contextmanager
-def _ray_keeps_sigterm_handler():
-    """Stop ``ray.init`` from replacing the SIGTERM handler (no public switch: it calls
-    ``ray._private.utils.set_sigterm_handler`` unconditionally in the main thread)."""
-    from ray._private import utils as ray_utils
-
-    original = ray_utils.set_sigterm_handler
-    ray_utils.set_sigterm_handler = lambda handler: None
-    try:
-        yield
-    finally:
-        ray_utils.set_sigterm_handler = original
-
-
-def _init_ray(cfg: ExperimentConfig, object_store: int | None) -> tuple[bool, str | None]:
-    rc = cfg.ray
-    address = rc.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        check_reachable(address, rc.connect_timeout_s)
-        ctx = ray.init(address=address, log_to_driver=False)
-    else:
-        kwargs = dict(
-            address="local",
-            include_dashboard=rc.dashboard,
-            dashboard_host=rc.dashboard_host,  # loopback by default: never exposed
-            dashboard_port=rc.dashboard_port,
-            log_to_driver=False,
-            configure_logging=False,
-        )
-        if rc.object_store_mb:
-            kwargs["object_store_memory"] = rc.object_store_mb * 1024**2
-        elif object_store:
-            kwargs["object_store_memory"] = object_store
-        if rc.metrics_export_port:
-            kwargs["_metrics_export_port"] = rc.metrics_export_port  # evo_* metrics: /metrics there
-        if rc.temp_dir:
-            kwargs["_temp_dir"] = rc.temp_dir
-        with _loopback_node(), normal_priority_workers(), _quiet_token_banner():
-            ctx = ray.init(**kwargs)
-        url = _dashboard_url(ctx)
-        if url and rc.dashboard and not _is_loopback(rc.dashboard_host):
-            # Ray's context names 127.0.0.1 whatever the dashboard binds: say where it listens
-            port = url.rsplit(":", 1)[-1].strip("/")
-            url = f"http://{_url_host(rc.dashboard_host)}:{port}"
-            print(f"evo: warning: the Ray dashboard listens on {rc.dashboard_host}:{port} "
-                  f"({'every interface' if rc.dashboard_host in ('0.0.0.0', '::') else 'not loopback'}): anyone who "
-                  "can reach it and holds the token can run code on this machine (ray.dashboard_host)",
-                  file=sys.stderr, flush=True)
-        return True, url
-    return True, _dashboard_url(ctx)
-
-
-def _is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
-
-
-class _DropTokenBanner:
-    """A logging filter for Ray's start-up banner ("Token authentication is enabled for this Ray
-    cluster ..."): with ``configure_logging=False`` it reached the user's stderr through
-    Python's last-resort handler, a second line before evo's own. evo prints the dashboard URL and
-    points to docs/running.md's token section instead."""
-
-    def filter(self, record) -> bool:
-        return not str(record.msg).startswith("Token authentication is enabled for this Ray cluster")
-
-
-@contextlib.contextmanager
-def _quiet_token_banner():
-    import logging
-
-    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
-    drop = _DropTokenBanner()
-    logger.addFilter(drop)
-    try:
-        yield
-    finally:
-        logger.removeFilter(drop)
-
-
-@contextlib.contextmanager
-def normal_priority_workers():
-    """Start Ray's workers at the driver's priority. Ray runs workers at niceness 15 (its
-    ``worker_niceness``) to keep the driver responsive, but evo's workers are its evaluators, the
-    whole workload: beside three busy loops at normal priority they were measured getting ~3 %
-    of a core, so a run on a shared machine (a CI runner) crawled for an hour. ``RAY_worker_niceness``
-    set by the user wins; the raylet reads it from the environment it is started with."""
-    key = "RAY_worker_niceness"
-    mine = key not in os.environ
-    if mine:
-        os.environ[key] = "0"
-    try:
-        yield
-    finally:
-        if mine:
-            os.environ.pop(key, None)
-
-
-@contextlib.contextmanager
-def _loopback_node():
-    """An embedded single-node Ray whose every server listens on 127.0.0.1 only.
-
-    Ray 2.60 gives ``ray.init`` no bind address: GCS, raylet and core workers listen on all
-    interfaces and the agents on the node IP, unless the node IP is localhost, and
-    ``_node_ip_address="127.0.0.1"`` is replaced by the machine's IP (``resolve_ip_for_localhost``).
-    The node IP is localhost when ``ray_constants.ENABLE_RAY_CLUSTER`` (env
-    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``, read at import) is off, the single-machine mode, so it
-    is switched off for this start only (upstream ray-project/ray#59852 binds to the node IP).
-    A node started this way cannot be joined by other machines, which an embedded Ray never is.
-    """
-    from ray._private import ray_constants  # no public switch (see above)
-
-    previous = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
-    if previous is not None:
-        ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        if previous is not None:
-            ray_constants.ENABLE_RAY_CLUSTER = previous
-
-
-def check_reachable(address: str, timeout_s: float) -> None:
-    """Fail in one line when nothing listens at a ``host:port`` (or ``ray://host:port``) cluster
-    address: ``ray.init`` itself retries a dead address for minutes. ``auto`` (read from the
-    local node's files) is left to Ray."""
-    target = address.split("://", 1)[-1]
-    host, _, port = target.rpartition(":")
-    if address == "auto" or not host or not port.isdigit():
-        return
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
-    except OSError as exc:
-        raise EvoError(f"ray.address: nothing answers at {address} within {timeout_s:g} s "
-                       f"({exc.strerror or exc}); is the cluster up? (ray.connect_timeout_s)") from None
-    if "://" not in address:  # host:port is a GCS; ray:// is Ray Client's server, another service
-        _check_gcs(address, timeout_s)
-
-
-def _check_gcs(address: str, timeout_s: float) -> None:
-    """Ask the server at ``address`` what a Ray GCS answers first (``GetClusterId``, the call
-    ``ray.init`` starts with). Something that accepts TCP but is not Ray (a web server, a proxy)
-    made ``ray.init`` retry for minutes, deaf to SIGINT/SIGTERM; here it is one line within
-    ``ray.connect_timeout_s``. A GCS that refuses the call for want of a token is still Ray."""
-    import grpc  # Ray's own RPC library, installed with it
-
-    channel = grpc.insecure_channel(address)
-    try:
-        call = channel.unary_unary("/ray.rpc.NodeInfoGcsService/GetClusterId",
-                                   request_serializer=lambda b: b, response_deserializer=lambda b: b)
-        call(b"", timeout=timeout_s)  # an empty GetClusterIdRequest
-    except grpc.RpcError as exc:
-        code = exc.code() if hasattr(exc, "code") else None
-        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-            return
-        why = {grpc.StatusCode.DEADLINE_EXCEEDED: f"no answer within {timeout_s:g} s",
-               grpc.StatusCode.UNIMPLEMENTED: "it does not serve Ray's GCS calls"}.get(code, "not a gRPC server")
-        raise EvoError(f"ray.address: {address} is not a Ray cluster's GCS ({why}); give the head node's "
-                       "GCS address (host:6379 by default, as `ray start --head` prints)") from None
-    finally:
-        channel.close()
-
-
-def check_resources(cfg: ExperimentConfig, *, wait_s: float, say=print) -> None:
-    """Refuse in one line when no configuration of the cluster's nodes can host the evaluators
-    (an actor that does not fit waits for ever, silently). With ``wait_s`` > 0 (a cluster that
-    may autoscale) wait that long for nodes to join, saying what for."""
-    rc = cfg.ray
-    need = {"CPU": rc.cpus_per_evaluator, "GPU": rc.gpus_per_evaluator}
-    deadline, said = time.monotonic() + wait_s, False
-    while True:
-        problem = _placement_problem(need, rc.evaluators)
-        if problem is None:
-            return
-        if time.monotonic() >= deadline:
-            raise EvoError(f"ray: {problem} (set ray.evaluators, ray.cpus_per_evaluator or ray.gpus_per_evaluator)")
-        if not said:
-            say(f"waiting up to {wait_s:g} s for the cluster to grow: {problem}")
-            said = True
-        time.sleep(min(2.0, max(deadline - time.monotonic(), 0.0)))
-
-
-def _placement_problem(need: dict[str, float], evaluators: int) -> str | None:
-    """Why ``evaluators`` actors needing ``need`` each cannot all be placed on the alive nodes
-    (packed greedily per node), or None."""
-    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    fits = 0
-    for res in nodes:
-        fits += _room(res, need, evaluators)
-    if fits >= evaluators:
-        return None
-    largest = {k: max((res.get(k, 0.0) for res in nodes), default=0.0) for k in need}
-    total = {k: sum(res.get(k, 0.0) for res in nodes) for k in need}
-    wants = ", ".join(f"{v:g} {k}{'s' if v != 1 else ''}" for k, v in need.items() if v > 0)
-    offers = ", ".join(f"{total[k]:g} {k}s in all, at most {largest[k]:g} on one node" for k, v in need.items() if v > 0)
-    return (f"{evaluators} evaluator{'s need' if evaluators != 1 else ' needs'} {wants} each; the cluster offers "
-            f"{offers} (room for {fits})")
-
-
-def _room(res: dict, need: dict[str, float], evaluators: int) -> int:
-    """How many evaluators needing ``need`` each one node with resources ``res`` can host."""
-    return min([int(res.get(k, 0.0) // v) for k, v in need.items() if v > 0] + [evaluators])
-
-
-def cluster_plan(cfg: ExperimentConfig):
-    """The memory plan of the alive node that will host the most evaluators (CPU/GPU packing as
-    :func:`_placement_problem`), against the memory Ray reports for it (its ``memory`` and
-    ``object_store_memory`` resources)."""
-    need = {"CPU": cfg.ray.cpus_per_evaluator, "GPU": cfg.ray.gpus_per_evaluator}
-    best = (0, None)
-    for n in ray.nodes():
-        if not n.get("Alive"):
-            continue
-        res = n.get("Resources", {})
-        k = _room(res, need, cfg.ray.evaluators)
-        if k > best[0]:
-            best = (k, int(res.get("memory", 0) + res.get("object_store_memory", 0)) or None)
-    return plan_for(cfg, evaluators_per_node=max(best[0], 1), node_available=best[1])
-
-
-def _dashboard_url(ctx) -> str | None:
-    """The dashboard's URL: from ``ray.init``'s context, else (a Ray this process had already
-    started) from the node's address info. None when the dashboard is off."""
-    try:
-        url = getattr(ctx, "dashboard_url", None) if ctx is not None else None
-        if not url:
-            info = ray._private.worker.global_worker.node.address_info  # noqa: SLF001 (no public accessor)
-            url = info.get("webui_url")
-    except Exception:
-        return None
-    if url and not url.startswith("http"):
-        url = "http://" + url
-    return url or None
 
 
 class EvaluatorPool:
@@ -378,7 +80,7 @@ class EvaluatorPool:
                 self.sources.base = self._put(self.sources.base)
         except BaseException:
             if self.started_ray:
-                with _signals_held():
+                with signals_held():
                     ray.shutdown()
             raise
         # The sources go through the object store once and reach each actor with its first
@@ -450,7 +152,7 @@ class EvaluatorPool:
     def __exit__(self, *exc) -> None:
         # a Ctrl-C (or SIGTERM) now would cut ray.shutdown short and orphan Ray's agents: it is
         # held until Ray is down, then honoured (KeyboardInterrupt: the CLI exits 130)
-        with _signals_held() as held:
+        with signals_held() as held:
             for actor in self.actors:
                 try:
                     ray.kill(actor)

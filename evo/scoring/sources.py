@@ -11,7 +11,8 @@ import numpy as np
 from transformers import AutoTokenizer
 
 from evo.core.config import ExperimentConfig
-from evo.data.stream import data_version, read_texts, selection_split
+from evo.data.splits import selection_split
+from evo.data.text import data_version, read_texts
 from evo.core.errors import EvoError
 from evo.zoo.gguf import as_model_dir, model_dirs
 from evo.core.tensors import to_numpy
