@@ -1,3 +1,4 @@
-"""What a run leaves on disk and what reads it: the run store and checkpoint, releases (export
-and verify), the HTML report and ``evo status``. Never imports the loop.
+"""What a run leaves on disk and what reads it: the run store and checkpoint, releases (``release``
+exports; ``fitness``, ``card``, ``manifest``, ``portable``, ``verify``), the HTML report and
+``evo status``. Never imports the loop.
 """

@@ -1,3 +1,5 @@
-"""The Ray side: the pool of resident-model evaluators (``pool``), the memory plan that sizes it
-(``memory``) and the metrics the dashboard shows (``metrics``).
+"""The Ray side: starting or joining Ray (``bootstrap``), the checks before connecting
+(``network``) and before placing evaluators (``placement``), the pool of resident-model
+evaluators (``pool``), the memory plan that sizes it (``memory``) and the dashboard's metrics
+(``metrics``).
 """

@@ -1,4 +1,5 @@
-"""Text into token blocks: corpora (``corpus``), the evaluation, selection and test splits and the
-sources evaluators hold (``sources``), per-generation block draws (``draws``) and a folder of
-data shards cleaned and de-duplicated into data versions (``stream``).
+"""Text into token blocks: corpora from installed packages (``corpus``), documents read, cleaned
+and keyed by content (``text``), the held-out and selection splits (``splits``), token blocks
+(``tokens``), per-generation block draws and paired intervals (``draws``), and a folder of data
+shards cleaned and de-duplicated (``dedup``) into data versions (``stream``, ``stream_state``).
 """

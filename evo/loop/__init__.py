@@ -1,3 +1,4 @@
-"""The loop (``driver``) over data versions (``versions``): generations (``generation``,
-``steady_state``), the selection stage and release rule that end a version, stop signals.
+"""The loop (``driver``) over data versions (``versions``), from a config completed where the
+layers meet (``experiment``): generations (``generation``, ``steady_state``), the selection stage
+(``selection``, ``racing``) and release rule that end a version, LoRA starts (``adapt``), stops.
 """

@@ -1,3 +1,4 @@
-"""One candidate's score on an evaluator: merge, adapt (``lora``), measure (``fitness``, ``tasks``),
+"""One candidate's score on an evaluator: what evaluators hold resident (``sources``), merge and
+measure (``evaluator``, ``fitness``), adapt (``lora``), layer paths (``path``), tasks (``tasks``),
 stopped early where it cannot win (``rejection``), on a subset of blocks (``subset``).
 """
