@@ -47,7 +47,8 @@ from evo.loop.generation import RELEASE, RunResult, make_space, make_stream_spac
 from evo.zoo.gguf import model_dirs
 from evo.loop.selection import Selection, print_selection, weights_recipe
 from evo.scoring.sources import Sources, load_tokenizer, train_blocks
-from evo.search.space import Recipe, SearchSpace
+from evo.search.recipe import Recipe
+from evo.search.space import SearchSpace
 
 log = logging.getLogger(__name__)
 
