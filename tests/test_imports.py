@@ -174,3 +174,27 @@ def test_the_layer_check_sees_an_upward_import():
     assert upward_imports({"evo.core.config": {"evo.zoo.build"}, "evo.zoo.build": set()}) == \
         ["evo.core.config -> evo.zoo.build"]
     assert find_cycle(package_edges({"evo.data.x": {"evo.zoo.y"}, "evo.zoo.y": {"evo.data.x"}})) is not None
+
+
+def loop_attributes(path: Path) -> set[str]:
+    """Attributes a module reads or calls on a name ``loop`` (a version source's view of the loop)."""
+    return {node.attr for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "loop"}
+
+
+def test_the_loop_view_check_sees_a_stray_attribute(tmp_path):
+    (tmp_path / "src.py").write_text("def install(self, loop):\n    loop.pool.update()\n    return loop.space\n")
+    assert loop_attributes(tmp_path / "src.py") == {"pool", "space"}
+
+
+def test_version_sources_use_only_the_loop_view():
+    """A version source gets the loop through a narrow interface (``LoopView``): the store, the
+    pool, the optimizer, the step, the cache, metrics, the stop flag, the state and a checkpoint
+    call. Reaching for anything else of the loop fails here."""
+    from evo.loop.version_source import LoopView
+
+    allowed = set(LoopView.__annotations__) | {n for n in vars(LoopView) if not n.startswith("_")}
+    used = {name: loop_attributes(PACKAGE / "loop" / f"{name}.py") for name in ("fixed_data", "shard_stream", "version_source")}
+    assert used["shard_stream"] >= {"store", "pool", "optimizer", "state", "checkpoint"}  # the walk sees them
+    extra = {name: sorted(attrs - allowed) for name, attrs in used.items() if attrs - allowed}
+    assert not extra, extra

@@ -36,7 +36,8 @@ from evo.artifacts.lock import RunLock
 from evo.artifacts.status import format_time_split, time_split
 from evo.artifacts.store import RunStore
 from evo.core.fs import atomic_write_text
-from evo.loop.versions import VersionSource, version_source
+from evo.loop.version_source import VersionSource
+from evo.loop.versions import version_source
 
 
 class Loop:
