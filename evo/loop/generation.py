@@ -116,7 +116,7 @@ class GenerationStep:
     """One generation: ask, decode, evaluate what the cache lacks, record, tell.
 
     The loop builds one per data version, with that version's ``data_key`` and evaluation set
-    names (``evo.loop.versions.Installed``).
+    names (``evo.loop.version_source.Installed``).
 
     With ``draws`` (fixed-data runs), generation ``g`` scores every candidate on draw ``g`` of
     the search pool, after the control recipe (``evo.loop.selection.control_recipe``) and, for an

@@ -28,11 +28,11 @@ class LoopView(Protocol):
     state: dict
     store: Any            # evo.artifacts.store.RunStore
     pool: Any             # evo.cluster.pool.EvaluatorPool
-    optimizer: Any        # evo.search.optim.Optimizer
+    optimizer: Any        # evo.search.optim.base.Optimizer
     step: Any             # evo.loop.generation.GenerationStep of the current version
     cache: dict           # recipe key -> result
     metrics: Any          # evo.cluster.metrics.RunMetrics or None
-    stop: Any             # evo.loop.signals.StopFlag (``requested``)
+    stop: Any             # evo.loop.signals.StopSignals (``requested``)
     quiet: bool
     data_key: str
     objective_names: list[str]

@@ -141,7 +141,7 @@ class Sources:
 
 def load_task_vectors(cfg: ExperimentConfig, *, put=None):
     """(base, config, {source: task vector}) as numpy arrays in ``cfg.dtype`` (bf16 as uint16
-    bits, see :func:`evo.scoring.evaluator.to_numpy`); δ = θ − θ_base in float32, rounded once. One
+    bits, see :func:`evo.core.tensors.to_numpy`); δ = θ − θ_base in float32, rounded once. One
     source model is in memory at a time; ``put`` (see :meth:`Sources.load`) takes each result."""
     from evo.core.tensors import DTYPES
     from evo.merge import load_model_dir
@@ -182,7 +182,7 @@ def search_and_selection(cfg: ExperimentConfig, tokenizer) -> tuple[dict[str, np
     """Per evaluation set, the search pool's blocks and the selection split's blocks.
 
     Without ``eval.selection.sets``, each file's documents are split by content hash
-    (:func:`evo.data.stream.selection_split`); a file of a single document (plain text) is split by
+    (:func:`evo.data.splits.selection_split`); a file of a single document (plain text) is split by
     position instead: its last ``fraction`` of blocks are held out for selection.
     """
     sel = cfg.eval.selection

@@ -1,6 +1,6 @@
 """Log-perplexity over fixed-length token blocks of a text file (JSONL records or plain .txt).
 
-Blocks are cut once by ``evo.scoring.fitness.token_blocks``, so a task scores exactly what the search's
+Blocks are cut once by ``evo.data.tokens.token_blocks``, so a task scores exactly what the search's
 held-out fitness scores; each block is one item (its mean next-token NLL), and the value over
 any subset is the mean NLL of those blocks, i.e. ``evo.scoring.fitness.mean_nll`` on them.
 """
