@@ -11,7 +11,7 @@ valid split, as bench_search.py). The *schedule* is simulated, so that both mode
 evaluator speeds and the comparison is not at the mercy of this machine's load: ``--evaluators``
 virtual evaluators, each candidate taking the seconds its evaluation measured here, one recipe in
 EVERY (by a hash of its key, the same in both modes) FACTOR times longer (``--straggler``), as
-``EVO_BENCH_STRAGGLER`` does for real Ray runs (bench_runner.py --busy).
+bench_runner.py --busy's straggling evaluator does in real Ray runs.
 
 * synchronous: ``ask()`` a generation, list-schedule it onto the evaluators in ask order, wait
   for the last one, ``tell()`` it (what ``optimizer.async: false`` does);
@@ -25,22 +25,19 @@ from __future__ import annotations
 import argparse
 import hashlib
 import heapq
-import json
 import math
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("MKL_NUM_THREADS", "1")
+from _common import OUT, ROOT, md_head, md_row, mean_logppl, one_thread, spread, write_json, write_text, zoo_ready
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "experiments"))
+one_thread()
 
 import numpy as np  # noqa: E402
+
+from _resident import EVAL, Bench  # noqa: E402
 
 OPTIMIZERS = ("ga", "cmaes", "nsga2", "random")
 
@@ -54,8 +51,6 @@ class Costs:
         self.seconds: dict[str, float] = {}
 
     def evaluate(self, recipe) -> tuple[list[float] | None, float]:
-        from bench_search import mean_logppl
-
         key = recipe.key()
         fresh = key not in self.bench.memo
         t0 = time.perf_counter()
@@ -155,10 +150,6 @@ def time_to_reach(run: dict, target: float) -> float | None:
     return None
 
 
-def spread(values) -> str:
-    return f"{statistics.median(values):.4f} [{min(values):.4f}–{max(values):.4f}]"
-
-
 def plot(runs: list[dict], names: tuple[str, ...], path: Path) -> None:
     import matplotlib
 
@@ -190,8 +181,6 @@ def plot(runs: list[dict], names: tuple[str, ...], path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    from bench_search import EVAL, Bench
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--zoo", default=str(ROOT / "zoo"))
     p.add_argument("--budget", type=int, default=160, help="distinct recipes evaluated per run")
@@ -201,13 +190,12 @@ def main(argv=None) -> int:
     p.add_argument("--straggler", default="8:4", help="EVERY:FACTOR")
     p.add_argument("--optimizers", default=",".join(OPTIMIZERS))
     p.add_argument("--quick", action="store_true", help="48 evaluations, 2 seeds, population 8")
-    p.add_argument("--out", default=str(ROOT / "experiments" / "out"))
+    p.add_argument("--out", default=str(OUT))
     p.add_argument("--plot", default=str(ROOT / "docs" / "img" / "bench_async.png"))
     args = p.parse_args(argv)
     if args.quick:
         args.budget, args.seeds, args.population = 48, 2, 8
-    if not (Path(args.zoo) / "zoo.json").is_file():
-        print(f"bench_async: no zoo at {args.zoo} (python experiments/make_zoo.py --out zoo)", file=sys.stderr)
+    if not zoo_ready(args.zoo, "bench_async"):
         return 2
     names = tuple(args.optimizers.split(","))
     t_start = time.time()
@@ -228,8 +216,8 @@ def main(argv=None) -> int:
         f"recipes per run, population {args.population}, seeds 0-{args.seeds - 1}; {args.evaluators} simulated "
         f"evaluators, one recipe in {every} {factor}x slower. Median [min–max] over seeds; Δ = async − sync per seed.",
         "",
-        "| optimizer | sync final best | async final best | Δ median [min–max] | async ≤ sync | wall sync → async (median) | async time to sync's final best |",
-        "|---|---|---|---|---|---|---|",
+        md_head("optimizer", "sync final best", "async final best", "Δ median [min–max]", "async ≤ sync",
+                "wall sync → async (median)", "async time to sync's final best"),
     ]
     for name in names:
         sync = sorted((r for r in runs if r["optimizer"] == name and r["mode"] == "sync"), key=lambda r: r["seed"])
@@ -239,18 +227,16 @@ def main(argv=None) -> int:
         reach_frac = [t / b["wall"] for t, b in zip(reach, sync) if t is not None]
         reach_txt = (f"{100 * statistics.median(reach_frac):.0f}% of sync's wall ({len(reach_frac)}/{len(sync)} reach it)"
                      if reach_frac else "never")
-        lines.append(f"| {name} | {spread([r['best'] for r in sync])} | {spread([r['best'] for r in asyn])} | "
-                     f"{statistics.median(deltas):+.4f} [{min(deltas):+.4f}…{max(deltas):+.4f}] | "
-                     f"{sum(d <= 1e-12 for d in deltas)}/{len(deltas)} | "
-                     f"{statistics.median(r['wall'] for r in sync):.1f} s → {statistics.median(r['wall'] for r in asyn):.1f} s | "
-                     f"{reach_txt} |")
+        lines.append(md_row(name, spread([r["best"] for r in sync]), spread([r["best"] for r in asyn]),
+                            f"{statistics.median(deltas):+.4f} [{min(deltas):+.4f}…{max(deltas):+.4f}]",
+                            f"{sum(d <= 1e-12 for d in deltas)}/{len(deltas)}",
+                            f"{statistics.median(r['wall'] for r in sync):.1f} s → "
+                            f"{statistics.median(r['wall'] for r in asyn):.1f} s", reach_txt))
     text = "\n".join(lines) + f"\n\nWall time of the benchmark: {time.time() - t_start:.0f} s.\n"
     print()
     print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_async.md").write_text(text)
-    (out / "bench_async.json").write_text(json.dumps(runs))
+    write_text(Path(args.out) / "bench_async.md", text)
+    write_json(Path(args.out) / "bench_async.json", runs, indent=None)
     plot(runs, names, Path(args.plot))
     return 0
 

@@ -20,13 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _common import ROOT, md_head, md_row, write_json, write_text
 
 
 def shard_texts(zoo, domain: str, n: int, doc_chars: int) -> list[str]:
@@ -155,38 +154,33 @@ def evolve(zoo, folder, versions, args) -> tuple[list[dict], dict]:
     return rows, {"seconds": seconds, "candidates": len(RunStore.open(run_dir).candidates())}
 
 
-def table(versions, base_rows, seq, ev) -> str:
-    def ppl(x):
-        return "-" if x is None or math.isnan(x) else f"{math.exp(x):.1f}"
+def ppl(x) -> str:
+    """A mean log-perplexity as a perplexity cell ("-" where there is none)."""
+    return "-" if x is None or math.isnan(x) else f"{math.exp(x):.1f}"
 
-    lines = ["| version | shard | base newest | sequential newest | evo newest | evo share of gain | "
-             "sequential earlier | evo earlier | sequential first | evo first | evo release |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+def table(versions, base_rows, seq, ev) -> str:
+    lines = [md_head("version", "shard", "base newest", "sequential newest", "evo newest", "evo share of gain",
+                     "sequential earlier", "evo earlier", "sequential first", "evo first", "evo release")]
     for k, v in enumerate(versions):
         gain = base_rows[k]["newest"] - seq[k]["newest"]
         share = (base_rows[k]["newest"] - ev[k]["newest"]) / gain if gain > 1e-9 else math.nan
-        lines.append(f"| {k} | {v['shard']} | {ppl(base_rows[k]['newest'])} | {ppl(seq[k]['newest'])} | "
-                     f"{ppl(ev[k]['newest'])} | {'-' if math.isnan(share) else f'{share:.0%}'} | "
-                     f"{ppl(seq[k]['earlier'])} | {ppl(ev[k]['earlier'])} | {ppl(seq[k]['first'])} | "
-                     f"{ppl(ev[k]['first'])} | {ev[k]['release'] or '-'} |")
+        lines.append(md_row(k, v["shard"], ppl(base_rows[k]["newest"]), ppl(seq[k]["newest"]), ppl(ev[k]["newest"]),
+                            "-" if math.isnan(share) else f"{share:.0%}", ppl(seq[k]["earlier"]), ppl(ev[k]["earlier"]),
+                            ppl(seq[k]["first"]), ppl(ev[k]["first"]), ev[k]["release"] or "-"))
     return "\n".join(lines)
 
 
 def rehearsal_table(versions, base_rows, seq, rep, ev, share: float) -> str:
     """evo against sequential LoRA that rehearses at a fixed share: what the search adds."""
-    def ppl(x):
-        return "-" if x is None or math.isnan(x) else f"{math.exp(x):.1f}"
-
-    lines = [f"| version | shard | sequential+rehearsal {share:g} newest | its share of gain | evo share of gain | "
-             "sequential+rehearsal earlier | evo earlier | sequential+rehearsal first | evo first |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [md_head("version", "shard", f"sequential+rehearsal {share:g} newest", "its share of gain",
+                     "evo share of gain", "sequential+rehearsal earlier", "evo earlier", "sequential+rehearsal first",
+                     "evo first")]
     for k, v in enumerate(versions):
         gain = base_rows[k]["newest"] - seq[k]["newest"]
         shares = [(base_rows[k]["newest"] - r[k]["newest"]) / gain if gain > 1e-9 else math.nan for r in (rep, ev)]
-        lines.append(f"| {k} | {v['shard']} | {ppl(rep[k]['newest'])} | "
-                     + " | ".join("-" if math.isnan(x) else f"{x:.0%}" for x in shares)
-                     + f" | {ppl(rep[k]['earlier'])} | {ppl(ev[k]['earlier'])} | {ppl(rep[k]['first'])} | "
-                     f"{ppl(ev[k]['first'])} |")
+        lines.append(md_row(k, v["shard"], ppl(rep[k]["newest"]), *("-" if math.isnan(x) else f"{x:.0%}" for x in shares),
+                            ppl(rep[k]["earlier"]), ppl(ev[k]["earlier"]), ppl(rep[k]["first"]), ppl(ev[k]["first"])))
     return "\n".join(lines)
 
 
@@ -200,10 +194,9 @@ def retention_table(versions, methods: dict[str, list[dict]]) -> str:
         return (f"{math.exp(then):.1f} / {math.exp(worst):.1f} ({math.exp(worst - then) - 1:+.0%}) / "
                 f"{math.exp(last):.1f} ({math.exp(last - then) - 1:+.0%})")
 
-    lines = ["| shard | " + " | ".join(f"{m}: when newest / worst later / last" for m in methods) + " |",
-             "|---|" + "---|" * len(methods)]
+    lines = [md_head("shard", *(f"{m}: when newest / worst later / last" for m in methods))]
     for j, v in enumerate(versions[:-1]):
-        lines.append(f"| {v['shard']} | " + " | ".join(cell(rows, j) for rows in methods.values()) + " |")
+        lines.append(md_row(v["shard"], *(cell(rows, j) for rows in methods.values())))
     return "\n".join(lines)
 
 
@@ -263,7 +256,6 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "runs" / "bench_continual"))
     p.add_argument("--verbose", action="store_true", help="show the loop's own progress")
     args = p.parse_args(argv)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import torch
 
     torch.set_num_threads(1)  # the evaluators use the cores; one thread each keeps them fed
@@ -305,10 +297,10 @@ def main(argv=None) -> int:
     print(f"\nsequential LoRA: {seq_s:.0f}s; evo loop: {info['seconds']:.0f}s "
           f"({args.population} per generation, {args.generations} generations per version)")
     plot(versions, base_rows, seq, ev, out / "bench_continual.png", rep, args.rehearsal_share)
-    (out / "results.json").write_text(json.dumps({"args": vars(args), "base": base_rows, "sequential": seq, "evo": ev,
-                                                  "sequential_rehearsal": rep,
-                                                  "seconds": {"sequential": seq_s, "evo": info["seconds"]}}, indent=2))
-    (out / "table.md").write_text(text + "\n")
+    write_json(out / "results.json", {"args": vars(args), "base": base_rows, "sequential": seq, "evo": ev,
+                                      "sequential_rehearsal": rep,
+                                      "seconds": {"sequential": seq_s, "evo": info["seconds"]}}, indent=2)
+    write_text(out / "table.md", text + "\n")
     print(f"plot: {out / 'bench_continual.png'}")
     return 0
 

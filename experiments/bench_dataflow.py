@@ -23,21 +23,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
-
-from bench_heldout import run_one, signed, spread  # noqa: E402
+from _common import LAYERWISE, OUT, ROOT, local_ray, md_head, md_row, save_runs, signed, spread, write_text, zoo_ready
+from bench_heldout import run_one
 
 SPACES = {
-    "parameter": ROOT.parent / "search_spaces" / "task_arithmetic_layerwise.yaml",
-    "data-flow": ROOT.parent / "search_spaces" / "dataflow_layers.yaml",
-    "both": ROOT.parent / "search_spaces" / "dataflow_merged.yaml",
+    "parameter": LAYERWISE,
+    "data-flow": ROOT / "search_spaces" / "dataflow_layers.yaml",
+    "both": ROOT / "search_spaces" / "dataflow_merged.yaml",
 }
 
 
@@ -49,9 +46,9 @@ def table(runs: list[dict], args) -> str:
         f"seen by search or selection); median [min–max] over seeds {args.seeds_list}. Δ = release − best simple "
         "baseline (chosen on selection), on test; negative: the release is better.",
         "",
-        "| space | release (test) | search's best (test) | best simple baseline (test) | Δ release − best baseline "
-        "| release beats it | evolved released | release depth | forward s / candidate | run wall s |",
-        "|---|---|---|---|---|---:|---:|---|---:|---:|",
+        md_head("space", "release (test)", "search's best (test)", "best simple baseline (test)",
+                "Δ release − best baseline", "release beats it", "evolved released", "release depth",
+                "forward s / candidate", "run wall s", align="lllllrrlrr"),
     ]
     for name in args.space_list:
         group = [r for r in runs if r["space_label"] == name]
@@ -60,19 +57,17 @@ def table(runs: list[dict], args) -> str:
         delta = [r["test"]["release"] - r["test"]["best_baseline"] for r in group]
         depths = sorted({r["release_depth"] for r in group if r["release_depth"]})
         cost = [r["ppl_s_per_candidate"] for r in group if r["ppl_s_per_candidate"]]
-        lines.append(
-            f"| {name} | {spread([r['test']['release'] for r in group])} | "
-            f"{spread([r['test']['search_best'] for r in group])} | "
-            f"{spread([r['test']['best_baseline'] for r in group])} | {signed(delta)} | "
-            f"{sum(d < 0 for d in delta)}/{len(group)} | {sum(r['release_kind'] == 'evolved' for r in group)}/{len(group)} | "
-            f"{', '.join(map(str, depths)) or 'base depth'} | {statistics.median(cost):.2f} | "
-            f"{statistics.median(r['seconds'] for r in group):.0f} |")
+        lines.append(md_row(
+            name, spread([r["test"]["release"] for r in group]), spread([r["test"]["search_best"] for r in group]),
+            spread([r["test"]["best_baseline"] for r in group]), signed(delta), f"{sum(d < 0 for d in delta)}/{len(group)}",
+            f"{sum(r['release_kind'] == 'evolved' for r in group)}/{len(group)}", ", ".join(map(str, depths)) or "base depth",
+            f"{statistics.median(cost):.2f}", f"{statistics.median(r['seconds'] for r in group):.0f}"))
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--zoo", default=str(ROOT.parent / "zoo"))
+    p.add_argument("--zoo", default=str(ROOT / "zoo"))
     p.add_argument("--spaces", default=",".join(SPACES), help=f"comma-separated, from {', '.join(SPACES)}")
     p.add_argument("--blocks", type=int, default=8, help="search blocks per set per candidate")
     p.add_argument("--seeds", type=int, default=3)
@@ -87,7 +82,7 @@ def main(argv=None) -> int:
     p.add_argument("--label", default="Tiny zoo (en, de, code)")
     p.add_argument("--from-json", nargs="*", default=None, metavar="FILE",
                    help="no runs: the table of runs saved in these bench_dataflow.json files (e.g. one per seed)")
-    p.add_argument("--out", default=str(ROOT / "out" / "bench_dataflow.json"))
+    p.add_argument("--out", default=str(OUT / "bench_dataflow.json"))
     args = p.parse_args(argv)
     args.space_list = args.spaces.split(",")
     args.seeds_list = list(range(args.first_seed, args.first_seed + args.seeds))
@@ -101,17 +96,11 @@ def main(argv=None) -> int:
         args.seeds_list = sorted({r["seed"] for r in runs})
         print(table(runs, args))
         return 0
-    if not (Path(args.zoo) / "zoo.json").is_file():
-        print(f"bench_dataflow: no zoo at {args.zoo} (python experiments/make_zoo.py --out zoo)", file=sys.stderr)
+    if not zoo_ready(args.zoo, "bench_dataflow"):
         return 2
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-
-    ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     runs, t0 = [], time.time()
-    try:
+    with local_ray():
         for seed in args.seeds_list:
             for name in args.space_list:
                 r = run_one(args.zoo, args.blocks, seed, True, args, space=SPACES[name])
@@ -121,13 +110,11 @@ def main(argv=None) -> int:
                       f"best baseline {r['test']['best_baseline']:.4f} ({r['best_baseline']})  depth "
                       f"{r['release_depth'] or '-'}  {r['ppl_s_per_candidate'] or 0:.2f} s/cand  {r['seconds']:.0f}s",
                       flush=True)
-                out.write_text(json.dumps({"args": {k: v for k, v in vars(args).items()}, "runs": runs}, indent=1))
-    finally:
-        ray.shutdown()
+                save_runs(out, args, runs)
     text = table(runs, args) + f"\nWall time {time.time() - t0:.0f} s.\n"
     print()
     print(text)
-    out.with_suffix(".md").write_text(text)
+    write_text(out.with_suffix(".md"), text)
     return 0
 
 

@@ -24,21 +24,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SPACE = ROOT / "search_spaces" / "task_arithmetic_layerwise.yaml"
+from _common import LAYERWISE, OUT, ROOT, local_ray, md_head, md_row, save_runs, signed, spread, write_text, zoo_ready
 
 
-def run_one(zoo: str, blocks: int, seed: int, redraw: bool, args, space: Path = SPACE) -> dict:
+def run_one(zoo: str, blocks: int, seed: int, redraw: bool, args, space: Path = LAYERWISE) -> dict:
     import evo
     from evo.artifacts.store import RunStore
-    from evo.search.space import Recipe
+    from evo.search.recipe import Recipe
 
     config = {
         "name": f"heldout-b{blocks}-s{seed}-{'redraw' if redraw else 'fixed'}",
@@ -83,18 +81,6 @@ def run_one(zoo: str, blocks: int, seed: int, redraw: bool, args, space: Path = 
     }
 
 
-def spread(xs) -> str:
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return "–"
-    return f"{statistics.median(xs):.4f} [{min(xs):.4f}–{max(xs):.4f}]"
-
-
-def signed(xs) -> str:
-    xs = [x for x in xs if x is not None]
-    return f"{statistics.median(xs):+.4f} [{min(xs):+.4f}…{max(xs):+.4f}]" if xs else "–"
-
-
 def variant(r: dict) -> str:
     """A run's setting besides blocks and seed: block mode and where the search started."""
     return f"{r['mode']}, start {r.get('start', 'uniform')}"  # runs saved before --start: uniform
@@ -111,23 +97,26 @@ def table(runs: list[dict], args) -> str:
         f"test split (never seen by search or selection); median [min–max] over seeds {args.seeds_list}. "
         "Δ = release − best simple baseline on test (negative: the release is better).",
         "",
-        "| blocks/set | mode | release (test) | search's best (test) | best simple baseline (test) | uniform (test) "
-        "| Δ release − best baseline | release beats best baseline | release ≤ uniform | evolved released |",
-        "|---:|---|---|---|---|---|---|---|---|---|",
+        md_head("blocks/set", "mode", "release (test)", "search's best (test)", "best simple baseline (test)",
+                "uniform (test)", "Δ release − best baseline", "release beats best baseline", "release ≤ uniform",
+                "evolved released", align="r"),
     ]
     for blocks in args.blocks_list:
         for mode in variants(runs):
             group = [r for r in runs if r["blocks"] == blocks and variant(r) == mode]
             if not group:
                 continue
-            t = lambda k: [r["test"][k] for r in group]
+
+            def t(k, group=group):
+                return [r["test"][k] for r in group]
+
             delta = [r["test"]["release"] - r["test"]["best_baseline"] for r in group]
             beats = sum(d < 0 for d in delta)
             le_uniform = sum(r["test"]["release"] <= r["test"]["uniform"] + 1e-12 for r in group)
             evolved = sum(r["release_kind"] == "evolved" for r in group)
-            lines.append(f"| {blocks} | {mode} | {spread(t('release'))} | {spread(t('search_best'))} | "
-                         f"{spread(t('best_baseline'))} | {spread(t('uniform'))} | {signed(delta)} | {beats}/{len(group)} | "
-                         f"{le_uniform}/{len(group)} | {evolved}/{len(group)} |")
+            lines.append(md_row(blocks, mode, spread(t("release")), spread(t("search_best")), spread(t("best_baseline")),
+                                spread(t("uniform")), signed(delta), f"{beats}/{len(group)}", f"{le_uniform}/{len(group)}",
+                                f"{evolved}/{len(group)}"))
     lines += ["", "Search's own best vs the release, same runs: Δ test (search's best − release), median [min…max]:", ""]
     for blocks in args.blocks_list:
         for mode in variants(runs):
@@ -182,13 +171,12 @@ def main(argv=None) -> int:
     p.add_argument("--label", default="Tiny zoo (en, de, code)", help="the zoo's name in the table")
     p.add_argument("--from-json", nargs="*", default=None, metavar="FILE",
                    help="no runs: the table and plot of runs saved in these bench_heldout.json files")
-    p.add_argument("--out", default=str(ROOT / "experiments" / "out"))
+    p.add_argument("--out", default=str(OUT))
     p.add_argument("--plot", default=str(ROOT / "docs" / "img" / "bench_heldout.png"))
     args = p.parse_args(argv)
     args.blocks_list = [int(b) for b in args.blocks.split(",")]
     args.seeds_list = list(range(args.first_seed, args.first_seed + args.seeds))
-    if not (Path(args.zoo) / "zoo.json").is_file():
-        print(f"bench_heldout: no zoo at {args.zoo} (python experiments/make_zoo.py --out zoo)", file=sys.stderr)
+    if not zoo_ready(args.zoo, "bench_heldout"):
         return 2
     if args.from_json:
         runs = []
@@ -201,14 +189,9 @@ def main(argv=None) -> int:
         print(text)
         plot(runs, args, Path(args.plot))
         return 0
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-
-    ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     runs, t0 = [], time.time()
-    try:
+    with local_ray():
         for blocks in args.blocks_list:
             for seed in args.seeds_list:
                 for mode in args.modes.split(","):
@@ -218,14 +201,11 @@ def main(argv=None) -> int:
                           f"{r['test']['release']:.4f}  search-best {r['test']['search_best']:.4f}  best baseline "
                           f"{r['test']['best_baseline']:.4f} ({r['best_baseline']})  uniform {r['test']['uniform']:.4f}  "
                           f"{r['seconds']:.0f}s", flush=True)
-                    (out / "bench_heldout.json").write_text(json.dumps({"args": {k: v for k, v in vars(args).items()},
-                                                                        "runs": runs}, indent=1))
-    finally:
-        ray.shutdown()
+                    save_runs(out / "bench_heldout.json", args, runs)
     text = table(runs, args) + f"\nWall time {time.time() - t0:.0f} s on this machine.\n"
     print()
     print(text)
-    (out / "bench_heldout.md").write_text(text)
+    write_text(out / "bench_heldout.md", text)
     plot(runs, args, Path(args.plot))
     return 0
 

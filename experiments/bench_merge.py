@@ -15,16 +15,15 @@ import argparse
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from _common import md_head, md_row
+
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from evo.merge import METHODS, MergeConfig, Merger, merge_to_dir  # noqa: E402
+from evo.merge import METHODS, MergeConfig, Merger, merge_to_dir
 
 SIZES = {  # name -> (hidden, intermediate, layers, vocab)
     "125M": (768, 3072, 10, 16384),
@@ -130,8 +129,7 @@ def end_to_end(methods, dims, base, deltas) -> list[str]:
     exe = shutil.which("mergekit-yaml")
     if exe is None:
         return ["mergekit-yaml not installed: end-to-end comparison skipped"]
-    rows = ["| method | evo merge_to_dir s | mergekit-yaml s | speed-up | max abs diff | entries > 1e-6 apart |",
-            "|---|---|---|---|---|---|"]
+    rows = [md_head("method", "evo merge_to_dir s", "mergekit-yaml s", "speed-up", "max abs diff", "entries > 1e-6 apart")]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         write_model_dir(tmp / "base", base, dims)
@@ -153,7 +151,7 @@ def end_to_end(methods, dims, base, deltas) -> list[str]:
             done = subprocess.run([exe, str(tmp / f"{method}.yaml"), str(tmp / f"mk_{method}")],
                                   capture_output=True, text=True)
             if done.returncode:
-                rows.append(f"| {method} | mergekit-yaml failed: {done.stderr.strip().splitlines()[-1][:120]} |")
+                rows.append(md_row(method, f"mergekit-yaml failed: {done.stderr.strip().splitlines()[-1][:120]}"))
                 continue
             t_mk = time.perf_counter() - t0
             ours = load_file(str(tmp / f"evo_{method}" / "model.safetensors"))
@@ -169,8 +167,8 @@ def end_to_end(methods, dims, base, deltas) -> list[str]:
             note = ""
             if method == "ties" and apart:
                 note = f" ({tied_entries(gaps, base, deltas)} on a tied threshold)"
-            rows.append(f"| {method} | {t_evo:.2f} | {t_mk:.2f} | {t_mk / t_evo:.1f}x | {diff:.1e} | "
-                        f"{apart} of {total:,}{note} |")
+            rows.append(md_row(method, f"{t_evo:.2f}", f"{t_mk:.2f}", f"{t_mk / t_evo:.1f}x", f"{diff:.1e}",
+                               f"{apart} of {total:,}{note}"))
     return rows
 
 
@@ -192,8 +190,7 @@ def main(argv=None) -> None:
     print(f"torch threads: {torch.get_num_threads()}\n")
     print("resident = an evaluator's Merger (magnitude tables + fused consensus kernel, set up on the first "
           "merge: 'setup s'); one-off = `evo merge` (no per-source setup)\n")
-    print("| method | size | mode | params | s/merge | setup s | GB/s read | copy GB/s | % of copy |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(md_head("method", "size", "mode", "params", "s/merge", "setup s", "GB/s read", "copy GB/s", "% of copy"))
     for size in sizes:
         shapes = llama_shapes(*SIZES[size])
         base, deltas = random_sources(shapes)
@@ -209,8 +206,8 @@ def main(argv=None) -> None:
                 sec = time_merges(merger, cfg, reps)
                 n_src = (1 if cfg.base_model else 0) + len([e for e in cfg.models if e.model != "base"])
                 gbs = n_src * numel * 4 / sec / 1e9
-                print(f"| {method} | {size} | {mode} | {numel / 1e6:.0f}M | {sec:.3f} | {max(setup - sec, 0):.1f} | "
-                      f"{gbs:.2f} | {bw:.1f} | {100 * gbs / bw:.0f}% |", flush=True)
+                print(md_row(method, size, mode, f"{numel / 1e6:.0f}M", f"{sec:.3f}", f"{max(setup - sec, 0):.1f}",
+                             f"{gbs:.2f}", f"{bw:.1f}", f"{100 * gbs / bw:.0f}%"), flush=True)
             del merger
         del base, deltas
     e2e = [m for m in args.e2e_methods.split(",") if m]

@@ -24,27 +24,22 @@ the quickstart: 3 domains x 48 blocks x 128 tokens, batch 16):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("MKL_NUM_THREADS", "1")
+from _common import LAYERWISE, OUT, ROOT, local_ray, md_head, md_row, mean_logppl, one_thread, write_json, write_text, \
+    zoo_ready
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+one_thread()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(1)
-
-SPACE = ROOT / "search_spaces" / "task_arithmetic_layerwise.yaml"
 EVAL = {"seq_len": 128, "max_blocks": 48, "batch_size": 16}  # the quickstart's evaluation (--max-blocks, --batch-size)
 
 
@@ -54,7 +49,7 @@ def make_config(zoo: str, evaluators: int = 1):
     return load_config({
         "name": "bench-runner",
         "zoo": zoo,
-        "search_space": str(SPACE),
+        "search_space": str(LAYERWISE),
         "eval": dict(EVAL),
         "objectives": [{"name": "mean_logppl", "metric": "logppl", "reduce": "mean", "goal": "minimize"}],
         "ray": {"evaluators": evaluators, "cpus_per_evaluator": 1, "threads_per_evaluator": 1,
@@ -69,11 +64,6 @@ def random_recipes(cfg, n: int, seed: int):
     space = make_space(cfg)
     rng = np.random.default_rng(seed)
     return [space.decode(rng.random(space.dim)) for _ in range(n)]
-
-
-def mean_logppl(metrics: dict) -> float:
-    vals = [v for k, v in metrics.items() if k.startswith("logppl/")]
-    return sum(vals) / len(vals)
 
 
 # ----------------------------------------------------------------------------- Ray throughput
@@ -122,16 +112,12 @@ def pool_run(cfg, sources, recipes, warmup, label: str) -> dict:
 
 
 def bench_ray(zoo: str, recipes, warmup, repeats: int) -> list[dict]:
-    import ray
-
     from evo.scoring.sources import Sources
 
     sources = Sources.load(make_config(zoo))
     tmp = tempfile.mkdtemp(prefix="rayb-", dir="/tmp")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2,
-             log_to_driver=False, configure_logging=False, _temp_dir=tmp)
     out = []
-    try:
+    with local_ray(num_cpus=2, object_store_memory=256 * 1024**2, _temp_dir=tmp):
         for rep in range(repeats):
             for n in (1, 2):
                 res = pool_run(make_config(zoo, n), sources, recipes, warmup[: 2 * n], f"b{rep}e{n}")
@@ -140,8 +126,6 @@ def bench_ray(zoo: str, recipes, warmup, repeats: int) -> list[dict]:
                       f"overhead {100 * res['overhead_share']:.1f}% (median {res['overhead_ms_median']:.1f} ms), "
                       f"load {os.getloadavg()[0]:.2f}", flush=True)
                 out.append(res)
-    finally:
-        ray.shutdown()
     return out
 
 
@@ -169,14 +153,14 @@ def bench_dtype(zoo: str, recipes, dtypes: list[str], seq_len: int) -> str:
             seconds[d].append(time.perf_counter() - t0)
             values[d].append(mean_logppl(res["metrics"]))
     ref = dtypes[0]
-    lines = [f"| dtype | candidates/min (1 thread) | speed vs {ref} | mean \\|Δ mean log-ppl\\| vs {ref} | max \\|Δ\\| | "
-             "rank agreement (Spearman) |", "|---|---:|---:|---:|---:|---:|"]
+    lines = [md_head("dtype", "candidates/min (1 thread)", f"speed vs {ref}", f"mean \\|Δ mean log-ppl\\| vs {ref}",
+                     "max \\|Δ\\|", "rank agreement (Spearman)", align="lrrrrr")]
     for d in dtypes:
         rate = 60.0 / statistics.median(seconds[d])
         delta = [abs(a - b) for a, b in zip(values[d], values[ref])]
         rho = _spearman(values[d], values[ref])
-        lines.append(f"| {d} | {rate:.2f} | {statistics.median(seconds[ref]) / statistics.median(seconds[d]):.2f}× | "
-                     f"{statistics.mean(delta):.4f} | {max(delta):.4f} | {rho:.3f} |")
+        lines.append(md_row(d, f"{rate:.2f}", f"{statistics.median(seconds[ref]) / statistics.median(seconds[d]):.2f}×",
+                            f"{statistics.mean(delta):.4f}", f"{max(delta):.4f}", f"{rho:.3f}"))
     n_blocks = sum(len(b) for b in sources.eval_sets["valid"].values())
     return (f"{len(recipes)} random recipes, {n_blocks} blocks × {seq_len} tokens per candidate, batch "
             f"{cfg.eval.batch_size}:\n\n" + "\n".join(lines) + "\n")
@@ -230,7 +214,10 @@ def bench_reload(zoo: str, recipes) -> dict:
         diffs.append(abs(value - mean_logppl(res["metrics"])))
     diff = max(diffs)
     assert diff < 1e-5, f"resident and reloaded fitness differ by {diff}"
-    m = lambda rows, k: statistics.mean(x[k] for x in rows)
+
+    def m(rows, k):
+        return statistics.mean(x[k] for x in rows)
+
     return {
         "candidates": len(recipes),
         "resident": {k: m(resident, k) for k in resident[0]},
@@ -243,6 +230,47 @@ def bench_reload(zoo: str, recipes) -> dict:
 
 # ----------------------------------------------------------------------------- report
 # ----------------------------------------------------------------------------- busy fraction
+def straggling_evaluator(every: int, factor: float) -> type:
+    """An ``Evaluator`` of which one recipe in ``every`` (by a hash of its key, so the same ones
+    in every mode) takes ``factor`` times as long, as on a slower or shared GPU; such a result
+    says how long it was held back (``timings.straggler_s``).
+
+    Defined in this function, the class is one cloudpickle cannot import by name, so Ray ships
+    it to the workers by value: a worker needs ``evo`` (the base class), not this script on its
+    ``sys.path``."""
+    import hashlib
+
+    from evo.scoring.evaluator import Evaluator
+    from evo.search.recipe import Recipe
+
+    class StragglingEvaluator(Evaluator):
+        def evaluate(self, recipe: dict, *args, **kwargs) -> dict:
+            t0 = time.perf_counter()
+            out = super().evaluate(recipe, *args, **kwargs)
+            key = Recipe.from_dict(recipe).key()
+            if out["status"] in ("ok", "rejected") and int(hashlib.sha1(key.encode()).hexdigest(), 16) % every == 0:
+                held = (factor - 1.0) * (time.perf_counter() - t0)
+                time.sleep(held)  # the emulated slow device: the actor is busy, as on a slower GPU
+                out["timings"]["straggler_s"] = held
+            return out
+
+    return StragglingEvaluator
+
+
+@contextmanager
+def evaluators_as(cls: type):
+    """Every ``evo.run`` in the block starts its evaluator actors as ``cls``
+    (``EvaluatorPool.evaluator_class``, the pool's extension point for benchmarks)."""
+    from evo.cluster.pool import EvaluatorPool
+
+    default = EvaluatorPool.evaluator_class
+    EvaluatorPool.evaluator_class = cls
+    try:
+        yield
+    finally:
+        EvaluatorPool.evaluator_class = default
+
+
 def busy_fraction(run_dir: Path, evaluators: int) -> dict:
     """Sum of job seconds (sent to result back, at the driver) over evaluators x the search's
     wall time (first job sent to last result back), from the run's fitness cache: every job of
@@ -258,31 +286,29 @@ def busy_fraction(run_dir: Path, evaluators: int) -> dict:
 def bench_busy(zoo: str, generations: int, population: int, evaluators: int, repeats: int,
                straggler: str) -> list[dict]:
     """``evo.run`` on the tiny zoo (CMA-ES, early rejection on: evo's defaults), synchronous and
-    asynchronous, without and with an emulated straggler (``EVO_BENCH_STRAGGLER``: one recipe in
-    EVERY takes FACTOR times as long), alternating the modes so machine load hits both alike."""
+    asynchronous, without and with an emulated straggler (``straggler`` = "EVERY:FACTOR": one
+    recipe in EVERY takes FACTOR times as long, :func:`straggling_evaluator`), alternating the
+    modes so machine load hits both alike."""
     import evo
-    from evo.scoring.evaluator import STRAGGLER_ENV
     from evo.artifacts.store import RunStore
 
+    every, factor = straggler.split(":")
+    slowed = straggling_evaluator(int(every), float(factor))
     rows = []
     root = Path(tempfile.mkdtemp(prefix="bench-busy-"))
     for rep in range(repeats):
         for slow in ("", straggler):
             for mode in (("sync", "async") if rep % 2 == 0 else ("async", "sync")):
-                cfg = {"name": "bench-busy", "zoo": zoo, "search_space": str(SPACE), "eval": dict(EVAL), "seed": rep,
+                cfg = {"name": "bench-busy", "zoo": zoo, "search_space": str(LAYERWISE), "eval": dict(EVAL), "seed": rep,
                        "optimizer": {"name": "cmaes", "generations": generations, "population": population,
                                      "async": mode == "async"},
                        "ray": {"evaluators": evaluators, "cpus_per_evaluator": 1, "threads_per_evaluator": 1,
                                "dashboard": False}}
-                if slow:
-                    os.environ[STRAGGLER_ENV] = slow  # Ray's workers inherit it from this process
-                else:
-                    os.environ.pop(STRAGGLER_ENV, None)
                 run_dir = root / f"{mode}-{rep}-{'slow' if slow else 'even'}"
                 t0 = time.perf_counter()
-                result = evo.run(cfg, run_dir, quiet=True)
+                with evaluators_as(slowed) if slow else nullcontext():
+                    result = evo.run(cfg, run_dir, quiet=True)
                 elapsed = time.perf_counter() - t0
-                os.environ.pop(STRAGGLER_ENV, None)
                 cands = RunStore.open(run_dir).candidates()
                 row = {"mode": mode, "repeat": rep, "straggler": slow or "none", "run_s": elapsed,
                        **busy_fraction(run_dir, evaluators),
@@ -301,8 +327,8 @@ def busy_table(rows: list[dict], args) -> str:
              f"early rejection on, {EVAL['max_blocks']} blocks x {EVAL['seq_len']} tokens per domain; "
              f"{args.repeats} repeats per cell (median [min-max]); straggler = one recipe in "
              f"{args.straggler.split(':')[0]} takes {args.straggler.split(':')[1]}x as long.",
-             "", "| straggler | synchronous busy | asynchronous busy | async / sync | search wall sync -> async |",
-             "|---|---|---|---|---|"]
+             "", md_head("straggler", "synchronous busy", "asynchronous busy", "async / sync",
+                         "search wall sync -> async")]
     for slow in ("none", args.straggler):
         cell = {m: [r for r in rows if r["mode"] == m and r["straggler"] == slow] for m in ("sync", "async")}
         med = {m: statistics.median(r["busy"] for r in v) for m, v in cell.items()}
@@ -311,9 +337,9 @@ def busy_table(rows: list[dict], args) -> str:
         def spread(v):
             return f"{100 * min(r['busy'] for r in v):.1f}-{100 * max(r['busy'] for r in v):.1f}"
 
-        lines.append(f"| {slow} | {100 * med['sync']:.1f}% [{spread(cell['sync'])}] | **{100 * med['async']:.1f}%** "
-                     f"[{spread(cell['async'])}] | {med['async'] / med['sync']:.3f} | {wall['sync']:.1f} s -> "
-                     f"{wall['async']:.1f} s |")
+        lines.append(md_row(slow, f"{100 * med['sync']:.1f}% [{spread(cell['sync'])}]",
+                            f"**{100 * med['async']:.1f}%** [{spread(cell['async'])}]", f"{med['async'] / med['sync']:.3f}",
+                            f"{wall['sync']:.1f} s -> {wall['async']:.1f} s"))
     return "\n".join(lines) + "\n"
 
 
@@ -326,8 +352,7 @@ def table(ray_rows: list[dict], reload: dict, n: int) -> str:
         f"Tiny zoo, `task_arithmetic_layerwise` (12 genes), {n} random candidates; "
         f"evaluation: 3 domains x {EVAL['max_blocks']} blocks x {EVAL['seq_len']} tokens; 1 torch thread per process.",
         "",
-        "| measurement | 1 evaluator | 2 evaluators | goal |",
-        "|---|---|---|---|",
+        md_head("measurement", "1 evaluator", "2 evaluators", "goal"),
         f"| candidates / minute (median of {len(by[1])}) | {med[1]:.1f} | {med[2]:.1f} | |",
         f"| speed-up 2 vs 1 | | **{speedup:.2f}x** (runs: {', '.join(f'{p:.2f}' for p in pairs)}) | >= 1.6x |",
         f"| wall per candidate at the driver (median run) | {1e3 * statistics.median(r['mean_wall_s'] for r in by[1]):.0f} ms "
@@ -343,8 +368,7 @@ def table(ray_rows: list[dict], reload: dict, n: int) -> str:
         f"| pool start-up (Ray already up; actors built) | {statistics.median(r['startup_s'] for r in by[1]):.1f} s "
         f"| {statistics.median(r['startup_s'] for r in by[2]):.1f} s | |",
         "",
-        "| per candidate, one process, no Ray (interleaved) | materialise the model | forward passes | total |",
-        "|---|---|---|---|",
+        md_head("per candidate, one process, no Ray (interleaved)", "materialise the model", "forward passes", "total"),
         f"| resident `Evaluator` (merge in place) | {1e3 * reload['resident']['merge_s']:.1f} ms | "
         f"{1e3 * reload['resident']['eval_s']:.0f} ms | {1e3 * reload['resident']['total_s']:.0f} ms |",
         f"| reload from disk (load 4 models + task vectors + fresh model: {1e3 * reload['reload']['load_s']:.0f} ms; "
@@ -376,13 +400,12 @@ def main(argv=None) -> int:
     p.add_argument("--population", type=int, default=12, help="--busy: candidates per generation")
     p.add_argument("--evaluators", type=int, default=2, help="--busy: evaluator actors")
     p.add_argument("--straggler", default="8:4", help="--busy: EVERY:FACTOR, one recipe in EVERY is FACTOR x slower")
-    p.add_argument("--out", default=str(ROOT / "experiments" / "out"))
+    p.add_argument("--out", default=str(OUT))
     args = p.parse_args(argv)
     if args.quick:
         args.candidates, args.repeats = min(args.candidates, 12), 1
     EVAL.update(max_blocks=args.max_blocks, batch_size=args.batch_size)
-    if not (Path(args.zoo) / "zoo.json").is_file():
-        print(f"bench_runner: no zoo at {args.zoo} (python experiments/make_zoo.py --out zoo)", file=sys.stderr)
+    if not zoo_ready(args.zoo, "bench_runner"):
         return 2
     from evo.loop.selection import baseline_recipes
 
@@ -393,8 +416,7 @@ def main(argv=None) -> int:
         text = bench_dtype(args.zoo, recipes, args.dtypes.split(","), args.seq_len)
         text += f"\nWall time {time.time() - t0:.0f} s; load average at the end: {os.getloadavg()[0]:.2f}.\n"
         print(text)
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "bench_dtype.md").write_text(text)
+        write_text(Path(args.out) / "bench_dtype.md", text)
         return 0
     if args.busy:
         print("busy fraction, synchronous vs asynchronous:", flush=True)
@@ -402,9 +424,8 @@ def main(argv=None) -> int:
         text = busy_table(rows, args)
         text += f"\nWall time {time.time() - t0:.0f} s; load average at the end: {os.getloadavg()[0]:.2f}.\n"
         print(text)
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "bench_busy.md").write_text(text)
-        (Path(args.out) / "bench_busy.json").write_text(json.dumps(rows, indent=1))
+        write_text(Path(args.out) / "bench_busy.md", text)
+        write_json(Path(args.out) / "bench_busy.json", rows)
         return 0
     warmup = list(baseline_recipes(cfg).values())
     print(f"load average at start: {os.getloadavg()[0]:.2f}")
@@ -419,12 +440,10 @@ def main(argv=None) -> int:
     text += f"\nWall time of the benchmark: {time.time() - t0:.0f} s; load average at the end: {os.getloadavg()[0]:.2f}.\n"
     print()
     print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_runner.md").write_text(text)
+    write_text(Path(args.out) / "bench_runner.md", text)
     for r in ray_rows:
         r.pop("values")
-    (out / "bench_runner.json").write_text(json.dumps({"ray": ray_rows, "reload": reload, "args": vars(args)}, indent=1))
+    write_json(Path(args.out) / "bench_runner.json", {"ray": ray_rows, "reload": reload, "args": vars(args)})
     return 0
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -30,19 +29,17 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+from _common import LAYERWISE, OUT, ROOT, md_head, md_row, write_json, write_text
 
-from evo.cluster.memory import GiB, PeakSampler, plan_for  # noqa: E402
-from evo.zoo.synthetic import SHAPES, write_family  # noqa: E402
+from evo.cluster.memory import GiB, PeakSampler, plan_for
+from evo.zoo.synthetic import SHAPES, write_family
 
 
 def config(base, sources, zoo: Path, dtype: str, evaluators: int) -> dict:
     return {
         "name": "bench-scale",
         "models": {"base": str(base), "sources": {k: str(v) for k, v in sources.items()}},
-        "search_space": str(ROOT / "search_spaces" / "task_arithmetic_layerwise.yaml"),
+        "search_space": str(LAYERWISE),
         "seed": 0, "dtype": dtype,
         "eval": {"sets": {d: str(zoo / "data" / d / "valid.jsonl") for d in ("en", "de")},
                  "tokenizer": str(zoo / "tokenizer"), "seq_len": 128, "max_blocks": 4, "batch_size": 4,
@@ -85,7 +82,7 @@ def main() -> None:
     ap.add_argument("--evaluators", default="1,2")
     ap.add_argument("--zoo", default=str(ROOT / "zoo"), help="tiny zoo: its tokenizer and evaluation text")
     ap.add_argument("--work", default="/tmp/evo-bench-scale", help="model families and runs (large)")
-    ap.add_argument("--out", default=str(ROOT / "experiments" / "out"))
+    ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
 
     import yaml
@@ -118,25 +115,23 @@ def main() -> None:
                 rows.append(row)
                 print(_row(row), flush=True)
     table = "\n".join([HEADER, *map(_row, rows)])
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_scale.md").write_text(table + "\n")
-    (out / "bench_scale.json").write_text(json.dumps(rows, indent=1))
+    write_text(Path(args.out) / "bench_scale.md", table + "\n")
+    write_json(Path(args.out) / "bench_scale.json", rows)
     print("\n" + table)
 
 
-HEADER = ("| model | dtype | evaluators | plan (GiB) | peak PSS (GiB) | plan / PSS | evaluator own peak / model bytes "
-          "| driver own peak / model bytes | merge s / cand | forward s / cand | status |\n"
-          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+HEADER = md_head("model", "dtype", "evaluators", "plan (GiB)", "peak PSS (GiB)", "plan / PSS",
+                 "evaluator own peak / model bytes", "driver own peak / model bytes", "merge s / cand",
+                 "forward s / cand", "status", align="llrrrrrrrrl")
 
 
 def _row(r: dict) -> str:
     if r.get("status") != "ok":
-        return (f"| {r['size']} | {r['dtype']} | {r['evaluators']} | {r['plan'] / GiB:.1f} | – | – | – | – | – | – "
-                f"| {r['status']}: {r.get('reason') or r.get('error')} |")
-    return (f"| {r['size']} | {r['dtype']} | {r['evaluators']} | {r['plan'] / GiB:.1f} | {r['peak_pss'] / GiB:.1f} "
-            f"| {r['plan'] / r['peak_pss']:.2f} | {r['evaluator_anon'] / r['model_bytes']:.2f} "
-            f"| {r['driver_anon'] / r['model_bytes']:.2f} | {r['merge_s']:.2f} | {r['forward_s']:.2f} | ok |")
+        return md_row(r["size"], r["dtype"], r["evaluators"], f"{r['plan'] / GiB:.1f}", *["–"] * 6,
+                      f"{r['status']}: {r.get('reason') or r.get('error')}")
+    return md_row(r["size"], r["dtype"], r["evaluators"], f"{r['plan'] / GiB:.1f}", f"{r['peak_pss'] / GiB:.1f}",
+                  f"{r['plan'] / r['peak_pss']:.2f}", f"{r['evaluator_anon'] / r['model_bytes']:.2f}",
+                  f"{r['driver_anon'] / r['model_bytes']:.2f}", f"{r['merge_s']:.2f}", f"{r['forward_s']:.2f}", "ok")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ Sections:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -39,94 +38,24 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("MKL_NUM_THREADS", "1")
+from _common import OUT, ROOT, md_head, md_row, mean_logppl, one_thread, spread, write_json, write_text, zoo_ready
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+one_thread()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(1)
+import bench_async  # noqa: E402
+import bench_heldout  # noqa: E402
+from _resident import EVAL, Bench  # noqa: E402
 
-SPACE = ROOT / "search_spaces" / "task_arithmetic_layerwise.yaml"
-# 12 blocks per domain (the quickstart evaluates 48): 4x cheaper, so 3 optimizers x 5 seeds x 160
-# evaluations fit in ~20 min on one core; --max-blocks 48 matches the quickstart exactly.
-# redraw off: these sections compare optimizers on one fixed set of blocks (bench_heldout.py measures
-# what the fresh draws and the selection split give on held-out text)
-EVAL = {"seq_len": 128, "max_blocks": 12, "batch_size": 12, "redraw": False}
 OPTIMIZERS = ("ga", "cmaes", "random")
-
-
-def make_config(zoo: str):
-    from evo.loop.experiment import load_config
-
-    return load_config({
-        "name": "bench-search",
-        "zoo": zoo,
-        "search_space": str(SPACE),
-        "eval": dict(EVAL),
-        "objectives": [{"name": "mean_logppl", "metric": "logppl", "reduce": "mean", "goal": "minimize"}],
-        "seed": 0,
-    })
 
 
 def with_paired(cfg, paired: bool):
     """``cfg`` with early rejection paired or not (configs are frozen: a new one)."""
     er = replace(cfg.eval.early_rejection, paired=paired)
     return replace(cfg, eval=replace(cfg.eval, early_rejection=er))
-
-
-def mean_logppl(metrics: dict) -> float:
-    vals = [v for k, v in metrics.items() if k.startswith("logppl/")]
-    return sum(vals) / len(vals)
-
-
-class Bench:
-    """The resident evaluator, the search space and a memo of full evaluations."""
-
-    def __init__(self, zoo: str):
-        from evo.scoring.evaluator import Evaluator
-        from evo.scoring.rejection import RejectionTest
-        from evo.loop.generation import initial_genomes, make_space
-        from evo.scoring.sources import Sources
-
-        self.cfg = make_config(zoo)
-        self.sources = Sources.load(self.cfg)
-        er = self.cfg.eval.early_rejection
-        self.er = er
-        self.ev = Evaluator(self.sources.base, self.sources.deltas, self.sources.model_config, self.sources.eval_sets,
-                            threads=1, batch_size=self.cfg.eval.batch_size,
-                            rejection=RejectionTest.of(er))
-        torch.set_num_threads(1)
-        self.space = make_space(self.cfg)
-        self.initial = [g.tolist() for g in initial_genomes(self.cfg, self.space)]
-        self.domains = list(self.cfg.eval.sets)
-        self.memo: dict[str, dict] = {}  # recipe key -> full result (valid split)
-        self.eval_seconds = 0.0
-        self.n_computed = 0
-
-    def full(self, recipe) -> dict:
-        key = recipe.key()
-        if key not in self.memo:
-            t0 = time.perf_counter()
-            res = self.ev.evaluate(recipe.to_dict())
-            self.eval_seconds += time.perf_counter() - t0
-            self.n_computed += 1
-            self.memo[key] = res
-        return self.memo[key]
-
-    def with_rejection(self, recipe, threshold) -> dict:
-        if threshold is None:
-            return self.full(recipe)
-        t0 = time.perf_counter()
-        res = self.ev.evaluate(recipe.to_dict(), reject_above=threshold)
-        self.eval_seconds += time.perf_counter() - t0
-        self.n_computed += 1
-        if res["status"] == "ok":
-            self.memo.setdefault(recipe.key(), res)
-        return res
 
 
 # ----------------------------------------------------------------------------- one search run
@@ -286,10 +215,6 @@ def hypervolume(points, ref) -> float:
 
 
 # ----------------------------------------------------------------------------- report
-def spread(values) -> str:
-    return f"{statistics.median(values):.4f} [{min(values):.4f}–{max(values):.4f}]"
-
-
 def plot(runs, rej_runs, base_values, budget, path: Path) -> None:
     import matplotlib
 
@@ -344,15 +269,9 @@ def plot(runs, rej_runs, base_values, budget, path: Path) -> None:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--heldout" in argv:  # evolved vs the best simple baseline on the test split, via evo.run
-        sys.path.insert(0, str(ROOT / "experiments"))
-        from bench_heldout import main as heldout_main
-
-        return heldout_main([a for a in argv if a != "--heldout"])
+        return bench_heldout.main([a for a in argv if a != "--heldout"])
     if "--async" in argv:  # asynchronous vs synchronous search at equal evaluations
-        sys.path.insert(0, str(ROOT / "experiments"))
-        from bench_async import main as async_main
-
-        return async_main([a for a in argv if a != "--async"])
+        return bench_async.main([a for a in argv if a != "--async"])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--zoo", default=str(ROOT / "zoo"))
     p.add_argument("--budget", type=int, default=160, help="evaluations per run")
@@ -366,14 +285,13 @@ def main(argv=None) -> int:
                    "(default: the configured one)")
     p.add_argument("--nsga2", action="store_true", help="also the 2-objective comparison (nsga2, ga, random)")
     p.add_argument("--quick", action="store_true", help="48 evaluations, 2 seeds, population 8, 24 subset candidates")
-    p.add_argument("--out", default=str(ROOT / "experiments" / "out"))
+    p.add_argument("--out", default=str(OUT))
     p.add_argument("--plot", default=str(ROOT / "docs" / "img" / "bench_search.png"))
     args = p.parse_args(argv)
     if args.quick:
         args.budget, args.seeds, args.population, args.subset_candidates = 48, 2, 8, 24
     EVAL.update(max_blocks=args.max_blocks, batch_size=args.batch_size)
-    if not (Path(args.zoo) / "zoo.json").is_file():
-        print(f"bench_search: no zoo at {args.zoo} (python experiments/make_zoo.py --out zoo)", file=sys.stderr)
+    if not zoo_ready(args.zoo, "bench_search"):
         return 2
     from evo.scoring.rejection import RejectionTest
     from evo.loop.selection import baseline_recipes
@@ -466,17 +384,17 @@ def main(argv=None) -> int:
         f"Budget {B} evaluations per run, population {P}, seeds {', '.join(map(str, seeds))}; "
         f"values are median [min–max] over seeds. Test = the same winners on the test split.",
         "",
-        f"| optimizer | best @ {marks[0]} evals | best @ {marks[1]} | final best @ {marks[2]} | vs best baseline | runs beating it | test (median) |",
-        "|---|---|---|---|---|---|---|",
+        md_head("optimizer", f"best @ {marks[0]} evals", f"best @ {marks[1]}", f"final best @ {marks[2]}",
+                "vs best baseline", "runs beating it", "test (median)"),
     ]
     for name in OPTIMIZERS:
         group = [r for r in runs if r["optimizer"] == name]
         finals = [r["best"] for r in group]
         beat = sum(f < best_base for f in finals)
         test = f"{statistics.median(r['test'] for r in group):.4f}" if test_of else "–"
-        lines.append(f"| {name} | {spread([r['curve'][marks[0] - 1] for r in group])} | "
-                     f"{spread([r['curve'][marks[1] - 1] for r in group])} | **{spread(finals)}** | "
-                     f"{statistics.median(finals) - best_base:+.4f} | {beat}/{len(group)} | {test} |")
+        lines.append(md_row(name, spread([r["curve"][marks[0] - 1] for r in group]),
+                            spread([r["curve"][marks[1] - 1] for r in group]), f"**{spread(finals)}**",
+                            f"{statistics.median(finals) - best_base:+.4f}", f"{beat}/{len(group)}", test))
     for label, v in base_values.items():
         lines.append(f"| baseline: {label} | | | {v:.4f} | {v - best_base:+.4f} | | {test_of.get(label, float('nan')):.4f} |")
     med = {n: statistics.median(r["best"] for r in runs if r["optimizer"] == n) for n in OPTIMIZERS}
@@ -495,7 +413,10 @@ def main(argv=None) -> int:
         "|---|---|" + "---|" * len(zs),
     ]
     works = {z: [r["work"] for r in rej_runs[z]] for z in zs}
-    row = lambda label, first, cells: lines.append(f"| {label} | {first} | " + " | ".join(cells) + " |")
+
+    def row(label, first, cells):
+        lines.append(md_row(label, first, *cells))
+
     row("evaluation work (candidates' worth), median [min–max]", str(B),
         [f"{statistics.median(works[z]):.1f} [{min(works[z]):.1f}–{max(works[z]):.1f}]" for z in zs])
     row("work saved (median)", "", [f"{100 * (1 - statistics.median(works[z]) / B):.1f}%" for z in zs])
@@ -511,21 +432,22 @@ def main(argv=None) -> int:
         f"Subset fitness: {sub['blocks']} of {sub['of']} valid blocks ({100 * sub['blocks'] / sub['of']:.0f}%), "
         f"picked per domain at difficulty quantiles of the base and the specialists.",
         "",
-        "| candidates | n | Spearman (subset vs full) | random subsets of that size: median / 10th pct | top-10% overlap | subset's winner ranks (full) | mean abs gap |",
-        "|---|---|---|---|---|---|---|",
+        md_head("candidates", "n", "Spearman (subset vs full)", "random subsets of that size: median / 10th pct",
+                "top-10% overlap", "subset's winner ranks (full)", "mean abs gap"),
     ]
     for g, v in sub["groups"].items():
-        lines.append(f"| {g} | {v['n']} | **{v['spearman']:.3f}** | {v['random_subsets_median']:.3f} / {v['random_subsets_p10']:.3f} | "
-                     f"{v['top_overlap']}/{v['top']} | {v['subset_winner_full_rank']} | {v['mean_abs_gap']:.4f} |")
+        lines.append(md_row(g, v["n"], f"**{v['spearman']:.3f}**",
+                            f"{v['random_subsets_median']:.3f} / {v['random_subsets_p10']:.3f}",
+                            f"{v['top_overlap']}/{v['top']}", v["subset_winner_full_rank"], f"{v['mean_abs_gap']:.4f}"))
     lines += ["", f"Cost per candidate: full evaluation {1e3 * sub['full_s']:.0f} ms, merge + subset forward passes "
               f"{1e3 * sub['subset_s']:.0f} ms: {100 * (1 - sub['subset_s'] / sub['full_s']):.0f}% saved "
               f"(the merge is not reduced)."]
     if mo:
         lines += ["", f"2 objectives (non-code domains, code), hypervolume of all evaluated points above reference "
                   f"{[round(x, 4) for x in mo['ref']]} (worst baseline per objective; higher is better; fixed baselines alone: "
-                  f"{mo['baselines_hv']:.5f}):", "", "| optimizer | hypervolume, median [min–max] |", "|---|---|"]
+                  f"{mo['baselines_hv']:.5f}):", "", md_head("optimizer", "hypervolume, median [min–max]")]
         for name, hvs in mo["runs"].items():
-            lines.append(f"| {name} | {statistics.median(hvs):.5f} [{min(hvs):.5f}–{max(hvs):.5f}] |")
+            lines.append(md_row(name, f"{statistics.median(hvs):.5f} [{min(hvs):.5f}–{max(hvs):.5f}]"))
     wall = time.time() - t_start
     lines += ["", f"Wall time: {wall:.0f} s in one process with 1 torch thread ({bench.n_computed} evaluations computed, "
               f"{bench.eval_seconds:.0f} s inside the evaluator); per section: "
@@ -534,8 +456,7 @@ def main(argv=None) -> int:
     print()
     print(text)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_search.md").write_text(text)
+    write_text(out / "bench_search.md", text)
     plot(runs, rej_runs, base_values, B, Path(args.plot))
     if Path(args.plot).resolve() != (out / "bench_search.png").resolve():
         plot(runs, rej_runs, base_values, B, out / "bench_search.png")
@@ -545,7 +466,7 @@ def main(argv=None) -> int:
                  | {"best_recipe": r["best_recipe"].to_dict() if r["best_recipe"] else None} for r in runs + [r for g in rej_runs.values() for r in g]],
         "wall_s": wall,
     }
-    (out / "bench_search.json").write_text(json.dumps(dump, indent=1))
+    write_json(out / "bench_search.json", dump)
     print(f"plot: {args.plot}")
     return 0
 

@@ -16,17 +16,13 @@ over the best simple baseline on the test split (paired 95% interval). Outputs
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-SPACE = ROOT / "search_spaces" / "task_arithmetic_layerwise.yaml"
+from _common import LAYERWISE, OUT, ROOT, local_ray, md_head, md_row, save_runs, write_text, zoo_ready
 
 
 def config(zoo: str, seed: int, racing: bool, args) -> dict:
@@ -34,7 +30,7 @@ def config(zoo: str, seed: int, racing: bool, args) -> dict:
     synchronous CMA-ES search (its cost is not what is measured)."""
     return {
         "name": f"selection-s{seed}-{'race' if racing else 'full'}",
-        "zoo": zoo, "search_space": str(SPACE),
+        "zoo": zoo, "search_space": str(LAYERWISE),
         "eval": {"seq_len": 128, "max_blocks": args.search_blocks, "batch_size": args.batch_size,
                  "selection": {"blocks": args.selection_blocks, "racing": racing, "racing_rounds": args.rounds},
                  "test_blocks": args.selection_blocks},
@@ -76,9 +72,8 @@ def table(runs: list[dict], args) -> str:
         f"tokens per set, {args.evaluators} evaluators; racing {args.rounds} rounds. Δ test = release − best simple "
         "baseline on the test split (paired 95% interval; negative: the release is better).",
         "",
-        "| seed | selection | selection split wall (s) | candidate-blocks scored | dropped | released | pick changed "
-        "| Δ test |",
-        "|---:|---|---:|---:|---:|---|---|---|",
+        md_head("seed", "selection", "selection split wall (s)", "candidate-blocks scored", "dropped", "released",
+                "pick changed", "Δ test", align="rlrrr"),
     ]
     by_seed: dict[int, dict[bool, dict]] = {}
     for r in runs:
@@ -90,9 +85,9 @@ def table(runs: list[dict], args) -> str:
             if r is None:
                 continue
             changed = "–" if not racing or full is None else ("**yes**" if r["release"] != full["release"] else "no")
-            lines.append(f"| {seed} | {'racing' if racing else 'full'} | {r['selection_s']:.1f} | "
-                         f"{r['blocks_scored']:,} of {r['blocks_full']:,} | {r['dropped']} | {r['release']} | "
-                         f"{changed} | {interval(r['margin_test'])} |")
+            lines.append(md_row(seed, "racing" if racing else "full", f"{r['selection_s']:.1f}",
+                                f"{r['blocks_scored']:,} of {r['blocks_full']:,}", r["dropped"], r["release"], changed,
+                                interval(r["margin_test"])))
     pairs = [p for p in by_seed.values() if True in p and False in p]
     if pairs:
         wall = [p[True]["selection_s"] / p[False]["selection_s"] for p in pairs]
@@ -118,20 +113,14 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=4, help="eval.selection.racing_rounds")
     p.add_argument("--evaluators", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--out", default=str(ROOT / "experiments" / "out"))
+    p.add_argument("--out", default=str(OUT))
     args = p.parse_args(argv)
-    if not (Path(args.zoo) / "zoo.json").is_file():
-        print(f"bench_selection: no zoo at {args.zoo} (python experiments/make_zoo.py --out zoo)", file=sys.stderr)
+    if not zoo_ready(args.zoo, "bench_selection"):
         return 2
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-
-    ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     runs: list[dict] = []
     t0 = time.time()
-    try:
+    with local_ray():
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             for racing in ((True, False) if seed % 2 == 0 else (False, True)):
                 r = run_one(args.zoo, seed, racing, args)
@@ -139,12 +128,10 @@ def main(argv=None) -> int:
                 print(f"seed {seed} {'racing' if racing else 'full'}: selection split {r['selection_s']:.1f}s, "
                       f"{r['blocks_scored']} of {r['blocks_full']} blocks, released {r['release']} "
                       f"(run {r['run_s']:.0f}s)", flush=True)
-                (out / "bench_selection.json").write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
-    finally:
-        ray.shutdown()
+                save_runs(out / "bench_selection.json", args, runs)
     text = table(runs, args)
     text += f"\n{time.time() - t0:.0f} s in all.\n"
-    (out / "bench_selection.md").write_text(text)
+    write_text(out / "bench_selection.md", text)
     print(text)
     return 0
 

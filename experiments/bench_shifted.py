@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
 import sys
 import tempfile
 import time
@@ -43,14 +41,13 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-SPACE = ROOT / "search_spaces" / "task_arithmetic_layerwise.yaml"
+from _common import LAYERWISE, OUT, ROOT, local_ray, md_head, md_row, save_runs, signed, spread, write_text
 
 
 def config(zoo: Path, blocks: int, seed: int, args, sets: dict | None = None) -> dict:
     cfg = {
         "name": f"shifted-b{blocks}-s{seed}{'-oracle' if sets else ''}",
-        "zoo": str(zoo), "search_space": str(SPACE),
+        "zoo": str(zoo), "search_space": str(LAYERWISE),
         "eval": {"seq_len": 128, "max_blocks": blocks, "batch_size": args.batch_size,
                  "selection": {"blocks": args.selection_blocks}, "test_blocks": args.selection_blocks},
         "optimizer": {"name": "cmaes", "generations": args.generations, "population": args.population},
@@ -92,7 +89,7 @@ def models_to_score(run_dir: Path, result) -> dict:
     from evo.loop.experiment import load_config
     from evo.loop.generation import make_space
     from evo.loop.selection import baseline_recipes
-    from evo.search.space import Recipe
+    from evo.search.recipe import Recipe
 
     store = RunStore.open(run_dir)
     cfg = load_config(store.config(), source=str(run_dir / "config.yaml"))
@@ -181,8 +178,7 @@ def table(runs: list[dict], args) -> str:
         "arithmetic at the λ chosen on selection, on the shifted text, paired per block and stratified by domain "
         "(negative: better than that λ); median [min…max] over seeds; 'clear' = 95% interval below zero.",
         "",
-        "| model | Δ vs best λ (selection) | clear wins | mean log-ppl (shifted) |",
-        "|---|---|---:|---|",
+        md_head("model", "Δ vs best λ (selection)", "clear wins", "mean log-ppl (shifted)", align="llr"),
     ]
     for label in labels:
         key = {"best λ (oracle)": None}.get(label, label)
@@ -197,22 +193,12 @@ def table(runs: list[dict], args) -> str:
             d = [r["vs_best_lambda"][key]["mean"] for r in have]
             m = [r["mean"][key] for r in have]
             wins = sum(r["vs_best_lambda"][key]["hi"] < 0 for r in have)
-        lines.append(f"| {label} | {signed(d)} | {wins}/{len(d)} | {spread(m)} |")
+        lines.append(md_row(label, signed(d), f"{wins}/{len(d)}", spread(m)))
     eff = [r["efficiency"] for r in runs if r["efficiency"] is not None]
     lines += ["", f"Generalisation efficiency (release's gain over best λ(selection) ÷ oracle search's, shifted): "
               f"{signed(eff)}; headroom (best λ(selection) − oracle search): {signed([r['headroom'] for r in runs])} nats. "
               f"Released an evolved recipe in {sum(r['release_kind'] == 'evolved' for r in runs)}/{len(runs)} seeds."]
     return "\n".join(lines) + "\n"
-
-
-def spread(xs) -> str:
-    xs = [x for x in xs if x is not None]
-    return f"{statistics.median(xs):.4f} [{min(xs):.4f}–{max(xs):.4f}]" if xs else "–"
-
-
-def signed(xs) -> str:
-    xs = [x for x in xs if x is not None]
-    return f"{statistics.median(xs):+.4f} [{min(xs):+.4f}…{max(xs):+.4f}]" if xs else "–"
 
 
 def main(argv=None) -> int:
@@ -229,7 +215,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--label", default="Tiny zoo (en, de, code)")
     p.add_argument("--from-json", default=None)
-    p.add_argument("--out", default=str(ROOT / "experiments" / "out" / "bench_shifted.json"))
+    p.add_argument("--out", default=str(OUT / "bench_shifted.json"))
     args = p.parse_args(argv)
     if args.from_json:
         saved = json.loads(Path(args.from_json).read_text())
@@ -241,16 +227,11 @@ def main(argv=None) -> int:
     if not (zoo / "shifted" / "shifted.json").is_file():
         print(f"bench_shifted: no shifted split in {zoo} (python experiments/make_shifted.py --zoo {zoo})", file=sys.stderr)
         return 2
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-
     blocks_sets = shifted_blocks(zoo, args.shifted_blocks)
     ev = scorer(zoo, args.dtype)
-    ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     runs = []
-    try:
+    with local_ray():
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             r = run_seed(zoo, seed, args, blocks_sets, ev)
             runs.append(r)
@@ -259,13 +240,11 @@ def main(argv=None) -> int:
                   f"[{v['release']['lo']:+.4f}, {v['release']['hi']:+.4f}]  oracle {v['oracle search']['mean']:+.4f}  "
                   f"soup-4 {v.get('soup top-4', {}).get('mean', float('nan')):+.4f}  shrunk "
                   f"{v.get('shrunk', {}).get('mean', float('nan')):+.4f} (α {r['alpha']})  {r['seconds']:.0f}s", flush=True)
-            out.write_text(json.dumps({"args": {k: v for k, v in vars(args).items()}, "runs": runs}, indent=1))
-    finally:
-        ray.shutdown()
+            save_runs(out, args, runs)
     text = table(runs, args)
     print()
     print(text)
-    out.with_suffix(".md").write_text(text)
+    write_text(out.with_suffix(".md"), text)
     return 0
 
 

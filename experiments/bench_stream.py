@@ -44,11 +44,11 @@ import sys
 import time
 from pathlib import Path
 
+from _common import OUT, ROOT, md_head, md_row, write_text
+
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "experiments"))
+from stream_producer import cpu_seconds, produce
 
 METHODS = {"sequential": "sequential LoRA", "rehearsal": "sequential LoRA + rehearsal",
            "full": "sequential full fine-tuning", "union": "retrain on everything so far (LoRA from base)"}
@@ -123,12 +123,6 @@ def rehearsal_pool(data, k, args) -> np.ndarray | None:
 
 
 # ----------------------------------------------------------------------------------- baselines
-def cpu_seconds() -> float:
-    from stream_producer import cpu_seconds as machine_cpu
-
-    return machine_cpu()
-
-
 def lora_genes(args, share: float):
     from evo.scoring.lora import LoraGenes
 
@@ -231,8 +225,6 @@ def run_evo(data, args, seed: int) -> dict:
     import yaml
     from transformers import AutoModelForCausalLM
 
-    from stream_producer import produce
-
     base = Path(args.out) / f"evo-seed{seed}"
     if base.exists():
         import shutil
@@ -295,51 +287,51 @@ def summarise(results: dict, args) -> str:
     # 1. newest shard, per version
     head = ["version", "shard", "base"] + [METHODS[m] for m in methods] + [f"evo seed {r['seed']}" for r in evo_runs]
     lines += ["**Newest shard** (held-out perplexity after each version; lower is better):", "",
-              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+              md_head(*head)]
     for k, s in enumerate(shards):
         cells = [str(k), s, ppl(mean(base[s]))] + [ppl(mean(rows[k]["nll"][s])) for rows in methods.values()]
         cells += [ppl(mean(r["rows"][k]["nll"][s])) for r in evo_runs]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(md_row(*cells))
 
     # 1b. the rehearsal baseline over its seeds, where run (--baseline-seeds)
     reh_runs = [methods["rehearsal"], *results.get("rehearsal_seeds", {}).values()] if "rehearsal" in methods else []
     if len(reh_runs) > 1:
         lines += ["", f"**Sequential LoRA + rehearsal over {len(reh_runs)} seeds of its fits** against evo over its "
                   f"{len(evo_runs)} search seeds (newest-shard held-out log-perplexity, median [min, max]):", "",
-                  "| version | shard | + rehearsal | evo | evo − (+ rehearsal), medians |", "|---|---|---:|---:|---:|"]
+                  md_head("version", "shard", "+ rehearsal", "evo", "evo − (+ rehearsal), medians", align="llrrr")]
         for k, s in enumerate(shards):
             r = [mean(x[k]["nll"][s]) for x in reh_runs]
             e = [mean(x["rows"][k]["nll"][s]) for x in evo_runs] or [float("nan")]
-            lines.append(f"| {k} | {s} | {np.median(r):.4f} [{min(r):.4f}, {max(r):.4f}] | "
-                         f"{np.median(e):.4f} [{min(e):.4f}, {max(e):.4f}] | {np.median(e) - np.median(r):+.4f} |")
+            lines.append(md_row(k, s, f"{np.median(r):.4f} [{min(r):.4f}, {max(r):.4f}]",
+                                f"{np.median(e):.4f} [{min(e):.4f}, {max(e):.4f}]", f"{np.median(e) - np.median(r):+.4f}"))
 
     # 2. share of the gain of sequential LoRA (+ rehearsal), per version; median over seeds
     lines += ["", "**Share of the newest-shard gain** (improvement over the base, in nats, as a share of the "
               "baseline's; evo's median over seeds, [min, max]):", "",
-              "| version | shard | sequential gain | + rehearsal gain | evo share of sequential's | "
-              "evo share of + rehearsal's | evo − (+ rehearsal), paired 95% (seed " + str(evo_runs[0]["seed"] if evo_runs else "-") + ") |",
-              "|---|---|---:|---:|---:|---:|---:|"]
+              md_head("version", "shard", "sequential gain", "+ rehearsal gain", "evo share of sequential's",
+                      "evo share of + rehearsal's",
+                      f"evo − (+ rehearsal), paired 95% (seed {evo_runs[0]['seed'] if evo_runs else '-'})", align="llrrrrr")]
     for k, s in enumerate(shards):
         b = mean(base[s])
         g_seq = b - mean(methods["sequential"][k]["nll"][s]) if "sequential" in methods else float("nan")
         g_reh = b - mean(methods["rehearsal"][k]["nll"][s]) if "rehearsal" in methods else float("nan")
         ev = [b - mean(r["rows"][k]["nll"][s]) for r in evo_runs]
 
-        def share(g):
+        def share(g, ev=ev):
             if not ev or not g > 0:
                 return "-"
             xs = [e / g for e in ev]
             return f"{np.median(xs):.0%} [{min(xs):.0%}, {max(xs):.0%}]"
 
         d = paired(evo_runs[0]["rows"][k]["nll"][s], methods["rehearsal"][k]["nll"][s]) if evo_runs and "rehearsal" in methods else (float("nan"),) * 2
-        lines.append(f"| {k} | {s} | {g_seq:.4f} | {g_reh:.4f} | {share(g_seq)} | {share(g_reh)} | {d[0]:+.4f} ± {d[1]:.4f} |")
+        lines.append(md_row(k, s, f"{g_seq:.4f}", f"{g_reh:.4f}", share(g_seq), share(g_reh), f"{d[0]:+.4f} ± {d[1]:.4f}"))
 
     # 3. older shards: now vs when newest (drift in nats), worst over later versions, per method
     lines += ["", "**Forgetting**: each older shard's held-out log-perplexity at later versions minus when it was "
               "the newest (nats; worst over later versions / at the last; evo: worst over seeds):", "",
-              "| shard | " + " | ".join([METHODS[m] for m in methods] + ["evo"]) + " |", "|---|" + "---|" * (len(methods) + 1)]
+              md_head("shard", *[METHODS[m] for m in methods], "evo")]
     for j, s in enumerate(shards[:-1]):
-        def drift(rows):
+        def drift(rows, j=j, s=s):
             then = mean(rows[j]["nll"][s])
             later = [mean(r["nll"][s]) - then for r in rows[j + 1:]]
             return max(later), later[-1]
@@ -347,40 +339,39 @@ def summarise(results: dict, args) -> str:
         if evo_runs:
             ds = [drift(r["rows"]) for r in evo_runs]
             cells.append(f"{max(d[0] for d in ds):+.3f} / {max(d[1] for d in ds):+.3f}")
-        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+        lines.append(md_row(s, *cells))
 
     # 4. general-domain text
     lines += ["", f"**General-domain text** ({args.general}, test documents; log-perplexity minus the base's "
               f"{mean(base['general']):.4f}, worst over versions; evo: worst over seeds):", "",
-              "| " + " | ".join([METHODS[m] for m in methods] + ["evo"]) + " |", "|" + "---|" * (len(methods) + 1)]
+              md_head(*[METHODS[m] for m in methods], "evo")]
     g0 = mean(base["general"])
     cells = [f"{max(mean(r['nll']['general']) for r in rows) - g0:+.3f}" for rows in methods.values()]
     if evo_runs:
         cells.append(f"{max(mean(x['nll']['general']) for r in evo_runs for x in r['rows']) - g0:+.3f}")
-    lines.append("| " + " | ".join(cells) + " |")
+    lines.append(md_row(*cells))
 
     # 5. time per version
     lines += ["", "**Time per version** (wall seconds / machine CPU-seconds; evo: from the shard's drop to the end "
               "of its release step, Ray and the evaluators included):", "",
-              "| version | " + " | ".join([METHODS[m] for m in methods] + [f"evo seed {r['seed']}" for r in evo_runs]) +
-              " | evo ÷ (+ rehearsal), wall |", "|---|" + "---|" * (len(methods) + len(evo_runs) + 1)]
-    for k, s in enumerate(shards):
+              md_head("version", *[METHODS[m] for m in methods], *[f"evo seed {r['seed']}" for r in evo_runs],
+                      "evo ÷ (+ rehearsal), wall")]
+    for k in range(len(shards)):
         cells = [f"{rows[k]['seconds']:.0f} / {rows[k]['cpu_seconds']:.0f}" for rows in methods.values()]
         cells += [f"{r['rows'][k]['seconds']:.0f} / {r['rows'][k]['cpu_seconds']:.0f}" for r in evo_runs]
         ratio = [r["rows"][k]["seconds"] / methods["rehearsal"][k]["seconds"] for r in evo_runs] if "rehearsal" in methods else []
         cells.append(f"{np.median(ratio):.2f}×" if ratio else "-")
-        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+        lines.append(md_row(k, *cells))
     if evo_runs:
         steps = ("install", "reevaluate", "start", "evolve", "export")
         lines += ["", "**Where evo's time went** (wall seconds per version, seed " + str(evo_runs[0]["seed"]) +
                   "; install = the adapter fit and shipping the version's data to the evaluators; other = "
                   "noticing the shard, reading and de-duplicating it, checkpoints):", "",
-                  "| version | decision | " + " | ".join(steps) + " | other |", "|---|---|" + "---:|" * (len(steps) + 1)]
+                  md_head("version", "decision", *steps, "other", align="ll" + "r" * (len(steps) + 1))]
         for k, r in enumerate(evo_runs[0]["rows"]):
             st = r.get("steps_seconds") or {}
             other = r["seconds"] - sum(st.get(x, 0) for x in steps)
-            lines.append(f"| {k} | {r['decision']} | " + " | ".join(f"{st.get(x, 0):.0f}" for x in steps) +
-                         f" | {other:.0f} |")
+            lines.append(md_row(k, r["decision"], *(f"{st.get(x, 0):.0f}" for x in steps), f"{other:.0f}"))
     return "\n".join(lines)
 
 
@@ -437,7 +428,7 @@ def cpu_name() -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--zoo", default=str(ROOT / "zoo-smollm2"), help="a zoo built by experiments/smollm2_zoo.py")
-    p.add_argument("--out", default=str(ROOT / "experiments" / "out" / "stream-smollm2"))
+    p.add_argument("--out", default=str(OUT / "stream-smollm2"))
     p.add_argument("--only", choices=["baselines", "evo", "table"], help="run one part (results.json keeps the rest)")
     p.add_argument("--methods", default=",".join(METHODS), help="baselines to run")
     p.add_argument("--shards", default="it,c,es,fr", help="one shard per domain, in arrival order")
@@ -466,7 +457,6 @@ def main(argv=None) -> int:
     p.add_argument("--object-store-mb", type=int, default=4096)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of the baselines")
     args = p.parse_args(argv)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
@@ -522,7 +512,7 @@ def main(argv=None) -> int:
         return 0  # extra seeds of one baseline: the table is made by a run that has them all
     if "base" in results and "rehearsal" in results:
         text = summarise(results, args)
-        (out / "table.md").write_text(text + "\n")
+        write_text(out / "table.md", text + "\n")
         plot(results, out / "bench_stream.png")
         print("\n" + text)
         print(f"\n{results['machine']}; {time.strftime('%Y-%m-%d')}; table: {out / 'table.md'}; plot: {out / 'bench_stream.png'}")

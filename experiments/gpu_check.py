@@ -16,19 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+from _common import LAYERWISE, OUT, md_head, md_row, write_json
 
-import torch  # noqa: E402
+import torch
 
-from evo.zoo.synthetic import SHAPES, LlamaShape, write_family  # noqa: E402
+from evo.zoo.synthetic import SHAPES, LlamaShape, write_family
 
 SIZES = {**SHAPES, "tiny": LlamaShape(256, 4, 688, 4, 2, 4096)}
 
@@ -73,7 +69,7 @@ def bench_evaluator(family, zoo, dtype: str, device: str, candidates: int = 4) -
 def _config(family, zoo, dtype, gpus) -> dict:
     base, sources = family
     return {"models": {"base": str(base), "sources": {k: str(v) for k, v in sources.items()}},
-            "search_space": str(ROOT / "search_spaces" / "task_arithmetic_layerwise.yaml"), "dtype": dtype,
+            "search_space": str(LAYERWISE), "dtype": dtype,
             "eval": {"sets": {d: str(zoo.data_dir(d, "valid")) for d in zoo.domains}, "tokenizer": str(zoo.tokenizer_dir),
                      "seq_len": 256, "max_blocks": 8, "batch_size": 8, "redraw": False, "test_blocks": 4,
                      "selection": {"fraction": 0.0, "lambdas": [0.5]}},
@@ -87,7 +83,7 @@ def main() -> None:
     ap.add_argument("--dtypes", default="bfloat16,float32")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--work", default="/tmp/evo-gpu-check")
-    ap.add_argument("--out", default=str(ROOT / "experiments" / "out"))
+    ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_check: no CUDA device visible (use --device cpu for the smoke test)")
@@ -113,14 +109,14 @@ def main() -> None:
     run = {"run": "evo run, gpus_per_evaluator 1" if args.device == "cuda" else "evo run (cpu)", "size": smallest,
            "wall_s": time.perf_counter() - t0, "best": result.best_values, "release": str(run_dir / "releases")}
     print(json.dumps(run), flush=True)
-    print(f"\n| model | dtype | sources | merge s | forward s | candidates/min | peak GPU GiB | plan GPU GiB |  ({card})")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
+    head = md_head("model", "dtype", "sources", "merge s", "forward s", "candidates/min", "peak GPU GiB", "plan GPU GiB",
+                   align="lllrrrrr")
+    print("\n" + head.replace("\n", f"  ({card})\n", 1))
     for r in rows:
-        print(f"| {r['size']} | {r['dtype']} | {r['sources']} | {r['merge_s']:.3f} | {r['forward_s']:.3f} "
-              f"| {r['candidates_per_min']:.1f} | {r.get('peak_gpu_gib', float('nan')):.2f} | {r['plan_gpu_gib']:.2f} |")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check.json").write_text(json.dumps({"device": card, "rows": rows, "run": run}, indent=1))
+        print(md_row(r["size"], r["dtype"], r["sources"], f"{r['merge_s']:.3f}", f"{r['forward_s']:.3f}",
+                     f"{r['candidates_per_min']:.1f}", f"{r.get('peak_gpu_gib', float('nan')):.2f}",
+                     f"{r['plan_gpu_gib']:.2f}"))
+    write_json(Path(args.out) / "gpu_check.json", {"device": card, "rows": rows, "run": run})
 
 
 if __name__ == "__main__":

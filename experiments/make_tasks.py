@@ -23,6 +23,8 @@ from pathlib import Path
 
 import yaml
 
+from _common import ROOT
+
 from evo.data import corpus
 
 QUIZ_DIR = Path("/usr/share/games/bsdgames/quiz")
@@ -207,7 +209,7 @@ def capitals(rng: random.Random, n: int, quiz_dir: Path = QUIZ_DIR) -> list[dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "tasks"))
+    parser.add_argument("--out", default=str(ROOT / "tasks"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--items", type=int, default=300)
     parser.add_argument("--quiz-dir", default=str(QUIZ_DIR),

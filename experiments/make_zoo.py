@@ -11,15 +11,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import _common  # noqa: F401  (the set-up: this checkout's evo first on sys.path)
 
-import torch  # noqa: E402
+import torch
 
-from evo.data.corpus import DOMAINS  # noqa: E402
-from evo.core.errors import EvoError  # noqa: E402
-from evo.zoo.build import PRESETS, build_zoo, markdown_table  # noqa: E402
+from evo.core.errors import EvoError
+from evo.data.corpus import DOMAINS
+from evo.zoo.build import PRESETS, build_zoo, markdown_table
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -6,12 +6,10 @@ on a local Ray, print the per-generation table and the final comparison, export 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _common import LAYERWISE, ROOT
 
 
 def main(argv=None) -> int:
@@ -19,7 +17,7 @@ def main(argv=None) -> int:
     p.add_argument("--zoo", default=str(ROOT / "zoo"), help="zoo directory (built if missing)")
     p.add_argument("--size", default="tiny", help="zoo size preset (micro, tiny, small)")
     p.add_argument("--domains", default="en,de,code", help="zoo domains, comma-separated")
-    p.add_argument("--space", default=str(ROOT / "search_spaces" / "task_arithmetic_layerwise.yaml"))
+    p.add_argument("--space", default=str(LAYERWISE))
     p.add_argument("--generations", type=int, default=8)
     p.add_argument("--population", type=int, default=16)
     p.add_argument("--optimizer", default="cmaes", help="ga, cmaes, nsga2 or random (default: the benchmark winner)")
@@ -33,7 +31,6 @@ def main(argv=None) -> int:
     p.add_argument("--no-dashboard", action="store_true")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
     import evo
     from evo.core.errors import EvoError

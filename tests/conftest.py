@@ -9,9 +9,72 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # subprocesses: on a loaded 2-core machine the pool's start-up is the slow, fragile part
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
 import pytest  # noqa: E402
 
 MICRO_DOMAINS = ("code", "c", "doc")
+HANG = 600  # seconds: only a hung command or run gets this far; the limit turns a hang into a failure
+
+
+# ---------------------------------------------------------------------- the `evo` command, as a user runs it
+def evo_env(**extra) -> dict:
+    """This process's environment without ``RAY_ADDRESS`` (a child driver starts or joins the Ray
+    its config names, never one the variable points at), plus ``extra``."""
+    return {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **extra}
+
+
+def run_evo(*args, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    """``python -m evo.cli ARGS`` in a child process, to its end; stdout and stderr captured as text."""
+    return subprocess.run([sys.executable, "-m", "evo.cli", *map(str, args)], capture_output=True, text=True,
+                          env=evo_env() if env is None else env, timeout=HANG, **kw)
+
+
+def start_evo(*args, env: dict | None = None, **popen) -> subprocess.Popen:
+    """``python -m evo.cli ARGS`` started in a child process (``popen``: its pipes, ``text``, ``cwd``);
+    the test waits on its events and ends it."""
+    return subprocess.Popen([sys.executable, "-m", "evo.cli", *map(str, args)], env=evo_env() if env is None else env,
+                            **popen)
+
+
+# ---------------------------------------------------------------------- waiting on events, never on a clock
+def wait_for(event, child: subprocess.Popen | None = None, *, timeout: float = HANG, poll_s: float = 0.02) -> bool:
+    """Poll ``event()`` (a file appearing, a line in a log, a process state) until it holds: True.
+    False once ``child`` has exited without it (asked once more after the exit) or at ``timeout``,
+    which only a hung run reaches. ``poll_s`` paces the polling; nothing waits for a duration."""
+    deadline = time.monotonic() + timeout
+    while child is None or child.poll() is None:
+        if event():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(poll_s)
+    return bool(event())
+
+
+def expect(event, child: subprocess.Popen, what: str, **kw) -> None:
+    """:func:`wait_for`, failing the test when the event never comes: with the end of the child's
+    stderr if it exited, else as a timeout."""
+    if wait_for(event, child, **kw):
+        return
+    if child.poll() is None:
+        pytest.fail(f"timed out waiting for {what}")
+    err = child.stderr.read() if child.stderr else ""
+    pytest.fail(f"{what}: the child exited ({child.returncode}) first: "
+                + (err.decode() if isinstance(err, bytes) else err)[-2000:])
+
+
+def read_until(stream, match) -> list[str]:
+    """Lines of a child's text ``stream`` up to and including the first that ``match(line)``
+    accepts (every line, should the stream end first): a wait on a line the child prints."""
+    seen = []
+    for line in stream:
+        seen.append(line)
+        if match(line):
+            break
+    return seen
 
 
 @pytest.fixture(scope="session")
@@ -94,7 +157,6 @@ def mergekit_yaml_tensors(config_path, out_dir) -> dict:
     """Run mergekit's own ``mergekit-yaml`` on ``config_path`` into ``out_dir`` and return every
     tensor it wrote (the parity oracle; skips where mergekit is not installed)."""
     import shutil
-    import subprocess
     from pathlib import Path
 
     from safetensors.torch import load_file

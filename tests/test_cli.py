@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import errno
 import subprocess
-import sys
-import time
 
 import pytest
 import yaml
 
 import evo
+from conftest import read_until, run_evo, start_evo, wait_for
 from evo.cli import EXIT_ALL_FAILED, EXIT_ERROR, EXIT_NO_DATA, EXIT_STOPPED
 from evo.cli import main as cli
 from evo.artifacts.store import RunStore
@@ -97,8 +96,7 @@ def small_run(micro_zoo, ray_session, tmp_path_factory, repo_root):
 
 def test_a_closed_pipe_ends_quietly(small_run):
     """`evo status RUN | head -1`: the reader is gone before evo writes; no traceback."""
-    child = subprocess.Popen([sys.executable, "-m", "evo.cli", "status", str(small_run)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child = start_evo("status", small_run, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     child.stdout.close()  # the reader leaves before the child has written anything
     err = child.stderr.read().decode()
     assert child.wait() == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
@@ -126,12 +124,10 @@ def test_a_signal_stops_the_run_with_exit_3_and_resume_finishes_it(micro_zoo, ra
     path = write(tmp_path, cfg)
     run_dir = tmp_path / "run"
     err = open(tmp_path / "stderr.txt", "w")  # progress bars; kept apart from the table on stdout
-    child = subprocess.Popen([sys.executable, "-m", "evo.cli", "run", path, "--run-dir", str(run_dir)],
-                             stdout=subprocess.PIPE, stderr=err, text=True)
+    child = start_evo("run", path, "--run-dir", run_dir, stdout=subprocess.PIPE, stderr=err, text=True)
     try:
-        for line in child.stdout:  # the generation table's first row: generation 0 is checkpointed
-            if line.split()[:1] == ["0"]:
-                break
+        # the event: the generation table's first row (generation 0 is checkpointed)
+        read_until(child.stdout, lambda line: line.split()[:1] == ["0"])
         assert child.poll() is None, "the run ended before it could be stopped"
         child.send_signal(signal.SIGINT)
         rest = child.stdout.read()
@@ -160,9 +156,7 @@ def test_an_address_where_nothing_listens_fails_in_one_line(micro_zoo, space_fil
     """A real driver process (the test session's own Ray would otherwise be reused)."""
     cfg = config(micro_zoo, space_file)
     cfg["ray"] = {**cfg["ray"], "address": "127.0.0.1:1"}
-    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
-    done = subprocess.run([sys.executable, "-m", "evo.cli", "run", write(tmp_path, cfg), "--run-dir",
-                           str(tmp_path / "run")], capture_output=True, text=True, env=env)
+    done = run_evo("run", write(tmp_path, cfg), "--run-dir", tmp_path / "run")
     assert done.returncode == EXIT_ERROR, done.stderr[-2000:]
     lines = [ln for ln in done.stderr.splitlines() if ln.startswith("evo: ")]
     assert lines == [lines[0]] and "nothing answers at 127.0.0.1:1" in lines[0] and "Traceback" not in done.stderr
@@ -177,13 +171,11 @@ def test_sigterm_during_start_up_ends_cleanly(micro_zoo, space_file, tmp_path):
     cfg = config(micro_zoo, space_file)
     cfg["ray"] = {**cfg["ray"], "dashboard": False}
     run_dir = tmp_path / "run"
-    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
-    child = subprocess.Popen([sys.executable, "-m", "evo.cli", "run", write(tmp_path, cfg), "--run-dir", str(run_dir),
-                              "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    child = start_evo("run", write(tmp_path, cfg), "--run-dir", run_dir, "--quiet", stdout=subprocess.DEVNULL,
+                      stderr=subprocess.PIPE, text=True)
     events = run_dir / "events.jsonl"
-    try:
-        while child.poll() is None and not (events.exists() and "run_started" in events.read_text()):
-            time.sleep(0.01)  # polling for the event, not a deadline: the run has begun its start-up
+    try:  # the event: the run has begun its start-up
+        wait_for(lambda: events.exists() and "run_started" in events.read_text(), child, poll_s=0.01)
         child.send_signal(signal.SIGTERM)
         err = child.communicate()[1]
     finally:
@@ -206,13 +198,11 @@ def test_an_embedded_ray_listens_on_loopback_only(micro_zoo, space_file, tmp_pat
     cfg = config(micro_zoo, space_file, optimizer={"name": "random", "generations": 500, "population": 4})
     cfg["ray"] = {**cfg["ray"], "dashboard": True, "dashboard_port": 0}
     run_dir = tmp_path / "run"
-    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
-    child = subprocess.Popen([sys.executable, "-m", "evo.cli", "run", write(tmp_path, cfg), "--run-dir", str(run_dir),
-                              "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    child = start_evo("run", write(tmp_path, cfg), "--run-dir", run_dir, "--quiet", stdout=subprocess.DEVNULL,
+                      stderr=subprocess.PIPE, text=True)
     cache = run_dir / "cache.jsonl"
-    try:
-        while child.poll() is None and not (cache.exists() and cache.read_text().count("\n") >= 3):
-            time.sleep(0.05)  # polling for the event: evaluators have scored candidates
+    try:  # the event: evaluators have scored candidates
+        wait_for(lambda: cache.exists() and cache.read_text().count("\n") >= 3, child, poll_s=0.05)
         assert child.poll() is None, child.stderr.read()[-2000:]
         pids = {child.pid} | {p.pid for p in psutil.Process(child.pid).children(recursive=True)}
         listening, exposed = 0, []

@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
-import time
 
 import pytest
 import torch
 import yaml
 
 import evo
+from conftest import expect, start_evo, wait_for
 from evo.loop.experiment import load_config
 from evo.data.corpus import load_domain
 from evo.core.errors import EvoError
@@ -171,17 +170,6 @@ def _history(run_dir):
     return (ckpt.get("stream") or {}).get("history", [])
 
 
-def _wait(predicate, child, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        if child.poll() is not None:
-            pytest.fail("driver exited early: " + child.stderr.read().decode()[-2000:])
-        time.sleep(0.2)
-    pytest.fail("timed out waiting for the driver")
-
-
 def test_follow_picks_up_a_dropped_shard_and_stops_cleanly(micro_zoo, ray_session, space_file, tmp_path, docs):
     folder = tmp_path / "stream"
     folder.mkdir()
@@ -190,14 +178,15 @@ def test_follow_picks_up_a_dropped_shard_and_stops_cleanly(micro_zoo, ray_sessio
     cfg["ray"]["address"] = ray_session.get_runtime_context().gcs_address  # join this session's Ray
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(cfg))
     run_dir = tmp_path / "run"
-    child = subprocess.Popen([sys.executable, "-m", "evo.cli", "run", str(tmp_path / "exp.yaml"), "--run-dir",
-                              str(run_dir), "--follow", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child = start_evo("run", tmp_path / "exp.yaml", "--run-dir", run_dir, "--follow", "--quiet",
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        _wait(lambda: len(_history(run_dir)) == 1, child)
+        # the first version's release is checkpointed only with the version done: the driver is
+        # past it, following the folder for the next shard
+        expect(lambda: len(_history(run_dir)) == 1, child, "the first data version", timeout=300)
         assert (run_dir / "releases" / "v0001").is_dir()
-        time.sleep(1.0)  # the driver is now idle, polling
         write_shard(folder / "001.jsonl", docs[40:80])  # dropped in while it runs
-        _wait(lambda: len(_history(run_dir)) == 2, child)
+        expect(lambda: len(_history(run_dir)) == 2, child, "the second data version", timeout=300)
         child.send_signal(signal.SIGTERM)
         out, err = child.communicate(timeout=120)
     finally:
@@ -260,13 +249,14 @@ def test_restarted_evaluator_gets_the_newest_data_again(micro_zoo, ray_session, 
         assert set(updated["k"]["metrics"]) == {"logppl/x"} != set(first["k"]["metrics"])
         pid = ray.get(pool.actors[0].pid.remote())
         ray.kill(pool.actors[0], no_restart=False)  # Ray re-creates it from the constructor's data
-        deadline = time.time() + 120
-        while time.time() < deadline:  # wait until the restarted process answers
+
+        def restarted() -> bool:  # the event: the restarted process answers
             try:
-                if ray.get(pool.actors[0].pid.remote(), timeout=30) != pid:
-                    break
+                return ray.get(pool.actors[0].pid.remote(), timeout=30) != pid
             except ray.exceptions.RayError:
-                time.sleep(0.5)
+                return False
+
+        wait_for(restarted, timeout=120, poll_s=0.5)
         again = {}
         pool.evaluate({"k": ("c", recipe)}, again.__setitem__)
         assert again["k"]["status"] == "ok" and again["k"]["worker"]["pid"] != pid

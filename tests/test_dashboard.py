@@ -6,13 +6,12 @@ import json
 import shutil
 import socket
 import subprocess
-import sys
-import time
 import urllib.request
 
 import pytest
 import yaml
 
+from conftest import evo_env, start_evo, wait_for
 from evo.artifacts.store import RunStore
 
 
@@ -40,25 +39,25 @@ def test_state_api_lists_named_candidate_tasks(micro_zoo, repo_root, tmp_path):
            "ray": {"evaluators": 1, "cpus_per_evaluator": 0.5, "dashboard": True, "dashboard_port": port,
                    "metrics_export_port": metrics_port}}
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(cfg))
-    env = {**__import__("os").environ, "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    child = subprocess.Popen([sys.executable, "-m", "evo.cli", "run", str(tmp_path / "exp.yaml"),
-                              "--run-dir", str(tmp_path / "run"), "--quiet"], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    child = start_evo("run", tmp_path / "exp.yaml", "--run-dir", tmp_path / "run", "--quiet",
+                      env=evo_env(RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0"),
+                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
         # wait on the run, not on a clock: it is 400 generations long, so a name (or a metric) that
         # never shows fails when the child ends, and a loaded machine only makes the wait longer
-        names = set()
-        while child.poll() is None:
+        names: set[str] = set()
+
+        def second_generation_listed() -> bool:  # the state API names generation 1's tasks
+            nonlocal names
             try:
                 tasks = _get(f"{base}/api/v0/tasks?limit=1000", token)["data"]["result"]["result"]
                 names = {t["name"] for t in tasks}
             except Exception:
                 pass
-            if any(n.startswith("g0001-c") for n in names):
-                break
-            time.sleep(1)
+            return any(n.startswith("g0001-c") for n in names)
+
+        wait_for(second_generation_listed, child, poll_s=1)
         assert any(n.startswith("g0000-c000") or n.startswith("g0001-c") for n in names), child.stdout.read()[-2000:] if child.poll() is not None else names
         one = _get(f"{base}/api/v0/tasks?filter_keys=name&filter_predicates=%3D&filter_values=g0000-c000", token)
         assert [t["name"] for t in one["data"]["result"]["result"]] == ["g0000-c000"]
@@ -69,13 +68,17 @@ def test_state_api_lists_named_candidate_tasks(micro_zoo, repo_root, tmp_path):
         assert any("evaluator-0" in (a.get("name") or "") for a in actors)
         # the run's own metrics (ray.util.metrics) are on the node's Prometheus port
         text = ""
-        while child.poll() is None and "ray_evo_generation{" not in text:
+
+        def generation_exported() -> bool:  # the node's Prometheus page has the run's generation gauge
+            nonlocal text
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
                     text = resp.read().decode()
             except Exception:
                 pass
-            time.sleep(2)
+            return "ray_evo_generation{" in text
+
+        wait_for(generation_exported, child, poll_s=2)
         lines = [ln for ln in text.splitlines() if ln.startswith("ray_evo_")]
         assert any(ln.startswith("ray_evo_generation{") and 'run="run"' in ln for ln in lines), lines or text[-1500:]
         assert any(ln.startswith("ray_evo_evaluations_total{") and 'status="ok"' in ln for ln in lines), lines

@@ -6,7 +6,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -17,6 +16,7 @@ import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import evo
+from conftest import start_evo, wait_for
 from evo.artifacts.store import RunStore
 
 
@@ -119,18 +119,6 @@ def test_killed_evaluator_loses_no_candidate(slow_sources, ray_session, tmp_path
     assert cache[victim["key"]].get("attempts", 1) > 1 or replaced, (killed, victim)
 
 
-def _wait(predicate, child, timeout=240):
-    """Poll until ``predicate()``; False at the timeout or as soon as ``child`` has exited."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        if child.poll() is not None:
-            return predicate()
-        time.sleep(0.01)
-    return False
-
-
 def _generation(run_dir):
     ckpt = RunStore(run_dir).load_checkpoint() if (run_dir / "checkpoint.json").exists() else None
     return ckpt.generation if ckpt else 0
@@ -181,15 +169,17 @@ def test_killed_driver_resumes_to_the_same_best(driver_run, tmp_path, kill_at):
     mode, cfg, reference, gen1_evals = driver_run
     run_dir = tmp_path / "killed"
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(cfg))
-    child = subprocess.Popen([sys.executable, "-m", "evo.cli", "run", str(tmp_path / "exp.yaml"),
-                              "--run-dir", str(run_dir), "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    child = start_evo("run", tmp_path / "exp.yaml", "--run-dir", run_dir, "--quiet", stdout=subprocess.DEVNULL,
+                      stderr=subprocess.PIPE)
+    # the kill points fall in windows of about a second: poll every 10 ms
     try:
         if kill_at == "mid-generation-1" and mode == "sync":  # generation 0's 8 results are in, and 1 of generation 1's
-            reached = _wait(lambda: _cached(run_dir) > 8 and _generation(run_dir) == 1, child)
+            reached = wait_for(lambda: _cached(run_dir) > 8 and _generation(run_dir) == 1, child, timeout=240, poll_s=0.01)
         elif kill_at == "mid-generation-1":  # 2 of generation 1's results told, not yet checkpointed
-            reached = _wait(lambda: _generation(run_dir) == 1 and _told_after_checkpoint(run_dir) >= 2, child)
+            reached = wait_for(lambda: _generation(run_dir) == 1 and _told_after_checkpoint(run_dir) >= 2, child,
+                               timeout=240, poll_s=0.01)
         else:
-            reached = _wait(lambda: _generation(run_dir) >= 2, child)
+            reached = wait_for(lambda: _generation(run_dir) >= 2, child, timeout=240, poll_s=0.01)
         assert reached, child.stderr.read().decode()[-2000:] if child.poll() is not None else "timeout"
     finally:
         child.kill()

@@ -214,7 +214,7 @@ def test_unsupported_architecture_is_refused(micro, tmp_path):
     assert str(path) in msg and "'nosucharch' is not supported" in msg
 
 
-def test_smollm2_zoo_script_builds_a_loadable_zoo_from_a_gguf(micro, tmp_path):
+def test_smollm2_zoo_script_builds_a_loadable_zoo_from_a_gguf(micro, tmp_path, monkeypatch):
     """experiments/smollm2_zoo.py on the micro GGUF: evo.zoo.build's layout, reused on a second call."""
     import importlib.util
 
@@ -223,6 +223,7 @@ def test_smollm2_zoo_script_builds_a_loadable_zoo_from_a_gguf(micro, tmp_path):
     from evo.zoo.build import Zoo
 
     script = Path(__file__).resolve().parents[1] / "experiments" / "smollm2_zoo.py"
+    monkeypatch.syspath_prepend(str(script.parent))  # a script imports its siblings (_common) as when run there
     spec = importlib.util.spec_from_file_location("smollm2_zoo", script)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

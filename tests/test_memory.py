@@ -3,13 +3,12 @@ one line when it cannot fit, and close to what a real run's processes hold (PSS,
 outside the run on two model sizes)."""
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 
 import pytest
 import yaml
 
+from conftest import run_evo, start_evo
 from evo.loop.experiment import load_config
 from evo.core.errors import EvoError
 from evo.cluster.memory import GiB, PeakSampler, check_plan, plan_for
@@ -76,15 +75,12 @@ def test_a_run_that_cannot_fit_is_refused_in_one_line_before_ray_starts(small, m
         check_plan(load_config(cfg), plan_for(load_config(cfg)))
     assert "\n" not in str(err.value) and "ray.evaluators: 1" in str(err.value)
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(cfg))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    done = subprocess.run([sys.executable, "-m", "evo.cli", "run", str(tmp_path / "exp.yaml"), "--run-dir",
-                           str(tmp_path / "run"), "--quiet"], capture_output=True, text=True, env=env, cwd=repo_root)
+    done = run_evo("run", tmp_path / "exp.yaml", "--run-dir", tmp_path / "run", "--quiet", cwd=repo_root)
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.startswith("evo: error: memory plan: needs") and done.stderr.count("\n") == 1, done.stderr
     assert not (tmp_path / "run").exists()  # nothing left for a rerun to refuse
     # `evo plan` shows the same plan and says why, with the exit code of a refusal
-    shown = subprocess.run([sys.executable, "-m", "evo.cli", "plan", str(tmp_path / "exp.yaml")], capture_output=True,
-                           text=True, env=env, cwd=repo_root)
+    shown = run_evo("plan", tmp_path / "exp.yaml", cwd=repo_root)
     assert shown.returncode == 2 and "node total" in shown.stdout and "does not fit" in shown.stdout
     cfg["ray"]["memory_check"] = False  # the escape hatch: the plan is an estimate
     check_plan(load_config(cfg), plan_for(load_config(cfg)))
@@ -101,10 +97,8 @@ def test_plan_matches_the_measured_pss_of_a_real_run(shape, dtype, evaluators, m
     cfg = _config(family, micro_zoo, space_file, dtype=dtype, evaluators=evaluators)
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(cfg))
     plan = plan_for(load_config(cfg))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    child = subprocess.Popen([sys.executable, "-m", "evo.cli", "run", str(tmp_path / "exp.yaml"), "--run-dir",
-                              str(tmp_path / "run"), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env=env, cwd=repo_root)
+    child = start_evo("run", tmp_path / "exp.yaml", "--run-dir", tmp_path / "run", "--quiet", stdout=subprocess.PIPE,
+                      stderr=subprocess.PIPE, text=True, cwd=repo_root)
     sampler = PeakSampler(child.pid, period_s=0.2)
     _, err = child.communicate()
     sampler.stop()

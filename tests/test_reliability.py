@@ -17,9 +17,7 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import psutil
@@ -29,11 +27,10 @@ import yaml
 import evo
 from evo.artifacts.lock import LOCK_NAME
 from evo.artifacts.verify import verify
+from conftest import HANG, read_until, run_evo, start_evo, wait_for
 from evo.artifacts.store import RunStore
 from evo.cli import EXIT_ABORTED, EXIT_ERROR, EXIT_OK, main as cli
 from evo.core.errors import EvoError
-
-HANG = 600  # seconds: only a hung command reaches this
 
 
 def _config(zoo, space, **over) -> dict:
@@ -52,26 +49,8 @@ def _write(tmp_path, cfg, name="exp.yaml") -> str:
     return str(path)
 
 
-def _env() -> dict:
-    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-
-
-def _evo(*args, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "evo.cli", *map(str, args)], capture_output=True, text=True,
-                          env=_env(), timeout=HANG, **kw)
-
-
 def _evo_lines(stderr: str) -> list[str]:
     return [ln for ln in stderr.splitlines() if ln.startswith("evo: ")]
-
-
-def _until(predicate, child) -> bool:
-    """Poll for an event until ``child`` exits; True once ``predicate()`` holds."""
-    while child.poll() is None:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def _lines(path: Path) -> int:
@@ -87,15 +66,14 @@ def test_one_driver_per_run_dir_a_stale_lock_does_not_block_and_resume_changes_o
     cfg = _config(micro_zoo, space_file, optimizer={"name": "cmaes", "generations": 400, "population": 4},
                   ray={"address": ray_session.get_runtime_context().gcs_address})
     path, run_dir = _write(tmp_path, cfg), tmp_path / "run"
-    child = subprocess.Popen([sys.executable, "-m", "evo.cli", "run", path, "--run-dir", run_dir, "--quiet"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    child = start_evo("run", path, "--run-dir", run_dir, "--quiet", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         # generation 0 checkpointed and at least one candidate of generation 1 recorded
-        assert _until(lambda: (run_dir / "checkpoint.json").exists() and _lines(run_dir / "candidates.jsonl") >= 14,
+        assert wait_for(lambda: (run_dir / "checkpoint.json").exists() and _lines(run_dir / "candidates.jsonl") >= 14,
                       child), "the run ended before a second driver could meet it"
-        second = _evo("resume", run_dir)
-        export = _evo("export", run_dir)
-        status = _evo("status", run_dir)
+        second = run_evo("resume", run_dir)
+        export = run_evo("export", run_dir)
+        status = run_evo("status", run_dir)
         assert child.poll() is None, "the run ended while the second driver was refused"
     finally:
         child.kill()  # SIGKILL: the lock is left behind, held by a dead process
@@ -114,7 +92,7 @@ def test_one_driver_per_run_dir_a_stale_lock_does_not_block_and_resume_changes_o
     edited = yaml.safe_load(original)
     edited["optimizer"]["population"] = 6
     config.write_text(yaml.safe_dump(edited, sort_keys=False))
-    refused = _evo("resume", run_dir, "--quiet")
+    refused = run_evo("resume", run_dir, "--quiet")
     assert refused.returncode == EXIT_ERROR
     assert _evo_lines(refused.stderr) == [_evo_lines(refused.stderr)[0]]
     assert "optimizer.population changed from 4 to 6" in refused.stderr and str(config) in refused.stderr
@@ -125,11 +103,11 @@ def test_one_driver_per_run_dir_a_stale_lock_does_not_block_and_resume_changes_o
     sources = edited["models"]["sources"]
     edited["models"]["sources"] = dict(reversed(sources.items()))  # the genes would map to other models
     config.write_text(yaml.safe_dump(edited, sort_keys=False))
-    reordered = _evo("resume", run_dir, "--quiet")
+    reordered = run_evo("resume", run_dir, "--quiet")
     assert reordered.returncode == EXIT_ERROR and "models.sources (order) changed" in reordered.stderr, reordered.stderr
     edited["models"]["sources"] = sources
     config.write_text(yaml.safe_dump(edited, sort_keys=False))
-    resumed = _evo("resume", run_dir)  # the dead driver's lock does not block it
+    resumed = run_evo("resume", run_dir)  # the dead driver's lock does not block it
     assert resumed.returncode == EXIT_OK, resumed.stderr[-2000:]
     assert f"optimizer.generations: 400 -> {generation + 1}" in resumed.stdout
     store = RunStore(run_dir)
@@ -171,12 +149,12 @@ def test_the_only_evaluator_killed_is_waited_for_and_the_run_ends_as_undisturbed
     cfg = _config(micro_zoo, space_file, optimizer={"name": "cmaes", "generations": 3, "population": 4},
                   ray={"address": ray_session.get_runtime_context().gcs_address, "retries": 2})
     path = _write(tmp_path, cfg)
-    reference = _evo("run", path, "--run-dir", tmp_path / "reference", "--sync", "--quiet")
+    reference = run_evo("run", path, "--run-dir", tmp_path / "reference", "--sync", "--quiet")
     assert reference.returncode == EXIT_OK, reference.stderr[-2000:]
 
     run_dir = tmp_path / "killed"
-    child = subprocess.Popen([sys.executable, "-m", "evo.cli", "run", path, "--run-dir", run_dir, "--sync", "--quiet"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    child = start_evo("run", path, "--run-dir", run_dir, "--sync", "--quiet", stdout=subprocess.PIPE,
+                      stderr=subprocess.PIPE, text=True)
     killed = []
     try:
         def kill_one() -> bool:  # once generation 0 is in: the evaluator, busy or idle
@@ -191,7 +169,7 @@ def test_the_only_evaluator_killed_is_waited_for_and_the_run_ends_as_undisturbed
                 return True
             return False
 
-        assert _until(kill_one, child), "no evaluator was seen while the run was live"
+        assert wait_for(kill_one, child), "no evaluator was seen while the run was live"
         out, err = child.communicate(timeout=HANG)
     finally:
         if child.poll() is None:
@@ -284,7 +262,7 @@ def test_an_address_that_is_not_ray_fails_in_one_line_and_leaves_nothing(micro_z
     try:
         address = f"127.0.0.1:{server.server_address[1]}"
         cfg = _config(micro_zoo, space_file, ray={"address": address, "connect_timeout_s": 5})
-        done = _evo("run", _write(tmp_path, cfg), "--run-dir", tmp_path / "run")
+        done = run_evo("run", _write(tmp_path, cfg), "--run-dir", tmp_path / "run")
     finally:
         server.shutdown()
     assert done.returncode == EXIT_ERROR, done.stderr[-2000:]
@@ -314,18 +292,14 @@ def test_exposed_dashboard_is_announced_and_a_double_ctrl_c_exits_130_leaving_no
     cfg = _config(micro_zoo, space_file, optimizer={"name": "cmaes", "generations": 400, "population": 4},
                   ray={"dashboard": True, "dashboard_host": "0.0.0.0", "dashboard_port": port})
     run_dir = tmp_path / "run"
-    child = subprocess.Popen([sys.executable, "-m", "evo.cli", "run", _write(tmp_path, cfg), "--run-dir", run_dir],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    child = start_evo("run", _write(tmp_path, cfg), "--run-dir", run_dir, stdout=subprocess.PIPE,
+                      stderr=subprocess.PIPE, text=True)
     try:
-        assert _until(lambda: (run_dir / "checkpoint.json").exists(), child), child.stderr.read()[-2000:]
+        assert wait_for(lambda: (run_dir / "checkpoint.json").exists(), child), child.stderr.read()[-2000:]
         ray_procs = [p for p in psutil.Process(child.pid).children(recursive=True)]
         assert any("dashboard" in " ".join(p.cmdline()) for p in ray_procs)
         child.send_signal(signal.SIGINT)
-        seen = []
-        for line in child.stdout:  # the stop is under way (event: its message)
-            seen.append(line)
-            if line.startswith("SIGINT received"):
-                break
+        seen = read_until(child.stdout, lambda line: line.startswith("SIGINT received"))  # the stop is under way
         child.send_signal(signal.SIGINT)
         out, err = child.communicate(timeout=HANG)
     finally:

@@ -37,6 +37,11 @@ class Interrupted(EvoError):
 class EvaluatorPool:
     """A fixed set of evaluator actors and a dispatch loop that keeps each one busy."""
 
+    # The actors' class: Evaluator, or a subclass taking its constructor's arguments (a benchmark's
+    # emulated slow device: experiments/bench_runner.py --busy). Ray pickles it for the workers, so
+    # a subclass they cannot import must be one cloudpickle ships by value (defined in a function).
+    evaluator_class: type[Evaluator] = Evaluator
+
     def __init__(self, cfg: ExperimentConfig, sources: Sources | Callable[..., Sources], *, run_name: str = "run",
                  quiet: bool = False):
         """``sources``: loaded :class:`Sources`, or ``loader(put=...) -> Sources`` called once Ray
@@ -95,7 +100,7 @@ class EvaluatorPool:
                 "train": ray.put(self.sources.train)}
         er = self.cfg.eval.early_rejection
         device = "cuda" if rc.gpus_per_evaluator > 0 else "cpu"
-        actor_cls = ray.remote(Evaluator)
+        actor_cls = ray.remote(self.evaluator_class)
         for i in range(rc.evaluators):
             # the driver's pid keeps names unique when a resumed driver meets a dying predecessor's actors
             name = f"evo-{self.run_name}-{os.getpid()}-evaluator-{i}"

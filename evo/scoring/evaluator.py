@@ -244,7 +244,6 @@ class Evaluator:
             }
             if not rejected:
                 out["block_nlls"] = {k: [round(float(x), 6) for x in v] for k, v in nlls.items()}
-            _emulate_straggler(rec, time.perf_counter() - t0, out)
             return out
         except Exception as exc:  # a candidate's own failure is data, not a crash
             return {
@@ -316,22 +315,3 @@ def _training_data(train):
 def _peak_rss_mb() -> int:
     """This process's peak resident set (the object store's shared pages it touched included)."""
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-
-
-STRAGGLER_ENV = "EVO_BENCH_STRAGGLER"
-
-
-def _emulate_straggler(rec: Recipe, seconds: float, out: dict) -> None:
-    """Benchmarks only (``experiments/bench_runner.py --busy``): with ``EVO_BENCH_STRAGGLER=
-    "EVERY:FACTOR"`` in the environment Ray starts its workers with, one recipe in EVERY (by a
-    hash of its key, so the same ones in every mode) takes FACTOR times as long, as on a slower
-    or shared GPU. Unset, nothing happens."""
-    spec = os.environ.get(STRAGGLER_ENV)
-    if not spec:
-        return
-    import hashlib
-
-    every, factor = spec.split(":")
-    if int(hashlib.sha1(rec.key().encode()).hexdigest(), 16) % int(every) == 0:
-        time.sleep((float(factor) - 1.0) * seconds)
-        out["timings"]["straggler_s"] = (float(factor) - 1.0) * seconds
