@@ -198,3 +198,26 @@ def test_version_sources_use_only_the_loop_view():
     assert used["shard_stream"] >= {"store", "pool", "optimizer", "state", "checkpoint"}  # the walk sees them
     extra = {name: sorted(attrs - allowed) for name, attrs in used.items() if attrs - allowed}
     assert not extra, extra
+
+
+def experiment_imports() -> dict[str, set[str]]:
+    """Which experiment scripts import which (``import bench_search`` / ``from _common import x``),
+    function-level imports included."""
+    scripts = {p.stem: p for p in (ROOT / "experiments").glob("*.py")}
+    edges: dict[str, set[str]] = {name: set() for name in scripts}
+    for name, path in scripts.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module in scripts and node.level == 0:
+                edges[name].add(node.module)
+            elif isinstance(node, ast.Import):
+                edges[name] |= {a.name for a in node.names if a.name in scripts}
+    return edges
+
+
+def test_experiments_share_set_up_without_a_cycle():
+    """The scripts share their set-up through ``experiments/_common.py`` and never import each
+    other in a cycle (bench_async and bench_search once did)."""
+    edges = experiment_imports()
+    assert "_common" in edges["bench_search"] and "_common" in edges["quickstart"]  # the walk sees them
+    cycle = find_cycle(edges)
+    assert cycle is None, " -> ".join(cycle)
