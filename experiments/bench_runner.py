@@ -29,7 +29,6 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from _common import LAYERWISE, OUT, ROOT, local_ray, md_head, md_row, mean_logppl, one_thread, write_json, write_text, \
@@ -257,20 +256,6 @@ def straggling_evaluator(every: int, factor: float) -> type:
     return StragglingEvaluator
 
 
-@contextmanager
-def evaluators_as(cls: type):
-    """Every ``evo.run`` in the block starts its evaluator actors as ``cls``
-    (``EvaluatorPool.evaluator_class``, the pool's extension point for benchmarks)."""
-    from evo.cluster.pool import EvaluatorPool
-
-    default = EvaluatorPool.evaluator_class
-    EvaluatorPool.evaluator_class = cls
-    try:
-        yield
-    finally:
-        EvaluatorPool.evaluator_class = default
-
-
 def busy_fraction(run_dir: Path, evaluators: int) -> dict:
     """Sum of job seconds (sent to result back, at the driver) over evaluators x the search's
     wall time (first job sent to last result back), from the run's fitness cache: every job of
@@ -306,8 +291,7 @@ def bench_busy(zoo: str, generations: int, population: int, evaluators: int, rep
                                "dashboard": False}}
                 run_dir = root / f"{mode}-{rep}-{'slow' if slow else 'even'}"
                 t0 = time.perf_counter()
-                with evaluators_as(slowed) if slow else nullcontext():
-                    result = evo.run(cfg, run_dir, quiet=True)
+                result = evo.run(cfg, run_dir, quiet=True, evaluator_class=slowed if slow else None)
                 elapsed = time.perf_counter() - t0
                 cands = RunStore.open(run_dir).candidates()
                 row = {"mode": mode, "repeat": rep, "straggler": slow or "none", "run_s": elapsed,

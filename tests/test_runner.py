@@ -1,6 +1,8 @@
 """End to end on a real local Ray: evolve merges of the micro zoo, export, resume, failures."""
 from __future__ import annotations
 
+import os
+
 import json
 
 import numpy as np
@@ -233,6 +235,24 @@ def test_steady_state_run_replays_its_recorded_arrival_order(micro_zoo, ray_sess
     (tmp_path / "other" / "config.applied.yaml").write_text(yaml.safe_dump(conf, sort_keys=False))
     with pytest.raises(EvoError, match="search log replay diverged at g0000-c0"):
         evo.resume(tmp_path / "other", quiet=True)
+
+
+def test_run_starts_its_evaluators_as_the_given_class(micro_zoo, ray_session, space_file, tmp_path):
+    """``evo.run(..., evaluator_class=)``: the actors are that subclass (a benchmark's emulated slow
+    device), defined in a function so Ray ships it by value; the default run uses Evaluator."""
+    from evo.scoring.evaluator import Evaluator
+
+    class Tagging(Evaluator):
+        def evaluate(self, recipe, *args, **kwargs):
+            out = super().evaluate(recipe, *args, **kwargs)
+            out["timings"]["tagged_pid"] = os.getpid()
+            return out
+
+    cfg = micro_config(micro_zoo, space_file, optimizer={"name": "random", "generations": 1, "population": 3,
+                                                          "async": False, "start": "uniform"})
+    evo.run(cfg, tmp_path / "tagged", quiet=True, evaluator_class=Tagging)
+    fresh = [c for c in RunStore.open(tmp_path / "tagged").candidates() if not c["cached"]]
+    assert fresh and all(c["timings"].get("tagged_pid") not in (None, os.getpid()) for c in fresh)
 
 
 def test_export_refuses_unfinished_run(tmp_path):

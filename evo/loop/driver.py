@@ -43,8 +43,10 @@ from evo.loop.versions import version_source
 class Loop:
     """One run: the optimizer, the data versions, the evaluator pool and where the loop is."""
 
-    def __init__(self, cfg: ExperimentConfig, store: RunStore, versions: VersionSource, *, quiet: bool = False):
+    def __init__(self, cfg: ExperimentConfig, store: RunStore, versions: VersionSource, *, quiet: bool = False,
+                 evaluator_class=None):
         self.cfg, self.store, self.versions, self.quiet = cfg, store, versions, quiet
+        self.evaluator_class = evaluator_class  # None: evo.scoring.evaluator.Evaluator
         self.space = versions.space
         self.objective_names = [o.name for o in cfg.objectives]
         ckpt = store.load_checkpoint()
@@ -71,7 +73,8 @@ class Loop:
         cfg, st, versions = self.cfg, self.state, self.versions
         stopped = False
         t0 = time.time()
-        with EvaluatorPool(cfg, versions.sources, run_name=self.store.root.name, quiet=self.quiet) as pool, \
+        extra = {"evaluator_class": self.evaluator_class} if self.evaluator_class is not None else {}
+        with EvaluatorPool(cfg, versions.sources, run_name=self.store.root.name, quiet=self.quiet, **extra) as pool, \
                 StopSignals() as stop:
             self.pool, self.stop = pool, stop
             if not self.quiet and pool.dashboard_url:
@@ -203,13 +206,14 @@ class Loop:
 
 
 def run(config, run_dir: str | Path, *, quiet: bool = False, stop_after: int | None = None,
-        follow: bool = False) -> RunResult:
+        follow: bool = False, evaluator_class=None) -> RunResult:
     """Start a new run in ``run_dir`` (which must not exist or be empty).
 
     ``stop_after``: stop (cleanly, checkpointed) after this many generations of this call, as
     if the driver had been stopped; ``resume`` continues it. A config with ``stream.folder``
     follows that folder's shards; ``follow=True`` keeps waiting for new shards until
-    SIGINT/SIGTERM (or ``stream.max_versions``).
+    SIGINT/SIGTERM (or ``stream.max_versions``). ``evaluator_class``: the evaluator actors' class,
+    a subclass of ``evo.scoring.evaluator.Evaluator`` (benchmarks emulate a slow device with one).
     """
     cfg = load_config(config)
     versions = version_source(cfg, follow=follow)
@@ -222,7 +226,7 @@ def run(config, run_dir: str | Path, *, quiet: bool = False, stop_after: int | N
     lock = RunLock(store.root, "run").acquire()  # a `evo resume` of this folder is refused while it runs
     try:
         store.event("run_started", name=cfg.name, pid=os.getpid(), follow=follow)
-        return Loop(cfg, store, versions, quiet=quiet).run(follow=follow, stop_after=stop_after)
+        return Loop(cfg, store, versions, quiet=quiet, evaluator_class=evaluator_class).run(follow=follow, stop_after=stop_after)
     except BaseException:
         # a start that failed before any work leaves no run directory behind for a rerun to
         # refuse; once a candidate is cached or a generation checkpointed, `evo resume` continues
