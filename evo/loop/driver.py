@@ -35,7 +35,7 @@ from evo.loop.steady_state import evolve
 from evo.artifacts.lock import RunLock
 from evo.artifacts.status import format_time_split, time_split
 from evo.artifacts.store import RunStore
-from evo.core.fs import atomic_write_text
+from evo.core.fs import atomic_write_text, read_yaml
 from evo.loop.version_source import VersionSource
 from evo.loop.versions import version_source
 
@@ -247,7 +247,7 @@ def accept_config_changes(store: RunStore) -> dict[str, tuple]:
     if not applied_path.is_file():  # a run made before evo kept this copy: what it has is what ran
         atomic_write_text(applied_path, yaml.safe_dump(edited, sort_keys=False))
         return {}
-    applied = yaml.safe_load(applied_path.read_text())
+    applied = read_yaml(applied_path, "applied run config")
     where = str(store.root / RunStore.CONFIG)
     # both through the schema, so a key written out or left to its default compares equal
     normal = lambda d, src: load_config(d, source=src).to_dict()  # noqa: E731

@@ -31,6 +31,7 @@ from evo.data import corpus
 from evo.core.errors import EvoError
 from evo.core.fs import staged_dir
 
+from evo.data.text import read_texts
 from evo.data.tokens import token_blocks
 MANIFEST = "zoo.json"
 FORMAT_VERSION = 1
@@ -105,8 +106,7 @@ class Zoo:
         return self.root / "data" / domain / f"{split}.jsonl"
 
     def texts(self, domain: str, split: str) -> list[str]:
-        with self.data_dir(domain, split).open(encoding="utf-8") as fh:
-            return [json.loads(line)["text"] for line in fh if line.strip()]
+        return read_texts(self.data_dir(domain, split))
 
     @classmethod
     def load(cls, out_dir: str | os.PathLike) -> "Zoo":
