@@ -23,10 +23,11 @@ from torch import Tensor
 
 from evo.core.errors import EvoError
 
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool}
-CODES = {v: k for k, v in DTYPES.items()}
+# the safetensors header's dtype codes (not evo's dtype names: evo.core.tensors.DTYPES)
+HEADER_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "BOOL": torch.bool}
+CODES = {v: k for k, v in HEADER_DTYPES.items()}
 _MAX_HEADER = 100 * 2**20  # as the safetensors library: a larger header is a corrupt file
 
 
@@ -69,7 +70,7 @@ class SafetensorsFile:
         data = 8 + n
         for name, spec in header.items():
             try:
-                dtype = DTYPES[spec["dtype"]]
+                dtype = HEADER_DTYPES[spec["dtype"]]
                 shape = tuple(int(d) for d in spec["shape"])
                 start, end = (data + int(o) for o in spec["data_offsets"])
             except (KeyError, TypeError, ValueError):
