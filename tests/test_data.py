@@ -208,3 +208,24 @@ def test_bible_translations_the_stream_benchmark_uses(domain, opening):
     docs = load_domain(domain, max_chars=20_000, doc_chars=2000)
     assert docs[0].startswith(opening)
     assert len(docs) >= 10 and sum(map(len, docs)) <= 20_000 + 2000 and all(len(d) <= 2000 for d in docs)
+
+
+# A stream's state.json as evo wrote it before the state became a typed record (format 1).
+OLD_STATE = '{"format": 1, "folder": "/tmp/ss/shards", "settings": {"seq_len": 4, "heldout_frac": 0.5, "replay_blocks": 64, "seed": 0, "min_chars": 8, "near_dup_threshold": 0.8, "num_perm": 16, "order": "name", "tokenizer": "5982d3a5cd8ed73f"}, "shards": [{"name": "001.jsonl", "size": 205, "sha256": "b17c94799c064fa451fb6fd2a48cc44aad784036aa9f36644c46a0fbf78d9278", "version": "001-aac5650d1a", "skipped": null, "kept": ["dfc640b763c1555ef7c56e539a92d5aa", "0dd54107c4e824514662080a16a1a7df"]}, {"name": "002.txt", "size": 5, "sha256": "f9b0078b5df596d2ea19010c001bbd009e651de2c57e8fb7e355f31eb9d3f739", "version": null, "skipped": "no new text (every document rejected or a duplicate)", "kept": []}], "seen": ["0dd54107c4e824514662080a16a1a7df", "dfc640b763c1555ef7c56e539a92d5aa"], "signatures": {"dfc640b763c1555ef7c56e539a92d5aa": "h1FAFkP4AQ6dTEcoijzMBCOpHR/aSGY745HFDRUUJwFlgiomV+GeAPym9kkSa9MICHnlAtunqgn06MoD42OEMw==", "0dd54107c4e824514662080a16a1a7df": "p/AOHalWoge9elIZWlH3KRge1RKNuk8OFdemAJw6ICvqtOQq7AnHEw0AHwEOp74ICjtdBMg8ETK0noQg76bmJw=="}}'
+
+
+def test_a_saved_stream_state_reads_and_writes_back_byte_for_byte(tmp_path):
+    """The typed record (``evo.data.stream_state.StreamState``) reads a state file written by the
+    dict-based stream and writes the same bytes back, so an older stream resumes."""
+    import json
+
+    from evo.data.stream_state import StreamState
+
+    path = tmp_path / "state.json"
+    path.write_text(OLD_STATE, encoding="utf-8")
+    state = StreamState.read(path)
+    assert [s.name for s in state.shards] == ["001.jsonl", "002.txt"] and state.shards[1].version is None
+    assert len(state.signatures["dfc640b763c1555ef7c56e539a92d5aa"]) == 16  # num_perm uint32 values
+    state.write(tmp_path / "again.json")
+    assert (tmp_path / "again.json").read_text(encoding="utf-8") == OLD_STATE
+    assert json.loads(OLD_STATE) == state.to_dict()
