@@ -47,7 +47,7 @@ from _common import LAYERWISE, OUT, ROOT, local_ray, md_head, md_row, save_runs,
 def config(zoo: Path, blocks: int, seed: int, args, sets: dict | None = None) -> dict:
     cfg = {
         "name": f"shifted-b{blocks}-s{seed}{'-oracle' if sets else ''}",
-        "zoo": str(zoo), "search_space": str(LAYERWISE),
+        "zoo": str(zoo), "search_space": str(args.space),
         "eval": {"seq_len": 128, "max_blocks": blocks, "batch_size": args.batch_size,
                  "selection": {"blocks": args.selection_blocks}, "test_blocks": args.selection_blocks},
         "optimizer": {"name": "cmaes", "generations": args.generations, "population": args.population},
@@ -213,6 +213,8 @@ def main(argv=None) -> int:
     p.add_argument("--shifted-blocks", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--space", default=str(LAYERWISE),
+                   help="the search space of both runs (e.g. search_spaces/task_arithmetic_models.yaml: fewer genes)")
     p.add_argument("--label", default="Tiny zoo (en, de, code)")
     p.add_argument("--from-json", default=None)
     p.add_argument("--out", default=str(OUT / "bench_shifted.json"))
