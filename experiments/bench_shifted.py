@@ -54,6 +54,8 @@ def config(zoo: Path, blocks: int, seed: int, args, sets: dict | None = None) ->
         "ray": {"evaluators": 2, "dashboard": False},
         "seed": seed, "dtype": args.dtype,
     }
+    if args.reduce != "mean":  # e.g. the worst set's log-perplexity: one set may not be bought with another
+        cfg["objectives"] = [{"name": f"{args.reduce}_logppl", "metric": "logppl", "reduce": args.reduce}]
     if sets:
         cfg["eval"]["sets"] = {k: str(v) for k, v in sets.items()}
     return cfg
@@ -215,6 +217,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--space", default=str(LAYERWISE),
                    help="the search space of both runs (e.g. search_spaces/task_arithmetic_models.yaml: fewer genes)")
+    p.add_argument("--reduce", default="mean", choices=["mean", "max"],
+                   help="the objective over the evaluation sets of both runs (max: the worst set)")
     p.add_argument("--label", default="Tiny zoo (en, de, code)")
     p.add_argument("--from-json", default=None)
     p.add_argument("--out", default=str(OUT / "bench_shifted.json"))
