@@ -38,14 +38,14 @@ class EvaluatorPool:
     """A fixed set of evaluator actors and a dispatch loop that keeps each one busy."""
 
     def __init__(self, cfg: ExperimentConfig, sources: Sources | Callable[..., Sources], *, run_name: str = "run",
-                 quiet: bool = False, evaluator_class: type[Evaluator] = Evaluator):
+                 quiet: bool = False, evaluator_class: type[Evaluator] | None = None):
         """``sources``: loaded :class:`Sources`, or ``loader(put=...) -> Sources`` called once Ray
         is up, so each task vector goes into the object store as it is made (the driver's peak
         is then one model, not all of them)."""
         # the actors' class: Evaluator, or a subclass taking its constructor's arguments (a
         # benchmark's emulated slow device: experiments/bench_runner.py --busy). Ray pickles it for
         # the workers, so a subclass they cannot import must be one cloudpickle ships by value.
-        self.evaluator_class = evaluator_class
+        self.evaluator_class = evaluator_class or Evaluator
         self.cfg = cfg
         self.sources = sources
         self.run_name = run_name

@@ -111,27 +111,26 @@ def read_yaml(path: str | Path, what: str):
 
 
 def read_records(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """``(line number, object)`` for each non-blank line of a user's JSONL file; a malformed line
-    or one that is not a JSON object is a one-line EvoError naming ``file:line``."""
+    """``(line number, object)`` for each non-blank line of a user's JSONL file; an unreadable or
+    non-UTF-8 file, a malformed line or one that is not a JSON object is a one-line EvoError
+    naming the file (and ``file:line``)."""
     path = Path(path)
     try:
-        fh = path.open(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8")
     except OSError as exc:
         raise EvoError(f"{path}: cannot read ({exc.strerror})") from None
-    with fh:
+    except UnicodeDecodeError as exc:
+        raise EvoError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
+        if not line.strip():
+            continue
         try:
-            for number, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    doc = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise EvoError(f"{path}:{number}: malformed JSON line ({err.msg} at column {err.colno})") from None
-                if not isinstance(doc, dict):
-                    raise EvoError(f"{path}:{number}: a record must be a JSON object, got {type(doc).__name__}")
-                yield number, doc
-        except UnicodeDecodeError as exc:
-            raise EvoError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+            doc = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise EvoError(f"{path}:{number}: malformed JSON line ({err.msg} at column {err.colno})") from None
+        if not isinstance(doc, dict):
+            raise EvoError(f"{path}:{number}: a record must be a JSON object, got {type(doc).__name__}")
+        yield number, doc
 
 
 def read_jsonl(path: Path) -> Iterator[dict]:

@@ -15,10 +15,10 @@ from typing import Any
 class CandidateRecord:
     generation: int
     candidate: str                      # its id in the run ("g0003-c007")
-    parents: list[str] | None
-    key: str                            # recipe key | data version [| draw]: the fitness cache's key
-    cached: bool                        # taken from the cache, not evaluated now
     status: str                         # ok, rejected (stopped early: a verdict), failed, invalid, ...
+    parents: list[str] | None = None
+    key: str = ""                       # recipe key | data version [| draw]: the fitness cache's key
+    cached: bool = False                # taken from the cache, not evaluated now
     error: str | None = None
     values: list[float] | None = None   # objective values as the optimizer was told them (control-adjusted)
     raw_values: list[float] | None = None  # the same before the control adjustment
@@ -41,7 +41,9 @@ class CandidateRecord:
     def to_dict(self) -> dict:
         out = asdict(self)
         extra = out.pop("extra")
-        return {**out, **extra}
+        # the JSON line's field order, as candidates.jsonl has always had it
+        head = {k: out.pop(k) for k in ("generation", "candidate", "parents", "key", "cached", "status")}
+        return {**head, **out, **extra}
 
     @classmethod
     def from_dict(cls, data: dict) -> "CandidateRecord":

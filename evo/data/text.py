@@ -21,11 +21,11 @@ def read_texts(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise EvoError(f"{path}: file not found")
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise EvoError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     if path.suffix != ".jsonl":
+        try:
+            raw = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise EvoError(f"{path}: not UTF-8 text (byte {exc.start})") from None
         return [raw] if raw.strip() else []
     docs = []
     for lineno, record in read_records(path):

@@ -73,8 +73,8 @@ class Loop:
         cfg, st, versions = self.cfg, self.state, self.versions
         stopped = False
         t0 = time.time()
-        extra = {"evaluator_class": self.evaluator_class} if self.evaluator_class is not None else {}
-        with EvaluatorPool(cfg, versions.sources, run_name=self.store.root.name, quiet=self.quiet, **extra) as pool, \
+        with EvaluatorPool(cfg, versions.sources, run_name=self.store.root.name, quiet=self.quiet,
+                           evaluator_class=self.evaluator_class) as pool, \
                 StopSignals() as stop:
             self.pool, self.stop = pool, stop
             if not self.quiet and pool.dashboard_url:
