@@ -29,6 +29,14 @@ Per seed:
 Generalisation efficiency = (best λ(selection) − release) ÷ (best λ(selection) − oracle search),
 on the shifted text: 1 means the release found all the headroom the space has there, 0 none,
 negative that it lost to the best λ.
+
+The shifted blocks and the space are the same in every seed, so the headroom is a property of the
+space, not of a seed: the table also reports the **pooled headroom**, the best any model scored in
+any seed (an oracle search's release or a user's release), and efficiency against it. With
+``--oracle none`` a seed runs the user's run only (half the time on a big zoo) and is measured
+against the pooled headroom of the seeds that ran one. Recipes scored in an earlier seed (the λ
+sweep, uniform) are not scored again. Runs of other seeds already in ``--out`` (same arguments
+otherwise) are kept, so ``--first-seed`` resumes a benchmark without losing the seeds before it.
 """
 from __future__ import annotations
 
@@ -135,36 +143,46 @@ def models_to_score(run_dir: Path, result) -> dict:
     return out
 
 
-def run_seed(zoo: Path, seed: int, args, blocks_sets: dict, ev) -> dict:
+def run_seed(zoo: Path, seed: int, args, blocks_sets: dict, ev, cache: dict) -> dict:
+    """One seed's runs and shifted scores; ``cache`` (recipe JSON -> block scores) spans seeds, so
+    the seed-independent models (the λ sweep, uniform) are scored once."""
     import evo
     from evo.data.draws import paired_difference
+    from evo.search.recipe import Recipe
 
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         user = evo.run(config(zoo, args.blocks, seed, args), Path(tmp) / "user", quiet=True)
         recipes = models_to_score(Path(tmp) / "user", user)
-        oracle = evo.run(config(zoo, args.blocks, seed, args, sets={d: zoo / "shifted" / f"{d}.jsonl" for d in blocks_sets}),
-                         Path(tmp) / "oracle", quiet=True)
-        recipes["oracle search"] = __import__("evo.search.space", fromlist=["Recipe"]).Recipe.from_dict(
-            oracle.selection["release_recipe"]) if oracle.selection else oracle.best_recipe
+        if args.oracle == "search":
+            oracle = evo.run(config(zoo, args.blocks, seed, args,
+                                    sets={d: zoo / "shifted" / f"{d}.jsonl" for d in blocks_sets}),
+                             Path(tmp) / "oracle", quiet=True)
+            recipes["oracle search"] = Recipe.from_dict(
+                oracle.selection["release_recipe"]) if oracle.selection else oracle.best_recipe
     alpha = recipes.pop("_alpha", None)
     pool = recipes.pop("_soup_pool", None)
     sel = user.selection
-    scores = {label: ev.block_scores(r.to_dict(), blocks_sets) for label, r in recipes.items()}
+    scores = {}
+    for label, r in recipes.items():
+        key = json.dumps(r.to_dict(), sort_keys=True)
+        if key not in cache:
+            cache[key] = ev.block_scores(r.to_dict(), blocks_sets)
+        scores[label] = cache[key]
     names = list(blocks_sets)
     mean = {label: float(np.mean([s[n].mean() for n in names])) for label, s in scores.items()}
     lambdas = [k for k in mean if k.startswith("task arithmetic (lambda=")]
     best_sel = sel.get("best_lambda") or min(lambdas, key=lambda k: mean[k])
     oracle_lam = min(lambdas, key=mean.__getitem__)
     vs = {label: paired_difference(scores[label], scores[best_sel], names) for label in scores}
-    head = mean[best_sel] - mean["oracle search"]
+    head = mean[best_sel] - mean["oracle search"] if "oracle search" in mean else None
     return {
-        "seed": seed, "blocks": args.blocks, "seconds": time.time() - t0,
+        "seed": seed, "blocks": args.blocks, "seconds": time.time() - t0, "oracle": args.oracle,
         "release": sel["release"], "release_kind": sel["release_kind"], "best_lambda_selection": best_sel,
         "best_lambda_oracle": oracle_lam, "alpha": alpha, "soup_pool": pool, "mean": mean,
         "per_set": {label: {n: float(s[n].mean()) for n in names} for label, s in scores.items()},
         "vs_best_lambda": vs,
-        "efficiency": (mean[best_sel] - mean["release"]) / head if head > 1e-9 else None,
+        "efficiency": (mean[best_sel] - mean["release"]) / head if head is not None and head > 1e-9 else None,
         "headroom": head,
         "selection_margin": (sel.get("margins") or {}).get("release_vs_best_baseline/selection"),
     }
@@ -197,10 +215,46 @@ def table(runs: list[dict], args) -> str:
             wins = sum(r["vs_best_lambda"][key]["hi"] < 0 for r in have)
         lines.append(md_row(label, signed(d), f"{wins}/{len(d)}", spread(m)))
     eff = [r["efficiency"] for r in runs if r["efficiency"] is not None]
-    lines += ["", f"Generalisation efficiency (release's gain over best λ(selection) ÷ oracle search's, shifted): "
-              f"{signed(eff)}; headroom (best λ(selection) − oracle search): {signed([r['headroom'] for r in runs])} nats. "
-              f"Released an evolved recipe in {sum(r['release_kind'] == 'evolved' for r in runs)}/{len(runs)} seeds."]
+    heads = [r["headroom"] for r in runs if r["headroom"] is not None]
+    if eff:
+        lines += ["", f"Generalisation efficiency (release's gain over best λ(selection) ÷ the same seed's oracle "
+                  f"search's, shifted): {signed(eff)}; headroom (best λ(selection) − oracle search): {signed(heads)} nats."]
+    pooled = pooled_headroom(runs)
+    if pooled:
+        label, seed, head = pooled
+        effs = [(r["mean"][r["best_lambda_selection"]] - r["mean"]["release"]) / head for r in runs]
+        lines += ["", f"Pooled headroom (the shifted blocks are the same in every seed; the best any model scored "
+                  f"there: {label} of seed {seed}): {head:.4f} nats below best λ(selection); the release's "
+                  f"efficiency against it: {', '.join(f'{e:+.2f}' for e in effs)} (seeds {[r['seed'] for r in runs]})."]
+    lines += ["", f"Released an evolved recipe in {sum(r['release_kind'] == 'evolved' for r in runs)}/{len(runs)} "
+              f"seeds; {sum(r.get('oracle', 'search') == 'search' for r in runs)}/{len(runs)} seeds ran an oracle search."]
     return "\n".join(lines) + "\n"
+
+
+def pooled_headroom(runs: list[dict]) -> tuple[str, int, float] | None:
+    """(model, seed, nats): the largest gain over best λ(selection) any model reached on the shifted text
+    in any seed; the same best λ in every seed is required (else seeds' gains are not comparable)."""
+    lams = {r["best_lambda_selection"] for r in runs}
+    if len(lams) != 1:
+        return None
+    best = max(((r["mean"][r["best_lambda_selection"]] - m, label, r["seed"]) for r in runs
+                for label, m in r["mean"].items()), default=None)
+    return (best[1], best[2], best[0]) if best and best[0] > 0 else None
+
+
+def earlier_runs(out: Path, args, seeds: range) -> list[dict]:
+    """Runs of other seeds already saved in ``out`` by the same benchmark (arguments equal but for the
+    seeds and the oracle), kept so that ``--first-seed`` resumes without losing them."""
+    if not out.is_file():
+        return []
+    saved = json.loads(out.read_text())
+    loose = {"seeds", "first_seed", "oracle", "out", "from_json"}
+    mine = {k: v for k, v in vars(args).items() if k not in loose}
+    theirs = {k: v for k, v in saved.get("args", {}).items() if k not in loose}
+    if {k: theirs.get(k) for k in mine} != mine:
+        print(f"bench_shifted: {out} holds runs with other arguments; writing over them", file=sys.stderr)
+        return []
+    return [r for r in saved.get("runs", []) if r["seed"] not in seeds]
 
 
 def main(argv=None) -> int:
@@ -219,6 +273,8 @@ def main(argv=None) -> int:
                    help="the search space of both runs (e.g. search_spaces/task_arithmetic_models.yaml: fewer genes)")
     p.add_argument("--reduce", default="mean", choices=["mean", "max"],
                    help="the objective over the evaluation sets of both runs (max: the worst set)")
+    p.add_argument("--oracle", default="search", choices=["search", "none"],
+                   help="none: skip the oracle search (efficiency then uses the pooled headroom of the seeds that ran one)")
     p.add_argument("--label", default="Tiny zoo (en, de, code)")
     p.add_argument("--from-json", default=None)
     p.add_argument("--out", default=str(OUT / "bench_shifted.json"))
@@ -236,14 +292,17 @@ def main(argv=None) -> int:
     blocks_sets = shifted_blocks(zoo, args.shifted_blocks)
     ev = scorer(zoo, args.dtype)
     out = Path(args.out)
-    runs = []
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    runs = earlier_runs(out, args, seeds)
+    cache: dict = {}
     with local_ray():
-        for seed in range(args.first_seed, args.first_seed + args.seeds):
-            r = run_seed(zoo, seed, args, blocks_sets, ev)
-            runs.append(r)
+        for seed in seeds:
+            r = run_seed(zoo, seed, args, blocks_sets, ev, cache)
+            runs = sorted(runs + [r], key=lambda x: x["seed"])
             v = r["vs_best_lambda"]
             print(f"seed {seed}: release {r['release'][:34]:34s} Δ {v['release']['mean']:+.4f} "
-                  f"[{v['release']['lo']:+.4f}, {v['release']['hi']:+.4f}]  oracle {v['oracle search']['mean']:+.4f}  "
+                  f"[{v['release']['lo']:+.4f}, {v['release']['hi']:+.4f}]  "
+                  f"oracle {v.get('oracle search', {}).get('mean', float('nan')):+.4f}  "
                   f"soup-4 {v.get('soup top-4', {}).get('mean', float('nan')):+.4f}  shrunk "
                   f"{v.get('shrunk', {}).get('mean', float('nan')):+.4f} (α {r['alpha']})  {r['seconds']:.0f}s", flush=True)
             save_runs(out, args, runs)
