@@ -334,3 +334,40 @@ def test_version(capsys):
     assert cli(["--version", "--verbose"]) == EXIT_OK
     out = capsys.readouterr().out
     assert f"torch {version('torch')}" in out and f"ray {version('ray')}" in out and "transformers" in out
+
+
+def test_a_finished_run_resumed_with_more_generations_searches_on_and_selects_again(
+        micro_zoo, ray_session, space_file, tmp_path):
+    """The selection stage's advice (raise optimizer.generations, `evo resume`) works: a finished
+    run searches on from its checkpoint (the candidates of generation 0 are not scored again) and
+    selects again; resumed unchanged, a finished run stays finished."""
+    cfg = {
+        "name": "more", "zoo": str(micro_zoo.root), "search_space": str(space_file),
+        "eval": {"seq_len": 32, "max_blocks": 4, "batch_size": 4},
+        "optimizer": {"name": "cmaes", "generations": 1, "population": 4, "async": False},
+        "ray": {"evaluators": 2, "cpus_per_evaluator": 0.5, "candidate_timeout_s": 120},
+        "seed": 5,
+    }
+    run_dir = tmp_path / "run"
+    first = evo.run(cfg, run_dir, quiet=True)
+    assert first.selection and RunStore(run_dir).load_checkpoint().generation == 1
+    before = RunStore(run_dir).candidates()
+
+    same = evo.resume(run_dir, quiet=True)  # nothing changed: nothing to do
+    assert len(RunStore(run_dir).candidates()) == len(before) and same.selection == first.selection
+    assert "run_reopened" not in [e["event"] for e in RunStore(run_dir).events()]
+
+    config = run_dir / "config.yaml"
+    edited = yaml.safe_load(config.read_text())
+    edited["optimizer"]["generations"] = 2
+    config.write_text(yaml.safe_dump(edited, sort_keys=False))
+    more = evo.resume(run_dir, quiet=True)
+    store = RunStore(run_dir)
+    assert store.load_checkpoint().generation == 2
+    after = store.candidates()
+    assert [c for c in after if c["generation"] == 0] == [c for c in before if c["generation"] == 0]
+    assert {c["generation"] for c in after} == {0, 1}
+    events = [e["event"] for e in store.events()]
+    assert events.count("run_reopened") == 1 and events.count("selection") == 2
+    assert events.index("run_reopened") < len(events) - 1 - events[::-1].index("selection")
+    assert more.selection and more.selection["release"]

@@ -250,6 +250,29 @@ def test_race_drops_clearly_worse_candidates_early_and_keeps_close_ones(race_set
     assert {**again, "race": {**again["race"], "seconds": 0}} == {**raced, "race": {**race, "seconds": 0}}
 
 
+def test_a_margin_that_reaches_zero_gets_the_advice_to_search_longer(race_setup, capsys):
+    """A clear margin over the best λ: no advice. The search's best within noise of the best λ
+    (its interval reaches zero): the record and the printed table say to raise the generations
+    and resume, whichever of the two was released."""
+    cfg, nlls, evolved = race_setup
+    clear, _ = _race(cfg, nlls, evolved, False)
+    assert clear["margins"]["release_vs_best_baseline/selection"]["hi"] < 0 and clear["advice"] is None
+    rng = np.random.default_rng(1)
+    lam = nlls["task arithmetic (lambda=0.3)"]
+    close = {**nlls, **{label: {s: v - 0.0002 + rng.normal(0.0, 0.01, len(v)) for s, v in lam.items()}
+                        for label in ("evolved #1 (best)", "evolved #2 (close)")}}
+    noisy, _ = _race(cfg, close, evolved, False)
+    key = ("release_vs_best_baseline/selection" if noisy["release_kind"] == "evolved"
+           else "best_evolved_vs_best_baseline/selection")
+    m = noisy["margins"][key]
+    assert m["lo"] < 0 <= m["hi"]
+    assert noisy["best_baseline"] == "task arithmetic (lambda=0.3)"
+    assert "not clearly better than task arithmetic (lambda=0.3)" in noisy["advice"]
+    assert "optimizer.generations" in noisy["advice"] and "evo resume" in noisy["advice"]
+    print_selection(noisy, list(cfg.eval.sets))
+    assert "note: " + noisy["advice"] in capsys.readouterr().out
+
+
 def test_race_rounds_double_and_wait_for_enough_blocks():
     assert round_counts({"a": 64, "b": 30}, 4) == [{"a": 16, "b": 8}, {"a": 32, "b": 15}, {"a": 64, "b": 30}]
     assert round_counts({"a": 7}, 4) == [{"a": 7}]  # too few blocks to look: scored in one round

@@ -73,6 +73,11 @@ class Loop:
         cfg, st, versions = self.cfg, self.state, self.versions
         stopped = False
         t0 = time.time()
+        if versions.reopen(st):  # a finished run resumed with more generations: search on, then select again
+            self.store.event("run_reopened", gen_in_version=st["gen_in_version"], generations=versions.generations)
+            if not self.quiet:
+                print(f"resuming a finished run: generations {st['gen_in_version']} -> {versions.generations}, "
+                      "then selection again")
         with EvaluatorPool(cfg, versions.sources, run_name=self.store.root.name, quiet=self.quiet,
                            evaluator_class=self.evaluator_class) as pool, \
                 StopSignals() as stop:

@@ -43,6 +43,14 @@ class FixedData(VersionSource):
     def exhausted(self, state):
         return state["version"] is not None
 
+    def reopen(self, state):
+        """A finished run resumed with more ``optimizer.generations``: search on from the
+        checkpoint, then select again (what the selection stage's advice suggests)."""
+        if state["phase"] != "done" or state["version"] is None or state["gen_in_version"] >= self.generations:
+            return False
+        state["phase"] = "evolve"
+        return True
+
     def next_version(self, loop: LoopView):
         loop.state.update(version=loop.pool.sources.data_version, phase="evolve", gen_in_version=0)
         return True
@@ -96,7 +104,7 @@ class FixedData(VersionSource):
         self.selection = stage.run(evolved)
         race = self.selection.get("race") or {}
         loop.store.event("selection", release=self.selection["release"], reason=self.selection["reason"],
-                         margins=self.selection["margins"],
+                         margins=self.selection["margins"], advice=self.selection.get("advice"),
                          race={k: race[k] for k in ("racing", "blocks_scored", "blocks_full", "seconds") if k in race})
         if not loop.quiet:
             print_selection(self.selection, list(cfg.eval.sets))

@@ -77,6 +77,11 @@ class VersionSource(ABC):
         return {}
 
     @abstractmethod
+    def reopen(self, state: dict) -> bool:
+        """On resume: move a finished version back to a phase with work left (e.g. more generations
+        were configured); True if it did. By default a finished version stays finished."""
+        return False
+
     def exhausted(self, state: dict) -> bool:
         """No version will come (checked when the current one is done)."""
 
