@@ -76,12 +76,12 @@ class VersionSource(ABC):
         """Fields of the ``ray_started`` event."""
         return {}
 
-    @abstractmethod
     def reopen(self, state: dict) -> bool:
         """On resume: move a finished version back to a phase with work left (e.g. more generations
         were configured); True if it did. By default a finished version stays finished."""
         return False
 
+    @abstractmethod
     def exhausted(self, state: dict) -> bool:
         """No version will come (checked when the current one is done)."""
 
