@@ -144,7 +144,7 @@ def models_to_score(run_dir: Path, result) -> dict:
 
 
 def run_seed(zoo: Path, seed: int, args, blocks_sets: dict, ev, cache: dict) -> dict:
-    """One seed's runs and shifted scores; ``cache`` (recipe JSON -> block scores) spans seeds, so
+    """One seed's runs and shifted scores; ``cache`` (recipe key -> block scores) spans seeds, so
     the seed-independent models (the λ sweep, uniform) are scored once."""
     import evo
     from evo.data.draws import paired_difference
@@ -165,10 +165,9 @@ def run_seed(zoo: Path, seed: int, args, blocks_sets: dict, ev, cache: dict) -> 
     sel = user.selection
     scores = {}
     for label, r in recipes.items():
-        key = json.dumps(r.to_dict(), sort_keys=True)
-        if key not in cache:
-            cache[key] = ev.block_scores(r.to_dict(), blocks_sets)
-        scores[label] = cache[key]
+        if r.key() not in cache:
+            cache[r.key()] = ev.block_scores(r.to_dict(), blocks_sets)
+        scores[label] = cache[r.key()]
     names = list(blocks_sets)
     mean = {label: float(np.mean([s[n].mean() for n in names])) for label, s in scores.items()}
     lambdas = [k for k in mean if k.startswith("task arithmetic (lambda=")]

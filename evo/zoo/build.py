@@ -30,9 +30,9 @@ from tqdm.auto import tqdm
 from evo.data import corpus
 from evo.core.errors import EvoError
 from evo.core.fs import staged_dir
-
 from evo.data.text import read_texts
 from evo.data.tokens import token_blocks
+
 MANIFEST = "zoo.json"
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid", "test")
